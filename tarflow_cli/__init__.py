@@ -1,0 +1,1 @@
+"""The `tarflow` command line and terminal dashboard."""

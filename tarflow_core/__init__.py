@@ -1,0 +1,1 @@
+"""TarFlow library: model, likelihood, sampling, checkpoints. Never imports the CLI."""
