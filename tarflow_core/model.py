@@ -1,0 +1,172 @@
+"""The TarFlow network: causal transformer flow blocks over image patches.
+
+Parameter names match the published TarFlow code's state dicts, so reference `.pth` files load
+as they are (minus the redundant `attn_mask` buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import flow
+from .config import ModelConfig
+
+
+def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm computed in float32 whatever the autocast dtype, cast back to the input's dtype."""
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.num_heads = width // head_dim
+        self.head_dim = head_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over the whole sequence (fused kernel, no materialised mask)."""
+        B, T, W = h.shape
+        qkv = self.qkv(layer_norm_f32(self.norm, h)).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(o.transpose(1, 2).reshape(B, T, W))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, expansion: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.main = nn.Sequential(nn.Linear(width, width * expansion), nn.GELU(), nn.Linear(width * expansion, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.main(layer_norm_f32(self.norm, h))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: h + Attn(LN(h)), then h + MLP(LN(h))."""
+
+    def __init__(self, width: int, head_dim: int, expansion: int):
+        super().__init__()
+        self.attention = Attention(width, head_dim)
+        self.mlp = MLP(width, expansion)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(h)
+        return h + self.mlp(h)
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive affine flow over the token sequence, in natural or reversed order."""
+
+    def __init__(self, cfg: ModelConfig, reverse_order: bool):
+        super().__init__()
+        D, W, T = cfg.token_dim, cfg.width, cfg.num_patches
+        self.reverse_order = reverse_order
+        self.nvp = cfg.nvp
+        self.token_dim = D
+        self.proj_in = nn.Linear(D, W)
+        self.pos_embed = nn.Parameter(torch.randn(T, W) * 1e-2)
+        self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, W) * 1e-2) if cfg.num_classes else None
+        self.attn_blocks = nn.ModuleList(Layer(W, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block))
+        self.proj_out = nn.Linear(W, 2 * D if cfg.nvp else D)
+        nn.init.zeros_(self.proj_out.weight)
+
+    def order(self, tokens: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Natural order -> this block's order (its own inverse)."""
+        return tokens.flip(dim) if self.reverse_order else tokens
+
+    def class_vector(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, W) class embedding; label -1 or no label gives the mean embedding."""
+        if self.class_embed is None:
+            return None
+        mean = self.class_embed.mean(dim=0)
+        if y is None:
+            return mean.unsqueeze(0)
+        emb = self.class_embed[y.clamp(min=0)]
+        return torch.where((y < 0).view(-1, 1, 1), mean.unsqueeze(0), emb)
+
+    def conditioning(self, y: torch.Tensor | None) -> torch.Tensor:
+        """pos_embed (in this block's order) plus the class vector: (1 or B, T, W)."""
+        c = self.order(self.pos_embed, dim=0).unsqueeze(0)
+        cls = self.class_vector(y)
+        return c if cls is None else c + cls
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head output -> (log-scale a, shift b); VP blocks have a = 0."""
+        if self.nvp:
+            a, b = out.chunk(2, dim=-1)
+            return a, b
+        return torch.zeros_like(out), out
+
+    def params(self, x_ordered: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) for every token of a sequence already in this block's order; token t sees tokens < t."""
+        h = self.proj_in(x_ordered) + self.conditioning(y)
+        for layer in self.attn_blocks:
+            h = layer(h)
+        return self.split(flow.shift_right(self.proj_out(h)))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data -> noise for natural-order tokens (B, T, D): returns (z, total log|det|) per sample."""
+        xo = self.order(x)
+        a, b = self.params(xo, y)
+        z = flow.affine_forward(xo, a, b)
+        return self.order(z), -a.float().sum(dim=(1, 2))
+
+
+class TarFlow(nn.Module):
+    """Transformer autoregressive flow: blocks 0..N-1 map data tokens to prior noise N(0, var)."""
+
+    var: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
+        self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        return flow.patchify(x, self.config.patch_size)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return flow.unpatchify(tokens, c.in_channels, c.img_size, c.patch_size)
+
+    def forward_tokens(
+        self, tokens: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Tokens -> (z, total logdet (B,), output of each block)."""
+        logdet = tokens.new_zeros(tokens.shape[0], dtype=torch.float32)
+        outputs = []
+        for block in self.blocks:
+            tokens, ld = block(tokens, y)
+            logdet = logdet + ld
+            outputs.append(tokens)
+        return tokens, logdet, outputs
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] scale -> (z (B, T, D), log|det dz/dx| (B,) in nats)."""
+        z, logdet, _ = self.forward_tokens(self.patchify(x), y)
+        return z, logdet
+
+    def sample(self, noise: torch.Tensor, y: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """Prior noise (B, T, D) -> images (B, C, H, W); options as `tarflow_core.sampling.sample`."""
+        from .sampling import sample
+
+        return sample(self, noise, y, **options)
+
+    @torch.no_grad()
+    def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
+        """VP models: move `var` towards the batch's mean z^2 per token and dimension (the reference's EMA)."""
+        self.var.lerp_(z.detach().float().pow(2).mean(dim=0), rate)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig) -> TarFlow:
+    return TarFlow(cfg)
