@@ -1,0 +1,309 @@
+"""Checkpoints: the native self-describing format and the published code's `.pth` state dicts.
+
+Native checkpoint = a directory holding `model.safetensors` (+ `ema.safetensors` when EMA is on)
+and `config.json` (architecture, data shape, noise, classes, training settings, step, version).
+A run directory holds them under `checkpoints/step-XXXXXXXX/`. Nothing here ever unpickles
+arbitrary objects: reference files are read with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .atomic import _fsync_dir
+from .config import ModelConfig, guess_channels_and_patch
+from .model import TarFlow
+
+FORMAT = "tarflow-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+REFERENCE_NAME = re.compile(
+    r"(?:(?P<dataset>[A-Za-z0-9]+)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|[0-9.]+)$"
+)
+REFERENCE_HEAD_DIM = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used; the message names it and says what was expected."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    kind: str  # "native" or "reference"
+    config: ModelConfig
+    noise: dict[str, Any] = field(default_factory=lambda: {"type": None, "std": None})
+    step: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    has_ema: bool = False
+    tarflow_version: str | None = None
+
+    @property
+    def noise_std(self) -> float | None:
+        return self.noise.get("std") if self.noise.get("type") == "gaussian" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "tarflow_version": self.tarflow_version or __version__,
+            "model": self.config.to_dict(), "data": self.data, "noise": self.noise,
+            "step": self.step, "training": self.training, "ema": self.has_ema,
+        }
+
+
+# ---------------------------------------------------------------------------------------- saving
+
+def save_checkpoint(path: str | os.PathLike, model: TarFlow, *, noise: dict | None = None,
+                    step: int | None = None, data: dict | None = None, training: dict | None = None,
+                    ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a native checkpoint directory atomically (a crash leaves any previous one intact)."""
+    target = Path(path)
+    info = CheckpointInfo(str(target), "native", model.config, noise or {"type": None, "std": None},
+                          step, data or _data_from_config(model.config), training or {}, ema_state is not None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_tensors(tmp / MODEL_FILE, model.state_dict())
+        if ema_state is not None:
+            _write_tensors(tmp / EMA_FILE, ema_state)
+        (tmp / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": FORMAT})
+
+
+def _data_from_config(cfg: ModelConfig) -> dict[str, Any]:
+    return {"channels": cfg.in_channels, "image_size": cfg.img_size, "num_classes": cfg.num_classes}
+
+
+# --------------------------------------------------------------------------------------- finding
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `run_dir/checkpoints/`, or None."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.iterdir():
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Any `--ckpt` form -> a native checkpoint directory or a `.pth` file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_file():
+        if p.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE):
+            return p.parent
+        return p
+    if (p / MODEL_FILE).exists() or (p / CONFIG_FILE).exists() and not (p / CHECKPOINTS_DIR).is_dir():
+        return p
+    if (p / CHECKPOINTS_DIR).is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"run directory {p} has no complete checkpoint in {CHECKPOINTS_DIR}/ yet")
+        return latest
+    raise CheckpointError(
+        f"{p} is not a checkpoint: expected a run directory (with {CHECKPOINTS_DIR}/), a checkpoint "
+        f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file")
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                    patch_size: int | None = None, ema: bool = True) -> tuple[TarFlow, CheckpointInfo]:
+    """Build the model described by any `--ckpt` form and load its weights (EMA weights when present
+    and `ema` is true). `patch_size` only matters for reference files whose name does not give it."""
+    resolved = resolve_checkpoint(path)
+    if resolved.is_dir():
+        info = read_native_info(resolved)
+        weights = resolved / (EMA_FILE if ema and info.has_ema and (resolved / EMA_FILE).exists() else MODEL_FILE)
+        state = _read_tensors(weights)
+    else:
+        state = read_reference_state(resolved)
+        info = reference_info(state, resolved, patch_size=patch_size)
+    model = TarFlow(info.config)
+    _load_state(model, state, resolved)
+    return model.to(device).eval(), info
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> TarFlow:
+    """`load_model(path)` for any `--ckpt` form: run dir, native checkpoint dir, or reference `.pth`."""
+    return load_checkpoint(path, device, **kwargs)[0]
+
+
+def read_info(path: str | os.PathLike, *, patch_size: int | None = None) -> CheckpointInfo:
+    """Describe a checkpoint without building the model."""
+    resolved = resolve_checkpoint(path)
+    if resolved.is_dir():
+        return read_native_info(resolved)
+    return reference_info(read_reference_state(resolved), resolved, patch_size=patch_size)
+
+
+def read_native_info(folder: Path) -> CheckpointInfo:
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {CONFIG_FILE}")
+    if not (folder / MODEL_FILE).is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {MODEL_FILE}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+        cfg = ModelConfig.from_dict(raw["model"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid tarflow checkpoint config ({e})") from None
+    return CheckpointInfo(str(folder), "native", cfg, raw.get("noise") or {"type": None, "std": None},
+                          raw.get("step"), raw.get("data") or {}, raw.get("training") or {},
+                          bool(raw.get("ema")), raw.get("tarflow_version"))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _load_state(model: TarFlow, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        raise CheckpointError(f"weights in {source} do not match the architecture ({'; '.join(parts)})")
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- reference `.pth`
+
+def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
+    """A published-code `.pth` as a dict of tensors; refuses anything but plain tensors."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects, not a plain tensor state dict; refusing to load it "
+            "(unpickling could run code)") from None
+    except Exception as e:  # corrupt zip, truncated file, not a torch file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({first})") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        obj = next(iter(obj.values()))  # {"model": state_dict} wrappers
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a TarFlow state dict (expected a dict of tensors)")
+    state = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if not k.endswith(".attn_mask"):  # the causal mask is recomputed, never trusted
+            state[k] = v
+    return state
+
+
+def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: int | None = None) -> CheckpointInfo:
+    """Read the architecture off tensor shapes and the reference file name."""
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise CheckpointError(f"{path} is not a TarFlow state dict (no tensor {key!r})")
+        return state[key]
+
+    width, token_dim = need("blocks.0.proj_in.weight").shape
+    tokens = need("blocks.0.pos_embed").shape[0]
+    need("var")
+    blocks = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    layers = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.0\.attn_blocks\.(\d+)\.", k))})
+    hidden = need("blocks.0.attn_blocks.0.mlp.main.0.weight").shape[0]
+    out_dim = need("blocks.0.proj_out.weight").shape[0]
+    num_classes = state["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in state else 0
+
+    name = REFERENCE_NAME.search(path.stem)
+    noise: dict[str, Any] = {"type": None, "std": None}
+    data: dict[str, Any] = {}
+    if name:
+        noise = {"type": "uniform", "std": None} if name["noise"] == "uniform" else {"type": "gaussian", "std": float(name["noise"])}
+        if patch_size is None:
+            patch_size = int(name["patch"])
+        if name["dataset"]:
+            data["source"] = name["dataset"]
+        if (int(name["width"]), int(name["blocks"]), int(name["layers"])) != (width, blocks, layers):
+            raise CheckpointError(
+                f"{path.name} names width {name['width']}, {name['blocks']} blocks, {name['layers']} layers "
+                f"but its tensors hold width {width}, {blocks} blocks, {layers} layers")
+    if patch_size is not None:
+        if token_dim % (patch_size**2):
+            raise CheckpointError(f"{path}: token size {token_dim} is not channels x {patch_size}^2 (patch size {patch_size})")
+        channels = token_dim // patch_size**2
+    else:
+        guess = guess_channels_and_patch(token_dim)
+        if guess is None:
+            raise CheckpointError(f"{path}: cannot tell channels and patch size from token size {token_dim}; give the patch size")
+        channels, patch_size = guess
+    side = round(tokens**0.5)
+    if side * side != tokens:
+        raise CheckpointError(f"{path}: {tokens} tokens do not form a square image")
+    if out_dim not in (token_dim, 2 * token_dim):
+        raise CheckpointError(f"{path}: proj_out has {out_dim} outputs, expected {token_dim} (VP) or {2 * token_dim} (NVP)")
+    if width % REFERENCE_HEAD_DIM:
+        raise CheckpointError(f"{path}: width {width} is not a multiple of the reference head size {REFERENCE_HEAD_DIM}")
+    try:
+        cfg = ModelConfig(in_channels=channels, img_size=patch_size * side, patch_size=patch_size, width=width,
+                          num_blocks=blocks, layers_per_block=layers, head_dim=REFERENCE_HEAD_DIM,
+                          expansion=hidden // width, nvp=out_dim == 2 * token_dim, num_classes=num_classes)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    data = {**_data_from_config(cfg), **data}
+    return CheckpointInfo(str(path), "reference", cfg, noise, None, data)
+
+
+def convert_reference(pth: str | os.PathLike, out_dir: str | os.PathLike, *, patch_size: int | None = None) -> Path:
+    """Write a reference `.pth` as a native checkpoint directory computing the same function."""
+    model, info = load_checkpoint(pth, patch_size=patch_size)
+    with contextlib.suppress(Exception):
+        info.training = {"converted_from": str(Path(pth).name)}
+    return save_checkpoint(out_dir, model, noise=info.noise, step=info.step, data=info.data, training=info.training)

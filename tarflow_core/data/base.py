@@ -1,0 +1,222 @@
+"""Shared pieces of every data source: the error type, the dataset base class, the
+in-memory array dataset, per-image shape adaptation and the fixed held-out split.
+
+Every dataset yields ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) and
+``label`` an int (-1 when the source has no labels). Index keys are either an int or an
+``(int, flip)`` pair; the pair form is what :class:`~tarflow_core.data.loader.ResumableSampler`
+produces when horizontal flips are on, so flips are decided by the sampler (from the seed,
+epoch and index) and never by a global random generator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "test", "all")
+SPLIT_ALIASES = {"val": "test", "valid": "test", "validation": "test", "eval": "test"}
+HELD_OUT_FRACTION = 0.05
+SPLIT_SEED = 20240611  # fixed forever: changing it would move images between splits
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed or empty. The message names the source and what
+    was expected; the CLI shows it as-is (exit code 2)."""
+
+
+def normalize_split(split: str) -> str:
+    """Map ``train``/``test``/``all`` (and ``val``, ``valid``, ``validation``, ``eval`` as
+    names for ``test``) to the canonical name, or raise :class:`DataError`."""
+    s = SPLIT_ALIASES.get(str(split).lower(), str(split).lower())
+    if s not in SPLITS:
+        raise DataError(f"unknown data split {split!r} (expected train, test/val or all)")
+    return s
+
+
+def held_out_indices(n: int, split: str, n_test: int | None = None) -> np.ndarray:
+    """Sorted indices of ``split`` for a source without its own split.
+
+    The test split is ``n_test`` images (default: 5%, at least 1 when n >= 2) picked by a
+    permutation from a fixed seed, so it never changes between runs or machines.
+    """
+    split = normalize_split(split)
+    if split == "all":
+        return np.arange(n)
+    if n_test is None:
+        n_test = max(1, int(math.ceil(n * HELD_OUT_FRACTION))) if n >= 2 else 0
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    chosen = perm[n - n_test:] if split == "test" else perm[: n - n_test]
+    return np.sort(chosen)
+
+
+def rgb_to_gray(chw: np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 -> (1, H, W) uint8 with Pillow's ``convert("L")`` integer formula."""
+    r, g, b = (chw[i].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[None]
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` then center-crop to ``size`` x ``size``
+    (the ADM / TarFlow ``center_crop_arr``: box-halve while large, then bicubic)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(max(size, round(x * scale)) for x in img.size), resample=Image.BICUBIC)
+    left = (img.size[0] - size) // 2
+    top = (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def adapt_array(chw: np.ndarray, channels: int, size: int) -> np.ndarray:
+    """Bring one (C, H, W) uint8 image to ``channels`` (1 or 3) and ``size`` x ``size``."""
+    c, h, w = chw.shape
+    if c == 4:
+        chw, c = chw[:3], 3
+    if c != channels:
+        chw = np.repeat(chw, 3, axis=0) if channels == 3 else rgb_to_gray(chw)
+    if h != size or w != size:
+        mode = "L" if channels == 1 else "RGB"
+        pil = Image.fromarray(chw[0] if channels == 1 else chw.transpose(1, 2, 0), mode)
+        out = np.asarray(resize_center_crop(pil, size))
+        chw = out[None] if channels == 1 else out.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw)
+
+
+def split_key(key) -> tuple[int, bool]:
+    """An index key is ``i`` or ``(i, flip)``."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), bool(key[1])
+    return int(key), False
+
+
+class ImageDataset(Dataset):
+    """Base of every data source.
+
+    Attributes: ``name`` (the source as given), ``split`` (train/test/all), ``channels``,
+    ``image_size``, ``num_classes`` (0 when unlabelled), ``class_names``, ``skipped`` (files
+    that could not be read), ``flip`` (random horizontal flip requested; applied only for
+    ``(i, True)`` keys) and ``description``.
+    """
+
+    name: str = ""
+    split: str = "train"
+    channels: int = 0
+    image_size: int = 0
+    num_classes: int = 0
+    class_names: list[str]
+    skipped: int = 0
+    flip: bool = False
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, i: int) -> tuple[np.ndarray, int]:  # pragma: no cover - abstract
+        """Image ``i`` as (C, H, W) uint8 at the dataset's shape, and its label (-1: none)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        i, flip = split_key(key)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        img, label = self.load(i % len(self))
+        if flip:
+            img = img[:, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(img)), int(label)
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def description(self) -> str:
+        classes = f"{self.num_classes} classes" if self.num_classes else "unlabelled"
+        text = (f"{self.name} ({len(self)} {self.split} images, "
+                f"{self.channels}x{self.image_size}x{self.image_size}, {classes}")
+        if self.skipped:
+            text += f", {self.skipped} unreadable files skipped"
+        return text + ")"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+
+def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim != 4:
+        raise DataError(f"{source}: expected images shaped NHWC, NCHW or NHW, got shape {images.shape}")
+    chan = (1, 3, 4)
+    if images.shape[-1] in chan and images.shape[1] not in chan:
+        return images.transpose(0, 3, 1, 2)
+    if images.shape[1] in chan:
+        return images
+    if images.shape[-1] in chan:
+        return images.transpose(0, 3, 1, 2)
+    raise DataError(f"{source}: cannot find a channel axis of size 1, 3 or 4 in image shape {images.shape}")
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as one uint8 array, any of NCHW, NHWC or NHW.
+
+    Channel and size changes (``channels``/``image_size`` differing from the array) are
+    applied per image when it is read: gray <-> RGB, resize shorter side + center crop.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None, *, name: str,
+                 split: str = "train", indices: np.ndarray | None = None,
+                 class_names: Sequence[str] | None = None, num_classes: int | None = None,
+                 image_size: int | None = None, channels: int | None = None,
+                 flip: bool = False, skipped: int = 0):
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            dtype = getattr(images, "dtype", type(images).__name__)
+            raise DataError(f"{name}: expected uint8 images (0..255), got dtype {dtype}")
+        self.images = _layout_to_nchw(images, name)
+        if labels is not None:
+            labels = check_labels(labels, len(self.images), name)
+        self.labels = labels
+        self.indices = np.arange(len(self.images)) if indices is None else np.asarray(indices)
+        self.name, self.split, self.flip, self.skipped = name, split, flip, skipped
+        _, c, h, w = self.images.shape
+        src_channels = 3 if c == 4 else c
+        self.channels = channels or src_channels
+        if self.channels not in (1, 3):
+            raise DataError(f"{name}: channels must be 1 or 3, got {self.channels}")
+        self.image_size = image_size or min(h, w)
+        self._adapt = (self.channels != c) or h != self.image_size or w != self.image_size
+        if labels is None:
+            self.num_classes, self.class_names = 0, []
+        else:
+            self.num_classes = int(num_classes if num_classes is not None
+                                   else (int(labels.max()) + 1 if len(labels) else 0))
+            self.class_names = list(class_names) if class_names is not None else [
+                str(k) for k in range(self.num_classes)]
+        if len(self.indices) == 0:
+            raise DataError(f"{name}: the {split} split has no images")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[np.ndarray, int]:
+        j = int(self.indices[i])
+        img = self.images[j]
+        if self._adapt:
+            img = adapt_array(img, self.channels, self.image_size)
+        return img, int(self.labels[j]) if self.labels is not None else -1
+
+
+def check_labels(labels, n: int, source: str) -> np.ndarray:
+    """Validate a label vector: integer, one per image, non-negative."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise DataError(f"{source}: expected one label per image ({n}), got labels shaped {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{source}: expected integer labels, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if n and labels.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, found {labels.min()}")
+    return labels
