@@ -126,7 +126,7 @@ class ImageDataset(Dataset):
         img, label = self.load(i % len(self))
         if flip:
             img = img[:, :, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(img)), int(label)
+        return torch.from_numpy(np.array(img, dtype=np.uint8, order="C")), int(label)
 
     @property
     def labelled(self) -> bool:

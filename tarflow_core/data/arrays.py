@@ -1,0 +1,123 @@
+"""``.npz`` / ``.npy`` image arrays, and folders of downsampled-ImageNet ``.npz`` batches.
+
+- ``.npy``: one uint8 array, NHWC, NCHW or NHW (grayscale); unlabelled.
+- ``.npz``: images under ``images``, ``x``, ``arr_0`` or ``data`` (or the only array in the
+  file); optional integer ``labels`` (or ``y``, ``targets``).
+- Downsampled-ImageNet batch layout: ``data`` of shape (N, C*H*W) (rows in C, H, W order,
+  C = 3, or 1 when C*H*W is not 3 times a square) and ``labels`` 1-based; they are shifted
+  to 0-based (when the smallest label is 0 they are taken as 0-based already).
+- A folder of such batches (``train_data_batch_*.npz`` and ``val_data.npz``) gives the
+  train / test split; a single file is split by the fixed held-out fraction.
+
+Arrays are loaded with ``allow_pickle=False``. If ``image_size`` or ``channels`` differ
+from the array, each image is converted when read (resize shorter side + center crop).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .base import ArrayDataset, DataError, held_out_indices, normalize_split
+
+IMAGE_KEYS = ("images", "x", "arr_0", "data")
+LABEL_KEYS = ("labels", "y", "targets")
+IMAGENET_TRAIN_GLOB = "train_data_batch_*.npz"
+IMAGENET_VAL_NAME = "val_data.npz"
+
+
+def rows_to_nchw(rows: np.ndarray, source: str) -> np.ndarray:
+    """(N, C*H*W) rows -> (N, C, H, W), with C = 3 if the row length allows, else 1."""
+    n, d = rows.shape
+    for c in (3, 1):
+        side = math.isqrt(d // c) if d % c == 0 else 0
+        if side and c * side * side == d:
+            return rows.reshape(n, c, side, side)
+    raise DataError(f"{source}: rows of {d} values are not C*H*W of a square 1- or 3-channel image")
+
+
+def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Images, labels (or None) and whether the file used the 1-based row layout."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot read the array without unpickling objects; expected "
+                        f"plain uint8 arrays ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded, None, False
+    with loaded as z:
+        keys = list(z.files)
+        key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise DataError(f"{path}: no image array found (expected one of the keys "
+                            f"{', '.join(IMAGE_KEYS)}; the file has {', '.join(keys) or 'none'})")
+        lkey = next((k for k in LABEL_KEYS if k in keys), None)
+        try:
+            images = z[key]
+            labels = z[lkey] if lkey else None
+        except ValueError as exc:
+            raise DataError(f"{path}: array {key!r} holds Python objects; expected uint8 ({exc})") from None
+    rows = images.ndim == 2
+    if rows:
+        images = rows_to_nchw(images, str(path))
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+    return images, labels, rows
+
+
+def _fix_one_based(labels: np.ndarray | None, rows: bool) -> np.ndarray | None:
+    if labels is None or not rows or len(labels) == 0 or labels.dtype.kind not in "iu":
+        return labels
+    return labels.astype(np.int64) - 1 if labels.min() >= 1 else labels
+
+
+def open_array_file(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
+                    channels: int | None = None, flip: bool = False) -> ArrayDataset:
+    path = Path(path)
+    split = normalize_split(split)
+    images, labels, rows = _load_file(path)
+    labels = _fix_one_based(labels, rows)
+    n = len(images)
+    if n == 0:
+        raise DataError(f"{path}: the array holds no images")
+    return ArrayDataset(images, labels, name=str(path), split=split,
+                        indices=held_out_indices(n, split), image_size=image_size,
+                        channels=channels, flip=flip)
+
+
+def is_imagenet_batch_folder(path: Path) -> bool:
+    return path.is_dir() and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file())
+
+
+def _batch_number(p: Path) -> int:
+    tail = p.stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_size: int | None = None,
+                          channels: int | None = None, flip: bool = False) -> ArrayDataset:
+    """A folder of downsampled-ImageNet batches: ``train_data_batch_*.npz`` / ``val_data.npz``."""
+    root = Path(root)
+    split = normalize_split(split)
+    train = sorted(root.glob(IMAGENET_TRAIN_GLOB), key=_batch_number)
+    val = [root / IMAGENET_VAL_NAME] if (root / IMAGENET_VAL_NAME).is_file() else []
+    files = {"train": train, "test": val, "all": train + val}[split]
+    if not files:
+        wanted = IMAGENET_TRAIN_GLOB if split == "train" else IMAGENET_VAL_NAME
+        raise DataError(f"{root}: no {split} batches found (looked for {wanted})")
+    parts = [_load_file(f) for f in files]
+    for f, (imgs, labs, _) in zip(files, parts):
+        if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
+            raise DataError(f"{f}: image shape or labels differ from {files[0].name}")
+    images = np.concatenate([p[0] for p in parts])
+    labels = None
+    if parts[0][1] is not None:
+        labels = _fix_one_based(np.concatenate([p[1] for p in parts]), all(p[2] for p in parts))
+    return ArrayDataset(images, labels, name=str(root), split=split, image_size=image_size,
+                        channels=channels, flip=flip)

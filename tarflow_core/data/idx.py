@@ -1,0 +1,143 @@
+"""MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST, ...), plain or gzipped.
+
+A folder (searched up to two levels down, e.g. ``root/MNIST/raw``) with
+``<prefix>-images-idx3-ubyte[.gz]`` and optionally ``<prefix>-labels-idx1-ubyte[.gz]``
+(``.`` is accepted in place of ``-`` before ``idx``). Prefixes ``train*`` and ``t10k*`` /
+``test*`` give the train / test split; any other single prefix is split by the fixed
+held-out fraction. A single images file is used on its own, split by the held-out fraction,
+with its labels file picked up from beside it when present.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .base import ArrayDataset, DataError, held_out_indices, normalize_split
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IMAGES_RE = re.compile(r"^(?P<prefix>.+?)[-.]images[-.]idx3[-.]ubyte(?P<gz>\.gz)?$", re.IGNORECASE)
+TRAIN_PREFIXES = ("train",)
+TEST_PREFIXES = ("t10k", "test")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse one IDX file (gzipped or not): magic 0x00 0x00 <type> <ndim>, big-endian uint32
+    dimensions, then the values. Raises :class:`DataError` on any inconsistency."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: IDX header says {dims} values of {dtype} ({expected} bytes) "
+                        f"but the file holds {len(raw) - header} bytes of data")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _label_file(images_file: Path) -> Path | None:
+    m = IMAGES_RE.match(images_file.name)
+    base = images_file.name[: m.start("gz")] if m and m.group("gz") else images_file.name
+    stem = re.sub(r"images([-.])idx3", r"labels\1idx1", base, flags=re.IGNORECASE)
+    for name in (stem, stem + ".gz"):
+        if (images_file.parent / name).is_file():
+            return images_file.parent / name
+    return None
+
+
+def find_idx_images(root: Path, depth: int = 2) -> list[Path]:
+    """Images files under ``root`` (up to ``depth`` levels down); plain preferred over .gz."""
+    found: dict[tuple[Path, str], Path] = {}
+    patterns = ["*"] + ["/".join(["*"] * (k + 1)) for k in range(1, depth + 1)]
+    for pattern in patterns:
+        for p in sorted(root.glob(pattern)):
+            m = IMAGES_RE.match(p.name)
+            if m and p.is_file():
+                key = (p.parent, m.group("prefix").lower())
+                if key not in found or not m.group("gz"):
+                    found[key] = p
+    return sorted(found.values())
+
+
+def _load_pair(images_file: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    images = read_idx(images_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_file}: expected uint8 images of shape (N, H, W), "
+                        f"got {images.dtype} {images.shape}")
+    lf = _label_file(images_file)
+    labels = None
+    if lf is not None:
+        labels = read_idx(lf)
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{lf}: expected {len(images)} labels, got shape {labels.shape}")
+    return images, labels
+
+
+def _split_of(images_file: Path) -> str | None:
+    prefix = IMAGES_RE.match(images_file.name).group("prefix").lower()
+    if prefix.startswith(TRAIN_PREFIXES):
+        return "train"
+    if prefix.startswith(TEST_PREFIXES):
+        return "test"
+    return None
+
+
+def open_idx(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
+             channels: int | None = None, flip: bool = False) -> ArrayDataset:
+    path = Path(path)
+    split = normalize_split(split)
+    kwargs = dict(name=str(path), split=split, image_size=image_size, channels=channels, flip=flip)
+    if path.is_file():
+        images, labels = _load_pair(path)
+        return ArrayDataset(images, labels, indices=held_out_indices(len(images), split), **kwargs)
+    files = find_idx_images(path)
+    if not files:
+        raise DataError(f"{path}: no IDX images found (looked for *-images-idx3-ubyte[.gz])")
+    own = {"train": [f for f in files if _split_of(f) == "train"],
+           "test": [f for f in files if _split_of(f) == "test"]}
+    if len(files) == 1 and not own["train"] and not own["test"]:
+        images, labels = _load_pair(files[0])
+        return ArrayDataset(images, labels, indices=held_out_indices(len(images), split), **kwargs)
+    if len(own["train"]) > 1 or len(own["test"]) > 1 or len(own["train"]) + len(own["test"]) != len(files):
+        names = ", ".join(str(f.relative_to(path)) for f in files)
+        raise DataError(f"{path}: cannot tell which IDX files to use among {names} (expected one "
+                        "train-* and one t10k-*/test-* images file); pass a narrower folder or one file")
+    chosen = own["train"] + own["test"] if split == "all" else own[split]
+    if not chosen:
+        wanted = "train-*" if split == "train" else "t10k-* or test-*"
+        raise DataError(f"{path}: no {split} IDX images found (looked for {wanted} images-idx3-ubyte[.gz] files)")
+    pairs = [_load_pair(f) for f in chosen]
+    if len({p[0].shape[1:] for p in pairs}) > 1 or len({p[1] is None for p in pairs}) > 1:
+        raise DataError(f"{path}: the IDX files {', '.join(f.name for f in chosen)} differ in image shape or labels")
+    images = np.concatenate([p[0] for p in pairs])
+    labels = None if pairs[0][1] is None else np.concatenate([p[1] for p in pairs])
+    num_classes = None
+    if labels is not None:  # the class count must not depend on which split was opened
+        maxima = [int(labels.max())]
+        for f in files:
+            if f not in chosen and (other := _load_labels_only(f)) is not None and len(other):
+                maxima.append(int(other.max()))
+        num_classes = max(maxima) + 1
+    return ArrayDataset(images, labels, num_classes=num_classes, **kwargs)
+
+
+def _load_labels_only(images_file: Path) -> np.ndarray | None:
+    lf = _label_file(images_file)
+    return read_idx(lf) if lf is not None else None
