@@ -76,6 +76,14 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**d)
 
+    def num_parameters(self) -> int:
+        """Parameter count of the model this config builds (the `var` buffer is not a parameter)."""
+        T, D, W, E, K = self.num_patches, self.token_dim, self.width, self.expansion, self.num_classes
+        layer = 2 * W + 3 * W * W + 3 * W + W * W + W + 2 * W + E * W * W + E * W + E * W * W + W
+        out = 2 * D if self.nvp else D
+        block = D * W + W + T * W + K * W + self.layers_per_block * layer + W * out + out
+        return self.num_blocks * block
+
     def flops_per_image(self) -> float:
         """Approximate forward FLOPs per image (matmuls only, 2 FLOPs per multiply-add)."""
         T, D, W, E = self.num_patches, self.token_dim, self.width, self.expansion

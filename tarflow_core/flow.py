@@ -10,6 +10,11 @@ LOG_2PI = math.log(2 * math.pi)
 LN_128 = math.log(128.0)
 
 
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32; float32 and float64 unchanged (exp and norms never run in half precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, T, C*p*p): raster-order patches, each flattened channel-major."""
     B, C, H, W = x.shape
@@ -33,12 +38,13 @@ def shift_right(out: torch.Tensor) -> torch.Tensor:
 
 def affine_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Data -> noise: z = (x - b) * exp(-a); log|det| = -sum(a)."""
-    return (x - b) * (-a.float()).exp().to(a.dtype)
+    return (x - b) * (-at_least_f32(a)).exp().to(a.dtype)
 
 
 def affine_inverse(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Noise -> data: x = z * exp(a) + b."""
-    return z * a.float().exp().to(a.dtype) + b
+    return z * at_least_f32(a).exp().to(a.dtype) + b
+
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
@@ -66,5 +72,5 @@ def dequantize_uniform(x_uint8: torch.Tensor, generator: torch.Generator | None 
 
 
 def uint8_to_model(x_uint8: torch.Tensor) -> torch.Tensor:
-    """8-bit integers -> [-1, 1] scale without noise (the reference's x / 255 * 2 - 1)."""
-    return x_uint8.to(torch.float32) / 255 * 2 - 1
+    """8-bit integers -> [-1, 1] scale without noise, exactly as the reference's ToTensor + Normalize(0.5, 0.5)."""
+    return (x_uint8.to(torch.float32) / 255 - 0.5) / 0.5

@@ -11,7 +11,7 @@ from .model import TarFlow
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x) in nats per sample: prior N(0, var) of z plus every block's log-determinant."""
     z, logdet = model(x, y)
-    return flow.gaussian_log_prob(z.float(), model.var) + logdet
+    return flow.gaussian_log_prob(flow.at_least_f32(z), model.var) + logdet
 
 
 def nll(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,11 +12,12 @@ from torch import nn
 
 from . import flow
 from .config import ModelConfig
+from .flow import at_least_f32
 
 
 def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm computed in float32 whatever the autocast dtype, cast back to the input's dtype."""
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+    """LayerNorm computed in (at least) float32 whatever the autocast dtype, cast back to the input's dtype."""
+    return F.layer_norm(at_least_f32(x), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -115,7 +116,7 @@ class FlowBlock(nn.Module):
         xo = self.order(x)
         a, b = self.params(xo, y)
         z = flow.affine_forward(xo, a, b)
-        return self.order(z), -a.float().sum(dim=(1, 2))
+        return self.order(z), -at_least_f32(a).sum(dim=(1, 2))
 
 
 class TarFlow(nn.Module):
@@ -140,7 +141,7 @@ class TarFlow(nn.Module):
         self, tokens: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Tokens -> (z, total logdet (B,), output of each block)."""
-        logdet = tokens.new_zeros(tokens.shape[0], dtype=torch.float32)
+        logdet = at_least_f32(tokens.new_zeros(tokens.shape[0]))
         outputs = []
         for block in self.blocks:
             tokens, ld = block(tokens, y)
@@ -162,7 +163,7 @@ class TarFlow(nn.Module):
     @torch.no_grad()
     def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
         """VP models: move `var` towards the batch's mean z^2 per token and dimension (the reference's EMA)."""
-        self.var.lerp_(z.detach().float().pow(2).mean(dim=0), rate)
+        self.var.lerp_(z.detach().to(self.var.dtype).pow(2).mean(dim=0), rate)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .likelihood import denoise
+from .flow import at_least_f32
 from .model import FlowBlock, TarFlow
 
 SAMPLERS = ("sequential",)
@@ -59,7 +60,7 @@ def sample(
     if noise.dim() != 3 or tuple(noise.shape[1:]) != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must have shape (N, {cfg.num_patches}, {cfg.token_dim}), got {tuple(noise.shape)}")
     with torch.inference_mode():
-        x = noise.to(model.var.device, torch.float32) * model.var.sqrt()
+        x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
         for block in reversed(model.blocks):
             x = invert_block(block, x, y, guidance=guidance, guide_what=guide_what,
                              attn_temp=attn_temp, annealed=annealed)
@@ -104,7 +105,7 @@ def invert_block(
     for t in range(T - 1):
         h = (F.linear(xo[:, t], w_in, b_in) + cond[:, :, t]).view(rows, width)
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(layers):
-            n = F.layer_norm(h.float(), (width,), n1, n1b, eps1).to(h.dtype)
+            n = F.layer_norm(at_least_f32(h), (width,), n1, n1b, eps1).to(h.dtype)
             qkv = F.linear(n, wqkv, bqkv).view(rows, 3, heads, head_dim)
             cache.write(li, t, qkv[:, 1:])
             q = qkv[:, 0].unsqueeze(2)
@@ -112,9 +113,9 @@ def invert_block(
                 q = q * q_scale
             o = F.scaled_dot_product_attention(q, cache.keys(li, t + 1), cache.values(li, t + 1))
             h = h + F.linear(o.view(rows, width), wp, bp)
-            n = F.layer_norm(h.float(), (width,), n2, n2b, eps2).to(h.dtype)
+            n = F.layer_norm(at_least_f32(h), (width,), n2, n2b, eps2).to(h.dtype)
             h = h + F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
-        out = F.linear(h, w_out, b_out).float()
+        out = at_least_f32(F.linear(h, w_out, b_out))
         if block.nvp:
             a, b = out[:, :D], out[:, D:]
         else:

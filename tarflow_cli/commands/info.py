@@ -1,0 +1,65 @@
+"""`tarflow info`: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tarflow_core.checkpoint import read_info
+
+from ..console import out, user_errors
+from .common import CkptOpt, PatchOpt
+
+
+def info(
+    ckpt: CkptOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    patch_size: PatchOpt = None,
+) -> None:
+    """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
+
+    Examples:
+
+      tarflow info --ckpt runs/tiny
+
+      tarflow info --ckpt afhq_model_8_768_8_8_0.07.pth --json
+    """
+    with user_errors():
+        ck = read_info(ckpt, patch_size=patch_size)
+        cfg = ck.config
+        noise = ck.noise or {}
+        summary = {
+            "path": ck.path, "kind": ck.kind,
+            "architecture": cfg.short_name(), "mode": "NVP (affine)" if cfg.nvp else "VP (shift only)",
+            "model": cfg.to_dict(), "parameters": cfg.num_parameters(),
+            "data_shape": [cfg.in_channels, cfg.img_size, cfg.img_size], "tokens": [cfg.num_patches, cfg.token_dim],
+            "classes": cfg.num_classes, "class_names": (ck.data or {}).get("class_names"),
+            "noise": noise, "step": ck.step, "ema": ck.has_ema, "tarflow_version": ck.tarflow_version,
+            "data": ck.data,
+        }
+        if as_json:
+            typer.echo(json.dumps(summary))
+            return
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column()
+        noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(noise.get("type"), "unknown")
+        rows = [
+            ("checkpoint", f"{ck.path} ({ck.kind})"),
+            ("architecture", f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} heads of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}"),
+            ("parameters", f"{summary['parameters']:,}"),
+            ("data shape", f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}"),
+            ("classes", str(cfg.num_classes) if cfg.num_classes else "unconditional"),
+            ("noise", noise_text),
+            ("step", str(ck.step) if ck.step is not None else "unknown"),
+        ]
+        if ck.has_ema:
+            rows.append(("ema", "yes (sampling uses the EMA weights)"))
+        if ck.data.get("source"):
+            rows.append(("data", str(ck.data["source"])))
+        for k, v in rows:
+            table.add_row(k, v)
+        out.print(table)

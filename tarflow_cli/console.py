@@ -1,0 +1,62 @@
+"""Where output goes: data on stdout, humans' messages on stderr; user errors become exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator, NoReturn
+
+import typer
+from rich.console import Console
+
+from tarflow_core.checkpoint import CheckpointError
+from tarflow_core.sampling import SamplingError
+
+from .io import InputError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: reported as one sentence, exit code 2."""
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one clear sentence on stderr and exit with `code`."""
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def info(message: str) -> None:
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Map known error types to exit codes; no traceback for anything the user can fix."""
+    try:
+        yield
+    except (UsageError, InputError, CheckpointError) as e:
+        fail(str(e), EXIT_USAGE)
+    except SamplingError as e:
+        fail(str(e), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:  # e.g. `tarflow score ... | head`
+        with contextlib.suppress(Exception):
+            sys.stdout = None  # type: ignore[assignment]
+        raise typer.Exit(0) from None
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
