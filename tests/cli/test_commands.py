@@ -1,0 +1,246 @@
+"""The sample / score / denoise / info commands, end to end, including bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tarflow_cli.main import app
+from tarflow_core.checkpoint import load_model, save_checkpoint
+from tarflow_core.likelihood import denoise, nll
+from tests.conftest import tiny_model
+
+runner = CliRunner()
+
+
+def run(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def assert_user_error(result, *needles):
+    """Exit 2, one line on stderr naming the culprit, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory):
+    """A tiny class-conditional model trained (so it says) with Gaussian noise 0.1."""
+    path = tmp_path_factory.mktemp("ck") / "cond"
+    save_checkpoint(path, tiny_model(seed=3, dtype=torch.float32, num_classes=3),
+                    noise={"type": "gaussian", "std": 0.1}, step=7)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uncond_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "uncond"
+    save_checkpoint(path, tiny_model(seed=4, dtype=torch.float32, nvp=False, var=True),
+                    noise={"type": "uniform", "std": None}, step=9)
+    return path
+
+
+# ------------------------------------------------------------------------- the reference fixture
+
+def test_cli_reproduces_reference_samples_scores_and_denoising(fixtures_dir, expected, tmp_path):
+    ckpt = fixtures_dir / "cond_nvp.pth"
+    np.save(tmp_path / "noise.npy", expected["noise"].numpy())
+    np.save(tmp_path / "y.npy", expected["y"].numpy())
+    cases = {"sample_g0": [], "sample_g2_ab": ["--guidance", 2.0],
+             "sample_g1_b_annealed": ["--guidance", 1.0, "--guide-what", "b", "--annealed"],
+             "sample_g15_temp05": ["--guidance", 1.5, "--attn-temp", 0.5],
+             "sample_g15_temp05_annealed": ["--guidance", 1.5, "--attn-temp", 0.5, "--annealed"]}
+    for key, opts in cases.items():
+        out = tmp_path / f"{key}.npy"
+        r = run("sample", "--ckpt", ckpt, "--noise", tmp_path / "noise.npy", "--labels", tmp_path / "y.npy",
+                "--no-denoise", "--out", out, "--device", "cpu", *opts)
+        assert r.exit_code == 0, r.stderr
+        assert np.abs(np.load(out) - expected[key].numpy()).max() < 1e-4, key
+
+    np.save(tmp_path / "x.npy", expected["x"].numpy())
+    r = run("score", "--ckpt", ckpt, tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--dequantize", "none",
+            "--format", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    records = [json.loads(l) for l in r.stdout.splitlines()]
+    z, logdet = expected["z"], expected["logdets"]  # reference log-det is per dimension
+    D = 3 * 8 * 8
+    want = 0.5 * (z**2).flatten(1).sum(1) / D + 0.5 * np.log(2 * np.pi) - logdet
+    assert np.allclose([r["nll"] for r in records], want.numpy(), atol=1e-5)
+    assert [r["index"] for r in records] == list(range(6))
+    assert all(abs(r["bpd"] - (r["nll"] + np.log(128)) / np.log(2)) < 1e-9 for r in records)
+
+    np.save(tmp_path / "s.npy", expected["sample_g0"].numpy())
+    r = run("denoise", "--ckpt", ckpt, tmp_path / "s.npy", "--sigma", float(expected["denoise_sigma"]),
+            "--labels", tmp_path / "y.npy", "--out", tmp_path / "d.npy")
+    assert r.exit_code == 0, r.stderr
+    assert np.abs(np.load(tmp_path / "d.npy") - expected["denoised_g0"].numpy()).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------ behaviour
+
+def test_same_seed_same_images_and_every_out_form(cond_ckpt, tmp_path):
+    a, b, c = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"
+    d = tmp_path / "d.npy"
+    assert run("sample", "-c", cond_ckpt, "-n", 5, "--seed", 3, "--out", a).exit_code == 0
+    assert run("sample", "-c", cond_ckpt, "-n", 5, "--seed", 3, "--out", b).exit_code == 0
+    assert run("sample", "-c", cond_ckpt, "-n", 5, "--seed", 3, "--out", d, "-b", 2).exit_code == 0
+    assert run("sample", "-c", cond_ckpt, "-n", 5, "--seed", 4, "--out", c).exit_code == 0
+    assert np.array_equal(np.load(a), np.load(b))
+    assert np.allclose(np.load(a), np.load(d), atol=1e-5)  # batching changes only float rounding
+    assert not np.allclose(np.load(a), np.load(c), atol=1e-2)
+    r = run("sample", "-c", cond_ckpt, "-n", 5, "--seed", 3, "--class", 2, "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (5, 4, 4, 1) and z["arr_0"].dtype == np.uint8
+        assert list(z["labels"]) == [2] * 5
+    assert run("sample", "-c", cond_ckpt, "-n", 3, "--out", tmp_path / "grid.png").exit_code == 0
+    Image.open(tmp_path / "grid.png").verify()
+    assert run("sample", "-c", cond_ckpt, "-n", 3, "--out", f"{tmp_path}/imgs/").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_sample_denoises_by_default_for_gaussian_noise_checkpoints(cond_ckpt, tmp_path):
+    noise = torch.randn(4, 4, 4)
+    np.save(tmp_path / "n.npy", noise.numpy())
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2, 1]))
+    base = ["sample", "-c", cond_ckpt, "--noise", tmp_path / "n.npy", "--labels", tmp_path / "y.npy"]
+    assert run(*base, "--out", tmp_path / "on.npy").exit_code == 0
+    assert run(*base, "--no-denoise", "--out", tmp_path / "off.npy").exit_code == 0
+    model = load_model(cond_ckpt)
+    y = torch.tensor([0, 1, 2, 1])
+    raw = model.sample(noise, y)
+    assert np.allclose(np.load(tmp_path / "off.npy"), raw.numpy(), atol=1e-6)
+    assert np.allclose(np.load(tmp_path / "on.npy"), denoise(model, raw, y, sigma=0.1).numpy(), atol=1e-5)
+
+
+def test_score_matches_the_library_and_classifies(cond_ckpt, tmp_path):
+    x = torch.rand(6, 1, 4, 4) * 2 - 1
+    np.save(tmp_path / "x.npy", x.numpy())
+    r = run("score", "-c", cond_ckpt, tmp_path / "x.npy", "--class", 1, "--classify", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    recs = [json.loads(l) for l in r.stdout.splitlines()]
+    model = load_model(cond_ckpt)
+    want = nll(model, x, torch.ones(6, dtype=torch.long))
+    assert np.allclose([q["nll"] for q in recs], want.detach().numpy(), atol=1e-6)
+    for q in recs:
+        assert len(q["log_probs"]) == 3 and abs(np.logaddexp.reduce(q["log_probs"])) < 1e-5
+        assert q["pred"] == int(np.argmax(q["log_probs"]))
+    r = run("score", "-c", cond_ckpt, tmp_path / "x.npy", "-f", "csv")
+    assert r.stdout.splitlines()[0] == "index,source,nll,bpd" and len(r.stdout.splitlines()) == 7
+
+
+def test_score_dequantizes_8bit_images_reproducibly(uncond_ckpt, tmp_path):
+    img = (np.arange(16, dtype=np.uint8).reshape(4, 4) * 15)
+    Image.fromarray(img, "L").save(tmp_path / "a.png")
+    first = run("score", "-c", uncond_ckpt, tmp_path / "a.png", "-f", "jsonl", "--seed", 1)
+    again = run("score", "-c", uncond_ckpt, tmp_path / "a.png", "-f", "jsonl", "--seed", 1)
+    other = run("score", "-c", uncond_ckpt, tmp_path / "a.png", "-f", "jsonl", "--seed", 2)
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout == again.stdout != other.stdout
+    rec = json.loads(first.stdout)
+    assert rec["source"] == str(tmp_path / "a.png")
+
+
+def test_info_shows_what_the_checkpoint_holds(cond_ckpt):
+    r = run("info", "--ckpt", cond_ckpt, "--json")
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["classes"] == 3 and d["step"] == 7 and d["noise"] == {"type": "gaussian", "std": 0.1}
+    assert d["data_shape"] == [1, 4, 4] and d["parameters"] == load_model(cond_ckpt).num_parameters()
+    r = run("info", "--ckpt", cond_ckpt)
+    assert r.exit_code == 0 and "gaussian, std 0.1" in r.stdout
+
+
+def test_sample_pipes_into_score_and_denoise(cond_ckpt):
+    """`tarflow sample --out - | tarflow score -` through real pipes."""
+    cli = [sys.executable, "-m", "tarflow_cli"]
+    sample = subprocess.run(cli + ["sample", "-c", str(cond_ckpt), "-n", "4", "--out", "-"], capture_output=True, check=True)
+    arr = np.load(io.BytesIO(sample.stdout))
+    assert arr.shape == (4, 1, 4, 4) and arr.dtype == np.float32
+    score = subprocess.run(cli + ["score", "-c", str(cond_ckpt), "-"], input=sample.stdout, capture_output=True)
+    assert score.returncode == 0, score.stderr
+    recs = [json.loads(l) for l in score.stdout.decode().splitlines()]
+    assert [r["source"] for r in recs] == ["-[0]", "-[1]", "-[2]", "-[3]"]
+    den = subprocess.run(cli + ["denoise", "-c", str(cond_ckpt), "-", "--out", "-"], input=sample.stdout, capture_output=True)
+    assert den.returncode == 0, den.stderr
+    assert np.load(io.BytesIO(den.stdout)).shape == (4, 1, 4, 4)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def test_missing_checkpoint(tmp_path):
+    assert_user_error(run("sample", "--ckpt", tmp_path / "nope"), "nope", "does not exist")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    assert_user_error(run("info", "--ckpt", tmp_path / "bad.pth"), "bad.pth")
+
+
+def test_pickled_object_checkpoint_is_refused_without_running(tmp_path):
+    from tests.core.test_checkpoint import _Marker
+
+    marker = tmp_path / "code-ran"
+    torch.save({"var": torch.ones(1), "x": _Marker(marker)}, tmp_path / "evil.pth")
+    assert_user_error(run("sample", "--ckpt", tmp_path / "evil.pth"), "evil.pth", "refusing")
+    assert not marker.exists()
+
+
+def test_noise_of_the_wrong_shape(cond_ckpt, tmp_path):
+    np.save(tmp_path / "n.npy", np.zeros((2, 5, 4), np.float32))
+    assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "n.npy"), "n.npy", "(N, 4, 4)")
+
+
+def test_labels_for_an_unconditional_model(uncond_ckpt, tmp_path):
+    assert_user_error(run("sample", "-c", uncond_ckpt, "--class", 1), "--class", "unconditional")
+    np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
+    assert_user_error(run("sample", "-c", uncond_ckpt, "-n", 3, "--labels", tmp_path / "y.npy"), "--labels", "unconditional")
+
+
+def test_class_out_of_range(cond_ckpt, tmp_path):
+    assert_user_error(run("sample", "-c", cond_ckpt, "--class", 3), "--class 3", "0..2")
+    np.save(tmp_path / "y.npy", np.array([0, 7]))
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 2, "--labels", tmp_path / "y.npy"), "y.npy", "7")
+
+
+def test_unreadable_image(cond_ckpt, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "broken.png"), "broken.png")
+
+
+def test_empty_input(cond_ckpt, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "empty"), "empty")
+    assert_user_error(run("score", "-c", cond_ckpt, "-", input=b""), "stdin")
+
+
+def test_images_of_the_wrong_size(cond_ckpt, tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(tmp_path / "big.png")
+    assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "big.png"), "big.png", "1x4x4")
+
+
+def test_classify_needs_a_conditional_model(uncond_ckpt, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 4, 4), np.float32))
+    assert_user_error(run("score", "-c", uncond_ckpt, tmp_path / "x.npy", "--classify"), "--classify", "unconditional")
+
+
+def test_denoise_needs_a_sigma(uncond_ckpt, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 4, 4), np.float32))
+    assert_user_error(run("denoise", "-c", uncond_ckpt, tmp_path / "x.npy"), "--sigma")
+
+
+def test_bad_out_and_device(cond_ckpt):
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", "x.txt"), "x.txt")
+    assert_user_error(run("sample", "-c", cond_ckpt, "--device", "tpu"), "--device tpu")

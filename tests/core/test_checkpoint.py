@@ -1,0 +1,182 @@
+"""Native checkpoint round trips, reference .pth import, and refusal of unsafe or broken files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from tarflow_core.checkpoint import (CheckpointError, convert_reference, latest_checkpoint, load_checkpoint,
+                                     read_info, save_checkpoint)
+from tarflow_core.config import ModelConfig
+from tarflow_core.model import TarFlow
+from tests.conftest import tiny_model
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def _same_function(a: TarFlow, b: TarFlow, y=None) -> None:
+    c = a.config
+    x = torch.randn(2, c.in_channels, c.img_size, c.img_size)
+    za, la = a(x, y)
+    zb, lb = b(x, y)
+    assert torch.equal(za, zb) and torch.equal(la, lb)
+
+
+def test_native_round_trip(tmp_path):
+    model = tiny_model(dtype=torch.float32, var=True, nvp=False, num_classes=3)
+    path = save_checkpoint(tmp_path / "ck", model, noise={"type": "gaussian", "std": 0.1}, step=42,
+                           data={"channels": 1, "image_size": 4, "num_classes": 3, "class_names": ["a", "b", "c"]})
+    loaded, info = load_checkpoint(path)
+    assert info.config == model.config and info.step == 42 and info.noise_std == 0.1
+    assert info.data["class_names"] == ["a", "b", "c"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    _same_function(model, loaded, torch.tensor([0, 2]))
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["model"]["nvp"] is False and raw["tarflow_version"]
+
+
+def test_overwriting_a_checkpoint_is_atomic_and_leaves_no_temporaries(tmp_path):
+    first, second = tiny_model(seed=1, dtype=torch.float32), tiny_model(seed=2, dtype=torch.float32)
+    save_checkpoint(tmp_path / "ck", first, step=1)
+    save_checkpoint(tmp_path / "ck", second, step=2)
+    loaded, info = load_checkpoint(tmp_path / "ck")
+    assert info.step == 2
+    _same_function(second, loaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    good = tiny_model(seed=1, dtype=torch.float32)
+    save_checkpoint(tmp_path / "ck", good, step=1)
+    import tarflow_core.checkpoint as ckmod
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckmod, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ck", tiny_model(seed=2, dtype=torch.float32), step=2)
+    loaded, info = load_checkpoint(tmp_path / "ck")
+    assert info.step == 1
+    _same_function(good, loaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for step in (5, 20, 100):
+        save_checkpoint(run / "checkpoints" / f"step-{step:08d}", tiny_model(seed=step, dtype=torch.float32), step=step)
+    (run / "checkpoints" / "step-00000200").mkdir()  # half-written: no files yet
+    assert latest_checkpoint(run).name == "step-00000100"
+    assert read_info(run).step == 100
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(empty)
+
+
+def test_reference_pth_converts_to_native_with_the_same_function(fixtures_dir, tmp_path):
+    ref, info = load_checkpoint(fixtures_dir / "cond_nvp.pth")
+    assert info.kind == "reference"
+    assert info.config == ModelConfig(in_channels=3, img_size=8, patch_size=2, width=128, num_blocks=4,
+                                      layers_per_block=2, head_dim=64, expansion=4, nvp=True, num_classes=10)
+    assert info.config.num_parameters() == ref.num_parameters()
+    native = convert_reference(fixtures_dir / "cond_nvp.pth", tmp_path / "native")
+    loaded, ninfo = load_checkpoint(native)
+    assert ninfo.kind == "native" and ninfo.config == info.config
+    _same_function(ref, loaded, torch.tensor([3, -1]))
+
+
+def _reference_state(cfg: ModelConfig) -> dict:
+    """A state dict as the published code writes it (with the causal-mask buffers)."""
+    model = TarFlow(cfg)
+    state = dict(model.state_dict())
+    for i in range(cfg.num_blocks):
+        state[f"blocks.{i}.attn_mask"] = torch.tril(torch.ones(cfg.num_patches, cfg.num_patches))
+    return state
+
+
+@pytest.mark.parametrize("name,patch,channels,noise", [
+    ("afhq_model_8_128_2_1_0.07.pth", 8, 3, {"type": "gaussian", "std": 0.07}),
+    ("imagenet64_model_2_128_2_1_uniform.pth", 2, 3, {"type": "uniform", "std": None}),
+    ("mnist_model_4_128_2_1_0.10.pth", 4, 1, {"type": "gaussian", "std": 0.1}),
+])
+def test_reference_file_names_give_patch_size_and_noise(tmp_path, name, patch, channels, noise):
+    cfg = ModelConfig(in_channels=channels, img_size=patch * 4, patch_size=patch, width=128, num_blocks=2,
+                      layers_per_block=1, head_dim=64, nvp=name.startswith("afhq"),
+                      num_classes=3 if name.startswith("afhq") else 0)
+    torch.save(_reference_state(cfg), tmp_path / name)
+    info = read_info(tmp_path / name)
+    assert info.config == cfg and info.noise == noise
+
+
+def test_published_afhq_architecture_is_read_off_shapes_and_name(tmp_path):
+    """afhq_model_8_768_8_8_0.07.pth: patch 8, width 768, 8x8, noise 0.07, 3 classes, 256x256 (shapes only)."""
+    cfg = ModelConfig(in_channels=3, img_size=256, patch_size=8, width=768, num_blocks=8, layers_per_block=8,
+                      head_dim=64, nvp=True, num_classes=3)
+    T, D, W = cfg.num_patches, cfg.token_dim, cfg.width
+    state = {"var": torch.ones(T, D)}
+    for i in range(8):  # zero-stride tensors: the real shapes without the 1.8 GB of memory
+        state[f"blocks.{i}.proj_in.weight"] = torch.zeros(1).expand(W, D)
+        state[f"blocks.{i}.pos_embed"] = torch.zeros(1).expand(T, W)
+        state[f"blocks.{i}.class_embed"] = torch.zeros(1).expand(3, 1, W)
+        state[f"blocks.{i}.proj_out.weight"] = torch.zeros(1).expand(2 * D, W)
+        for j in range(8):
+            state[f"blocks.{i}.attn_blocks.{j}.mlp.main.0.weight"] = torch.zeros(1).expand(4 * W, W)
+    from tarflow_core.checkpoint import reference_info
+
+    info = reference_info(state, pathlib.Path("afhq_model_8_768_8_8_0.07.pth"))
+    assert info.config == cfg
+    assert info.noise_std == 0.07 and info.data["source"] == "afhq"
+
+
+def test_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"var": torch.ones(1), "payload": _Marker(marker)}, evil)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated zip"])
+def test_corrupt_pth_is_a_clear_error(tmp_path, content):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        load_checkpoint(bad)
+
+
+def test_corrupt_native_checkpoint_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32))
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(path)
+    shutil.rmtree(path)
+    path = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32))
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(path)
+
+
+def test_missing_and_non_checkpoint_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        load_checkpoint(tmp_path)
+    torch.save({"weight": torch.ones(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a TarFlow state dict"):
+        load_checkpoint(tmp_path / "other.pth")
