@@ -1,0 +1,43 @@
+"""`tarflow watch RUN_DIR`: follow a training run in the terminal dashboard."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import fail
+
+
+def watch(
+    run_dir: Annotated[Path, typer.Argument(
+        help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
+        show_default=False)],
+    poll: Annotated[float, typer.Option(
+        "--poll", min=0.05, max=60.0, help="Seconds between reads of events.jsonl.")] = 0.25,
+) -> None:
+    """Follow a training run, live or finished, in a terminal dashboard.
+
+    Charts of bpd (train and held-out), loss, learning rate and images/s; step, epoch, ETA,
+    device and memory; the newest sample grid; warnings and the end reason. Works for a run
+    in another process or on another machine with a shared disk, and for finished runs.
+
+    Keys: q quit (the run keeps going), ? help, r reload, [ and ] older/newer sample grids,
+    z sample zoom.
+
+    Examples:
+
+      tarflow watch runs/tiny-20250101-120000
+
+      tarflow train --run-dir runs/demo --ui plain &  tarflow watch runs/demo
+    """
+    if run_dir.exists() and not run_dir.is_dir() and run_dir.suffix != ".jsonl":
+        fail(f"{run_dir} is a file; expected a run directory or its events.jsonl")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        fail("tarflow watch needs an interactive terminal; to follow a run in a script or a log, use "
+             f"tail -f {run_dir / 'events.jsonl' if run_dir.suffix != '.jsonl' else run_dir}")
+    from ..tui.app import make_app
+
+    make_app(run_dir, poll=poll).run()

@@ -1,0 +1,277 @@
+"""The dashboard: a Textual app that follows a run's `events.jsonl` (live or finished).
+
+`make_app(run_dir, owner=None)` builds it for `tarflow watch` and `tarflow train --ui tui` alike.
+A worker thread tails the file (`source.EventTail`) and posts `EventsRead` messages; the app
+folds them into a `RunState` on the UI thread and updates the widgets. Nothing in a worker
+touches a widget, and nothing on the UI thread reads the disk, except through workers.
+
+`owner`: when the dashboard owns the run (training in this process), an object with
+`request_stop()`; `s` and ctrl+c call it. It may also have `attach(app)`, called once the app
+is running (to start the training and post `TrainingDone` when it returns): see `training.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from .messages import EventsRead, SourceState, TrainingDone
+from .source import EventTail, resolve_events_path
+from .state import FINAL, RunState
+from .widgets.confirm_screen import ConfirmScreen
+from .widgets.event_log import EventLog
+from .widgets.help_screen import HelpScreen
+from .widgets.line_chart import Line, LineChart
+from .widgets.run_header import RunHeader
+from .widgets.sample_view import SampleView
+
+CHARTS = (
+    ("chart-bpd", "bpd", (Line("bpd", "train", "cyan"), Line("eval_bpd", "held-out", "magenta")), True),
+    ("chart-loss", "loss", (Line("loss", "", "cyan"),), True),
+    ("chart-lr", "lr", (Line("lr", "", "yellow"),), False),
+    ("chart-speed", "img/s", (Line("images_per_s", "", "green"),), False),
+)
+
+
+class DashboardApp(App[None]):
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "tarflow"
+    ENABLE_COMMAND_PALETTE = False
+
+    BINDINGS = [
+        Binding("q", "quit_viewer", "quit"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("s", "stop_run", "stop"),
+        Binding("r", "reload", "reload"),
+        Binding("left_square_bracket", "page(-1)", "older", key_display="["),
+        Binding("right_square_bracket", "page(1)", "newer", key_display="]"),
+        Binding("z", "zoom", "zoom", show=False),
+        Binding("ctrl+c", "interrupt", "stop", show=False, priority=True),
+    ]
+
+    def __init__(self, run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
+                 clock: Callable[[], float] = time.time, tick: float | None = 1.0):
+        super().__init__()
+        self.run_dir, self.events_path = resolve_events_path(run_dir)
+        self.owner = owner
+        self.poll = poll
+        self.clock = clock
+        self.tick = tick
+        self.state = RunState(self.run_dir)
+        self.title = f"tarflow · {self.state.name}"
+        self._generation = 0
+        self._follow_stop = threading.Event()
+        self._owner_done = False
+        self._quit_when_done = False
+
+    # -------------------------------------------------------------------------- layout
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        with Horizontal(id="body"):
+            with Grid(id="charts"):
+                for wid, title, lines, trim in CHARTS:
+                    yield LineChart(title, lines, trim_start=trim, id=wid, classes="chart")
+            yield SampleView(id="samples")
+        yield EventLog(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._fit(self.size.width, self.size.height)
+        self._update(set())
+        self._start_follow()
+        if self.tick:
+            self.set_interval(self.tick, self._on_tick)
+        attach = getattr(self.owner, "attach", None)
+        if callable(attach):
+            attach(self)
+
+    def on_resize(self, event) -> None:
+        self._fit(event.size.width, event.size.height)
+
+    def _fit(self, width: int, height: int) -> None:
+        self.screen.set_class(width >= 110, "-wide")
+        self.screen.set_class(height >= 34, "-tall")
+
+    def on_unmount(self) -> None:
+        self._follow_stop.set()
+
+    # ------------------------------------------------------------------------- reading
+    def _start_follow(self) -> None:
+        self._follow_stop.set()
+        self._follow_stop = threading.Event()
+        self._generation += 1
+        self._follow(self._generation, self._follow_stop)
+
+    @work(thread=True, group="follow", exit_on_error=False, description="tail events.jsonl")
+    def _follow(self, generation: int, stop: threading.Event) -> None:
+        """Worker thread: poll the events file and post what is new. Never touches widgets."""
+        worker = get_current_worker()
+        tail = EventTail(self.events_path)
+        last_state = None
+        try:
+            while not (stop.is_set() or worker.is_cancelled):
+                read = tail.poll()
+                if read.state != last_state:
+                    last_state = read.state
+                    self.post_message(SourceState(generation, read.state))
+                if read.events or read.problems or read.reset:
+                    self.post_message(EventsRead(generation, read.events, read.problems, read.reset))
+                if not read.more:
+                    stop.wait(self.poll)
+        finally:
+            tail.close()
+
+    @on(SourceState)
+    def _source_state(self, message: SourceState) -> None:
+        if message.generation != self._generation:
+            return
+        self.state.source_state = message.state
+        self._update({"header"})
+
+    @on(EventsRead)
+    def _events_read(self, message: EventsRead) -> None:
+        if message.generation != self._generation:
+            return
+        changed: set[str] = set()
+        if message.reset:
+            self._clear()
+            self.state.note("warning", f"{message.reset}: reading it again from the first line")
+            changed |= {"header", "charts", "samples", "log"}
+        for event in message.events:
+            changed |= self.state.apply(event)
+        for problem in message.problems:
+            self.state.note("warning", f"skipped {problem}")
+            changed.add("log")
+        self._update(changed)
+
+    def _clear(self) -> None:
+        self.state.clear()
+        self.query_one(SampleView).reset()
+        self.query_one(EventLog).reset()
+
+    # -------------------------------------------------------------------------- drawing
+    def _update(self, changed: set[str]) -> None:
+        state = self.state
+        self.query_one(RunHeader).show(state, self.clock())
+        if "charts" in changed or not changed:
+            for chart in self.query(LineChart):
+                chart.set_data(state.series)
+        if "samples" in changed:
+            self.query_one(SampleView).set_grids(state.samples, state.run_dir)
+        if "log" in changed:
+            self.query_one(EventLog).sync(state.log, state.log_dropped, state.start_time)
+        self.title = f"tarflow · {state.name}"
+
+    def _on_tick(self) -> None:
+        self.query_one(RunHeader).show(self.state, self.clock())
+
+    # -------------------------------------------------------------------------- owner
+    @on(TrainingDone)
+    def _training_done(self, message: TrainingDone) -> None:
+        self._owner_done = True
+        if message.error:
+            self.state.note("error", f"training stopped with an error: {message.error}")
+            if self.state.status not in FINAL:
+                self.state.status = "failed"
+                self.state.end_reason = message.error
+                self.state.end_time = self.clock()
+        self.state.stopping = False
+        self._update({"log"})
+        if self._quit_when_done:
+            self.exit()
+
+    @property
+    def owns_run(self) -> bool:
+        return self.owner is not None and callable(getattr(self.owner, "request_stop", None))
+
+    @property
+    def run_active(self) -> bool:
+        """Training in this process has not returned yet."""
+        return self.owns_run and not self._owner_done
+
+    # -------------------------------------------------------------------------- actions
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_run" and not self.owns_run:
+            return False  # not in the footer; the key is answered by on_key instead
+        return True
+
+    def on_key(self, event) -> None:
+        if event.key == "s" and not self.owns_run:
+            event.stop()
+            self.action_stop_run()
+
+    def action_quit_viewer(self) -> None:
+        if not self.run_active or self._quit_when_done:
+            self.exit()
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._quit_when_done = True
+                self._request_stop("stopping the run (saving a checkpoint), then quitting; q again quits now")
+
+        self.push_screen(ConfirmScreen("The run is training in this process.\n"
+                                       "Stop it (a checkpoint is saved) and quit?"), answer)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(str(self.events_path), self.owns_run))
+
+    def action_stop_run(self) -> None:
+        if not self.owns_run:
+            self.notify("This viewer does not own the run: stop it where it runs "
+                        "(ctrl+c in its terminal).", title="not stopped", severity="warning")
+            return
+        if not self.run_active:
+            self.notify("The run has already ended.")
+            return
+        self._request_stop("stop requested: saving a checkpoint…")
+
+    def action_interrupt(self) -> None:
+        if self.run_active:
+            if self.state.stopping or self._quit_when_done:
+                self.notify("Already stopping; q quits the viewer now.")
+                return
+            self._request_stop("ctrl+c: stopping the run and saving a checkpoint…")
+        else:
+            self.exit()
+
+    def _request_stop(self, note: str) -> None:
+        if not self.state.stopping:
+            self.owner.request_stop()
+            self.state.stopping = True
+            self.state.note("info", note)
+        self.notify(note)
+        self._update({"log"})
+
+    def action_reload(self) -> None:
+        self._clear()
+        self._update({"header", "charts", "samples", "log"})
+        self._start_follow()
+        self.notify(f"Reloading {self.events_path.name}")
+
+    def action_page(self, delta: int) -> None:
+        self.query_one(SampleView).page(delta)
+
+    def action_zoom(self) -> None:
+        mode = self.query_one(SampleView).toggle_mode()
+        self.notify("samples: whole grid" if mode == "whole" else "samples: legible detail")
+
+
+def make_app(run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
+             clock: Callable[[], float] = time.time, tick: float | None = 1.0) -> DashboardApp:
+    """The dashboard for `run_dir` (a run directory, or its events `.jsonl` file).
+
+    `owner`: an object with `request_stop()` when this process runs the training (`s` then
+    stops it), else None. `poll`: seconds between reads of the file. `clock` and `tick` (the
+    header's refresh, None for none) are there for tests.
+    """
+    return DashboardApp(run_dir, owner=owner, poll=poll, clock=clock, tick=tick)

@@ -1,0 +1,385 @@
+"""What the dashboard knows about a run, folded from its events; plain Python, no Textual.
+
+`RunState.apply(event)` takes one `events.jsonl` object (any kind, any fields: unknown ones are
+ignored, missing ones are fine) and returns the names of the panels it changed
+(`header`, `charts`, `samples`, `log`). The app owns one `RunState` and touches it only from
+the UI thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FINAL = ("finished", "interrupted", "failed")
+
+# chart series, by name
+SERIES = ("loss", "bpd", "eval_bpd", "lr", "images_per_s")
+
+
+@dataclass
+class Series:
+    steps: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def add(self, step: float, value: float) -> None:
+        if self.steps and step < self.steps[-1]:
+            self.cut(step)
+        self.steps.append(step)
+        self.values.append(value)
+
+    def cut(self, step: float) -> None:
+        """Drop the points after `step` (a resumed run starts again from its checkpoint)."""
+        while self.steps and self.steps[-1] > step:
+            self.steps.pop()
+            self.values.pop()
+
+    @property
+    def last(self) -> float | None:
+        return self.values[-1] if self.values else None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class LogLine:
+    level: str  # info, warning, error, event
+    text: str
+    step: int | None = None
+    time: float | None = None
+
+
+@dataclass
+class SampleGrid:
+    step: int
+    path: Path  # as the event gave it
+    nrow: int | None = None
+    tile: int | None = None  # image size in pixels
+    padding: int | None = None
+    num: int | None = None  # images in the grid (the rest of its last row is empty)
+
+    def candidates(self, run_dir: Path) -> list[Path]:
+        """Where the file may be: as given, relative to the run directory, or in its samples/."""
+        if self.path.is_absolute():
+            return [self.path, run_dir / "samples" / self.path.name]
+        return [run_dir / self.path, self.path, run_dir / "samples" / self.path.name]
+
+
+def number(v: Any) -> float | None:
+    """A finite float from an event field, else None ("nan" strings and junk included)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return None
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _first(d: dict, *names: str) -> Any:
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return None
+
+
+class RunState:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.clear()
+
+    def clear(self) -> None:
+        self.name = self.run_dir.name or str(self.run_dir)
+        self.source_state = "reading"  # the file: missing-dir, missing-file, reading
+        self.status = "waiting"  # waiting, running, + FINAL
+        self.stopping = False
+        self.end_reason: str | None = None
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self.last_time: float | None = None
+        self.first_step: int = 0
+        self.step: int = 0
+        self.max_steps: int | None = None
+        self.epoch: float | None = None
+        self.steps_per_epoch: float | None = None
+        self.device: str | None = None
+        self.memory: str | None = None
+        self.params: int | None = None
+        self.data: str | None = None
+        self.preset: str | None = None
+        self.image_size: int | None = None
+        self.series: dict[str, Series] = {k: Series() for k in SERIES}
+        self.latest: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}  # other start fields worth showing
+        self.samples: list[SampleGrid] = []
+        self.checkpoints: list[tuple[int, str]] = []
+        self.log: list[LogLine] = []
+        self.log_dropped = 0  # lines trimmed off the front of `log`
+        self.warnings = 0
+        self.events = 0
+        self._rate_points: list[tuple[float, int]] = []  # (time, step) of recent train events
+
+    # --------------------------------------------------------------------------- folding
+    def apply(self, e: dict) -> set[str]:
+        kind = e.get("kind")
+        t = number(e.get("time"))
+        step = number(e.get("step"))
+        changed = {"header"}
+        self.events += 1
+        if t is not None:
+            self.last_time = t
+        if step is not None and kind != "start":
+            self.step = max(self.step, int(step)) if kind != "train" else int(step)
+        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
+        if handler is not None:
+            changed |= handler(e, t, None if step is None else int(step)) or set()
+        return changed
+
+    def _on_start(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        resumed = self.status != "waiting" or (step or 0) > 0
+        if self.start_time is None or self.status in FINAL:
+            self.start_time = t
+        self.status = "running"
+        self.stopping = False
+        self.end_reason = None
+        self.end_time = None
+        self.step = step or 0
+        self.first_step = step or 0
+        self._rate_points.clear()
+        for s in self.series.values():
+            s.cut(self.step)
+        self.samples = [g for g in self.samples if g.step <= self.step]
+        cfg = e.get("config") if isinstance(e.get("config"), dict) else {}
+        train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else cfg
+        ms = number(_first(e, "max_steps", "total_steps")) or number(_first(train_cfg, "max_steps", "total_steps"))
+        self.max_steps = int(ms) if ms else None
+        self.device = str(_first(e, "device") or _first(train_cfg, "device") or "") or self.device
+        for key in ("precision", "world_size"):
+            if e.get(key) is not None:
+                self.extra[key] = e[key]
+        self.preset = _first(train_cfg, "preset") or self.preset
+        params = number(_first(e, "params", "parameters", "num_params", "parameter_count"))
+        self.params = int(params) if params else self.params
+        data = e.get("data")
+        if isinstance(data, dict):
+            name = _first(data, "name", "source", "path") or ""
+            n_train = next((number(data[k]) for k in ("train_images", "num_train", "train_size", "n_train", "train")
+                            if number(data.get(k)) is not None), None)
+            shape = _first(data, "shape")
+            if not isinstance(shape, (list, tuple)) and number(data.get("image_size")):
+                c = number(data.get("channels"))
+                shape = ([int(c)] if c else []) + [int(number(data["image_size"]))] * 2  # type: ignore[arg-type]
+            bits = [str(name)] if name else []
+            if n_train:
+                bits.append(f"{int(n_train):,} images")
+            if isinstance(shape, (list, tuple)) and shape:
+                bits.append("x".join(str(s) for s in shape))
+            classes = number(_first(data, "num_classes", "classes"))
+            if classes:
+                bits.append(f"{int(classes)} classes")
+            self.data = " · ".join(bits) or None
+            size = number(_first(data, "image_size", "size"))
+            if size:
+                self.image_size = int(size)
+            spe = number(_first(data, "steps_per_epoch")) or number(_first(e, "steps_per_epoch"))
+            batch = number(_first(e, "global_batch")) or number(_first(train_cfg, "batch_size"))
+            if spe:
+                self.steps_per_epoch = spe
+            elif n_train and batch:
+                self.steps_per_epoch = n_train / batch
+        elif isinstance(data, str):
+            self.data = data
+        if self.image_size is None:
+            model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+            size = number(_first(model, "img_size", "image_size")) or number(_first(train_cfg, "image_size"))
+            if size:
+                self.image_size = int(size)
+        if self.max_steps is None and self.steps_per_epoch:
+            epochs = number(_first(train_cfg, "epochs"))
+            if epochs:
+                self.max_steps = int(math.ceil(epochs * self.steps_per_epoch))
+        name = _first(e, "name", "run_name")
+        if name:
+            self.name = str(name)
+        what = f"resumed at step {step:,}" if resumed and step else "started"
+        bits = [b for b in (self.preset and f"preset {self.preset}", self.data,
+                            self.params and f"{self.params:,} parameters", self.device) if b]
+        self._log("event", f"run {what}" + (f": {', '.join(bits)}" if bits else ""), step, t)
+        return {"charts", "samples", "log"}
+
+    def _on_train(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        if self.status == "waiting":
+            self.status = "running"
+        if self.start_time is None:
+            self.start_time = t
+        if step is None:
+            return set()
+        for key, names in (("loss", ("loss",)), ("bpd", ("bpd", "train_bpd")), ("lr", ("lr", "learning_rate")),
+                           ("images_per_s", ("images_per_s", "img_per_s", "images_per_sec", "throughput"))):
+            v = number(_first(e, *names))
+            if v is not None:
+                self.series[key].add(step, v)
+                self.latest[key] = v
+        for key in ("nll", "logdet", "grad_norm", "tflops", "mfu"):
+            v = number(e.get(key))
+            if v is not None:
+                self.latest[key] = v
+        epoch = number(e.get("epoch"))
+        if epoch is not None:
+            self.epoch = epoch
+        elif self.steps_per_epoch:
+            self.epoch = step / self.steps_per_epoch
+        mem = _memory(_first(e, "memory_mb", "memory", "mem", "max_memory", "memory_bytes"))
+        if mem:
+            self.memory = mem
+        if t is not None:
+            self._rate_points.append((t, step))
+            cutoff = t - 120.0
+            while len(self._rate_points) > 2 and self._rate_points[0][0] < cutoff:
+                self._rate_points.pop(0)
+        return {"charts"}
+
+    def _on_eval(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        v = number(_first(e, "bpd", "eval_bpd", "test_bpd", "val_bpd", "heldout_bpd"))
+        if v is None or step is None:
+            return set()
+        self.series["eval_bpd"].add(step, v)
+        self.latest["eval_bpd"] = v
+        return {"charts"}
+
+    def _on_sample(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        path = _first(e, "path", "image", "file")
+        if not isinstance(path, str) or not path:
+            return set()
+        grid_path = Path(path)
+        nrow = number(_first(e, "nrow", "ncol", "columns", "cols"))
+        tile = number(_first(e, "tile", "tile_size"))
+        pad = number(_first(e, "padding"))
+        num = number(_first(e, "num", "count", "num_images"))
+        grid = SampleGrid(step or 0, grid_path, int(nrow) if nrow else None, int(tile) if tile else None,
+                          int(pad) if pad is not None else None, int(num) if num else None)
+        self.samples = [g for g in self.samples if g.path != grid_path] + [grid]
+        return {"samples"}
+
+    def _on_checkpoint(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        path = str(_first(e, "path") or "")
+        self.checkpoints.append((step or 0, path))
+        shown = _short_path(path, self.run_dir)
+        self._log("event", f"checkpoint saved{': ' + shown if shown else ''}", step, t)
+        return {"log"}
+
+    def _on_warning(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        msg = _first(e, "message", "msg", "text", "warning") or "warning (no message)"
+        self.warnings += 1
+        self._log("warning", str(msg), step, t)
+        return {"log"}
+
+    def _on_end(self, e: dict, t: float | None, step: int | None) -> set[str]:
+        status = str(e.get("status") or "finished").lower()
+        self.status = status if status in FINAL else "finished"
+        self.stopping = False
+        self.end_time = t
+        reason = _first(e, "reason", "message", "error")
+        self.end_reason = str(reason) if reason else None
+        level = {"finished": "event", "interrupted": "warning"}.get(self.status, "error")
+        self._log(level, f"run {self.status}" + (f": {self.end_reason}" if self.end_reason else ""), step, t)
+        return {"log"}
+
+    # ------------------------------------------------------------------------- additions
+    def note(self, level: str, text: str) -> None:
+        """A line from the viewer itself (a malformed event line, a missing image, ...)."""
+        if level == "warning":
+            self.warnings += 1
+        self._log(level, text, None, None)
+
+    def _log(self, level: str, text: str, step: int | None, t: float | None) -> None:
+        self.log.append(LogLine(level, text, step, t))
+        if len(self.log) > 2000:
+            del self.log[:500]
+            self.log_dropped += 500
+
+    # ---------------------------------------------------------------------------- derived
+    def elapsed(self, now: float | None = None) -> float | None:
+        if self.start_time is None:
+            return None
+        end = self.end_time if self.status in FINAL and self.end_time else (now if now is not None else time.time())
+        return max(0.0, end - self.start_time)
+
+    def steps_per_second(self) -> float | None:
+        pts = self._rate_points
+        if len(pts) < 2:
+            return None
+        (t0, s0), (t1, s1) = pts[0], pts[-1]
+        if t1 <= t0 or s1 <= s0:
+            return None
+        return (s1 - s0) / (t1 - t0)
+
+    def eta(self, now: float | None = None) -> float | None:
+        if self.status != "running" or not self.max_steps:
+            return None
+        rate = self.steps_per_second()
+        if not rate:
+            return None
+        remaining = max(0, self.max_steps - self.step)
+        eta = remaining / rate
+        if now is not None and self.last_time is not None:
+            eta -= max(0.0, now - self.last_time)  # time already spent since the last report
+        return max(0.0, eta)
+
+    def quiet_for(self, now: float) -> float | None:
+        """Seconds since the last event while the run is said to be running."""
+        if self.status != "running" or self.last_time is None:
+            return None
+        return max(0.0, now - self.last_time)
+
+
+def _memory(v: Any) -> str | None:
+    """A readable memory figure from bytes, MiB/GiB numbers, or a dict of them."""
+    if isinstance(v, dict):
+        for key in ("max_allocated", "peak", "allocated", "reserved", "rss", "used"):
+            if key in v:
+                return _memory(v[key])
+        return None
+    if isinstance(v, str):
+        return v or None
+    f = number(v)
+    if f is None or f <= 0:
+        return None
+    if f < 1 << 16:  # a small number is already in MiB
+        f *= 1 << 20
+    return format_bytes(f)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h >= 48:
+        return f"{h // 24}d{h % 24:02d}h"
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _short_path(path: str, run_dir: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run_dir))
+    except ValueError:
+        return path

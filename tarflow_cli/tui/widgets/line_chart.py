@@ -1,0 +1,235 @@
+"""A line chart drawn with braille dots (2x4 per cell): one or more series against step.
+
+The latest values go in the border title, the step range in the subtitle, so every content row
+is plot. Points are averaged per horizontal dot and joined with straight lines; the first tenth
+of a long run (the initial drop of a loss) is left out of the vertical range so the rest stays
+readable, and values outside the range are drawn at its edge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from rich.style import Style
+from rich.text import Text
+from textual.widget import Widget
+
+_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [dy][dx]
+
+
+@dataclass(frozen=True)
+class Line:
+    key: str  # series name in the data mapping
+    label: str  # legend text ("" to show the value alone)
+    color: str
+
+
+def fmt_num(v: float | None) -> str:
+    """Compact, fixed-ish width: 2.314, 0.0021 -> 2.1e-3, 15342 -> 15.3k."""
+    if v is None or not math.isfinite(v):
+        return "–"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1e6:
+        return f"{v / 1e6:.3g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:.3g}k"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 0.01:
+        return f"{v:.3g}"
+    m, e = f"{v:.1e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def fmt_step(s: float) -> str:
+    s = int(s)
+    return f"{s / 1000:.3g}k" if s >= 100_000 else f"{s:,}"
+
+
+class LineChart(Widget):
+    """Series against step; call `set_data` with a mapping key -> object with .steps/.values."""
+
+    DEFAULT_CSS = """
+    LineChart { height: 1fr; width: 1fr; }
+    """
+
+    def __init__(self, title: str, lines: Sequence[Line], *, trim_start: bool = True,
+                 name: str | None = None, id: str | None = None, classes: str | None = None):
+        super().__init__(name=name, id=id, classes=classes)
+        self.chart_title = title
+        self.lines = tuple(lines)
+        self.trim_start = trim_start
+        self._data: Mapping[str, object] = {}
+        self._version = 0
+        self._cache: tuple[tuple, Text] | None = None
+        self.border_title = title
+
+    # ----------------------------------------------------------------------------- data
+    def set_data(self, data: Mapping[str, object]) -> None:
+        self._data = data
+        self._version += 1
+        self._update_titles()
+        self.refresh()
+
+    def _series(self, key: str) -> tuple[Sequence[float], Sequence[float]]:
+        s = self._data.get(key)
+        if s is None:
+            return (), ()
+        return s.steps, s.values  # type: ignore[attr-defined]
+
+    def _update_titles(self) -> None:
+        parts = []
+        for ln in self.lines:
+            _, values = self._series(ln.key)
+            value = fmt_num(values[-1]) if len(values) else "–"
+            label = f"{ln.label} " if ln.label else ""
+            parts.append(f"[{ln.color}]━[/] {label}{value}")
+        self.border_title = f"{self.chart_title} " + "  ".join(parts)
+        lo, hi = self._x_range()
+        self.border_subtitle = f"step {fmt_step(lo)}–{fmt_step(hi)}" if hi > lo else ""
+
+    def _x_range(self) -> tuple[float, float]:
+        lo, hi = math.inf, -math.inf
+        for ln in self.lines:
+            steps, _ = self._series(ln.key)
+            if len(steps):
+                lo, hi = min(lo, steps[0]), max(hi, steps[-1])
+        return (0.0, 0.0) if lo == math.inf else (lo, hi)
+
+    def _y_range(self, x_lo: float, x_hi: float) -> tuple[float, float] | None:
+        cut = x_lo + 0.1 * (x_hi - x_lo) if self.trim_start else x_lo
+        lo, hi = math.inf, -math.inf
+        for ln in self.lines:
+            steps, values = self._series(ln.key)
+            kept = [v for s, v in zip(steps, values) if s >= cut] if len(steps) >= 20 and self.trim_start else list(values)
+            if not kept:
+                kept = list(values)
+            if kept:
+                lo, hi = min(lo, min(kept)), max(hi, max(kept))
+        if lo == math.inf:
+            return None
+        if hi - lo < 1e-12 * max(1.0, abs(hi)):
+            pad = abs(hi) * 0.05 or 1.0
+            return lo - pad, hi + pad
+        pad = (hi - lo) * 0.04
+        return lo - pad, hi + pad
+
+    # --------------------------------------------------------------------------- render
+    def render(self) -> Text:
+        w, h = self.content_size.width, self.content_size.height
+        key = (self._version, w, h)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        text = self._draw(w, h)
+        self._cache = (key, text)
+        return text
+
+    def _draw(self, w: int, h: int) -> Text:
+        if w < 4 or h < 1:
+            return Text("")
+        x_lo, x_hi = self._x_range()
+        y_range = self._y_range(x_lo, x_hi)
+        if y_range is None:
+            msg = "waiting for data"
+            pad = max(0, (w - len(msg)) // 2)
+            lines = [""] * (h // 2) + [" " * pad + msg]
+            return Text("\n".join(lines), style="dim", no_wrap=True, overflow="crop")
+        y_lo, y_hi = y_range
+        labels = {0: fmt_num(y_hi), h - 1: fmt_num(y_lo)}
+        if h >= 7:
+            labels[(h - 1) // 2] = fmt_num((y_hi + y_lo) / 2)
+        lw = max(len(s) for s in labels.values()) + 1
+        pw = w - lw - 1  # plot width in cells (one column for the axis)
+        if pw < 2:
+            lw, pw, labels = 0, w - 1, {}
+        dots_w, dots_h = pw * 2, h * 4
+        bits = [[0] * pw for _ in range(h)]
+        owner = [[-1] * pw for _ in range(h)]
+        span = (x_hi - x_lo) or 1.0
+
+        def to_dot(step: float, value: float) -> tuple[int, int]:
+            x = int((step - x_lo) / span * (dots_w - 1) + 0.5) if x_hi > x_lo else dots_w - 1
+            fy = (value - y_lo) / (y_hi - y_lo)
+            y = int((1.0 - min(1.0, max(0.0, fy))) * (dots_h - 1) + 0.5)
+            return x, y
+
+        def plot(x: int, y: int, idx: int) -> None:
+            if 0 <= x < dots_w and 0 <= y < dots_h:
+                cy, cx = y >> 2, x >> 1
+                bits[cy][cx] |= _BITS[y & 3][x & 1]
+                owner[cy][cx] = idx
+
+        for idx, ln in enumerate(self.lines):
+            steps, values = self._series(ln.key)
+            if not len(steps):
+                continue
+            # average the points that land on the same horizontal dot
+            pts: list[tuple[int, float]] = []
+            acc_x, acc_sum, acc_n = None, 0.0, 0
+            for s, v in zip(steps, values):
+                x = to_dot(s, v)[0]
+                if x != acc_x and acc_n:
+                    pts.append((acc_x, acc_sum / acc_n))  # type: ignore[arg-type]
+                    acc_sum, acc_n = 0.0, 0
+                acc_x = x
+                acc_sum += v
+                acc_n += 1
+            if acc_n:
+                pts.append((acc_x, acc_sum / acc_n))  # type: ignore[arg-type]
+            prev = None
+            for x, v in pts:
+                _, y = to_dot(x_lo, v)
+                if prev is None:
+                    plot(x, y, idx)
+                else:
+                    _line(prev[0], prev[1], x, y, lambda a, b: plot(a, b, idx))
+                prev = (x, y)
+
+        out = Text(no_wrap=True, overflow="crop")
+        axis_style = Style(dim=True)
+        styles = [Style.parse(ln.color) for ln in self.lines]
+        for row in range(h):
+            if lw:
+                label = labels.get(row, "")
+                out.append(label.rjust(lw - 1) + " ", axis_style)
+                out.append("┤" if row in labels else "│", axis_style)
+            else:
+                out.append("│", axis_style)
+            run_style: Style | None = None
+            run = []
+            for col in range(pw):
+                b = bits[row][col]
+                ch = chr(0x2800 + b) if b else " "
+                st = styles[owner[row][col]] if b else None
+                if st is not run_style and run:
+                    out.append("".join(run), run_style)
+                    run = []
+                run_style = st
+                run.append(ch)
+            if run:
+                out.append("".join(run), run_style)
+            if row < h - 1:
+                out.append("\n")
+        return out
+
+
+def _line(x0: int, y0: int, x1: int, y1: int, plot) -> None:
+    """Bresenham, both ends included."""
+    dx, dy = abs(x1 - x0), -abs(y1 - y0)
+    sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
+    err = dx + dy
+    while True:
+        plot(x0, y0)
+        if x0 == x1 and y0 == y1:
+            return
+        e2 = 2 * err
+        if e2 >= dy:
+            err += dy
+            x0 += sx
+        if e2 <= dx:
+            err += dx
+            y0 += sy

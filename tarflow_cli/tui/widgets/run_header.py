@@ -1,0 +1,111 @@
+"""Two lines at the top: status, run name, step and progress; time, ETA, device and memory."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from ..state import RunState, format_duration
+from .line_chart import fmt_num
+
+STATUS_STYLE = {
+    "waiting": "bold black on grey70",
+    "running": "bold black on green",
+    "stopping": "bold black on yellow",
+    "finished": "bold white on blue",
+    "interrupted": "bold black on yellow",
+    "failed": "bold white on red",
+}
+
+
+def progress_bar(fraction: float, width: int) -> Text:
+    fraction = min(1.0, max(0.0, fraction))
+    full = int(fraction * width)
+    half = fraction * width - full >= 0.5
+    bar = Text("━" * full, style="green")
+    if full < width:
+        bar.append("╸" if half else "", style="green")
+        bar.append("━" * (width - full - (1 if half else 0)), style="grey37")
+    return bar
+
+
+class RunHeader(Widget):
+    DEFAULT_CSS = """
+    RunHeader { height: 2; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self._lines: tuple[Text, Text] = (Text(""), Text(""))
+
+    def show(self, state: RunState, now: float, *, quiet_after: float = 120.0) -> None:
+        """Recompute from `state` at time `now` (unix seconds)."""
+        status = "stopping" if state.stopping and state.status == "running" else state.status
+        label = {"waiting": "WAITING"}.get(status, status.upper())
+        one = Text(no_wrap=True, overflow="ellipsis")
+        one.append(f" {label} ", style=STATUS_STYLE.get(status, "reverse"))
+        one.append(" ")
+        one.append(state.name, style="bold")
+        if state.status == "waiting":
+            two = Text(no_wrap=True, overflow="ellipsis")
+            if state.source_state == "missing-dir":
+                two.append(f"{state.run_dir} does not exist yet: waiting for the run to start", style="yellow")
+            elif state.source_state == "missing-file":
+                two.append(f"no events.jsonl in {state.run_dir} yet: waiting for the run to start", style="yellow")
+            else:
+                two.append("waiting for the first event in events.jsonl", style="dim")
+            self._lines = (one, two)
+            self.refresh()
+            return
+        one.append("  step ", style="dim")
+        one.append(f"{state.step:,}", style="bold")
+        if state.max_steps:
+            one.append(f"/{state.max_steps:,}", style="dim")
+        if state.epoch is not None:
+            one.append("  epoch ", style="dim")
+            one.append(f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}")
+        if state.max_steps:
+            frac = state.step / state.max_steps if state.max_steps else 0.0
+            used = one.cell_len
+            room = self.size.width - used - 7
+            if room >= 8:
+                one.append("  ")
+                one.append_text(progress_bar(frac, min(room, 40)))
+            one.append(f" {frac * 100:3.0f}%", style="dim")
+
+        two = Text(no_wrap=True, overflow="ellipsis")
+
+        def part(key: str, value: str, style: str = "") -> None:
+            if two.cell_len:
+                two.append("  ")
+            two.append(f"{key} ", style="dim")
+            two.append(value, style=style)
+
+        part("elapsed", format_duration(state.elapsed(now)))
+        if state.status in ("interrupted", "failed") and state.end_reason:
+            part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow")
+        if state.status == "running":
+            eta = state.eta(now)
+            part("ETA", format_duration(eta) if eta is not None else "–")
+            quiet = state.quiet_for(now)
+            if quiet is not None and quiet > quiet_after:
+                part("quiet", format_duration(quiet), "bold yellow")
+        if state.warnings:
+            part("warnings", str(state.warnings), "yellow")
+        loss = state.latest.get("loss")
+        if loss is not None:
+            part("loss", fmt_num(loss))
+        if state.device:
+            part("device", state.device)
+        if state.memory:
+            part("mem", state.memory)
+        rate = state.latest.get("images_per_s")
+        if rate is not None:
+            part("img/s", fmt_num(rate))
+        if state.params:
+            part("params", fmt_num(float(state.params)))
+        self._lines = (one, two)
+        self.refresh()
+
+    def render(self) -> Text:
+        return Text("\n").join(self._lines)

@@ -1,0 +1,214 @@
+"""The dashboard driven by a Pilot over canned events.jsonl files."""
+
+from __future__ import annotations
+
+import json
+
+from tarflow_cli.tui.app import make_app
+from tarflow_cli.tui.messages import TrainingDone
+from tarflow_cli.tui.widgets.confirm_screen import ConfirmScreen
+from tarflow_cli.tui.widgets.help_screen import HelpScreen
+from tarflow_cli.tui.widgets.line_chart import LineChart, fmt_num
+from tarflow_cli.tui.widgets.sample_view import SampleView
+
+from .canned import T0, append, make_run, start_event, train_event, write_grid
+from .helpers import header_text, log_text, run_async, screen_text, wait_until
+
+def app_for(run, **kw):
+    return make_app(run, poll=0.02, clock=lambda: T0 + 40.0, tick=None, **kw)
+
+
+class FakeOwner:
+    def __init__(self):
+        self.stops = 0
+
+    def request_stop(self):
+        self.stops += 1
+
+
+@run_async
+async def test_values_appear_and_follow_appends(tmp_path):
+    run = make_run(tmp_path, steps=300, finished=False)
+    app = app_for(run)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 300, what="step 300")
+        head = header_text(app)
+        assert "RUNNING" in head and "tiny-demo" in head and "step 300/1,000" in head
+        assert "device cpu" in head and "mem 512.0 MiB" in head and "ETA" in head
+        bpd = app.query_one("#chart-bpd", LineChart)
+        assert f"train {fmt_num(train_event(300)['bpd'])}" in str(bpd.border_title)
+        assert "held-out 3.57" in str(bpd.border_title)
+        assert "non-finite loss at step 300" in log_text(app)
+        view = app.query_one(SampleView)
+        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
+                         what="sample grid")
+        assert "step 200" in str(view.border_title)
+
+        append(run, train_event(310), {"time": T0 + 16, "kind": "eval", "step": 310, "bpd": 2.5})
+        await wait_until(pilot, lambda: app.state.step == 310, what="appended step")
+        assert "held-out 2.5" in str(bpd.border_title)
+        assert "step 310/1,000" in header_text(app)
+
+        append(run, {"time": T0 + 17, "kind": "end", "step": 310, "status": "failed", "reason": "out of memory"})
+        await wait_until(pilot, lambda: app.state.status == "failed", what="end event")
+        assert "FAILED" in header_text(app) and "out of memory" in header_text(app)
+        assert "run failed: out of memory" in log_text(app)
+        # the run has ended: the viewer stays open and keeps the final state
+        await pilot.pause(0.1)
+        assert app.is_running and "FAILED" in header_text(app)
+
+
+@run_async
+async def test_half_written_and_malformed_lines(tmp_path):
+    run = make_run(tmp_path, steps=50, extra=["{oops", "[1,2,3]"])
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "not valid JSON" in log_text(app), what="warning")
+        assert "expected a JSON object" in log_text(app)
+        assert app.state.warnings >= 2 and app.is_running
+        line = json.dumps(train_event(60))
+        append(run, line[:25], newline=False)
+        await pilot.pause(0.15)
+        assert app.state.step == 50
+        append(run, line[25:])
+        await wait_until(pilot, lambda: app.state.step == 60, what="completed line")
+
+
+@run_async
+async def test_run_dir_that_does_not_exist_yet(tmp_path):
+    run = tmp_path / "later"
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "does not exist yet" in header_text(app), what="waiting note")
+        assert "WAITING" in header_text(app)
+        run.mkdir()
+        await wait_until(pilot, lambda: "no events.jsonl" in header_text(app), what="missing file note")
+        append(run, start_event(), train_event(10))
+        await wait_until(pilot, lambda: app.state.step == 10, what="events")
+        assert "RUNNING" in header_text(app)
+
+
+@run_async
+async def test_truncated_file_is_read_again(tmp_path):
+    run = make_run(tmp_path, steps=200)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 200, what="first read")
+        with open(run / "events.jsonl", "r+") as f:
+            f.truncate(0)
+            f.write(json.dumps(start_event()) + "\n" + json.dumps(train_event(20)) + "\n")
+        await wait_until(pilot, lambda: app.state.step == 20, what="re-read")
+        assert "truncated" in log_text(app)
+        assert app.state.series["bpd"].steps == [20]
+
+
+@run_async
+async def test_keys(tmp_path):
+    run = make_run(tmp_path, steps=600, finished=True)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.status == "finished", what="finished")
+        view = app.query_one(SampleView)
+        assert len(view.grids) == 3 and view.position == 2
+
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert "stop the run" in screen_text(app)
+        await pilot.press("x")
+        assert not isinstance(app.screen, HelpScreen)
+
+        await pilot.press("s")
+        await pilot.pause()
+        assert any("does not own the run" in n.message for n in app._notifications)
+
+        await pilot.press("left_square_bracket", "left_square_bracket", "left_square_bracket")
+        assert view.position == 0 and "paged" in str(view.border_subtitle)
+        assert "step 200" in str(view.border_title)
+        await pilot.press("right_square_bracket")
+        assert view.position == 1
+        write_grid(run / "samples" / "step000700.png", offset=100)
+        append(run, {"time": T0 + 50, "kind": "sample", "step": 700, "path": "samples/step000700.png"})
+        await wait_until(pilot, lambda: len(view.grids) == 4, what="new grid")
+        assert view.position == 1  # paged back: a new grid does not move the view
+        await pilot.press("right_square_bracket", "right_square_bracket")
+        assert view.index is None and view.position == 3
+
+        await pilot.press("z")
+        assert view.mode == "whole"
+
+        before, generation = app.state.events, app._generation
+        await pilot.press("r")
+        assert app._generation == generation + 1  # a new reading from the first line
+        await wait_until(pilot, lambda: app.state.status == "finished" and app.state.events == before,
+                         what="reload")
+        assert log_text(app).count("run started") == 1
+
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
+
+
+@run_async
+async def test_owner_stop_keys_and_quit(tmp_path):
+    run = make_run(tmp_path, steps=100)
+    owner = FakeOwner()
+    app = app_for(run, owner=owner)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 100, what="events")
+        await wait_until(pilot, lambda: "s stop" in screen_text(app), what="stop key in the footer")
+        await pilot.press("s")
+        assert owner.stops == 1 and "STOPPING" in header_text(app)
+        await pilot.press("ctrl+c")
+        assert owner.stops == 1  # already stopping: not asked twice
+        append(run, {"time": T0 + 6, "kind": "end", "step": 100, "status": "interrupted",
+                     "reason": "stopped by the user"})
+        await wait_until(pilot, lambda: app.state.status == "interrupted", what="end")
+        assert "INTERRUPTED" in header_text(app)
+
+        await pilot.press("q")  # training has not returned yet: asks first
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert app.is_running and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("q", "y")
+        assert app.is_running  # waits for the training to return
+        app.post_message(TrainingDone(None))
+        await pilot.pause(0.1)
+        assert not app.is_running
+
+
+@run_async
+async def test_ctrl_c_stops_an_owned_run(tmp_path):
+    run = make_run(tmp_path, steps=50)
+    owner = FakeOwner()
+    app = app_for(run, owner=owner)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 50, what="events")
+        await pilot.press("ctrl+c")
+        assert owner.stops == 1 and app.is_running
+        app.post_message(TrainingDone("TrainError: disk full"))
+        await wait_until(pilot, lambda: app.state.status == "failed", what="failure")
+        assert "disk full" in log_text(app)
+
+
+@run_async
+async def test_ctrl_c_quits_a_viewer(tmp_path):
+    run = make_run(tmp_path, steps=20)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
+
+
+@run_async
+async def test_resize_keeps_working(tmp_path):
+    run = make_run(tmp_path, steps=600, finished=True)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.status == "finished", what="finished")
+        for size in ((120, 40), (60, 16), (200, 60), (80, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause(0.05)
+            text = screen_text(app)
+            assert "FINISHED" in text
+        assert app.screen.has_class("-wide") is False
