@@ -1,0 +1,260 @@
+"""`tarflow train`: train a TarFlow model from a preset plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset as get_preset
+
+UI_CHOICES = ("tui", "rich", "plain")
+# Settings that may change when a run is resumed (the rest would change the model or the data order).
+RESUME_CHANGEABLE = {"max_steps", "epochs", "log_every", "eval_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints", "num_samples", "eval_images", "max_bad_steps", "device", "workers",
+                     "compile", "precision"}
+
+EXAMPLES = """
+Examples:
+
+  tarflow train                                   # the tiny CPU demo on the embedded digits
+
+  tarflow train --preset mnist --data ./mnist --max-steps 20000
+
+  tarflow train --preset imagenet64-cond --data /data/imagenet64 --batch-size 256 --ui plain
+
+  tarflow train --resume runs/tiny-20250101-120000 --max-steps 5000
+
+  torchrun --nproc_per_node=8 -m tarflow_cli train --preset imagenet64 --data /data/imagenet64
+"""
+
+
+def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
+    return typer.Option(*names, help=help, show_default=False, **kw)
+
+
+def train(
+    data: Annotated[Optional[str], _opt("Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.", "--data", "-d")] = None,
+    preset: Annotated[str, typer.Option("--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)}.")] = "tiny",
+    image_size: Annotated[Optional[int], _opt("Image size in pixels (default: read off the data).", "--image-size")] = None,
+    channels: Annotated[Optional[int], _opt("Channels, 1 or 3 (default: read off the data).", "--channels")] = None,
+    flip: Annotated[Optional[bool], _opt("Random horizontal flips.", "--flip/--no-flip")] = None,
+    patch_size: Annotated[Optional[int], _opt("Patch size p (tokens are p x p patches).", "--patch-size")] = None,
+    width: Annotated[Optional[int], _opt("Transformer width.", "--width")] = None,
+    blocks: Annotated[Optional[int], _opt("Number of flow blocks.", "--blocks")] = None,
+    layers_per_block: Annotated[Optional[int], _opt("Transformer layers per flow block.", "--layers-per-block")] = None,
+    head_dim: Annotated[Optional[int], _opt("Attention head size.", "--head-dim")] = None,
+    nvp: Annotated[Optional[bool], _opt("Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")] = None,
+    conditional: Annotated[Optional[bool], _opt("Class conditioning (default: when the data has labels).", "--conditional/--unconditional")] = None,
+    label_drop: Annotated[Optional[float], _opt("Fraction of labels dropped (conditional runs).", "--label-drop")] = None,
+    noise: Annotated[Optional[str], _opt("'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.", "--noise")] = None,
+    batch_size: Annotated[Optional[int], _opt("Global batch size (per process x processes).", "--batch-size", "-b")] = None,
+    lr: Annotated[Optional[float], _opt("Peak learning rate.", "--lr")] = None,
+    min_lr: Annotated[Optional[float], _opt("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")] = None,
+    warmup_steps: Annotated[Optional[int], _opt("Linear warm-up steps (default: one epoch).", "--warmup-steps")] = None,
+    weight_decay: Annotated[Optional[float], _opt("AdamW weight decay.", "--weight-decay")] = None,
+    grad_clip: Annotated[Optional[float], _opt("Clip the global gradient norm (0: off).", "--grad-clip")] = None,
+    ema: Annotated[Optional[float], _opt("EMA decay of the weights, e.g. 0.9999 (0: off).", "--ema")] = None,
+    max_steps: Annotated[Optional[int], _opt("Run length in steps.", "--max-steps")] = None,
+    epochs: Annotated[Optional[float], _opt("Run length in epochs (used when --max-steps is not given).", "--epochs")] = None,
+    precision: Annotated[Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")] = None,
+    compile: Annotated[Optional[bool], _opt("torch.compile the model.", "--compile/--no-compile")] = None,  # noqa: A002
+    sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: only at the end... never).", "--sample-every")] = None,
+    eval_every: Annotated[Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")] = None,
+    checkpoint_every: Annotated[Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")] = None,
+    log_every: Annotated[Optional[int], _opt("Steps between training log lines.", "--log-every")] = None,
+    num_samples: Annotated[Optional[int], _opt("Images in each sample grid.", "--num-samples")] = None,
+    eval_images: Annotated[Optional[int], _opt("Held-out images per evaluation.", "--eval-images")] = None,
+    workers: Annotated[Optional[int], _opt("Data loader worker processes.", "--workers")] = None,
+    seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed")] = None,
+    device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
+    run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
+    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped.", "--resume")] = None,
+    ui: Annotated[Optional[str], _opt("tui, rich or plain (default: rich on a terminal, else plain).", "--ui")] = None,
+) -> None:
+    """Train a TarFlow model; prints the run directory on stdout when done.
+
+    The run directory gets config.json, events.jsonl, checkpoints/ and samples/.
+    Ctrl-C finishes the current step, saves a checkpoint and exits with code 130;
+    --resume RUN_DIR continues it exactly.
+    """
+    from tarflow_core.train import SetupError, TrainError, load_run_config, stop_on_signals
+    from tarflow_core.train import train as core_train
+
+    is_main = int(os.environ.get("RANK", "0") or 0) == 0
+    ui_mode, note = _pick_ui(ui)
+    changes: dict[str, Any] = dict(
+        data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
+        blocks=blocks, layers_per_block=layers_per_block, head_dim=head_dim, nvp=nvp, conditional=conditional,
+        label_drop=label_drop, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, max_steps=max_steps, epochs=epochs,
+        precision=precision.lower() if precision else None, compile=compile, sample_every=sample_every,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_samples=num_samples,
+        eval_images=eval_images, workers=workers, seed=seed, device=device)
+    try:
+        if noise is not None:
+            kind, std = parse_noise(noise)
+            changes["noise"] = kind
+            if std is not None:
+                changes["noise_std"] = std
+        given = {k: v for k, v in changes.items() if v is not None}
+        if resume is not None:
+            cfg = _resume_config(resume, run_dir, given, load_run_config)
+        else:
+            base = get_preset(preset)
+            if "epochs" in given and "max_steps" not in given:
+                base = dataclasses.replace(base, max_steps=None)
+            cfg = base.replace(**given)
+            if run_dir is not None:
+                cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    except (ConfigError, SetupError) as e:
+        _fail(str(e), 2)
+
+    if note and is_main:
+        typer.echo(note, err=True)
+    view = _make_view(ui_mode) if is_main else None
+    try:
+        with stop_on_signals() as stop:
+            try:
+                result = core_train(cfg, emit=view.handle if view else None, stop=stop, resume=resume is not None)
+            finally:
+                if view is not None:
+                    view.close()
+    except SetupError as e:
+        _fail(str(e), 2)
+    except TrainError as e:
+        _fail(str(e), 1)
+    except KeyboardInterrupt:
+        if is_main:
+            typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
+        raise typer.Exit(130) from None
+    if is_main:
+        if result.status == "failed":
+            typer.echo(f"error: training failed: {result.reason}", err=True)
+        elif result.status == "interrupted":
+            typer.echo(f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
+                       err=True)
+        typer.echo(str(result.run_dir))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+train.__doc__ = (train.__doc__ or "") + EXAMPLES
+
+
+def _fail(message: str, code: int) -> None:
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _pick_ui(ui: str | None) -> tuple[str, str | None]:
+    if ui is None:
+        return ("rich" if sys.stderr.isatty() else "plain"), None
+    u = ui.strip().lower()
+    if u not in UI_CHOICES:
+        _fail(f"--ui {ui}: expected tui, rich or plain", 2)
+    if u == "tui":
+        return "rich", "note: the terminal dashboard (--ui tui) is not available yet; showing a progress bar"
+    return u, None
+
+
+def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], load_run_config) -> TrainConfig:
+    if run_dir is not None and Path(run_dir).resolve() != Path(resume).resolve():
+        raise ConfigError(f"--run-dir {run_dir} differs from --resume {resume}; a resumed run stays in its directory")
+    if not Path(resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no such run directory")
+    cfg = load_run_config(resume)
+    fixed = sorted(k for k, v in given.items() if k not in RESUME_CHANGEABLE and getattr(cfg, k) != v)
+    if fixed:
+        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise ConfigError(f"{names} cannot change when resuming {resume} (they would change the model or the data order)")
+    if "epochs" in given and "max_steps" not in given:
+        cfg = dataclasses.replace(cfg, max_steps=None)
+    return dataclasses.replace(cfg.replace(**given), run_dir=str(resume))
+
+
+# ---------------------------------------------------------------------------------- views
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return format(v, spec)
+    return str(v)
+
+
+def _describe(e: dict) -> str | None:
+    """One human line for a non-train event (None: nothing to say)."""
+    k, step = e["kind"], e["step"]
+    if k == "start":
+        d = e.get("data", {})
+        resumed = f", resumed from step {step}" if e.get("resumed_from") else ""
+        return (f"training {e.get('parameters', 0):,} parameters on {d.get('train', d.get('source'))} "
+                f"({e.get('device')}, {e.get('precision')}, {e.get('world_size')} process(es), global batch "
+                f"{e.get('global_batch')}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}")
+    if k == "eval":
+        return f"step {step}: held-out {_fmt(e.get('bpd'), '.4f')} bits/dim ({e.get('images')} images)"
+    if k == "sample":
+        return f"step {step}: samples {e.get('path')}"
+    if k == "checkpoint":
+        return f"step {step}: checkpoint {e.get('path')}"
+    if k == "warning":
+        return f"warning (step {step}): {e.get('message')}"
+    if k == "end":
+        return f"step {step}: {e.get('status')} ({e.get('reason')})"
+    return None
+
+
+def _train_line(e: dict) -> str:
+    total = e.get("total_steps")
+    return (f"step {e['step']}{'/' + str(total) if total else ''}  loss {_fmt(e.get('loss'))}  "
+            f"bpd {_fmt(e.get('bpd'), '.4f')}  lr {_fmt(e.get('lr'), '.2e')}  grad {_fmt(e.get('grad_norm'), '.3g')}  "
+            f"{_fmt(e.get('images_per_s'), '.0f')} img/s")
+
+
+class _PlainView:
+    def handle(self, e: dict) -> None:
+        line = _train_line(e) if e["kind"] == "train" else _describe(e)
+        if line:
+            typer.echo(line, err=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _RichView:
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.console = Console(stderr=True, highlight=False)
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console,
+                                 transient=False)
+        self.task = None
+
+    def handle(self, e: dict) -> None:
+        kind = e["kind"]
+        if kind == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=e.get("total_steps"), completed=e["step"], stats="")
+        if kind == "train" and self.task is not None:
+            stats = (f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} "
+                     f"{_fmt(e.get('images_per_s'), '.0f')} img/s")
+            self.progress.update(self.task, completed=e["step"], stats=stats)
+            return
+        line = _describe(e)
+        if line:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _make_view(mode: str):
+    return _RichView() if mode == "rich" else _PlainView()

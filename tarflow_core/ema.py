@@ -1,0 +1,61 @@
+"""Exponential moving average of model weights, updated on the device without host syncs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copy of a model's state dict (float parameters averaged, buffers copied).
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates, so early
+    weights do not dominate. `state_dict()` has the model's keys, so it loads into the model
+    (and is saved as `ema.safetensors`).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.updates = 0
+        self._names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
+        params = dict(model.named_parameters())
+        self.shadow = {n: params[n].detach().clone().float() for n in self._names}
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, gate: torch.Tensor | None = None) -> None:
+        """shadow += (1 - d) * (param - shadow); `gate` (0-dim 0/1 tensor) makes it a no-op when 0."""
+        params = dict(model.named_parameters())
+        shadows = [self.shadow[n] for n in self._names]
+        current = [params[n].detach().float() for n in self._names]
+        w = 1.0 - self.current_decay()
+        diff = torch._foreach_sub(current, shadows)
+        if gate is None:
+            torch._foreach_mul_(diff, w)
+        else:
+            torch._foreach_mul_(diff, gate.to(torch.float32) * w)
+        torch._foreach_add_(shadows, diff)
+        for n, b in model.named_buffers():
+            self.buffers[n].copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.shadow, **self.buffers}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for n in self._names:
+            self.shadow[n].copy_(state[n])
+        for n in self.buffers:
+            if n in state:
+                self.buffers[n].copy_(state[n])
+        self.updates = int(updates)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model` (same architecture)."""
+        model.load_state_dict(self.state_dict(), strict=True)

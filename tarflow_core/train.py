@@ -1,0 +1,721 @@
+"""Training: `train(cfg, emit=..., stop=...)` runs one TarFlow training run. No printing.
+
+The run directory (SPEC "tarflow train") holds `config.json`, `events.jsonl` (one JSON event per
+line, see `events.py`), `checkpoints/step-XXXXXXXX/` (native checkpoints + `train_state.pt`)
+and `samples/` (PNG grids of fixed noise and labels). Only rank 0 writes.
+
+The recipe is the reference's: Gaussian noise augmentation (or uniform dequantization for
+likelihood runs), loss 0.5 * mean(z^2) - mean(logdet) / D, AdamW (0.9, 0.95), linear warm-up
+then cosine decay, label drop (-1) for conditional runs, the VP prior update after each step,
+bf16 autocast on CUDA. Metrics stay on the device and are read at log intervals; non-finite
+steps are skipped without updating anything.
+
+Exactness: the data order comes from (seed, epoch) and the augmentation noise from one
+generator replicated on every rank (each rank takes its share of the global batch's draw), so
+a resumed run continues bit-exactly on CPU and N processes see the same global batch as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from PIL import Image
+
+from . import __version__, flow
+from .atomic import atomic_path, atomic_write_text
+from .checkpoint import CHECKPOINTS_DIR, MODEL_FILE, EMA_FILE, save_checkpoint
+from .config import ModelConfig
+from .data import DataError, open_dataset, make_loader
+from .dist import DistError, DistInfo, all_reduce_sum, any_flag, broadcast_flag, distributed
+from .ema import EMA
+from .events import EVENTS_FILE, JsonlSink, dumps, make_event
+from .model import TarFlow
+from .presets import ConfigError, TrainConfig
+
+TRAIN_STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.json"
+SAMPLES_DIR = "samples"
+STATE_FORMAT = "tarflow-train-state"
+SAMPLE_SEED_OFFSET = 1_000_003
+NOISE_SEED_OFFSET = 7_919
+EVAL_SEED = 20250101
+VP_PRIOR_RATE = 0.1
+
+StopLike = threading.Event | Callable[[], bool] | None
+BatchHook = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; `exit_code` 2 for bad usage/input, 1 for run-time failures."""
+
+    exit_code = 1
+
+
+class SetupError(TrainError):
+    """Bad settings, data or run directory, found before training starts."""
+
+    exit_code = 2
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished / interrupted / failed
+    step: int
+    run_dir: Path
+    reason: str = ""
+    checkpoint: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {"finished": 0, "interrupted": 130}.get(self.status, 1)
+
+
+# ------------------------------------------------------------------------------- small pieces
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for the step with 0-based index `step`: linear warm-up from `min_lr`
+    over `warmup_steps`, then cosine decay to `min_lr` at `total_steps` (the reference schedule)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return min_lr + step / warmup_steps * (lr - min_lr)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (lr - min_lr)
+
+
+def objective(z: torch.Tensor, logdet: torch.Tensor, data_dim: int) -> torch.Tensor:
+    """The reference's loss: 0.5 * mean(z^2) - mean(logdet) / D (nats per dimension, up to constants)."""
+    return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
+
+
+def stopped(stop: StopLike) -> bool:
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[threading.Event]:
+    """An Event set by the first SIGINT/SIGTERM (the run then finishes its step, checkpoints and
+    ends); a second one raises KeyboardInterrupt. Outside the main thread it only yields an Event."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    old = {}
+    for s in signals:
+        old[s] = signal.signal(s, handler)
+    try:
+        yield event
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
+    return Path(root) / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+def resumable_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints with a train state under `run_dir`, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    found = []
+    if folder.is_dir():
+        for d in folder.iterdir():
+            m = re.fullmatch(r"step-(\d+)", d.name)
+            if m and all((d / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)):
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The `TrainConfig` saved in a run directory's `config.json`."""
+    import json
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SetupError(f"{run_dir} is not a tarflow run directory (no {CONFIG_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+        return TrainConfig.from_dict(raw["train"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SetupError(f"{path} is not a readable tarflow run config ({e})") from None
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    """Model-space NCHW images -> one PNG grid (atomic), upscaled so small images stay visible."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    n, c, h, w = x.shape
+    scale = max(1, 32 // max(h, w))
+    if scale > 1:
+        x = x.repeat(scale, axis=2).repeat(scale, axis=3)
+        h, w = h * scale, w * scale
+    ncol = nrow or math.ceil(math.sqrt(n))
+    rows, pad = math.ceil(n / ncol), 2
+    grid = np.zeros((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+    img = Image.fromarray(grid[:, :, 0] if c == 1 else grid, "L" if c == 1 else "RGB")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+class _Trainer:
+    """One run's state. `train()` builds it, calls `run()`, and always closes the event file."""
+
+    def __init__(self, cfg: TrainConfig, d: DistInfo, emit, stop: StopLike, resume: bool,
+                 batch_hook: BatchHook | None):
+        self.cfg, self.d, self.stop, self.resume, self.batch_hook = cfg, d, stop, resume, batch_hook
+        self.user_emit = emit
+        self.sink: JsonlSink | None = None
+        self.device = d.device
+        self.last_checkpoint: Path | None = None
+        self.consecutive_bad = 0
+
+    # -------------------------------------------------------------------------------- events
+    def emit(self, kind: str, step: int, **fields: Any) -> None:
+        if not self.d.is_main:
+            return
+        event = make_event(kind, step, **fields)
+        if self.sink is not None:
+            self.sink(event)
+        if self.user_emit is not None:
+            self.user_emit(event)
+
+    # --------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        if cfg.data is None:
+            raise SetupError(f"preset {cfg.preset} needs --data: give the path of the training data")
+        if cfg.batch_size % d.world_size:
+            raise SetupError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the "
+                             f"number of processes ({d.world_size})")
+        self.local_batch = cfg.batch_size // d.world_size
+
+        try:
+            self.train_ds = open_dataset(cfg.data, "train", image_size=cfg.image_size, channels=cfg.channels,
+                                         flip=cfg.flip)
+        except DataError as e:
+            raise SetupError(str(e)) from None
+        self.test_ds = None
+        self.test_note = ""
+        if cfg.eval_every:
+            try:
+                self.test_ds = open_dataset(cfg.data, "test", image_size=self.train_ds.image_size,
+                                            channels=self.train_ds.channels)
+            except DataError as e:
+                self.test_note = f"no held-out split for evaluation ({e})"
+        ds = self.train_ds
+        self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
+        self.data_info = {"channels": ds.channels, "image_size": ds.image_size,
+                          "num_classes": self.model_cfg.num_classes,
+                          "class_names": list(ds.class_names) if self.model_cfg.num_classes else [],
+                          "source": str(cfg.data)}
+        self.run_dir = self._prepare_run_dir()
+
+        try:
+            self.loader = make_loader(ds, self.local_batch, cfg.seed, d.rank, d.world_size, cfg.workers,
+                                      self.device, drop_last=True)
+        except DataError as e:
+            raise SetupError(str(e)) from None
+        self.steps_per_epoch = len(self.loader)
+        if cfg.max_steps is not None:
+            self.total_steps = int(cfg.max_steps)
+        else:
+            self.total_steps = max(1, math.ceil(float(cfg.epochs) * self.steps_per_epoch))
+        warm = self.steps_per_epoch if cfg.warmup_steps is None else int(cfg.warmup_steps)
+        self.warmup_steps = min(warm, max(0, self.total_steps - 1))
+
+        torch.manual_seed(cfg.seed)
+        self.model = TarFlow(self.model_cfg).to(self.device)
+        torch.manual_seed(cfg.seed + d.rank)  # anything else random differs per rank
+        fused = self.device.type == "cuda"
+        self.fused = fused or bool(os.environ.get("TARFLOW_FUSED_ADAMW"))  # env: test hook for the CPU
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.min_lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay, fused=self.fused or None)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + NOISE_SEED_OFFSET)
+        self.step = 0
+        self.resumed_from: str | None = None
+        if self.resume:
+            self._load_state()
+
+        self.precision = cfg.resolved_precision(self.device.type)
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.ddp = self.model
+        if d.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+
+        g = torch.Generator().manual_seed(cfg.seed + SAMPLE_SEED_OFFSET)
+        mc = self.model_cfg
+        self.sample_noise = torch.randn(cfg.num_samples, mc.num_patches, mc.token_dim, generator=g)
+        self.sample_labels = (torch.arange(cfg.num_samples) % mc.num_classes) if mc.conditional else None
+        self._check_disk()
+
+    def _prepare_run_dir(self) -> Path:
+        cfg, d = self.cfg, self.d
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+        if d.distributed and not cfg.run_dir:  # the time stamp must be rank 0's
+            obj = [str(run_dir)]
+            tdist.broadcast_object_list(obj, src=0)
+            run_dir = Path(obj[0])
+        error = None
+        if d.is_main:
+            try:
+                if self.resume:
+                    if not resumable_checkpoints(run_dir):
+                        raise SetupError(f"--resume {run_dir}: no complete checkpoint with {TRAIN_STATE_FILE} "
+                                         f"under {run_dir / CHECKPOINTS_DIR}")
+                elif (run_dir / EVENTS_FILE).exists() or any((run_dir / CHECKPOINTS_DIR).glob("step-*")):
+                    raise SetupError(f"run directory {run_dir} already holds a run; continue it with "
+                                     f"--resume {run_dir} or choose another --run-dir")
+                self._probe_writable(run_dir)
+            except SetupError as e:
+                error = str(e)
+        if d.distributed:
+            obj = [error]
+            tdist.broadcast_object_list(obj, src=0)
+            error = obj[0]
+        if error:
+            raise SetupError(error)
+        return run_dir
+
+    @staticmethod
+    def _probe_writable(run_dir: Path) -> None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SetupError(f"run directory {run_dir} exists and is not a directory")
+        try:
+            for sub in ("", CHECKPOINTS_DIR, SAMPLES_DIR):
+                (run_dir / sub).mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise SetupError(f"cannot write to run directory {run_dir} ({e.strerror or e}); "
+                             f"choose a writable --run-dir") from None
+
+    def _check_disk(self) -> None:
+        """Refuse to start when the run directory's disk cannot hold two checkpoints."""
+        if not self.d.is_main:
+            return
+        n = self.model.num_parameters()
+        per_ckpt = 4 * n * (1 + 2 + (1 if self.ema else 0)) + (1 << 20)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < 2 * per_ckpt:
+            raise TrainError(f"not enough free disk space in {self.run_dir}: {free / 2**20:.0f} MiB free, "
+                             f"about {2 * per_ckpt / 2**20:.0f} MiB needed for checkpoints")
+
+    def _load_state(self) -> None:
+        step, ckpt = resumable_checkpoints(self.run_dir)[-1]
+        from safetensors.torch import load_file
+
+        try:
+            state = torch.load(ckpt / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+            weights = load_file(str(ckpt / MODEL_FILE))
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.loader.load_state_dict(state["data"])
+            self.noise_gen.set_state(state["rng"]["noise"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            if self.ema is not None:
+                if (ckpt / EMA_FILE).is_file():
+                    self.ema.load_state_dict(load_file(str(ckpt / EMA_FILE)), state.get("ema_updates", 0))
+                else:
+                    self.ema = EMA(self.model, self.cfg.ema_decay)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise SetupError(f"cannot resume from {ckpt}: {e}") from None
+        self.step = int(state["step"])
+        self.consecutive_bad = int(state.get("bad_steps", 0))
+        self.resumed_from = str(ckpt)
+
+    # --------------------------------------------------------------------------------- steps
+    def _augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 batch -> noisy model-space input and (dropped) labels. The random draws are for
+        the global batch, from a generator every rank holds identically; each rank keeps its share."""
+        cfg, d = self.cfg, self.d
+        x = x_u8.to(self.device, non_blocking=True)
+        shape = (self.cfg.batch_size, *x.shape[1:])
+        r, w = d.rank, d.world_size
+        if cfg.noise == "uniform":
+            u = torch.rand(shape, generator=self.noise_gen, device=self.device)[r::w]
+            xf = (x.float() + u) / 256 * 2 - 1
+        else:
+            eps = torch.randn(shape, generator=self.noise_gen, device=self.device)[r::w]
+            xf = flow.uint8_to_model(x) + cfg.noise_std * eps
+        labels = None
+        if self.model_cfg.conditional:
+            labels = y.to(self.device, non_blocking=True).long()
+            if cfg.label_drop > 0:
+                drop = torch.rand(cfg.batch_size, generator=self.noise_gen, device=self.device)[r::w] < cfg.label_drop
+                labels = torch.where(drop, torch.full_like(labels, -1), labels)
+        return xf, labels
+
+    def _train_step(self, x_u8: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns the on-device `ok` flag. Non-finite steps change nothing."""
+        cfg, mc = self.cfg, self.model_cfg
+        x, labels = self._augment(x_u8, y)
+        if self.batch_hook is not None:
+            x, labels = self.batch_hook(self.step, x, labels)
+        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
+                   total_steps=self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            z, logdet = self.forward(x, labels)
+        z = z.float()
+        loss = objective(z, logdet, mc.data_dim)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip_value:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_value, foreach=True)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+
+        # VP prior: running mean of z^2 per token and dim over the global batch.
+        ms = None
+        if not mc.nvp:
+            ms = z.detach().pow(2).mean(dim=0)
+            if self.d.distributed:
+                tdist.all_reduce(ms, op=tdist.ReduceOp.SUM)
+                ms.div_(self.d.world_size)
+
+        if self.fused:  # skip on the device: no host sync
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+            if ms is not None:
+                var = self.model.var
+                var.copy_(torch.where(ok, var.lerp(ms, VP_PRIOR_RATE), var))
+            if self.ema is not None:
+                self.ema.update(self.model, gate=ok)
+        elif bool(ok):
+            self.optimizer.step()
+            if ms is not None:
+                self.model.var.lerp_(ms, VP_PRIOR_RATE)
+            if self.ema is not None:
+                self.ema.update(self.model)
+
+        with torch.no_grad():
+            logdet_pd = (logdet.float() / mc.data_dim).mean()
+            if mc.nvp:
+                nll = loss + 0.5 * flow.LOG_2PI
+            else:
+                var = self.model.var
+                nll = (0.5 * (z.detach().pow(2) / var).mean() + 0.5 * torch.log(var).mean()
+                       + 0.5 * flow.LOG_2PI - logdet_pd)
+            vals = torch.stack([loss.detach(), nll.detach(), logdet_pd, grad_norm.detach().float(),
+                                torch.ones((), device=loss.device)])
+            self.acc += torch.where(ok, vals, torch.zeros_like(vals)).nan_to_num(0.0)
+            bad = (~ok).float()
+            self.bad_in_interval += bad
+            self.bad_run = (self.bad_run + 1) * bad
+        return ok
+
+    # ------------------------------------------------------------------------------ outputs
+    def _eval_model(self) -> tuple[TarFlow, str]:
+        if self.ema is None:
+            return self.model, "model"
+        if getattr(self, "_ema_model", None) is None:
+            self._ema_model = TarFlow(self.model_cfg).to(self.device)
+        self.ema.copy_to(self._ema_model)
+        return self._ema_model, "ema"
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Held-out bpd: uniform dequantization from a fixed seed, over a fixed subset, all ranks."""
+        if self.test_ds is None:
+            return
+        from .likelihood import nll as nll_fn
+
+        model, which = self._eval_model()
+        ds, d = self.test_ds, self.d
+        n = len(ds) if self.cfg.eval_images is None else min(len(ds), self.cfg.eval_images)
+        idx = list(range(d.rank, n, d.world_size))
+        gen = torch.Generator(device=self.device).manual_seed(EVAL_SEED + d.rank)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        bs = max(1, min(256, self.local_batch * 2))
+        was_training = model.training
+        model.eval()
+        for s in range(0, len(idx), bs):
+            items = [ds[i] for i in idx[s:s + bs]]
+            x = torch.stack([it[0] for it in items]).to(self.device)
+            y = torch.tensor([it[1] for it in items], device=self.device) if self.model_cfg.conditional else None
+            xq = flow.dequantize_uniform(x, generator=gen)
+            b = flow.nats_to_bpd(nll_fn(model, xq, y)).double()
+            b = torch.nan_to_num(b, nan=float("inf"))
+            total += torch.stack([b.sum(), torch.tensor(float(len(items)), dtype=torch.float64, device=self.device)])
+        model.train(was_training)
+        all_reduce_sum(total, d)
+        s, count = total.tolist()
+        value = s / count if count else float("nan")
+        self.emit("eval", self.step, bpd=value, images=int(count), split="test", weights=which)
+
+    @torch.no_grad()
+    def sample(self) -> None:
+        if not self.d.is_main:
+            return
+        from .sampling import generate
+
+        model, which = self._eval_model()
+        cfg = self.cfg
+        sigma = cfg.noise_std if cfg.noise == "gaussian" else None
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else contextlib.nullcontext())
+        with ctx:
+            res = generate(model, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed + 1),
+                           batch_size=min(cfg.num_samples, 256), labels=self.sample_labels,
+                           noise=self.sample_noise, denoise_sigma=sigma)
+        k = self.model_cfg.num_classes
+        nrow = k if k and cfg.num_samples % k == 0 and k <= 32 else None
+        path = self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
+        save_grid(res.images, path, nrow=nrow)
+        self.emit("sample", self.step, path=str(path), num=cfg.num_samples, weights=which,
+                  denoised=sigma is not None, redrawn=res.redrawn)
+
+    def save(self) -> Path | None:
+        """Checkpoint (rank 0 writes; every rank learns whether it worked)."""
+        error = None
+        target = checkpoint_dir(self.run_dir, self.step)
+        if self.d.is_main:
+            try:
+                self._write_checkpoint(target)
+            except OSError as e:
+                error = f"could not write checkpoint {target}: {e.strerror or e}"
+        if self.d.distributed:
+            obj = [error]
+            tdist.broadcast_object_list(obj, src=0)
+            error = obj[0]
+        if error:
+            raise TrainError(error)
+        self.last_checkpoint = target
+        self.emit("checkpoint", self.step, path=str(target))
+        return target
+
+    def _write_checkpoint(self, target: Path) -> None:
+        cfg = self.cfg
+        training = {**cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                    "world_size": self.d.world_size, "precision": self.precision}
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        save_checkpoint(target, self.model, noise=cfg.noise_spec, step=self.step, data=self.data_info,
+                        training=training, ema_state=ema_state)
+        rng = {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        state = {"format": STATE_FORMAT, "version": 1, "step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": self.warmup_steps,
+                              "total_steps": self.total_steps},
+                 "data": self.loader.state_dict(), "rng": rng,
+                 "ema_updates": self.ema.updates if self.ema is not None else 0,
+                 "bad_steps": self.consecutive_bad, "world_size": self.d.world_size}
+        with atomic_path(target / TRAIN_STATE_FILE) as tmp:
+            torch.save(state, tmp)
+        if cfg.keep_checkpoints:
+            done = resumable_checkpoints(self.run_dir)
+            for _, old in done[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write_config(self) -> None:
+        if not self.d.is_main:
+            return
+        import json
+
+        doc = {"format": "tarflow-run", "tarflow_version": __version__, "train": self.cfg.to_dict(),
+               "model": self.model_cfg.to_dict(), "data": self.data_info, "noise": self.cfg.noise_spec,
+               "world_size": self.d.world_size, "steps_per_epoch": self.steps_per_epoch,
+               "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(doc, indent=2, default=str) + "\n")
+
+    # ---------------------------------------------------------------------------------- loop
+    def log(self, interval_steps: int, elapsed: float) -> None:
+        acc = self.acc.clone()
+        bad = self.bad_in_interval.clone()
+        if self.d.distributed:
+            tdist.all_reduce(acc, op=tdist.ReduceOp.SUM)
+        loss, nll, logdet, gnorm, count = acc.tolist()
+        self.acc.zero_()
+        self.bad_in_interval.zero_()
+        del bad
+        ips = self.cfg.batch_size * interval_steps / max(elapsed, 1e-9)
+        if count > 0:
+            loss, nll, logdet, gnorm = (v / count for v in (loss, nll, logdet, gnorm))
+            bpd = (nll + flow.LN_128) / math.log(2.0)
+        else:
+            loss = nll = logdet = gnorm = bpd = float("nan")
+        self.emit("train", self.step, loss=loss, nll=nll, bpd=bpd, logdet=logdet, lr=self.lr, grad_norm=gnorm,
+                  images_per_s=ips, tflops=3 * self.model_cfg.flops_per_image() * ips / 1e12,
+                  memory_mb=memory_mb(self.device), epoch=self.step / self.steps_per_epoch,
+                  total_steps=self.total_steps)
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0
+
+    def run(self) -> TrainResult:
+        cfg, d = self.cfg, self.d
+        self.write_config()
+        self.emit("start", self.step, config=cfg.to_dict(), model=self.model_cfg.to_dict(),
+                  parameters=self.model.num_parameters(), data={**self.data_info, "train": self.train_ds.description,
+                                                                "test": self.test_ds.description if self.test_ds else None,
+                                                                "train_images": len(self.train_ds),
+                                                                "skipped": int(getattr(self.train_ds, "skipped", 0))},
+                  world_size=d.world_size, device=str(self.device), precision=self.precision,
+                  global_batch=cfg.batch_size, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                  warmup_steps=self.warmup_steps, run_dir=str(self.run_dir), resumed_from=self.resumed_from,
+                  tarflow_version=__version__)
+        if self.train_ds.skipped:
+            self.emit("warning", self.step, message=f"{self.train_ds.skipped} unreadable files skipped in {cfg.data}")
+        if self.test_note:
+            self.emit("warning", self.step, message=self.test_note)
+        self.acc = torch.zeros(5, device=self.device)
+        self.bad_in_interval = torch.zeros((), device=self.device)
+        self.bad_run = torch.full((), float(self.consecutive_bad), device=self.device)
+        self.lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
+                        total_steps=self.total_steps)
+        self.model.train()
+        stop_every = 1 if not d.distributed else max(1, min(cfg.log_every or 10, 10))
+        log_every = cfg.log_every or max(1, self.total_steps // 100)
+        t_mark, steps_mark, side_time = time.perf_counter(), self.step, 0.0
+
+        if self.step >= self.total_steps:
+            return self._finish("finished", f"already at step {self.step} of {self.total_steps}")
+        while True:
+            for x_u8, y in self.loader:
+                ok = self._train_step(x_u8, y)
+                self.step += 1
+                if not self.fused:
+                    if bool(ok):
+                        self.consecutive_bad = 0
+                    else:
+                        self.consecutive_bad += 1
+                        self.emit("warning", self.step, message=f"non-finite loss or gradient at step {self.step}: "
+                                  f"step skipped ({self.consecutive_bad} in a row)", reason="nonfinite")
+                last = self.step >= self.total_steps
+                if self.step % log_every == 0 or last:
+                    if self.fused:
+                        bad_now, run_now = int(self.bad_in_interval.item()), int(self.bad_run.item())
+                        self.consecutive_bad = run_now
+                        if bad_now:
+                            self.emit("warning", self.step, reason="nonfinite",
+                                      message=f"{bad_now} step(s) with non-finite loss or gradient skipped "
+                                              f"({run_now} in a row at step {self.step})")
+                    self.log(self.step - steps_mark, time.perf_counter() - t_mark - side_time)
+                    t_mark, steps_mark, side_time = time.perf_counter(), self.step, 0.0
+                if self.consecutive_bad >= cfg.max_bad_steps:
+                    reason = (f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
+                              f"(last at step {self.step}); lower --lr or add --grad-clip")
+                    return self._finish("failed", reason, save=False)
+                t0 = time.perf_counter()
+                if self._due(cfg.eval_every) or (last and cfg.eval_every):
+                    self.evaluate()
+                if self._due(cfg.sample_every) or (last and cfg.sample_every):
+                    self.sample()
+                if last:
+                    return self._finish("finished", f"reached step {self.total_steps}")
+                if self._due(cfg.checkpoint_every):
+                    self.save()
+                side_time += time.perf_counter() - t0
+                want_stop = stopped(self.stop)
+                if d.distributed:
+                    want_stop = any_flag(want_stop, d) if self.step % stop_every == 0 else False
+                if want_stop:
+                    return self._finish("interrupted", "stopped by the user")
+
+    def _finish(self, status: str, reason: str, save: bool = True) -> TrainResult:
+        if save and (self.last_checkpoint is None or self.last_checkpoint != checkpoint_dir(self.run_dir, self.step)):
+            self.save()
+        self.emit("end", self.step, status=status, reason=reason,
+                  checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        return TrainResult(status, self.step, self.run_dir, reason, self.last_checkpoint)
+
+
+def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: StopLike = None, *,
+          resume: bool = False, batch_hook: BatchHook | None = None) -> TrainResult:
+    """Run (or with `resume`, continue) the training run `cfg` describes.
+
+    `emit(event)` receives every event also written to `events.jsonl` (rank 0 only). `stop` (an
+    Event or a callable) asks the run to finish its step, checkpoint and end "interrupted".
+    `batch_hook(step, x, y) -> (x, y)` may alter a batch after augmentation (tests use it to
+    inject non-finite values). Raises `SetupError` (exit 2) for bad settings, data or run
+    directory and `TrainError` (exit 1) for failures before the first step; failures later
+    end the run with status "failed" and are returned.
+    """
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
+    try:
+        ctx = distributed(cfg.device)
+        d = ctx.__enter__()
+    except DistError as e:
+        raise SetupError(str(e)) from None
+    trainer = _Trainer(cfg, d, emit, stop, resume, batch_hook)
+    try:
+        try:
+            trainer.setup()
+        except ConfigError as e:
+            raise SetupError(str(e)) from None
+        if d.is_main:
+            trainer.sink = JsonlSink(trainer.run_dir / EVENTS_FILE)
+        try:
+            return trainer.run()
+        except TrainError as e:
+            trainer.emit("end", trainer.step, status="failed", reason=str(e),
+                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            return TrainResult("failed", trainer.step, trainer.run_dir, str(e), trainer.last_checkpoint)
+        except KeyboardInterrupt:
+            trainer.emit("end", trainer.step, status="interrupted", reason="aborted mid-step (no checkpoint saved)",
+                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            raise
+        except BaseException as e:
+            trainer.emit("end", trainer.step, status="failed", reason=f"{type(e).__name__}: {e}",
+                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            raise
+    finally:
+        if trainer.sink is not None:
+            trainer.sink.close()
+        ctx.__exit__(None, None, None)
+
+
+__all__ = ["TrainConfig", "TrainResult", "TrainError", "SetupError", "train", "lr_at", "objective",
+           "stop_on_signals", "load_run_config", "resumable_checkpoints", "dumps"]

@@ -1,0 +1,306 @@
+"""tarflow_core.train: a real run on digits, events, checkpoints, exact resume, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tarflow_core.checkpoint import load_checkpoint, load_model
+from tarflow_core.events import KINDS, read_events
+from tarflow_core.model import TarFlow
+from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset
+from tarflow_core.sampling import generate
+from tarflow_core.train import (SetupError, TrainError, load_run_config, lr_at, resumable_checkpoints,
+                                train)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_cfg(run_dir, **kw) -> TrainConfig:
+    base = dict(width=32, head_dim=16, blocks=2, layers_per_block=1, batch_size=16, max_steps=20, log_every=5,
+                eval_every=10, sample_every=10, checkpoint_every=10, num_samples=10, eval_images=32,
+                lr=3e-3, run_dir=str(run_dir), device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(ckpt_dir, name="model.safetensors"):
+    return load_file(str(Path(ckpt_dir) / name))
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------ unit pieces
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(lr=1e-3, min_lr=1e-6, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(1e-6)
+    assert lr_at(5, **kw) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert lr_at(110, **kw) == pytest.approx(1e-6)
+    assert lr_at(500, **kw) == pytest.approx(1e-6)
+    seq = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(x >= y for x, y in zip(seq, seq[1:]))
+
+
+def test_config_roundtrip_and_presets():
+    for name, cfg in PRESETS.items():
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, name
+    p = preset("imagenet64-cond")
+    assert (p.patch_size, p.width, p.blocks, p.layers_per_block, p.noise_std, p.batch_size, p.epochs, p.lr) == \
+        (2, 768, 8, 8, 0.05, 256, 200, 1e-4)
+    assert preset("imagenet64").noise == "uniform" and preset("imagenet64").resolved_precision("cuda") == "fp32"
+    assert preset("afhq256").resolved_precision("cuda") == "bf16"
+    assert preset("afhq256").resolved_precision("cpu") == "fp32"
+    assert (preset("imagenet128-cond").patch_size, preset("imagenet128-cond").width) == (4, 1024)
+    assert preset("mnist").lr == 2e-3 and preset("mnist").batch_size == 256
+    assert preset("tiny").data == "digits"
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("nope")
+    with pytest.raises(ConfigError, match="--width"):
+        TrainConfig(width=50, head_dim=16)
+    with pytest.raises(ConfigError, match="length"):
+        TrainConfig(max_steps=None, epochs=None)
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig.from_dict({"bogus": 1})
+    assert parse_noise("uniform") == ("uniform", None)
+    assert parse_noise("gaussian:0.05") == ("gaussian", 0.05)
+    with pytest.raises(ConfigError, match="--noise"):
+        parse_noise("gaussian:abc")
+    cfg = preset("tiny").replace(width=None, lr=1e-3)
+    assert cfg.width == preset("tiny").width and cfg.lr == 1e-3
+
+
+# ------------------------------------------------------------------------------ a real run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """20 steps on digits, with one non-finite step (index 7) injected: it must be skipped."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    seen = []
+
+    def hook(step, x, y):
+        return (x * float("nan"), y) if step == 7 else (x, y)
+
+    result = train(tiny_cfg(run_dir, max_steps=30, ema=0.9), emit=seen.append, batch_hook=hook)
+    return run_dir, result, seen
+
+
+def test_run_finishes_and_loss_decreases(tiny_run):
+    run_dir, result, seen = tiny_run
+    assert result.status == "finished" and result.step == 30 and result.exit_code == 0
+    events = list(read_events(run_dir / "events.jsonl"))
+    assert [e["kind"] for e in events] == [e["kind"] for e in seen]  # emit sees exactly what is written
+    assert {e["kind"] for e in events} == set(KINDS)
+    for e in events:
+        assert isinstance(e["time"], float) and isinstance(e["step"], int)
+    train_events = [e for e in events if e["kind"] == "train"]
+    assert [e["step"] for e in train_events] == [5, 10, 15, 20, 25, 30]
+    assert train_events[-1]["loss"] < train_events[0]["loss"] - 0.1
+    for key in ("loss", "nll", "bpd", "logdet", "lr", "grad_norm", "images_per_s", "memory_mb"):
+        assert math.isfinite(train_events[-1][key]), key
+    start = events[0]
+    assert start["kind"] == "start" and start["parameters"] > 0 and start["data"]["num_classes"] == 10
+    assert start["config"]["width"] == 32
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [10, 20, 30] and evals[-1]["bpd"] < evals[0]["bpd"]
+    assert events[-1]["kind"] == "end" and events[-1]["status"] == "finished"
+    samples = [e for e in events if e["kind"] == "sample"]
+    assert all(Path(e["path"]).is_file() for e in samples)
+    assert (run_dir / "config.json").is_file()
+    assert load_run_config(run_dir) == tiny_cfg(run_dir, max_steps=30, ema=0.9)
+
+
+def test_nonfinite_step_is_skipped_and_reported(tiny_run):
+    run_dir, _, _ = tiny_run
+    warnings = [e for e in read_events(run_dir / "events.jsonl") if e["kind"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["step"] == 8 and "non-finite" in warnings[0]["message"]
+
+
+def test_checkpoint_loads_and_samples(tiny_run):
+    run_dir, result, _ = tiny_run
+    assert [s for s, _ in resumable_checkpoints(run_dir)] == [10, 20, 30]
+    model = load_model(run_dir)  # the run dir's newest checkpoint, EMA weights
+    _, info = load_checkpoint(result.checkpoint)
+    assert info.step == 30 and info.has_ema and info.noise == {"type": "gaussian", "std": 0.1}
+    assert info.data["num_classes"] == 10 and info.data["class_names"][3] == "3" and info.data["source"] == "digits"
+    assert info.config.width == 32 and info.training["batch_size"] == 16
+    res = generate(model, 4, generator=torch.Generator().manual_seed(0), labels=torch.tensor([0, 1, 2, 3]))
+    assert res.images.shape == (4, 1, 8, 8) and torch.isfinite(res.images).all()
+    state = torch.load(result.checkpoint / "train_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 30 and state["data"]["epoch"] >= 0 and "optimizer" in state
+
+
+def test_existing_run_dir_is_refused(tiny_run):
+    run_dir, _, _ = tiny_run
+    with pytest.raises(SetupError, match="already holds a run"):
+        train(tiny_cfg(run_dir))
+
+
+def test_unwritable_run_dir_and_bad_data(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SetupError, match="cannot write to run directory"):
+        train(tiny_cfg(blocker / "run"))
+    with pytest.raises(SetupError, match="nope"):
+        train(tiny_cfg(tmp_path / "r2", data=str(tmp_path / "nope")))
+    assert not (tmp_path / "r2").exists()  # nothing created for a run that never started
+    with pytest.raises(SetupError, match="needs --data"):
+        train(tiny_cfg(tmp_path / "r3", data=None))
+
+
+def test_full_disk_before_start(tmp_path, monkeypatch):
+    import shutil as _sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("tarflow_core.train.shutil.disk_usage", lambda p: usage(10, 10, 0))
+    with pytest.raises(TrainError, match="disk space") as info:
+        train(tiny_cfg(tmp_path / "run"))
+    assert info.value.exit_code == 1
+    assert _sh is not None
+
+
+# --------------------------------------------------------------------------- exact resume
+
+def test_resume_in_process_is_exact(tmp_path):
+    """VP prior, EMA, label drop, uniform noise: stop at 9, resume to 20 == straight 20."""
+    kw = dict(max_steps=20, nvp=False, ema=0.9, noise="uniform", checkpoint_every=0, sample_every=0, eval_every=0)
+    straight = train(tiny_cfg(tmp_path / "a", **kw))
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] >= 9
+
+    part = train(tiny_cfg(tmp_path / "b", **kw), stop=stop)
+    assert part.status == "interrupted" and part.step == 9 and part.exit_code == 130
+    rest = train(load_run_config(tmp_path / "b"), resume=True)
+    assert rest.status == "finished" and rest.step == 20
+    assert_same_weights(weights(straight.checkpoint), weights(rest.checkpoint))
+    assert_same_weights(weights(straight.checkpoint, "ema.safetensors"), weights(rest.checkpoint, "ema.safetensors"))
+    ev = list(read_events(tmp_path / "b" / "events.jsonl"))
+    assert [e["status"] for e in ev if e["kind"] == "end"] == ["interrupted", "finished"]
+    assert [e.get("resumed_from") is not None for e in ev if e["kind"] == "start"] == [False, True]
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SetupError, match="no complete checkpoint"):
+        train(tiny_cfg(tmp_path / "none"), resume=True)
+
+
+def _wait_for_step(events: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        if events.exists() and any(e["kind"] == "train" and e["step"] >= step for e in read_events(events)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+ARGS = ["--width", "32", "--head-dim", "16", "--blocks", "2", "--layers-per-block", "1", "--batch-size", "16",
+        "--log-every", "2", "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
+        "--device", "cpu", "--ui", "plain", "--ema", "0.9"]
+
+
+def test_sigint_then_resume_matches_straight_run(tmp_path):
+    """A real SIGINT to `python -m tarflow_cli train`: exit 130 with a checkpoint; --resume finishes
+    with exactly the weights of an uninterrupted run."""
+    steps = 200
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tarflow_cli", "train", *ARGS, "--max-steps", str(steps)]
+    proc = subprocess.Popen([*cmd, "--run-dir", str(tmp_path / "b")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path / "b" / "events.jsonl", 6, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert out.strip() == str(tmp_path / "b")
+    end = [e for e in read_events(tmp_path / "b" / "events.jsonl") if e["kind"] == "end"][-1]
+    assert end["status"] == "interrupted" and 6 <= end["step"] < steps
+    resumed = subprocess.run([sys.executable, "-m", "tarflow_cli", "train", "--resume", str(tmp_path / "b"),
+                              "--ui", "plain"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    cfg = load_run_config(tmp_path / "b").replace(run_dir=str(tmp_path / "a"))
+    straight = train(cfg)  # the same settings, uninterrupted, in this process
+    assert straight.status == "finished"
+    a = straight.checkpoint
+    b = tmp_path / "b" / "checkpoints" / f"step-{steps:08d}"
+    assert_same_weights(weights(a), weights(b))
+    assert_same_weights(weights(a, "ema.safetensors"), weights(b, "ema.safetensors"))
+
+
+# ---------------------------------------------------------------------------- failures
+
+def test_repeated_nonfinite_steps_fail_keeping_last_good_checkpoint(tmp_path):
+    def hook(step, x, y):
+        return (x + float("inf"), y) if step >= 12 else (x, y)
+
+    seen = []
+    result = train(tiny_cfg(tmp_path / "run", max_steps=40, checkpoint_every=5, eval_every=0, sample_every=0),
+                   emit=seen.append, batch_hook=hook)
+    assert result.status == "failed" and result.exit_code == 1 and result.step == 17
+    assert "5 consecutive" in result.reason
+    end = seen[-1]
+    assert end["kind"] == "end" and end["status"] == "failed" and "non-finite" in end["reason"]
+    assert len([e for e in seen if e["kind"] == "warning"]) == 5
+    # checkpoints 10 and 15 exist; 15 holds the weights after step 12 (nothing moved since), all finite
+    steps = [s for s, _ in resumable_checkpoints(tmp_path / "run")]
+    assert steps == [5, 10, 15]
+    model = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fused_optimizer_skips_on_device(tmp_path, monkeypatch):
+    """The CUDA path (fused AdamW gated by found_inf, checks at log intervals), forced on the CPU:
+    non-finite steps leave weights, EMA and the VP prior untouched, and repeated ones end the run."""
+    monkeypatch.setenv("TARFLOW_FUSED_ADAMW", "1")
+    kw = dict(eval_every=0, sample_every=0, checkpoint_every=0, nvp=False, ema=0.9)
+    nan = lambda step, x, y: (x * float("nan"), y)  # noqa: E731
+    skipped = train(tiny_cfg(tmp_path / "skip", max_steps=4, log_every=2, max_bad_steps=100, **kw), batch_hook=nan)
+    assert skipped.status == "finished"
+    torch.manual_seed(0)
+    fresh = TarFlow(tiny_cfg(tmp_path, **kw).model_config(1, 8, 10)).state_dict()
+    assert_same_weights(weights(skipped.checkpoint), fresh)
+    assert_same_weights(weights(skipped.checkpoint, "ema.safetensors"), fresh)
+    ev = [e for e in read_events(tmp_path / "skip" / "events.jsonl") if e["kind"] == "warning"]
+    assert [e["step"] for e in ev] == [2, 4] and "2 step(s)" in ev[0]["message"]
+    failed = train(tiny_cfg(tmp_path / "fail", max_steps=40, log_every=3, max_bad_steps=3, **kw), batch_hook=nan)
+    assert failed.status == "failed" and failed.step == 3
+
+
+def test_stop_finishes_the_step_then_checkpoints(tmp_path):
+    result = train(tiny_cfg(tmp_path / "run", max_steps=5), stop=lambda: True)
+    assert result.status == "interrupted" and result.step == 1
+    assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [1]
