@@ -43,7 +43,7 @@ CHARTS = (
 
 
 class DashboardApp(App[None]):
-    CSS_PATH = "dashboard.tcss"
+    CSS_PATH = Path(__file__).with_name("dashboard.tcss")
     TITLE = "tarflow"
     ENABLE_COMMAND_PALETTE = False
 

@@ -38,7 +38,7 @@ def log_text(app) -> str:
     from tarflow_cli.tui.widgets.event_log import EventLog
 
     log = app.query_one(EventLog)
-    return "\n".join(strip.text for strip in log.lines)
+    return " ".join(" ".join(strip.text for strip in log.lines).split())  # wrapped lines joined
 
 
 def screen_text(app) -> str:
