@@ -106,8 +106,14 @@ def distributed(device: str | torch.device = "auto", timeout_minutes: float = 30
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if dev.type == "cuda":
+        try:  # binding the device up front lets NCCL set up eagerly (torch >= 2.3)
+            tdist.init_process_group(backend, timeout=timeout, device_id=dev)
+        except TypeError:
+            tdist.init_process_group(backend, timeout=timeout)
+    else:
+        tdist.init_process_group(backend, timeout=timeout)
     try:
         yield DistInfo(rank, world, local, dev, backend)
     finally:

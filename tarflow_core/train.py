@@ -167,8 +167,9 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise SetupError(f"{path} is not a readable tarflow run config ({e})") from None
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    """Model-space NCHW images -> one PNG grid (atomic), upscaled so small images stay visible."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> dict[str, int]:
+    """Model-space NCHW images -> one PNG grid (atomic), upscaled so small images stay visible.
+    Returns the layout: `nrow` (images per row), `tile` (pixels per image side), `padding`."""
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     n, c, h, w = x.shape
     scale = max(1, 32 // max(h, w))
@@ -184,6 +185,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
     img = Image.fromarray(grid[:, :, 0] if c == 1 else grid, "L" if c == 1 else "RGB")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+    return {"nrow": ncol, "tile": h, "padding": pad}
 
 
 def memory_mb(device: torch.device) -> float:
@@ -212,7 +214,11 @@ class _Trainer:
             return
         event = make_event(kind, step, **fields)
         if self.sink is not None:
-            self.sink(event)
+            try:
+                self.sink(event)
+            except OSError as e:  # e.g. a full disk: stop writing events, end the run
+                self.sink = None
+                raise TrainError(f"cannot write {self.run_dir / EVENTS_FILE}: {e.strerror or e}") from None
         if self.user_emit is not None:
             self.user_emit(event)
 
@@ -511,8 +517,8 @@ class _Trainer:
         k = self.model_cfg.num_classes
         nrow = k if k and cfg.num_samples % k == 0 and k <= 32 else None
         path = self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
-        save_grid(res.images, path, nrow=nrow)
-        self.emit("sample", self.step, path=str(path), num=cfg.num_samples, weights=which,
+        layout = save_grid(res.images, path, nrow=nrow)
+        self.emit("sample", self.step, path=str(path), num=cfg.num_samples, **layout, weights=which,
                   denoised=sigma is not None, redrawn=res.redrawn)
 
     def save(self) -> Path | None:

@@ -64,7 +64,7 @@ def train(
     epochs: Annotated[Optional[float], _opt("Run length in epochs (used when --max-steps is not given).", "--epochs")] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")] = None,
     compile: Annotated[Optional[bool], _opt("torch.compile the model.", "--compile/--no-compile")] = None,  # noqa: A002
-    sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: only at the end... never).", "--sample-every")] = None,
+    sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: never).", "--sample-every")] = None,
     eval_every: Annotated[Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")] = None,
     log_every: Annotated[Optional[int], _opt("Steps between training log lines.", "--log-every")] = None,
@@ -83,7 +83,7 @@ def train(
     Ctrl-C finishes the current step, saves a checkpoint and exits with code 130;
     --resume RUN_DIR continues it exactly.
     """
-    from tarflow_core.train import SetupError, TrainError, load_run_config, stop_on_signals
+    from tarflow_core.train import SetupError, TrainError, default_run_dir, load_run_config, stop_on_signals
     from tarflow_core.train import train as core_train
 
     is_main = int(os.environ.get("RANK", "0") or 0) == 0
@@ -108,27 +108,44 @@ def train(
         else:
             base = get_preset(preset)
             if "epochs" in given and "max_steps" not in given:
-                base = dataclasses.replace(base, max_steps=None)
+                base = dataclasses.replace(base, max_steps=None, epochs=given["epochs"])
             cfg = base.replace(**given)
             if run_dir is not None:
                 cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     except (ConfigError, SetupError) as e:
         _fail(str(e), 2)
 
+    dashboard = None
+    if ui_mode == "tui":
+        dashboard, note = _dashboard()
+        if dashboard is None:
+            ui_mode = "rich"
     if note and is_main:
         typer.echo(note, err=True)
-    view = _make_view(ui_mode) if is_main else None
     try:
-        with stop_on_signals() as stop:
-            try:
-                result = core_train(cfg, emit=view.handle if view else None, stop=stop, resume=resume is not None)
-            finally:
-                if view is not None:
-                    view.close()
+        if dashboard is not None:
+            if cfg.run_dir is None:  # the dashboard follows the run directory's events.jsonl
+                cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
+            result = dashboard(cfg.run_dir, lambda stop: core_train(cfg, stop=stop, resume=resume is not None))
+        else:
+            view = _make_view(ui_mode) if is_main else None
+            with stop_on_signals() as stop:
+                try:
+                    result = core_train(cfg, emit=view.handle if view else None, stop=stop,
+                                        resume=resume is not None)
+                finally:
+                    if view is not None:
+                        view.close()
     except SetupError as e:
         _fail(str(e), 2)
     except TrainError as e:
         _fail(str(e), 1)
+    except MemoryError:
+        _fail("out of memory; lower --batch-size (or the model size)", 1)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
     except KeyboardInterrupt:
         if is_main:
             typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
@@ -159,9 +176,20 @@ def _pick_ui(ui: str | None) -> tuple[str, str | None]:
     u = ui.strip().lower()
     if u not in UI_CHOICES:
         _fail(f"--ui {ui}: expected tui, rich or plain", 2)
-    if u == "tui":
-        return "rich", "note: the terminal dashboard (--ui tui) is not available yet; showing a progress bar"
     return u, None
+
+
+def _dashboard():
+    """The Textual dashboard runner, when it can be used here; else (None, note)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return None, "note: the dashboard (--ui tui) runs only in single-process training; showing a progress bar"
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return None, "note: the dashboard (--ui tui) needs an interactive terminal; showing a progress bar"
+    try:
+        from ..tui.training import run_training_dashboard
+    except ImportError:
+        return None, "note: the terminal dashboard (--ui tui) is not available; showing a progress bar"
+    return run_training_dashboard, None
 
 
 def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], load_run_config) -> TrainConfig:
@@ -175,7 +203,7 @@ def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], lo
         names = ", ".join("--" + k.replace("_", "-") for k in fixed)
         raise ConfigError(f"{names} cannot change when resuming {resume} (they would change the model or the data order)")
     if "epochs" in given and "max_steps" not in given:
-        cfg = dataclasses.replace(cfg, max_steps=None)
+        cfg = dataclasses.replace(cfg, max_steps=None, epochs=given["epochs"])
     return dataclasses.replace(cfg.replace(**given), run_dir=str(resume))
 
 

@@ -1,0 +1,108 @@
+"""`tarflow train` at the command line: options, output streams, user errors, resume checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tarflow_cli.main import app
+from tarflow_core.events import read_events
+
+runner = CliRunner()
+SMALL = ["--width", "32", "--head-dim", "16", "--blocks", "2", "--layers-per-block", "1", "--batch-size", "16",
+         "--log-every", "2", "--eval-every", "0", "--sample-every", "0", "--num-samples", "10", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def run(*args):
+    return runner.invoke(app, ["train", *[str(a) for a in args]])
+
+
+def assert_user_error(result, *needles, code=2):
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def test_help_lists_the_contract_options():
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for opt in ("--data", "--preset", "--image-size", "--channels", "--patch-size", "--width", "--blocks",
+                "--layers-per-block", "--head-dim", "--nvp", "--conditional", "--label-drop", "--noise",
+                "--batch-size", "--lr", "--min-lr", "--warmup-steps", "--weight-decay", "--grad-clip", "--ema",
+                "--max-steps", "--epochs", "--precision", "--compile", "--sample-every", "--eval-every",
+                "--checkpoint-every", "--log-every", "--seed", "--run-dir", "--resume", "--ui"):
+        assert opt in r.stdout, opt
+
+
+def test_short_run_prints_run_dir_on_stdout(tmp_path):
+    r = run(*SMALL, "--max-steps", "4", "--run-dir", tmp_path / "run", "--ui", "plain", "--noise", "gaussian:0.05",
+            "--vp", "--unconditional")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "run")
+    assert "step 4/4" in r.stderr and "finished" in r.stderr
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["noise_std"] == 0.05 and cfg["model"]["nvp"] is False and cfg["model"]["num_classes"] == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "train_state.pt").is_file()
+
+
+def test_tui_falls_back_with_a_note(tmp_path):
+    r = run(*SMALL, "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "tui")
+    assert r.exit_code == 0, r.stderr
+    assert "needs an interactive terminal" in r.stderr
+    assert r.stdout.strip() == str(tmp_path / "run")
+
+
+def test_epochs_replace_the_preset_step_count(tmp_path):
+    r = run(*SMALL, "--epochs", "0.05", "--run-dir", tmp_path / "run", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["max_steps"] is None and cfg["total_steps"] == 5  # ceil(0.05 * 93)
+
+
+def test_bad_data_path(tmp_path):
+    assert_user_error(run("--data", tmp_path / "missing", "--run-dir", tmp_path / "r"), "missing")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run(*SMALL, "--run-dir", blocker / "run"), "run directory", str(blocker / "run"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--noise", "laplace"], "--noise"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--preset", "mnist"], "needs --data"),
+    (["--width", "48", "--head-dim", "32"], "--width"),
+    (["--ui", "fancy"], "--ui"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_bad_options(tmp_path, args, needle):
+    assert_user_error(run(*args, "--run-dir", tmp_path / "r"), needle)
+
+
+def test_resume_rules(tmp_path):
+    assert_user_error(run("--resume", tmp_path / "nothing"), "--resume")
+    r = run(*SMALL, "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    assert_user_error(run("--resume", tmp_path / "run", "--width", "64"), "--width", "cannot change")
+    assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "already holds a run", "--resume")
+    r = run("--resume", tmp_path / "run", "--max-steps", "4", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    ends = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["kind"] == "end"]
+    assert [(e["step"], e["status"]) for e in ends] == [(2, "finished"), (4, "finished")]
