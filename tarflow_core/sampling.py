@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .kv_cache import KVCache
+from .block_runner import BlockRunner
+from .inversion import InversionStats, invert_segments, invert_sequential
 from .likelihood import denoise
-from .flow import at_least_f32
 from .model import FlowBlock, TarFlow
 
-SAMPLERS = ("sequential",)
+SAMPLERS = ("auto", "sequential", "jacobi", "gs-jacobi")
 GUIDE_WHAT = ("a", "b", "ab")
+DEFAULT_TOL = 1e-4
 
 
 class SamplingError(RuntimeError):
@@ -48,23 +49,48 @@ def sample(
     attn_temp: float = 1.0,
     annealed: bool = False,
     sampler: str = "sequential",
+    segments: int | list[int] | None = None,
+    tol: float = DEFAULT_TOL,
+    check_every: int = 1,
+    stats: InversionStats | None = None,
 ) -> torch.Tensor:
     """Invert the flow: prior noise (B, T, D) ~ N(0, 1) -> images (B, C, H, W) in [-1, 1] scale.
 
-    The noise is scaled by the prior's standard deviation (sqrt(var)) first, then blocks
-    N-1..0 are inverted token by token. With guidance w > 0 the conditional and unconditional
-    passes run as one batch of 2B.
+    The noise is scaled by the prior's standard deviation (sqrt(var)) first, then blocks N-1..0
+    are inverted. `sampler`: "sequential" (token by token, exact), "jacobi" (whole-sequence
+    fixed-point iteration until the change is below `tol`), "gs-jacobi" (segments of `segments`
+    tokens — one length, or one per block in inversion order, 1 meaning sequential — chosen by
+    `calibrate_segments` when not given), "auto" (gs-jacobi with calibrated segments, which
+    falls back to sequential for blocks where that is fastest). With guidance w > 0 the
+    conditional and unconditional passes run as one batch of 2B.
     """
     check_options(guidance, guide_what, attn_temp, sampler)
     cfg = model.config
     if noise.dim() != 3 or tuple(noise.shape[1:]) != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must have shape (N, {cfg.num_patches}, {cfg.token_dim}), got {tuple(noise.shape)}")
+    guide = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
     with torch.inference_mode():
         x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
-        for block in reversed(model.blocks):
-            x = invert_block(block, x, y, guidance=guidance, guide_what=guide_what,
-                             attn_temp=attn_temp, annealed=annealed)
+        per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide)
+        for i, block in enumerate(reversed(model.blocks)):
+            x = invert_block(block, x, y, segment=per_block[i], tol=tol, check_every=check_every,
+                             stats=stats, **guide)
         return model.unpatchify(x)
+
+
+def _segments_per_block(model, x, y, sampler, segments, tol, guide) -> list[int]:
+    n, T = len(model.blocks), model.config.num_patches
+    if sampler == "sequential":
+        return [1] * n
+    if sampler == "jacobi":
+        return [T - 1] * n
+    if segments is None:
+        return calibrate_segments(model, x, y, tol=tol, **guide)
+    if isinstance(segments, int):
+        segments = [segments] * n
+    if len(segments) != n or any(int(s) < 1 for s in segments):
+        raise ValueError(f"segments must be a positive length or one per block ({n}), got {segments}")
+    return [min(int(s), T - 1) for s in segments]
 
 
 def invert_block(
@@ -72,71 +98,80 @@ def invert_block(
     x: torch.Tensor,
     y: torch.Tensor | None,
     *,
-    guidance: float = 0.0,
-    guide_what: str = "ab",
-    attn_temp: float = 1.0,
-    annealed: bool = False,
+    segment: int = 1,
+    tol: float = DEFAULT_TOL,
+    check_every: int = 1,
+    stats: InversionStats | None = None,
+    **guide,
 ) -> torch.Tensor:
-    """Invert one block for natural-order tokens x (B, T, D); token t+1 from tokens 0..t."""
-    B, T, D = x.shape
-    guided = guidance > 0
+    """Invert one block for natural-order tokens x (B, T, D): sequentially when `segment` is 1,
+    else by Jacobi iteration over segments of that many tokens."""
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=_compute_dtype(x.device, x.dtype), **guide)
     xo = block.order(x).clone()
-    cond = block.conditioning(y).expand(B, -1, -1)
-    if guided:  # conditional rows 0..B-1, unconditional (mean class, attn_temp) rows B..2B-1
-        cond = torch.stack([cond, block.conditioning(None).expand(B, -1, -1)])
+    if segment <= 1:
+        invert_sequential(runner, xo)
+        passes = x.shape[1] - 1
     else:
-        cond = cond.unsqueeze(0)
-    cond = cond.contiguous()  # (passes, B, T, W)
-    passes = cond.shape[0]
-    rows = passes * B
-    first = block.attn_blocks[0].attention
-    heads, head_dim, width = first.num_heads, first.head_dim, cond.shape[-1]
-    q_scale = None
-    if guided and attn_temp != 1.0:
-        q_scale = torch.tensor([1.0, 1.0 / attn_temp], device=x.device).repeat_interleave(B).view(rows, 1, 1, 1)
-    dtype = _compute_dtype(x.device, x.dtype)
-    cache = KVCache(len(block.attn_blocks), rows, heads, T, head_dim, dtype=dtype, device=x.device)
-    layers = [_layer_weights(layer) for layer in block.attn_blocks]
-    w_in, b_in = block.proj_in.weight, block.proj_in.bias
-    w_out, b_out = block.proj_out.weight, block.proj_out.bias
-    use_a = "a" in guide_what
-    use_b = "b" in guide_what
-
-    for t in range(T - 1):
-        h = (F.linear(xo[:, t], w_in, b_in) + cond[:, :, t]).view(rows, width)
-        for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(layers):
-            n = F.layer_norm(at_least_f32(h), (width,), n1, n1b, eps1).to(h.dtype)
-            qkv = F.linear(n, wqkv, bqkv).view(rows, 3, heads, head_dim)
-            cache.write(li, t, qkv[:, 1:])
-            q = qkv[:, 0].unsqueeze(2)
-            if q_scale is not None:
-                q = q * q_scale
-            o = F.scaled_dot_product_attention(q, cache.keys(li, t + 1), cache.values(li, t + 1))
-            h = h + F.linear(o.view(rows, width), wp, bp)
-            n = F.layer_norm(at_least_f32(h), (width,), n2, n2b, eps2).to(h.dtype)
-            h = h + F.linear(F.gelu(F.linear(n, w1, b1)), w2, b2)
-        out = at_least_f32(F.linear(h, w_out, b_out))
-        if block.nvp:
-            a, b = out[:, :D], out[:, D:]
-        else:
-            a, b = None, out
-        if guided:
-            w = guidance * (t + 1) / (T - 1) if annealed else guidance
-            if a is not None and use_a:
-                a = a[:B] + w * (a[:B] - a[B:])
-            elif a is not None:
-                a = a[:B]
-            b = b[:B] + w * (b[:B] - b[B:]) if use_b else b[:B]
-        nxt = xo[:, t + 1]
-        xo[:, t + 1] = (nxt if a is None else nxt * a.exp()) + b
+        passes = invert_segments(runner, xo, segment, tol=tol, check_every=check_every, stats=stats)
+    if stats is not None:
+        stats.iterations.append(passes)
+        stats.segments.append(segment)
     return block.order(xo)
 
 
-def _layer_weights(layer) -> tuple:
-    att, mlp = layer.attention, layer.mlp
-    return (att.norm.weight, att.norm.bias, att.qkv.weight, att.qkv.bias, att.proj.weight, att.proj.bias,
-            mlp.norm.weight, mlp.norm.bias, mlp.main[0].weight, mlp.main[0].bias,
-            mlp.main[2].weight, mlp.main[2].bias, att.norm.eps, mlp.norm.eps)
+def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float = DEFAULT_TOL,
+                       probe: int = 4, **guide) -> list[int]:
+    """Choose each block's segment length (1 = sequential) from measurement.
+
+    The cost of one pass over a window of S tokens is timed at the real batch size; the number
+    of passes each segment length needs is counted on a few samples. Returns the cheapest
+    choice per block, in inversion order.
+    """
+    with torch.inference_mode():
+        return _calibrate(model, x, y, tol=tol, probe=probe, **guide)
+
+
+def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float, probe: int, **guide) -> list[int]:
+    B, T, D = x.shape
+    dtype = _compute_dtype(x.device, x.dtype)
+    blocks = list(reversed(model.blocks))
+    candidates = sorted({s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True)
+    cost = {s: _time_pass(blocks[0], x, y, s, dtype, guide) for s in [1, *candidates]}
+    xp = x[:probe].clone()
+    yp = y[:probe] if y is not None else None
+    chosen = []
+    for block in blocks:
+        best_s, best_cost, best_out = 1, (T - 1) * cost[1], None
+        for s in candidates:
+            runner = BlockRunner(block, len(xp), yp, device=x.device, dtype=dtype, **guide)
+            xo = block.order(xp).clone()
+            passes = invert_segments(runner, xo, s, tol=tol, max_passes=int(best_cost / cost[s]))
+            if passes is not None and passes * cost[s] < best_cost:
+                best_s, best_cost, best_out = s, passes * cost[s], block.order(xo)
+        if best_out is None:
+            best_out = invert_block(block, xp, yp, segment=1, **guide)
+        chosen.append(best_s)
+        xp = best_out
+    return chosen
+
+
+def _time_pass(block: FlowBlock, x: torch.Tensor, y, length: int, dtype, guide, repeats: int = 3) -> float:
+    """Seconds for one pass over a window of `length` tokens at the real batch size (best of a few)."""
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
+    window = block.order(x)[:, :length]
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        runner.params(window, 0)
+        _sync(x.device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -177,6 +212,18 @@ def generate(
         labels = torch.randint(cfg.num_classes, (num,), generator=generator)
     out = torch.empty(num, cfg.in_channels, cfg.img_size, cfg.img_size)
     redrawn = 0
+    options = dict(options)
+    sampler = options.setdefault("sampler", "sequential")
+    if sampler in ("auto", "gs-jacobi") and options.get("segments") is None and num > 0:
+        # measure once, on the first batch's noise, and use the choice for every batch
+        guide = {k: options[k] for k in ("guidance", "guide_what", "attn_temp", "annealed") if k in options}
+        first = min(num, batch_size)
+        with torch.inference_mode():
+            x0 = noise[:first].to(device, model.var.dtype) * model.var.sqrt()
+            y0 = labels[:first].to(device) if labels is not None else None
+            options["segments"] = calibrate_segments(model, x0, y0, tol=options.get("tol", DEFAULT_TOL), **guide)
+    stats = InversionStats()
+    options["stats"] = stats
     for start in range(0, num, batch_size):
         stop = min(num, start + batch_size)
         z = noise[start:stop].clone()
@@ -199,4 +246,14 @@ def generate(
             z[todo] = draw_noise(model, len(todo), generator)
         if on_batch is not None:
             on_batch(stop, num)
-    return SampleResult(out, labels, redrawn)
+    return SampleResult(out, labels, redrawn, _settings(options, stats, len(model.blocks), cfg.num_patches))
+
+
+def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) -> dict:
+    """What the sampler did, for metadata: method, segment length and mean passes per block."""
+    sampler = options["sampler"]
+    segments = {"sequential": 1, "jacobi": tokens - 1}.get(sampler, options.get("segments"))
+    passes = [stats.iterations[i::blocks] for i in range(blocks)] if stats.iterations else []
+    mean_passes = [round(sum(p) / len(p), 2) for p in passes if p]
+    return {"sampler": sampler, "segments": segments, "tol": options.get("tol", DEFAULT_TOL),
+            "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks}

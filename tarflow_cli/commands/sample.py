@@ -11,7 +11,7 @@ import torch
 import typer
 
 from tarflow_core import __version__
-from tarflow_core.sampling import GUIDE_WHAT, SAMPLERS, generate
+from tarflow_core.sampling import DEFAULT_TOL, GUIDE_WHAT, SAMPLERS, generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, write_output
@@ -33,7 +33,9 @@ def sample(
     denoise: Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)] = None,
     denoise_sigma: Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising [default: the checkpoint's].", show_default=False)] = None,
     denoise_lr_scale: Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help=f"Inversion method: {', '.join(SAMPLERS)}.")] = "sequential",
+    sampler: Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (gs-jacobi with per-block settings measured on a few samples; falls back to sequential where that is faster).")] = "auto",
+    segments: Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)] = None,
+    tol: Annotated[float, typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this.")] = DEFAULT_TOL,
     noise: Annotated[Optional[Path], typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False)] = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).")] = "samples.png",
@@ -58,9 +60,12 @@ def sample(
             raise UsageError(f"--attn-temp {attn_temp}: expected a positive number")
         if sampler not in SAMPLERS:
             raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
+        if not tol >= 0:
+            raise UsageError(f"--tol {tol}: expected a number >= 0")
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
+        segs = _parse_segments(segments, len(model.blocks))
         prior_noise = _read_noise(noise, cfg) if noise is not None else None
         if prior_noise is not None and num is not None and num != len(prior_noise):
             raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
@@ -75,7 +80,7 @@ def sample(
                 raise UsageError(f"--denoise: checkpoint {ck.path} does not record a Gaussian training noise std; give --denoise-sigma")
             if sigma <= 0:
                 raise UsageError(f"--denoise-sigma {sigma}: expected a positive number")
-        settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed, sampler=sampler)
+        settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
         if verbose:
             info(f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
                  f"{cfg.num_classes} classes; device {dev}; seed {seed}; {settings}; denoise sigma {sigma}")
@@ -84,9 +89,13 @@ def sample(
         with progress_bar("sampling", n) as advance:
             result = generate(model, n, generator=generator, batch_size=batch_size, labels=y, noise=prior_noise,
                               denoise_sigma=sigma, denoise_lr_scale=denoise_lr_scale,
-                              on_batch=lambda done, total: advance(done), **settings)
+                              on_batch=lambda done, total: advance(done), sampler=sampler, segments=segs, tol=tol,
+                              **settings)
         seconds = time.perf_counter() - start
+        if verbose:
+            info(f"sampler: {result.settings}")
         meta = {"tarflow_version": __version__, "checkpoint": str(ck.path), "seed": seed, "num": n, **settings,
+                "sampling": result.settings,
                 "denoise_sigma": sigma, "denoise_lr_scale": denoise_lr_scale if sigma else None,
                 "noise_file": str(noise) if noise else None, "redrawn": result.redrawn}
         written = write_output(result.images, out, labels=result.labels, metadata=meta)
@@ -94,6 +103,18 @@ def sample(
         info(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})" + (f" -> {written}" if written else ""))
         if out != "-":
             typer.echo(out)
+
+
+def _parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones") from None
+    if any(v < 1 for v in values) or len(values) not in (1, blocks):
+        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
+    return values[0] if len(values) == 1 else values
 
 
 def _read_noise(path: Path, cfg) -> torch.Tensor:

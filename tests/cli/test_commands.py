@@ -65,7 +65,7 @@ def test_cli_reproduces_reference_samples_scores_and_denoising(fixtures_dir, exp
     for key, opts in cases.items():
         out = tmp_path / f"{key}.npy"
         r = run("sample", "--ckpt", ckpt, "--noise", tmp_path / "noise.npy", "--labels", tmp_path / "y.npy",
-                "--no-denoise", "--out", out, "--device", "cpu", *opts)
+                "--no-denoise", "--out", out, "--device", "cpu", "--sampler", "sequential", *opts)
         assert r.exit_code == 0, r.stderr
         assert np.abs(np.load(out) - expected[key].numpy()).max() < 1e-4, key
 
