@@ -100,6 +100,7 @@ class DashboardApp(App[None]):
     def _fit(self, width: int, height: int) -> None:
         self.screen.set_class(width >= 110, "-wide")
         self.screen.set_class(height >= 34, "-tall")
+        self.screen.set_class(height < 30, "-short")
 
     def on_unmount(self) -> None:
         self._follow_stop.set()
@@ -178,6 +179,11 @@ class DashboardApp(App[None]):
     @on(TrainingDone)
     def _training_done(self, message: TrainingDone) -> None:
         self._owner_done = True
+        if message.error and not message.started:
+            # failed before the run started (bad data, bad settings): nothing to show, so
+            # close and let the command report the error
+            self.exit()
+            return
         if message.error:
             self.state.note("error", f"training stopped with an error: {message.error}")
             if self.state.status not in FINAL:
@@ -186,6 +192,7 @@ class DashboardApp(App[None]):
                 self.state.end_time = self.clock()
         self.state.stopping = False
         self._update({"log"})
+        self.refresh_bindings()
         if self._quit_when_done:
             self.exit()
 
@@ -200,12 +207,12 @@ class DashboardApp(App[None]):
 
     # -------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop_run" and not self.owns_run:
+        if action == "stop_run" and not self.run_active:
             return False  # not in the footer; the key is answered by on_key instead
         return True
 
     def on_key(self, event) -> None:
-        if event.key == "s" and not self.owns_run:
+        if event.key == "s" and not self.run_active:
             event.stop()
             self.action_stop_run()
 

@@ -47,6 +47,8 @@ class SampleLoaded(Message):
 
 @dataclass
 class TrainingDone(Message):
-    """The training this dashboard owns has returned (`error`: what it raised, if it did)."""
+    """The training this dashboard owns has returned (`error`: what it raised, if it did;
+    `started`: whether it had written its `start` event)."""
 
     error: str | None = None
+    started: bool = True

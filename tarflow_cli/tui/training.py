@@ -16,6 +16,8 @@ What the training function returned is returned; what it raised is raised again 
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import threading
@@ -39,6 +41,7 @@ class TrainingOwner:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self._app = None
+        self._offset = 0
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -46,23 +49,30 @@ class TrainingOwner:
     def attach(self, app) -> None:
         """Called by the app once it runs: start the training thread."""
         self._app = app
+        if app is not None:
+            try:  # a resumed run appends: only what is written from now on counts
+                self._offset = os.path.getsize(app.events_path)
+            except OSError:
+                self._offset = 0
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="tarflow-train", daemon=True)
             self.thread.start()
 
     def _run(self) -> None:
-        error_text = None
+        error_text, started = None, True
         try:
             self.result = self.start_training(self.stop)
         except BaseException as e:  # re-raised in the main thread after the UI closes
             self.error = e
             error_text = _describe(e)
+            app = self._app
+            started = app is None or _has_start(app.events_path, self._offset)
         finally:
             self.done.set()
             app = self._app
             if app is not None:
                 try:
-                    app.post_message(TrainingDone(error_text))
+                    app.post_message(TrainingDone(error_text, started))
                 except Exception:
                     pass
 
@@ -70,6 +80,23 @@ class TrainingOwner:
         """Block until the training thread ends (KeyboardInterrupt still gets through)."""
         while self.thread is not None and self.thread.is_alive():
             self.thread.join(poll)
+
+
+def _has_start(events_path: Path, offset: int) -> bool:
+    """Whether a `start` event was written after `offset` (this thread may read the disk)."""
+    try:
+        with open(events_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return False
+    for raw in lines:
+        try:
+            if json.loads(raw).get("kind") == "start":
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False
 
 
 def _describe(e: BaseException) -> str:

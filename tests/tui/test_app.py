@@ -113,7 +113,7 @@ async def test_keys(tmp_path):
 
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        assert "stop the run" in screen_text(app)
+        assert "only in train --ui tui" in screen_text(app)
         await pilot.press("x")
         assert not isinstance(app.screen, HelpScreen)
 

@@ -103,3 +103,18 @@ def test_closing_the_dashboard_stops_a_running_training(tmp_path):
 
     status, step = run_training_dashboard(tmp_path, fake_training(tmp_path), poll=0.02, app_factory=factory)
     assert status == "interrupted" and step > 0
+
+
+def test_a_run_that_fails_before_starting_closes_the_dashboard(tmp_path):
+    def bad_setup(stop):
+        raise ValueError("--data ./nowhere: no such folder")
+
+    def factory(run_dir, *, owner, poll):
+        app = make_app(run_dir, owner=owner, poll=poll, tick=None)
+        app.run = functools.partial(DashboardApp.run, app, headless=True)
+        return app
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="no such folder"):
+        run_training_dashboard(tmp_path / "run", bad_setup, poll=0.02, app_factory=factory)
+    assert time.monotonic() - t0 < 10

@@ -10,18 +10,18 @@ from textual.widgets import Static
 HELP = """\
 [b]tarflow dashboard[/b]
 
-[b]q[/b]        quit the viewer{quit_note}
+[b]q[/b]        {quit_note}
 [b]?[/b]        this help (any key closes it)
-[b]s[/b]        stop the run and save a checkpoint{stop_note}
+[b]s[/b]        {stop_note}
+[b]ctrl+c[/b]   {ctrl_c}
 [b]r[/b]        reload: read events.jsonl again from the first line
-[b][[/b] / [b]][/b]    page back / forward through the sample grids
-[b]z[/b]        sample zoom: legible detail, or the whole grid shrunk
-{ctrl_c}
-Charts: train bpd and held-out bpd, training loss, learning rate
-and images/s, against step. The first tenth of a long run is left
-out of the vertical range; the border shows the latest values.
+[b]\\[ ][/b]      older / newer sample grid
+[b]z[/b]        samples: legible detail, or the whole grid shrunk
 
-Following [i]{events}[/i]
+Charts: train and held-out bpd, loss, learning rate, images/s
+against step; the latest values are in their titles.
+
+Following {events}
 """
 
 
@@ -33,11 +33,12 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         text = HELP.format(
-            quit_note=" (the run stops first: it runs in this process)" if self.owns_run
-            else " (a run in another process keeps going)",
-            stop_note="" if self.owns_run else "\n         (only when this dashboard started the run)",
-            ctrl_c="[b]ctrl+c[/b]   like s\n" if self.owns_run else "[b]ctrl+c[/b]   quit the viewer\n",
-            events=self.events_path.replace("[", r"\["),
+            quit_note="quit (a running training is stopped and checkpointed first)" if self.owns_run
+            else "quit the viewer (the run keeps going)",
+            stop_note="stop the run and save a checkpoint" if self.owns_run
+            else "stop and checkpoint: only in train --ui tui",
+            ctrl_c="like s" if self.owns_run else "quit the viewer",
+            events=self.events_path.replace("[", "\\["),
         )
         with Vertical(id="help-box"):
             yield Static(text, id="help-text")

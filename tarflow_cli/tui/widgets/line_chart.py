@@ -27,7 +27,7 @@ class Line:
 
 
 def fmt_num(v: float | None) -> str:
-    """Compact, fixed-ish width: 2.314, 0.0021 -> 2.1e-3, 15342 -> 15.3k."""
+    """Compact, fixed-ish width: 2.314 -> 2.31, 8 -> 8.00, 0.0021 -> 2.1e-3, 15342 -> 15.3k."""
     if v is None or not math.isfinite(v):
         return "–"
     a = abs(v)
@@ -40,7 +40,7 @@ def fmt_num(v: float | None) -> str:
     if a >= 100:
         return f"{v:.0f}"
     if a >= 0.01:
-        return f"{v:.3g}"
+        return f"{v:#.3g}".rstrip(".")  # keep trailing zeros: 8.00, 0.300
     m, e = f"{v:.1e}".split("e")
     return f"{m}e{int(e)}"
 
@@ -116,7 +116,7 @@ class LineChart(Widget):
             pad = abs(hi) * 0.05 or 1.0
             return lo - pad, hi + pad
         pad = (hi - lo) * 0.04
-        return lo - pad, hi + pad
+        return (max(0.0, lo - pad) if lo >= 0 else lo - pad), hi + pad  # no negative axis for lr, img/s
 
     # --------------------------------------------------------------------------- render
     def render(self) -> Text:
