@@ -99,6 +99,7 @@ class DashboardApp(App[None]):
 
     def _fit(self, width: int, height: int) -> None:
         self.screen.set_class(width >= 110, "-wide")
+        self.screen.set_class(width < 72, "-narrow")
         self.screen.set_class(height >= 34, "-tall")
         self.screen.set_class(height < 30, "-short")
 
@@ -167,7 +168,11 @@ class DashboardApp(App[None]):
             for chart in self.query(LineChart):
                 chart.set_data(state.series)
         if "samples" in changed:
-            self.query_one(SampleView).set_grids(state.samples, state.run_dir)
+            view = self.query_one(SampleView)
+            every = state.sample_every
+            view.waiting_note = ("no sample grid yet" + (f": the first comes at step {every:,}" if every else "")
+                                 if every != 0 else "this run makes no sample grids (--sample-every 0)")
+            view.set_grids(state.samples, state.run_dir)
         if "log" in changed:
             self.query_one(EventLog).sync(state.log, state.log_dropped, state.start_time)
         self.title = f"tarflow · {state.name}"

@@ -117,6 +117,7 @@ class RunState:
         self.data: str | None = None
         self.preset: str | None = None
         self.image_size: int | None = None
+        self.sample_every: int | None = None
         self.series: dict[str, Series] = {k: Series() for k in SERIES}
         self.latest: dict[str, float] = {}
         self.extra: dict[str, Any] = {}  # other start fields worth showing
@@ -167,6 +168,8 @@ class RunState:
             if e.get(key) is not None:
                 self.extra[key] = e[key]
         self.preset = _first(train_cfg, "preset") or self.preset
+        every = number(_first(train_cfg, "sample_every"))
+        self.sample_every = int(every) if every is not None else self.sample_every
         params = number(_first(e, "params", "parameters", "num_params", "parameter_count"))
         self.params = int(params) if params else self.params
         data = e.get("data")

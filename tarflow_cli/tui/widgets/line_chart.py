@@ -26,23 +26,33 @@ class Line:
     color: str
 
 
-def fmt_num(v: float | None) -> str:
-    """Compact, fixed-ish width: 2.314 -> 2.31, 8 -> 8.00, 0.0021 -> 2.1e-3, 15342 -> 15.3k."""
+def fmt_num(v: float | None, digits: int = 3) -> str:
+    """Compact, fixed-ish width: 2.314 -> 2.31, 8 -> 8.00, 0.0021 -> 2.1e-3, 15342 -> 15.3k
+    (`digits` significant digits, 2 for the small ones)."""
     if v is None or not math.isfinite(v):
         return "–"
     a = abs(v)
     if a == 0:
         return "0"
     if a >= 1e6:
-        return f"{v / 1e6:.3g}M"
+        return f"{v / 1e6:.{digits}g}M"
     if a >= 1e4:
-        return f"{v / 1e3:.3g}k"
-    if a >= 100:
+        return f"{v / 1e3:.{digits}g}k"
+    if a >= 100 and digits <= 3:
         return f"{v:.0f}"
     if a >= 0.01:
-        return f"{v:#.3g}".rstrip(".")  # keep trailing zeros: 8.00, 0.300
-    m, e = f"{v:.1e}".split("e")
+        return f"{v:#.{digits}g}".rstrip(".")  # keep trailing zeros: 8.00, 0.300
+    m, e = f"{v:.{max(1, digits - 2)}e}".split("e")
     return f"{m}e{int(e)}"
+
+
+def axis_labels(values: list[float]) -> list[str]:
+    """Labels for axis ticks, with as many digits as it takes to tell them apart."""
+    for digits in range(3, 8):
+        labels = [fmt_num(v, digits) for v in values]
+        if len(set(labels)) == len(set(values)):
+            return labels
+    return labels
 
 
 def fmt_step(s: float) -> str:
@@ -139,9 +149,9 @@ class LineChart(Widget):
             lines = [""] * (h // 2) + [" " * pad + msg]
             return Text("\n".join(lines), style="dim", no_wrap=True, overflow="crop")
         y_lo, y_hi = y_range
-        labels = {0: fmt_num(y_hi), h - 1: fmt_num(y_lo)}
-        if h >= 7:
-            labels[(h - 1) // 2] = fmt_num((y_hi + y_lo) / 2)
+        rows = [0, (h - 1) // 2, h - 1] if h >= 7 else ([0, h - 1] if h >= 2 else [0])
+        ticks = [y_hi - (y_hi - y_lo) * r / max(1, h - 1) for r in rows]
+        labels = dict(zip(rows, axis_labels(ticks)))
         lw = max(len(s) for s in labels.values()) + 1
         pw = w - lw - 1  # plot width in cells (one column for the axis)
         if pw < 2:

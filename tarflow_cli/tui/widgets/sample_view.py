@@ -188,6 +188,7 @@ class SampleView(Widget, can_focus=False):
         self.grids: list[SampleGrid] = []
         self.index: int | None = None  # None: follow the newest
         self.mode = "detail"
+        self.waiting_note = "no sample grid yet"
         self._images: OrderedDict[Path, object] = OrderedDict()  # path -> PIL image (LRU)
         self._errors: dict[Path, str] = {}
         self._loading: set[Path] = set()
@@ -336,7 +337,7 @@ class SampleView(Widget, can_focus=False):
         self._note = ""
         try:
             if grid is None:
-                return self._message(cols, rows, "no sample grid yet")
+                return self._message(cols, rows, self.waiting_note)
             img = self._images.get(grid.path)
             if img is None:
                 err = self._errors.get(grid.path)
