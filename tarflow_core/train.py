@@ -134,7 +134,13 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) 
 
 
 def default_run_dir(cfg: TrainConfig, root: str = "runs") -> Path:
-    return Path(root) / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """runs/<preset>-<date>-<time>, with a -2, -3... suffix if that name is taken."""
+    base = Path(root) / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -161,7 +162,7 @@ def train(
         raise typer.Exit(result.exit_code)
 
 
-train.__doc__ = (train.__doc__ or "") + EXAMPLES
+train.__doc__ = inspect.cleandoc(train.__doc__ or "") + "\n" + EXAMPLES
 
 
 def _fail(message: str, code: int) -> None:

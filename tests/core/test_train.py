@@ -304,3 +304,13 @@ def test_stop_finishes_the_step_then_checkpoints(tmp_path):
     assert result.status == "interrupted" and result.step == 1
     assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step-00000001"
     assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [1]
+
+
+def test_default_run_dir_is_fresh(tmp_path):
+    from tarflow_core.train import default_run_dir
+
+    first = default_run_dir(preset("tiny"), root=str(tmp_path))
+    assert first.parent == tmp_path and first.name.startswith("tiny-")
+    first.mkdir()
+    second = default_run_dir(preset("tiny"), root=str(tmp_path))
+    assert second != first and not second.exists()
