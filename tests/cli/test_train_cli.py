@@ -106,3 +106,11 @@ def test_resume_rules(tmp_path):
     assert r.exit_code == 0, r.stderr
     ends = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["kind"] == "end"]
     assert [(e["step"], e["status"]) for e in ends] == [(2, "finished"), (4, "finished")]
+
+
+def test_full_disk_is_a_runtime_error(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("tarflow_core.train.shutil.disk_usage", lambda p: usage(10, 10, 1024))
+    assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "disk space", code=1)

@@ -314,3 +314,17 @@ def test_default_run_dir_is_fresh(tmp_path):
     first.mkdir()
     second = default_run_dir(preset("tiny"), root=str(tmp_path))
     assert second != first and not second.exists()
+
+
+def test_stop_on_signals_sets_event_then_raises():
+    from tarflow_core.train import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):  # a second signal: abandon now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is before
