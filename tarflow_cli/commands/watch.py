@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..console import fail
+from ..console import fail, info
 
 
 def watch(
@@ -17,6 +17,10 @@ def watch(
         show_default=False)],
     poll: Annotated[float, typer.Option(
         "--poll", min=0.05, max=60.0, help="Seconds between reads of events.jsonl.")] = 0.25,
+    graphics: Annotated[str, typer.Option(
+        "--graphics", envvar="TARFLOW_GRAPHICS",
+        help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).")]
+    = "auto",
 ) -> None:
     """Follow a training run, live or finished, in a terminal dashboard.
 
@@ -39,5 +43,11 @@ def watch(
         fail("tarflow watch needs an interactive terminal; to follow a run in a script or a log, use "
              f"tail -f {run_dir / 'events.jsonl' if run_dir.suffix != '.jsonl' else run_dir}")
     from ..tui.app import make_app
+    from ..tui.graphics import CHOICES, pick_graphics
 
-    make_app(run_dir, poll=poll).run()
+    if graphics.strip().lower() not in CHOICES:
+        fail(f"--graphics {graphics}: expected one of {', '.join(CHOICES)}")
+    kind, note = pick_graphics(graphics)
+    if note:
+        info(f"note: {note}")
+    make_app(run_dir, poll=poll, graphics=kind).run()

@@ -59,8 +59,9 @@ class DashboardApp(App[None]):
     ]
 
     def __init__(self, run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
-                 clock: Callable[[], float] = time.time, tick: float | None = 1.0):
+                 clock: Callable[[], float] = time.time, tick: float | None = 1.0, graphics: str = "halfblock"):
         super().__init__()
+        self.graphics = graphics
         self.run_dir, self.events_path = resolve_events_path(run_dir)
         self.owner = owner
         self.poll = poll
@@ -80,7 +81,7 @@ class DashboardApp(App[None]):
             with Grid(id="charts"):
                 for wid, title, lines, trim in CHARTS:
                     yield LineChart(title, lines, trim_start=trim, id=wid, classes="chart")
-            yield SampleView(id="samples")
+            yield SampleView(id="samples", graphics=self.graphics)
         yield EventLog(id="log")
         yield Footer()
 
@@ -279,11 +280,14 @@ class DashboardApp(App[None]):
 
 
 def make_app(run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
-             clock: Callable[[], float] = time.time, tick: float | None = 1.0) -> DashboardApp:
+             clock: Callable[[], float] = time.time, tick: float | None = 1.0,
+             graphics: str = "halfblock") -> DashboardApp:
     """The dashboard for `run_dir` (a run directory, or its events `.jsonl` file).
 
     `owner`: an object with `request_stop()` when this process runs the training (`s` then
-    stops it), else None. `poll`: seconds between reads of the file. `clock` and `tick` (the
-    header's refresh, None for none) are there for tests.
+    stops it), else None. `poll`: seconds between reads of the file. `graphics`: how sample
+    grids are drawn, `halfblock`, `kitty` or `sixel` (resolve `auto` with
+    `graphics.pick_graphics()` before calling). `clock` and `tick` (the header's refresh, None
+    for none) are there for tests.
     """
-    return DashboardApp(run_dir, owner=owner, poll=poll, clock=clock, tick=tick)
+    return DashboardApp(run_dir, owner=owner, poll=poll, clock=clock, tick=tick, graphics=graphics)

@@ -115,9 +115,13 @@ def run_training_dashboard(run_dir: str | Path, start_training: Callable[[thread
     `app_factory` (default `make_app`) is for tests.
     """
     from .app import make_app
+    from .graphics import pick_graphics
 
     owner = TrainingOwner(start_training)
-    app = (app_factory or make_app)(run_dir, owner=owner, poll=poll)
+    if app_factory is None:
+        app = make_app(run_dir, owner=owner, poll=poll, graphics=pick_graphics()[0])
+    else:
+        app = app_factory(run_dir, owner=owner, poll=poll)
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, lambda signum, frame: owner.request_stop())

@@ -182,8 +182,11 @@ class SampleView(Widget, can_focus=False):
     SampleView { height: 1fr; }
     """
 
-    def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None):
+    def __init__(self, *, graphics: str = "halfblock", name: str | None = None, id: str | None = None,
+                 classes: str | None = None):
         super().__init__(name=name, id=id, classes=classes)
+        self.graphics = graphics  # halfblock, kitty or sixel (see graphics.py)
+        self._graphic = None  # the textual-image widget, for kitty / sixel
         self.run_dir = Path(".")
         self.grids: list[SampleGrid] = []
         self.index: int | None = None  # None: follow the newest
@@ -196,6 +199,13 @@ class SampleView(Widget, can_focus=False):
         self._cache: tuple[tuple, list[Strip]] | None = None
         self._note = ""
         self.border_title = "samples"
+
+    def compose(self):
+        if self.graphics != "halfblock":
+            from ..graphics import image_widget
+
+            self._graphic = image_widget(self.graphics)
+            yield self._graphic
 
     # --------------------------------------------------------------------------- control
     def set_grids(self, grids: list[SampleGrid], run_dir: Path) -> None:
@@ -247,7 +257,49 @@ class SampleView(Widget, can_focus=False):
             self._loading.add(grid.path)
             self._load(grid, grid.candidates(self.run_dir))
         self._update_titles()
+        self._update_graphic()
         self.refresh()
+
+    def _update_graphic(self) -> None:
+        """Kitty / Sixel: hand the whole grid (tiles re-spaced, whole-number enlarged) to the image widget."""
+        if self._graphic is None:
+            return
+        from PIL import Image
+
+        from ..graphics import cell_pixels
+
+        grid = self.current
+        img = self._images.get(grid.path) if grid else None
+        if img is None:
+            self._graphic.image = None
+            return
+        tiles = self._tiles.get(grid.path)
+        if tiles is not None:
+            img = Image.fromarray(compose(tiles.images, tiles.ncol, 1))
+        cw, ch = cell_pixels()
+        room_w, room_h = self.content_size.width * cw, self.content_size.height * ch
+        if room_w <= 0 or room_h <= 0:
+            return
+        w, h = img.size
+        k = min(room_w / w, room_h / h)
+        if k >= 1:
+            k = int(k)
+            img = img.resize((w * k, h * k), Image.NEAREST) if k > 1 else img
+        w, h = int(w * k), int(h * k)
+        # size the widget in whole cells, the picture centred on black in exactly that many
+        # pixels (so it keeps its aspect and is not letterboxed in white)
+        cells_w = max(1, min(self.content_size.width, -(-w // cw)))
+        cells_h = max(1, min(self.content_size.height, -(-h // ch)))
+        if img.size != (w, h):
+            img = img.resize((max(1, w), max(1, h)), Image.BOX)
+        canvas = Image.new("RGB", (cells_w * cw, cells_h * ch))
+        canvas.paste(img, ((canvas.size[0] - img.size[0]) // 2, (canvas.size[1] - img.size[1]) // 2))
+        self._graphic.styles.width = cells_w
+        self._graphic.styles.height = cells_h
+        self._graphic.image = canvas
+
+    def on_resize(self, event) -> None:
+        self._update_graphic()
 
     def _update_titles(self) -> None:
         grid = self.current
@@ -300,6 +352,7 @@ class SampleView(Widget, can_focus=False):
                 old, _ = self._images.popitem(last=False)
                 self._tiles.pop(old, None)
         self._cache = None
+        self._update_graphic()
         self.refresh()
 
     # ---------------------------------------------------------------------------- render
@@ -333,6 +386,8 @@ class SampleView(Widget, can_focus=False):
     def _draw(self, cols: int, rows: int, grid: SampleGrid | None) -> list[Strip]:
         if cols <= 0 or rows <= 0:
             return []
+        if self._graphic is not None and grid is not None and grid.path in self._images:
+            return [Strip.blank(cols)] * rows  # the image widget draws it
         old_note = self._note
         self._note = ""
         try:
