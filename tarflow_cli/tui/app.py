@@ -71,6 +71,7 @@ class DashboardApp(App[None]):
         self.title = f"tarflow · {self.state.name}"
         self._generation = 0
         self._follow_stop = threading.Event()
+        self._taken = threading.Event()  # the UI has taken the last EventsRead
         self._owner_done = False
         self._quit_when_done = False
 
@@ -118,7 +119,7 @@ class DashboardApp(App[None]):
     def _follow(self, generation: int, stop: threading.Event) -> None:
         """Worker thread: poll the events file and post what is new. Never touches widgets."""
         worker = get_current_worker()
-        tail = EventTail(self.events_path)
+        tail = EventTail(self.events_path, chunk=1 << 19)
         last_state = None
         try:
             while not (stop.is_set() or worker.is_cancelled):
@@ -127,7 +128,11 @@ class DashboardApp(App[None]):
                     last_state = read.state
                     self.post_message(SourceState(generation, read.state))
                 if read.events or read.problems or read.reset:
+                    # one batch in flight at a time, so keys are never queued behind a backlog
+                    self._taken.clear()
                     self.post_message(EventsRead(generation, read.events, read.problems, read.reset))
+                    while not (self._taken.wait(0.1) or stop.is_set() or worker.is_cancelled):
+                        pass
                 if not read.more:
                     stop.wait(self.poll)
         finally:
@@ -142,6 +147,12 @@ class DashboardApp(App[None]):
 
     @on(EventsRead)
     def _events_read(self, message: EventsRead) -> None:
+        try:
+            self._take(message)
+        finally:
+            self._taken.set()
+
+    def _take(self, message: EventsRead) -> None:
         if message.generation != self._generation:
             return
         changed: set[str] = set()

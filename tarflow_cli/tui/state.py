@@ -14,16 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FINAL = ("finished", "interrupted", "failed")
 
 # chart series, by name
 SERIES = ("loss", "bpd", "eval_bpd", "lr", "images_per_s")
 
 
-@dataclass
 class Series:
-    steps: list[float] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    """(step, value) points in step order; `arrays()` gives numpy views, converted incrementally."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.values: list[float] = []
+        self._buf = np.empty((2, 0))
+        self._synced = 0
 
     def add(self, step: float, value: float) -> None:
         if self.steps and step < self.steps[-1]:
@@ -36,6 +42,19 @@ class Series:
         while self.steps and self.steps[-1] > step:
             self.steps.pop()
             self.values.pop()
+        self._synced = min(self._synced, len(self.steps))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.steps)
+        if n > self._buf.shape[1]:
+            grown = np.empty((2, max(n, 2 * self._buf.shape[1], 1024)))
+            grown[:, :self._synced] = self._buf[:, :self._synced]
+            self._buf = grown
+        if self._synced < n:
+            self._buf[0, self._synced:n] = self.steps[self._synced:]
+            self._buf[1, self._synced:n] = self.values[self._synced:]
+            self._synced = n
+        return self._buf[0, :n], self._buf[1, :n]
 
     @property
     def last(self) -> float | None:
@@ -69,8 +88,16 @@ class SampleGrid:
         return [run_dir / self.path, self.path, run_dir / "samples" / self.path.name]
 
 
+_FINITE_MAX = 1.7976931348623157e308
+
+
 def number(v: Any) -> float | None:
     """A finite float from an event field, else None ("nan" strings and junk included)."""
+    t = type(v)
+    if t is float:  # the common case, fast
+        return v if -_FINITE_MAX <= v <= _FINITE_MAX else None
+    if t is int:
+        return float(v)
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
@@ -112,7 +139,7 @@ class RunState:
         self.epoch: float | None = None
         self.steps_per_epoch: float | None = None
         self.device: str | None = None
-        self.memory: str | None = None
+        self._memory_raw: Any = None
         self.params: int | None = None
         self.data: str | None = None
         self.preset: str | None = None
@@ -226,24 +253,29 @@ class RunState:
             self.start_time = t
         if step is None:
             return set()
-        for key, names in (("loss", ("loss",)), ("bpd", ("bpd", "train_bpd")), ("lr", ("lr", "learning_rate")),
-                           ("images_per_s", ("images_per_s", "img_per_s", "images_per_sec", "throughput"))):
-            v = number(_first(e, *names))
-            if v is not None:
-                self.series[key].add(step, v)
-                self.latest[key] = v
-        for key in ("nll", "logdet", "grad_norm", "tflops", "mfu"):
-            v = number(e.get(key))
-            if v is not None:
-                self.latest[key] = v
+        series, latest = self.series, self.latest
+        for key, names in _TRAIN_SERIES:
+            for name in names:
+                if name in e:
+                    v = number(e[name])
+                    if v is not None:
+                        series[key].add(step, v)
+                        latest[key] = v
+                    break
+        for key in _TRAIN_LATEST:
+            if key in e:
+                v = number(e[key])
+                if v is not None:
+                    latest[key] = v
         epoch = number(e.get("epoch"))
         if epoch is not None:
             self.epoch = epoch
         elif self.steps_per_epoch:
             self.epoch = step / self.steps_per_epoch
-        mem = _memory(_first(e, "memory_mb", "memory", "mem", "max_memory", "memory_bytes"))
-        if mem:
-            self.memory = mem
+        for name in _MEMORY_FIELDS:
+            if name in e:
+                self._memory_raw = e[name]
+                break
         if t is not None:
             self._rate_points.append((t, step))
             cutoff = t - 120.0
@@ -311,6 +343,11 @@ class RunState:
             self.log_dropped += 500
 
     # ---------------------------------------------------------------------------- derived
+    @property
+    def memory(self) -> str | None:
+        """Memory of the last report, readable (MiB when a bare number is small)."""
+        return _memory(self._memory_raw)
+
     def elapsed(self, now: float | None = None) -> float | None:
         if self.start_time is None:
             return None
@@ -343,6 +380,12 @@ class RunState:
         if self.status != "running" or self.last_time is None:
             return None
         return max(0.0, now - self.last_time)
+
+
+_TRAIN_SERIES = (("loss", ("loss",)), ("bpd", ("bpd", "train_bpd")), ("lr", ("lr", "learning_rate")),
+                 ("images_per_s", ("images_per_s", "img_per_s", "images_per_sec", "throughput")))
+_TRAIN_LATEST = ("nll", "logdet", "grad_norm", "tflops", "mfu")
+_MEMORY_FIELDS = ("memory_mb", "memory", "mem", "max_memory", "memory_bytes")
 
 
 def _memory(v: Any) -> str | None:

@@ -212,3 +212,16 @@ async def test_resize_keeps_working(tmp_path):
             text = screen_text(app)
             assert "FINISHED" in text
         assert app.screen.has_class("-wide") is False
+
+
+@run_async
+async def test_a_silent_running_run_is_flagged_quiet(tmp_path):
+    run = make_run(tmp_path, steps=100)  # last event at T0 + 5
+    now = [T0 + 10.0]
+    app = make_app(run, poll=0.02, clock=lambda: now[0], tick=None)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 100, what="events")
+        assert "quiet" not in header_text(app)
+        now[0] = T0 + 5 + 300
+        app._on_tick()
+        assert "quiet 5:00" in header_text(app)

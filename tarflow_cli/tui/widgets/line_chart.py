@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
@@ -111,15 +112,16 @@ class LineChart(Widget):
         return (0.0, 0.0) if lo == math.inf else (lo, hi)
 
     def _y_range(self, x_lo: float, x_hi: float) -> tuple[float, float] | None:
-        cut = x_lo + 0.1 * (x_hi - x_lo) if self.trim_start else x_lo
+        cut = x_lo + 0.1 * (x_hi - x_lo)
         lo, hi = math.inf, -math.inf
         for ln in self.lines:
-            steps, values = self._series(ln.key)
-            kept = [v for s, v in zip(steps, values) if s >= cut] if len(steps) >= 20 and self.trim_start else list(values)
-            if not kept:
-                kept = list(values)
-            if kept:
-                lo, hi = min(lo, min(kept)), max(hi, max(kept))
+            steps, values = self._arrays(ln.key)
+            if not len(values):
+                continue
+            kept = values[steps >= cut] if self.trim_start and len(values) >= 20 else values
+            if not len(kept):
+                kept = values
+            lo, hi = min(lo, float(kept.min())), max(hi, float(kept.max()))
         if lo == math.inf:
             return None
         if hi - lo < 1e-12 * max(1.0, abs(hi)):
@@ -127,6 +129,15 @@ class LineChart(Widget):
             return lo - pad, hi + pad
         pad = (hi - lo) * 0.04
         return (max(0.0, lo - pad) if lo >= 0 else lo - pad), hi + pad  # no negative axis for lr, img/s
+
+    def _arrays(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The series as float arrays (`.arrays()` when the series has it, as state.Series does)."""
+        s = self._data.get(key)
+        if s is None:
+            return np.empty(0), np.empty(0)
+        if hasattr(s, "arrays"):
+            return s.arrays()
+        return np.asarray(s.steps, dtype=np.float64), np.asarray(s.values, dtype=np.float64)
 
     # --------------------------------------------------------------------------- render
     def render(self) -> Text:
@@ -161,12 +172,6 @@ class LineChart(Widget):
         owner = [[-1] * pw for _ in range(h)]
         span = (x_hi - x_lo) or 1.0
 
-        def to_dot(step: float, value: float) -> tuple[int, int]:
-            x = int((step - x_lo) / span * (dots_w - 1) + 0.5) if x_hi > x_lo else dots_w - 1
-            fy = (value - y_lo) / (y_hi - y_lo)
-            y = int((1.0 - min(1.0, max(0.0, fy))) * (dots_h - 1) + 0.5)
-            return x, y
-
         def plot(x: int, y: int, idx: int) -> None:
             if 0 <= x < dots_w and 0 <= y < dots_h:
                 cy, cx = y >> 2, x >> 1
@@ -174,25 +179,23 @@ class LineChart(Widget):
                 owner[cy][cx] = idx
 
         for idx, ln in enumerate(self.lines):
-            steps, values = self._series(ln.key)
+            steps, values = self._arrays(ln.key)
             if not len(steps):
                 continue
-            # average the points that land on the same horizontal dot
-            pts: list[tuple[int, float]] = []
-            acc_x, acc_sum, acc_n = None, 0.0, 0
-            for s, v in zip(steps, values):
-                x = to_dot(s, v)[0]
-                if x != acc_x and acc_n:
-                    pts.append((acc_x, acc_sum / acc_n))  # type: ignore[arg-type]
-                    acc_sum, acc_n = 0.0, 0
-                acc_x = x
-                acc_sum += v
-                acc_n += 1
-            if acc_n:
-                pts.append((acc_x, acc_sum / acc_n))  # type: ignore[arg-type]
+            # average the points that land on the same horizontal dot, then join the dots
+            if x_hi > x_lo:
+                xs = np.rint((steps - x_lo) / span * (dots_w - 1)).astype(np.int64)
+            else:
+                xs = np.full(len(steps), dots_w - 1, dtype=np.int64)
+            xs = np.clip(xs, 0, dots_w - 1)
+            counts = np.bincount(xs, minlength=dots_w)
+            sums = np.bincount(xs, weights=values, minlength=dots_w)
+            cols = np.nonzero(counts)[0]
+            means = sums[cols] / counts[cols]
+            frac = np.clip((means - y_lo) / (y_hi - y_lo), 0.0, 1.0)
+            ys = np.rint((1.0 - frac) * (dots_h - 1)).astype(np.int64)
             prev = None
-            for x, v in pts:
-                _, y = to_dot(x_lo, v)
+            for x, y in zip(cols.tolist(), ys.tolist()):
                 if prev is None:
                     plot(x, y, idx)
                 else:
