@@ -8,6 +8,7 @@ from .commands.denoise import denoise
 from .commands.info import info
 from .commands.sample import sample
 from .commands.score import score
+from .commands.watch import watch
 
 app = typer.Typer(
     name="tarflow",
@@ -21,6 +22,7 @@ app.command("sample")(sample)
 app.command("score")(score)
 app.command("denoise")(denoise)
 app.command("info")(info)
+app.command("watch")(watch)
 
 
 def _register_train() -> None:

@@ -76,7 +76,7 @@ def train(
     device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
     run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
     resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped.", "--resume")] = None,
-    ui: Annotated[Optional[str], _opt("tui, rich or plain (default: rich on a terminal, else plain).", "--ui")] = None,
+    ui: Annotated[Optional[str], _opt("tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).", "--ui")] = None,
 ) -> None:
     """Train a TarFlow model; prints the run directory on stdout when done.
 
@@ -172,7 +172,11 @@ def _fail(message: str, code: int) -> None:
 
 
 def _pick_ui(ui: str | None) -> tuple[str, str | None]:
-    if ui is None:
+    if ui is None:  # the dashboard on an interactive terminal, plain log lines for scripts and logs
+        interactive = sys.stdin.isatty() and sys.stdout.isatty() and sys.stderr.isatty()
+        single = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+        if interactive and single:
+            return "tui", None
         return ("rich" if sys.stderr.isatty() else "plain"), None
     u = ui.strip().lower()
     if u not in UI_CHOICES:
