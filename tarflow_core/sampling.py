@@ -137,6 +137,10 @@ def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: 
     blocks = list(reversed(model.blocks))
     candidates = sorted({s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True)
     cost = {s: _time_pass(blocks[0], x, y, s, dtype, guide) for s in [1, *candidates]}
+    # a segment needs at least two passes to see convergence: drop lengths that cannot beat sequential
+    candidates = [s for s in candidates if 2 * -(-(T - 1) // s) * cost[s] < (T - 1) * cost[1]]
+    if not candidates:
+        return [1] * len(blocks)
     xp = x[:probe].clone()
     yp = y[:probe] if y is not None else None
     chosen = []
