@@ -86,8 +86,8 @@ def eval_cmd(
 
 def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_samples, guidance, guide_what,
               attn_temp, annealed, denoise, denoise_sigma, denoise_lr_scale, sampler, segments, tol, fid_stats,
-              inception_weights,
-              inception_resize, inception_size, fid_batch_size, sample_cache, seed, device, patch_size) -> dict:
+              inception_weights, inception_resize, inception_size, fid_batch_size, sample_cache, seed, device,
+              patch_size) -> dict:
     wanted = _parse_metrics(metrics)
     if guide_what not in GUIDE_WHAT:
         raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
@@ -164,8 +164,15 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
             info(f"warning: {RANDOM_WEIGHTS_WARNING}")
         stats_path = fid_stats or default_stats_path(data, dataset.split, cfg.in_channels, cfg.img_size, tag,
                                                      inception_resize, inception_size)
-        ref = load_stats(stats_path) if stats_path.is_file() else None
-        settings.update(inception_weights=inception_weights or "standard", inception_weights_sha256=tag,
+        network = f"{tag}/{inception_resize}/{inception_size}"
+        ref = None
+        if stats_path.is_file():
+            ref = load_stats(stats_path)
+            made_with, settings["fid_reference_images"] = _stats_meta(stats_path)
+            if made_with is not None and made_with != network:
+                warnings.append(f"--fid-stats {stats_path} was computed with Inception {made_with}, this run uses {network}")
+                info(f"warning: {warnings[-1]}")
+        settings.update(inception_weights=inception.weights_source, inception_weights_sha256=tag,
                         inception_resize=inception_resize, inception_size=inception_size,
                         fid_batch_size=fid_batch_size, fid_stats=str(stats_path))
 
@@ -192,7 +199,8 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
 
     if "fid" in wanted:
         if ref is None:
-            ref = _reference_stats(inception, dataset, fid_batch_size, Path(settings["fid_stats"]))
+            ref = _reference_stats(inception, dataset, fid_batch_size, Path(settings["fid_stats"]), network)
+            settings["fid_reference_images"] = ref.n
         start = time.perf_counter()
         fake, redrawn, reused = _sample_stats(model, inception, num_samples, seed=seed, batch_size=batch_size,
                                               fid_batch_size=fid_batch_size, cache=cache, denoise_sigma=sigma,
@@ -207,7 +215,19 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     return out
 
 
-def _reference_stats(inception, dataset, fid_batch_size: int, path: Path):
+def _stats_meta(path: Path) -> tuple[str | None, int | None]:
+    """The Inception weights/preprocessing and image count a stats file records (ours do;
+    other tools' files have only mu and sigma)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            network = str(z["inception"]) if "inception" in z.files else None
+            count = int(z["num_images"]) if "num_images" in z.files else None
+            return network, count
+    except Exception:
+        return None, None
+
+
+def _reference_stats(inception, dataset, fid_batch_size: int, path: Path, network: str):
     info(f"computing FID reference statistics of {dataset.description} -> {path}")
     with progress_bar("reference stats", len(dataset)) as advance:
         stats = image_stats(inception, (images for images, _ in ordered_batches(dataset, fid_batch_size)),
@@ -216,7 +236,7 @@ def _reference_stats(inception, dataset, fid_batch_size: int, path: Path):
         raise UsageError(f"--data {dataset.name} ({dataset.split}): FID reference statistics need at least 2 images, found {stats.n}")
     mu, sigma = stats.result()
     try:
-        save_stats(path, mu, sigma, num_images=stats.n, source=f"{dataset.name}:{dataset.split}")
+        save_stats(path, mu, sigma, num_images=stats.n, source=f"{dataset.name}:{dataset.split}", inception=network)
     except OSError as e:
         info(f"warning: could not write FID reference statistics to {path} ({e})")
     return stats

@@ -488,9 +488,10 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
         except ValueError:
             raise InceptionWeightsError(f"--inception-weights {weights}: expected a file, random or random:SEED") from None
         random_init(model, seed_value)
-        tag = f"random-{seed_value}"
+        tag = source = f"random-{seed_value}"
     else:
         path = find_weights(weights, download=download, log=log)
         load_weights(model, load_state(path), str(path))
-        tag = file_sha256(path)[:8]
+        tag, source = file_sha256(path)[:8], str(path)
+    model.weights_source = source  # the file the weights came from, or random-SEED
     return model.to(device).eval(), tag

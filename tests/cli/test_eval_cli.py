@@ -132,18 +132,23 @@ def test_fid_plumbing_with_random_inception_weights_and_caches(uncond_ckpt, smal
     assert out["num_samples"] == 12 and out["metrics"]["fid"] > 0
     assert any("plumbing check" in w for w in out["warnings"])
     s = out["settings"]
-    assert s["inception_weights"] == "random" and s["inception_weights_sha256"] == "random-0"
+    assert s["inception_weights"] == "random-0" and s["inception_weights_sha256"] == "random-0"
     assert s["fid_stats"] == str(stats) and s["samples_from_cache"] == 0 and s["denoise_sigma"] == 0.1
+    assert s["fid_reference_images"] == 24
     with np.load(stats) as z:
         assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048) and int(z["num_images"]) == 24
+        assert str(z["inception"]) == "random-0/tf/75"
     assert (cache / "manifest.json").is_file() and (cache / "shard-000000.npz").is_file()
 
     # again: reference statistics read back, samples read from the cache, same FID
     r2 = run(*args)
     again = ok_json(r2)
     assert "computing" not in r2.stderr
-    assert again["settings"]["samples_from_cache"] == 12
+    assert again["settings"]["samples_from_cache"] == 12 and again["settings"]["fid_reference_images"] == 24
     assert again["metrics"]["fid"] == pytest.approx(out["metrics"]["fid"], rel=1e-6)
+    # statistics made with other Inception weights are used, with a warning
+    warned = ok_json(run(*[a if a != "random" else "random:1" for a in args]))
+    assert any("computed with Inception random-0/tf/75" in w for w in warned["warnings"])
     # other sampling settings may not reuse that cache
     assert_user_error(run(*args, "--guidance", 1.0, "--attn-temp", 0.5), "--sample-cache", "different settings")
 
