@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .commands.denoise import denoise
+from .commands.eval import eval_cmd
 from .commands.info import info
 from .commands.sample import sample
 from .commands.score import score
@@ -22,6 +23,7 @@ app.command("sample")(sample)
 app.command("score")(score)
 app.command("denoise")(denoise)
 app.command("info")(info)
+app.command("eval")(eval_cmd)
 app.command("watch")(watch)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import torch
 
 from tarflow_core.config import ModelConfig
 from tarflow_core.model import TarFlow
+
+# One intra-op thread: the tests check behaviour, not speed, and several threads on a shared
+# 2-core machine wait on each other at every small operator. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mltarflow"
 
