@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 
+from .common import limit_cpu_threads_when_busy
 from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset as get_preset
 
 UI_CHOICES = ("tui", "rich", "plain")
@@ -88,6 +90,8 @@ def train(
     from tarflow_core.train import train as core_train
 
     is_main = int(os.environ.get("RANK", "0") or 0) == 0
+    if (device or "auto").lower() == "cpu" or ((device or "auto").lower() == "auto" and not torch.cuda.is_available()):
+        limit_cpu_threads_when_busy()
     ui_mode, note = _pick_ui(ui)
     changes: dict[str, Any] = dict(
         data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
