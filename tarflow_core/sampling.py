@@ -218,6 +218,10 @@ def generate(
     redrawn = 0
     options = dict(options)
     sampler = options.setdefault("sampler", "sequential")
+    if sampler == "auto" and device.type != "cuda" and options.get("segments") is None:
+        # measured on CPUs: a parallel pass costs about as much as the tokens it covers, so
+        # sequential wins (benchmarks/RESULTS.md); it is also exact and run-to-run identical
+        options["segments"] = 1
     if sampler in ("auto", "gs-jacobi") and options.get("segments") is None and num > 0:
         # measure once, on the first batch's noise, and use the choice for every batch
         guide = {k: options[k] for k in ("guidance", "guide_what", "attn_temp", "annealed") if k in options}

@@ -33,7 +33,7 @@ def sample(
     denoise: Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)] = None,
     denoise_sigma: Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising [default: the checkpoint's].", show_default=False)] = None,
     denoise_lr_scale: Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (gs-jacobi with per-block settings measured on a few samples; falls back to sequential where that is faster).")] = "auto",
+    sampler: Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")] = "auto",
     segments: Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)] = None,
     tol: Annotated[float, typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this.")] = DEFAULT_TOL,
     noise: Annotated[Optional[Path], typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False)] = None,
