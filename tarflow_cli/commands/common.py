@@ -11,7 +11,10 @@ import torch
 import typer
 
 from tarflow_core.checkpoint import CheckpointInfo, load_checkpoint
+from tarflow_core.dist import DistError
+from tarflow_core.dist import resolve_device as resolve_torch_device
 from tarflow_core.model import TarFlow
+from tarflow_core.sampling import GUIDE_WHAT, SAMPLERS
 
 from ..console import UsageError
 from ..io import read_labels
@@ -23,6 +26,56 @@ PatchOpt = Annotated[Optional[int], typer.Option("--patch-size", help="Patch siz
 ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Use class K for every image (class-conditional models).", show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Per-image class labels: a .npy of integers.", show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+
+# sampling options shared by `sample` and `eval`
+GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance weight w (0: none).")]
+GuideWhatOpt = Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")]
+AttnTempOpt = Annotated[float, typer.Option("--attn-temp", help="Attention temperature of the unconditional guidance pass.")]
+AnnealedOpt = Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")]
+DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)]
+DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising [default: the checkpoint's].", show_default=False)]
+DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")]
+SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
+SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)]
+TolOpt = Annotated[float, typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this.")]
+
+
+def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float) -> None:
+    if guide_what not in GUIDE_WHAT:
+        raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
+    if not attn_temp > 0:
+        raise UsageError(f"--attn-temp {attn_temp}: expected a positive number")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
+    if not tol >= 0:
+        raise UsageError(f"--tol {tol}: expected a number >= 0")
+
+
+def parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
+    """--segments: one length, or one per block (comma-separated)."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values) or len(values) not in (1, blocks):
+        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
+    return values[0] if len(values) == 1 else values
+
+
+def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | None) -> float | None:
+    """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints)."""
+    if denoise is None:
+        denoise = info.noise_std is not None
+    if not denoise:
+        return None
+    sigma = sigma if sigma is not None else info.noise_std
+    if sigma is None:
+        raise UsageError(f"--denoise: checkpoint {info.path} does not record a Gaussian training noise std; give --denoise-sigma")
+    if sigma <= 0:
+        raise UsageError(f"--denoise-sigma {sigma}: expected a positive number")
+    return sigma
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -48,26 +101,13 @@ def limit_cpu_threads_when_busy() -> None:
 
 def _resolve_device(spec: str) -> torch.device:
     spec = spec.strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+    if spec == "auto" and not torch.cuda.is_available() and getattr(torch.backends, "mps", None) \
+            and torch.backends.mps.is_available():
+        return torch.device("mps")
     try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are present")
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {spec}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
+        return resolve_torch_device(spec)
+    except DistError as e:
+        raise UsageError(str(e)) from None
 
 
 def load(ckpt: str, device: torch.device, patch_size: int | None) -> tuple[TarFlow, CheckpointInfo]:

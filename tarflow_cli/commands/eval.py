@@ -20,10 +20,13 @@ from tarflow_core.metrics import (SHARD_SIZE, InceptionWeightsError, SampleCache
                                   load_inception, load_stats, sample_shards, save_stats)
 from tarflow_core.metrics.common import ordered_batches
 from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MODES, WEIGHTS_FILENAME
-from tarflow_core.sampling import DEFAULT_TOL, GUIDE_WHAT, SAMPLERS
+from tarflow_core.sampling import DEFAULT_TOL
 
 from ..console import UsageError, info, user_errors
-from .common import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SeedOpt, load, resolve_device
+from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
+                     GuidanceOpt, GuideWhatOpt, PatchOpt, SamplerOpt, SeedOpt, SegmentsOpt, TolOpt,
+                     check_sampling_options, load, parse_segments, resolve_device)
+from .common import denoise_sigma as resolve_denoise_sigma
 from .progress import progress_bar
 
 METRICS = ("bpd", "fid", "accuracy")
@@ -39,16 +42,16 @@ def eval_cmd(
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")] = 50000,
     batch_size: BatchOpt = 256,
     dequant_samples: Annotated[int, typer.Option("--dequant-samples", min=1, help="bpd: average over K uniform dequantization draws.")] = 1,
-    guidance: Annotated[float, typer.Option("--guidance", "-g", min=0.0, help="FID samples: classifier-free guidance weight w (0: none).")] = 0.0,
-    guide_what: Annotated[str, typer.Option("--guide-what", help="FID samples: guide the log-scale a, the shift b, or both: a, b, ab.")] = "ab",
-    attn_temp: Annotated[float, typer.Option("--attn-temp", help="FID samples: attention temperature of the unconditional guidance pass.")] = 1.0,
-    annealed: Annotated[bool, typer.Option("--annealed/--no-annealed", help="FID samples: ramp the guidance weight up along the sequence.")] = False,
-    denoise: Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="FID samples: one score-based denoising step (default: on when the checkpoint was trained with Gaussian noise).", show_default=False)] = None,
-    denoise_sigma: Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising (default: the checkpoint's).", show_default=False)] = None,
-    denoise_lr_scale: Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help="FID samples: inversion method, as in `tarflow sample`: sequential, jacobi, gs-jacobi or auto.")] = "auto",
-    segments: Annotated[Optional[str], typer.Option("--segments", help="FID samples: gs-jacobi segment length, one number or one per block (default: measured once).", show_default=False)] = None,
-    tol: Annotated[float, typer.Option("--tol", help="FID samples: Jacobi samplers' convergence tolerance.")] = DEFAULT_TOL,
+    guidance: GuidanceOpt = 0.0,
+    guide_what: GuideWhatOpt = "ab",
+    attn_temp: AttnTempOpt = 1.0,
+    annealed: AnnealedOpt = False,
+    denoise: DenoiseOpt = None,
+    denoise_sigma: DenoiseSigmaOpt = None,
+    denoise_lr_scale: DenoiseLrOpt = 1.0,
+    sampler: SamplerOpt = "auto",
+    segments: SegmentsOpt = None,
+    tol: TolOpt = DEFAULT_TOL,
     fid_stats: Annotated[Optional[Path], typer.Option("--fid-stats", help="Reference statistics .npz (mu, sigma): read if it exists, else computed from --data/--split and written there (default: a cache file keyed by data, split and image size).", show_default=False)] = None,
     inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help=f"The FID Inception weights ({WEIGHTS_FILENAME}) (default: $TARFLOW_INCEPTION, the cache, or a download). 'random' gives a plumbing check only.", show_default=False)] = None,
     inception_resize: Annotated[str, typer.Option("--inception-resize", help="Resize to 299: tf (TensorFlow 1.x bilinear, as the TF FID graph) or pytorch (as pytorch-fid).")] = "tf",
@@ -89,14 +92,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
               inception_weights, inception_resize, inception_size, fid_batch_size, sample_cache, seed, device,
               patch_size) -> dict:
     wanted = _parse_metrics(metrics)
-    if guide_what not in GUIDE_WHAT:
-        raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
-    if not attn_temp > 0:
-        raise UsageError(f"--attn-temp {attn_temp}: expected a positive number")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
-    if not tol >= 0:
-        raise UsageError(f"--tol {tol}: expected a number >= 0")
+    check_sampling_options(guide_what, attn_temp, sampler, tol)
     if inception_resize not in RESIZE_MODES:
         raise UsageError(f"--inception-resize {inception_resize}: expected one of {', '.join(RESIZE_MODES)}")
     if inception_size < MIN_INPUT_SIZE:
@@ -138,17 +134,9 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     # FID set-up first, so a bad cache, missing weights or a bad statistics file fail before any long work.
     inception = ref = cache = None
     if "fid" in wanted:
-        sigma = None
-        if denoise is None:
-            denoise = ck.noise_std is not None
-        if denoise:
-            sigma = denoise_sigma if denoise_sigma is not None else ck.noise_std
-            if sigma is None:
-                raise UsageError(f"--denoise: checkpoint {ck.path} does not record a Gaussian training noise std; give --denoise-sigma")
-            if sigma <= 0:
-                raise UsageError(f"--denoise-sigma {sigma}: expected a positive number")
+        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
         options = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed,
-                       sampler=sampler, segments=_parse_segments(segments, cfg.num_blocks), tol=tol)
+                       sampler=sampler, segments=parse_segments(segments, cfg.num_blocks), tol=tol)
         settings.update(num_samples=num_samples, **options, denoise_sigma=sigma,
                         denoise_lr_scale=denoise_lr_scale if sigma else None, shard_size=SHARD_SIZE,
                         sample_cache=str(sample_cache) if sample_cache else None)
@@ -258,18 +246,6 @@ def _sample_stats(model, inception, num: int, *, seed: int, batch_size: int, fid
 
         stats = image_stats(inception, chunks())
     return stats, redrawn, reused
-
-
-def _parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values) or len(values) not in (1, blocks):
-        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
-    return values[0] if len(values) == 1 else values
 
 
 def _parse_metrics(text: str | None) -> list[str] | None:

@@ -11,12 +11,14 @@ import torch
 import typer
 
 from tarflow_core import __version__
-from tarflow_core.sampling import DEFAULT_TOL, GUIDE_WHAT, SAMPLERS, generate
+from tarflow_core.sampling import DEFAULT_TOL, generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, write_output
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, load,
-                     resolve_device, resolve_labels)
+from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, ClassOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt,
+                     DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, SamplerOpt, SeedOpt, SegmentsOpt, TolOpt,
+                     check_sampling_options, load, parse_segments, resolve_device, resolve_labels)
+from .common import denoise_sigma as resolve_denoise_sigma
 from .progress import progress_bar
 
 
@@ -26,16 +28,16 @@ def sample(
     batch_size: BatchOpt = 64,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    guidance: Annotated[float, typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance weight w (0: none).")] = 0.0,
-    guide_what: Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")] = "ab",
-    attn_temp: Annotated[float, typer.Option("--attn-temp", help="Attention temperature of the unconditional guidance pass.")] = 1.0,
-    annealed: Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")] = False,
-    denoise: Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)] = None,
-    denoise_sigma: Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising [default: the checkpoint's].", show_default=False)] = None,
-    denoise_lr_scale: Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")] = 1.0,
-    sampler: Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")] = "auto",
-    segments: Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)] = None,
-    tol: Annotated[float, typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this.")] = DEFAULT_TOL,
+    guidance: GuidanceOpt = 0.0,
+    guide_what: GuideWhatOpt = "ab",
+    attn_temp: AttnTempOpt = 1.0,
+    annealed: AnnealedOpt = False,
+    denoise: DenoiseOpt = None,
+    denoise_sigma: DenoiseSigmaOpt = None,
+    denoise_lr_scale: DenoiseLrOpt = 1.0,
+    sampler: SamplerOpt = "auto",
+    segments: SegmentsOpt = None,
+    tol: TolOpt = DEFAULT_TOL,
     noise: Annotated[Optional[Path], typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False)] = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).")] = "samples.png",
@@ -54,32 +56,17 @@ def sample(
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny -
     """
     with user_errors():
-        if guide_what not in GUIDE_WHAT:
-            raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
-        if not attn_temp > 0:
-            raise UsageError(f"--attn-temp {attn_temp}: expected a positive number")
-        if sampler not in SAMPLERS:
-            raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
-        if not tol >= 0:
-            raise UsageError(f"--tol {tol}: expected a number >= 0")
+        check_sampling_options(guide_what, attn_temp, sampler, tol)
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
-        segs = _parse_segments(segments, len(model.blocks))
+        segs = parse_segments(segments, len(model.blocks))
         prior_noise = _read_noise(noise, cfg) if noise is not None else None
         if prior_noise is not None and num is not None and num != len(prior_noise):
             raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
         n = len(prior_noise) if prior_noise is not None else (num or 64)
         y = resolve_labels(ck, n, class_=class_, labels_path=labels)
-        sigma = None
-        if denoise is None:
-            denoise = ck.noise_std is not None
-        if denoise:
-            sigma = denoise_sigma if denoise_sigma is not None else ck.noise_std
-            if sigma is None:
-                raise UsageError(f"--denoise: checkpoint {ck.path} does not record a Gaussian training noise std; give --denoise-sigma")
-            if sigma <= 0:
-                raise UsageError(f"--denoise-sigma {sigma}: expected a positive number")
+        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
         settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
         if verbose:
             info(f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
@@ -103,18 +90,6 @@ def sample(
         info(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})" + (f" -> {written}" if written else ""))
         if out != "-":
             typer.echo(out)
-
-
-def _parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones") from None
-    if any(v < 1 for v in values) or len(values) not in (1, blocks):
-        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
-    return values[0] if len(values) == 1 else values
 
 
 def _read_noise(path: Path, cfg) -> torch.Tensor:
