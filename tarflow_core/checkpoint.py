@@ -225,10 +225,13 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
     """A published-code `.pth` as a dict of tensors; refuses anything but plain tensors."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} holds pickled Python objects, not a plain tensor state dict; refusing to load it "
-            "(unpickling could run code)") from None
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower() or "unsupported class" in str(e).lower():
+            # torch refused to import a Python object the file names: nothing was run
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, not a plain tensor state dict; refusing to load it "
+                "(unpickling could run code)") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch state dict ({first})") from None

@@ -152,12 +152,13 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated zip"])
+@pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated zip", b'{"json": 1}'])
 def test_corrupt_pth_is_a_clear_error(tmp_path, content):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)
-    with pytest.raises(CheckpointError, match="bad.pth"):
+    with pytest.raises(CheckpointError, match="bad.pth") as err:
         load_checkpoint(bad)
+    assert "pickled Python objects" not in str(err.value)
 
 
 def test_corrupt_native_checkpoint_is_a_clear_error(tmp_path):
