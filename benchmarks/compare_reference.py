@@ -32,6 +32,8 @@ from tarflow_core.config import ModelConfig
 from tarflow_core.model import TarFlow
 from tarflow_core.sampling import sample
 
+from reference_code import import_reference  # noqa: E402  (benchmarks/ is the script's folder)
+
 FORWARD_TOL = 1e-4  # forward z and per-dim log-determinant
 SAMPLE_TOL = 1e-3  # images after inverting every block
 TARGETS = {"train fwd+bwd": 1.0, "sample guidance 0": 1.2, "sample guidance 2": 1.7}  # min ref/ours
@@ -56,15 +58,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args()
-
-
-def import_reference(folder: Path):
-    if not (folder / "transformer_flow.py").is_file():
-        sys.exit(f"{folder}/transformer_flow.py not found: fetch apple/ml-tarflow there (see benchmarks/README.md)")
-    sys.path.insert(0, str(folder.resolve()))
-    import transformer_flow
-
-    return transformer_flow
 
 
 def build_models(args: argparse.Namespace, ref_module, device: torch.device):

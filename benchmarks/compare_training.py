@@ -46,6 +46,8 @@ from tarflow_core.model import TarFlow
 from tarflow_core.presets import preset
 from tarflow_core.train import EVAL_SEED, train
 
+from reference_code import import_reference  # noqa: E402  (benchmarks/ is the script's folder)
+
 CHECK_TOL = 1e-4  # bpd: re-scoring must reproduce the logged figures
 
 
@@ -64,12 +66,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def import_reference(folder: Path):
-    if not (folder / "transformer_flow.py").is_file():
-        sys.exit(f"{folder}/transformer_flow.py not found: fetch apple/ml-tarflow there (see benchmarks/README.md)")
-    sys.path.insert(0, str(folder.resolve()))
-    import transformer_flow
-
+def import_reference_with_schedule(folder: Path):
+    transformer_flow = import_reference(folder)
     try:  # their schedule, when utils.py (torchvision, torchmetrics) is importable
         from utils import CosineLRSchedule
     except ImportError:
@@ -185,7 +183,7 @@ def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tf, Schedule = import_reference(args.ref)
+    tf, Schedule = import_reference_with_schedule(args.ref)
     base = preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="compare-training-") as tmp:
         cfg = base.replace(max_steps=args.steps or base.max_steps, eval_every=args.eval_every or base.eval_every,

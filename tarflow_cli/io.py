@@ -233,11 +233,6 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.floor(v + 0.5), 0, 255).astype(np.uint8)  # round half up, like save_image
 
 
-def uint8_to_model(x: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 model space, exactly as ToTensor + Normalize(0.5, 0.5)."""
-    return (np.asarray(x, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-
-
 def make_grid(images_uint8_nchw: np.ndarray, nrow: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
     """Tile NCHW uint8 images into one HWC grid, `nrow` images per row, black padding."""
     imgs = np.asarray(images_uint8_nchw)

@@ -8,7 +8,6 @@ arbitrary objects: reference files are read with `torch.load(..., weights_only=T
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -307,6 +306,5 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
 def convert_reference(pth: str | os.PathLike, out_dir: str | os.PathLike, *, patch_size: int | None = None) -> Path:
     """Write a reference `.pth` as a native checkpoint directory computing the same function."""
     model, info = load_checkpoint(pth, patch_size=patch_size)
-    with contextlib.suppress(Exception):
-        info.training = {"converted_from": str(Path(pth).name)}
-    return save_checkpoint(out_dir, model, noise=info.noise, step=info.step, data=info.data, training=info.training)
+    return save_checkpoint(out_dir, model, noise=info.noise, step=info.step, data=info.data,
+                           training={"converted_from": Path(pth).name})

@@ -70,11 +70,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, ValueError, "model config keys")
 
     def num_parameters(self) -> int:
         """Parameter count of the model this config builds (the `var` buffer is not a parameter)."""
@@ -90,6 +86,14 @@ class ModelConfig:
         per_layer = T * (2 * W * 3 * W + 2 * W * W + 2 * 2 * W * E * W) + 2 * 2 * T * T * W / 2
         per_block = T * 2 * D * W + self.layers_per_block * per_layer + T * 2 * W * D * (2 if self.nvp else 1)
         return float(self.num_blocks * per_block)
+
+
+def dataclass_from_dict(cls, d: dict[str, Any], error: type[Exception], what: str):
+    """Build dataclass `cls` from a dict, naming any keys it does not know."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error(f"unknown {what}: {', '.join(unknown)}")
+    return cls(**d)
 
 
 def guess_channels_and_patch(token_dim: int) -> tuple[int, int] | None:

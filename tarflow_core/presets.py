@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelConfig
+from .config import ModelConfig, dataclass_from_dict
 
 NOISE_TYPES = ("gaussian", "uniform")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -177,11 +177,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, ConfigError, "training settings")
 
 
 def parse_noise(text: str) -> tuple[str, float | None]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tarflow_core import flow
 from tarflow_cli.io import (
     InputError,
     make_grid,
@@ -17,7 +18,6 @@ from tarflow_cli.io import (
     read_labels,
     read_png_metadata,
     to_uint8,
-    uint8_to_model,
     write_output,
 )
 
@@ -41,7 +41,7 @@ def test_to_uint8_rounds_and_clips():
 
 def test_uint8_to_model_endpoints_and_round_trip():
     x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
-    m = uint8_to_model(x)
+    m = flow.uint8_to_model(torch.from_numpy(x)).numpy()
     assert m.dtype == np.float32
     assert m.min() == -1.0 and m.max() == 1.0
     np.testing.assert_array_equal(to_uint8(m), x)
