@@ -31,9 +31,10 @@ def unpatchify(tokens: torch.Tensor, channels: int, img_size: int, patch_size: i
     return x.reshape(B, channels, img_size, img_size)
 
 
-def shift_right(out: torch.Tensor) -> torch.Tensor:
-    """Shift a (B, T, K) sequence one token right; token 0 gets zeros (its transform is the identity)."""
-    return torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+def prepend_zero_token(out: torch.Tensor) -> torch.Tensor:
+    """(B, T-1, K) head outputs of tokens 0..T-2 -> (B, T, K) shifted right by one token: token t
+    gets what tokens < t produced, token 0 gets zeros (its transform is the identity)."""
+    return torch.nn.functional.pad(out, (0, 0, 1, 0))
 
 
 def affine_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,8 @@ class FlowBlock(nn.Module):
         h = self.proj_in(x_ordered) + self.conditioning(y)
         for layer in self.attn_blocks:
             h = layer(h)
-        return self.split(flow.shift_right(self.proj_out(h)))
+        # the last token's head output would be shifted out of the sequence: project tokens 0..T-2 only
+        return self.split(flow.prepend_zero_token(self.proj_out(h[:, :-1])))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> noise for natural-order tokens (B, T, D): returns (z, total log|det|) per sample."""
