@@ -33,9 +33,11 @@ def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, sto
     """Solve positions start+1..stop-1 in place, one token per step (cache must hold positions < start)."""
     stop = xo.shape[1] if stop is None else stop
     for t in range(start, stop - 1):
-        a, b = runner.params(xo[:, t:t + 1], t)
-        nxt = xo[:, t + 1:t + 2]
-        xo[:, t + 1:t + 2] = (nxt if a is None else nxt * a.exp()) + b
+        a, b = runner.step(xo[:, t], t)
+        nxt = xo[:, t + 1]
+        if a is not None:
+            nxt.mul_(a.exp())
+        nxt.add_(b)
 
 
 def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol: float,
