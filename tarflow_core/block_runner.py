@@ -29,7 +29,7 @@ class BlockRunner:
         else:
             cond = cond.unsqueeze(0)
         self.half = dtype in (torch.float16, torch.bfloat16)
-        self.cond = cond.to(dtype if self.half else cond.dtype).contiguous()
+        self.cond = cond.detach().to(dtype if self.half else cond.dtype).contiguous()
         self.cond_at = self.cond.permute(2, 0, 1, 3).contiguous()  # (T, passes, B, W): one position at a time
         self.passes = self.cond.shape[0]
         self.rows = self.passes * B
@@ -47,6 +47,9 @@ class BlockRunner:
         self.w_in, self.b_in = _in_out(block.proj_in, cast)
         self.w_out, self.b_out = _in_out(block.proj_out, cast)
         self.token_dim = block.token_dim
+        # the single-token step's intermediate products, reused for every token
+        self._qkv = torch.empty(self.rows, 3 * W, dtype=self.w_in.dtype, device=device)
+        self._hidden = torch.empty(self.rows, self.layers[0][8].shape[1], dtype=self.w_in.dtype, device=device)
         self.guidance, self.annealed = guidance, annealed
         self.use_a, self.use_b = "a" in guide_what, "b" in guide_what
 
@@ -60,17 +63,16 @@ class BlockRunner:
         rows, W, H, d = self.rows, self.width, self.heads, self.head_dim
         x = x.to(self.w_in.dtype) if self.half else x
         h = (torch.addmm(self.b_in, x, self.w_in) + self.cond_at[t]).view(rows, W)
-        kv = self.cache.kv
+        cache, qkv, f = self.cache, self._qkv, self._hidden
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
-            qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv)
-            cache = kv[li]
-            cache[:, :, :, t].copy_(qkv[:, W:].view(rows, 2, H, d).transpose(0, 1))
+            torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=qkv)
+            cache.kv[li, :, :, t].copy_(qkv[:, W:].view(rows, 2, H, d).transpose(0, 1))
             q = qkv[:, :W].view(rows, H, 1, d)
             if self.q_scale is not None:
                 q = q * self.q_scale
-            o = F.scaled_dot_product_attention(q, cache[0, :, :, :t + 1], cache[1, :, :, :t + 1])
+            o = F.scaled_dot_product_attention(q, cache.keys(li, t + 1), cache.values(li, t + 1))
             h.addmm_(o.view(rows, W), wp).add_(bp)
-            f = torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1)
+            torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1, out=f)
             h.addmm_(_gelu_(f), w2).add_(b2)
         return self._guide(torch.addmm(self.b_out, h, self.w_out).view(self.passes, B, -1), t, 1)
 
@@ -98,14 +100,14 @@ class BlockRunner:
         mask = None
         if L > 1:
             mask = torch.ones(L, stop, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        kv = self.cache.kv
+        cache = self.cache
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
             qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv).view(rows, L, 3, H, d)
-            kv[li, :, :, :, start:stop].copy_(qkv[:, :, 1:].permute(2, 0, 3, 1, 4))
+            cache.kv[li, :, :, start:stop].copy_(qkv[:, :, 1:].permute(2, 0, 1, 3, 4))
             q = qkv[:, :, 0].transpose(1, 2)
             if self.q_scale is not None:
                 q = q * self.q_scale
-            o = F.scaled_dot_product_attention(q, kv[li, 0, :, :, :stop], kv[li, 1, :, :, :stop], attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, cache.keys(li, stop), cache.values(li, stop), attn_mask=mask)
             h = h + torch.addmm(bp, o.transpose(1, 2).reshape(rows * L, W), wp)
             h = h + torch.addmm(b2, F.gelu(torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1)), w2)
         return self._guide(torch.addmm(self.b_out, h, self.w_out).view(self.passes, B, L, -1), start, L)
@@ -135,9 +137,9 @@ class BlockRunner:
 
 def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
     att, mlp = layer.attention, layer.mlp
-    return (att.norm.weight, att.norm.bias, *_in_out(att.qkv, dtype), *_in_out(att.proj, dtype),
-            mlp.norm.weight, mlp.norm.bias, *_in_out(mlp.main[0], dtype), *_in_out(mlp.main[2], dtype),
-            att.norm.eps, mlp.norm.eps)
+    return (att.norm.weight.detach(), att.norm.bias.detach(), *_in_out(att.qkv, dtype), *_in_out(att.proj, dtype),
+            mlp.norm.weight.detach(), mlp.norm.bias.detach(), *_in_out(mlp.main[0], dtype),
+            *_in_out(mlp.main[2], dtype), att.norm.eps, mlp.norm.eps)
 
 
 def _in_out(linear: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +148,7 @@ def _in_out(linear: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.T
     On CPUs the matrix is a contiguous copy: MKL's products with 16-32 rows run 10-40 % faster
     against it than against the transposed view (benchmarks/RESULTS.md). GPUs read the view.
     """
-    weight, bias = linear.weight, linear.bias
+    weight, bias = linear.weight.detach(), linear.bias.detach()
     if dtype is not None:
         weight, bias = weight.to(dtype), bias.to(dtype)
     return (weight.t() if weight.is_cuda else weight.t().contiguous()), bias

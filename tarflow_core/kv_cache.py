@@ -11,9 +11,21 @@ import torch
 
 
 class KVCache:
-    """Keys and values of every layer of a block: `kv[layer, 0 (keys) | 1 (values), row, head, position, dim]`."""
+    """Keys and values of every layer of a block: `kv[layer, 0 (keys) | 1 (values), row, position, head, dim]`.
+
+    Position-major per row, so writing one token is one contiguous (heads * dim) run per row and
+    kind; attention reads `keys(layer, stop)`, a (row, head, position, dim) view.
+    """
 
     def __init__(self, layers: int, rows: int, heads: int, length: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
-        self.kv = torch.empty(layers, 2, rows, heads, length, head_dim, dtype=dtype, device=device)
+        self.kv = torch.empty(layers, 2, rows, length, heads, head_dim, dtype=dtype, device=device)
         self.length = length
+
+    def keys(self, layer: int, stop: int) -> torch.Tensor:
+        """Keys of positions < stop as (row, head, position, dim)."""
+        return self.kv[layer, 0, :, :stop].transpose(1, 2)
+
+    def values(self, layer: int, stop: int) -> torch.Tensor:
+        """Values of positions < stop as (row, head, position, dim)."""
+        return self.kv[layer, 1, :, :stop].transpose(1, 2)
