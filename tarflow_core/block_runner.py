@@ -39,7 +39,7 @@ class BlockRunner:
         self.heads, self.head_dim = first.num_heads, first.head_dim
         self.q_scale = None
         if self.guided and attn_temp != 1.0:
-            scale = torch.tensor([1.0, 1.0 / attn_temp], device=device).repeat_interleave(B)
+            scale = torch.tensor([1.0, 1.0 / attn_temp], device=device, dtype=dtype).repeat_interleave(B)
             self.q_scale = scale.view(self.rows, 1, 1, 1)
         self.cache = KVCache(len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device)
         cast = dtype if self.half else None
@@ -50,27 +50,40 @@ class BlockRunner:
         # the single-token step's intermediate products, reused for every token
         self._qkv = torch.empty(self.rows, 3 * W, dtype=self.w_in.dtype, device=device)
         self._hidden = torch.empty(self.rows, self.layers[0][8].shape[1], dtype=self.w_in.dtype, device=device)
+        self._positions = torch.arange(T, device=device)
         self.guidance, self.annealed = guidance, annealed
         self.use_a, self.use_b = "a" in guide_what, "b" in guide_what
 
-    def step(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def step(self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One token: input at position t (B, D) -> guided (a, b) for position t + 1, each (B, D).
 
         The sequential sampler's inner loop, so it is written for few rows: 2-D activations,
         in-place residual products and activation, one copy into the cache per layer.
+
+        `t` is a Python int, or a one-element device tensor for CUDA-graph capture: then every
+        shape is fixed, attention reads the first `span` cached positions and masks those after t.
         """
         B = x.shape[0]
         rows, W, H, d = self.rows, self.width, self.heads, self.head_dim
+        static = isinstance(t, torch.Tensor)
         x = x.to(self.w_in.dtype) if self.half else x
-        h = (torch.addmm(self.b_in, x, self.w_in) + self.cond_at[t]).view(rows, W)
+        cond = self.cond_at.index_select(0, t)[0] if static else self.cond_at[t]
+        h = (torch.addmm(self.b_in, x, self.w_in) + cond).view(rows, W)
+        stop = span if static else t + 1
+        mask = (self._positions[:span] <= t).view(1, 1, 1, span) if static else None
         cache, qkv, f = self.cache, self._qkv, self._hidden
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
             torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=qkv)
-            cache.kv[li, :, :, t].copy_(qkv[:, W:].view(rows, 2, H, d).transpose(0, 1))
+            new_kv = qkv[:, W:].view(rows, 2, H, d).transpose(0, 1)
+            if static:
+                cache.kv[li].index_copy_(2, t, new_kv.unsqueeze(2))
+            else:
+                cache.kv[li, :, :, t].copy_(new_kv)
             q = qkv[:, :W].view(rows, H, 1, d)
             if self.q_scale is not None:
                 q = q * self.q_scale
-            o = F.scaled_dot_product_attention(q, cache.keys(li, t + 1), cache.values(li, t + 1))
+            o = F.scaled_dot_product_attention(q, cache.keys(li, stop), cache.values(li, stop), attn_mask=mask)
             h.addmm_(o.view(rows, W), wp).add_(bp)
             torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1, out=f)
             h.addmm_(_gelu_(f), w2).add_(b2)
@@ -125,10 +138,13 @@ class BlockRunner:
         b = b[0] + w * (b[0] - b[1]) if self.use_b else b[0]
         return a, b
 
-    def _weights(self, start: int, L: int, like: torch.Tensor):
-        """Guidance weight for output positions start+1..start+L (annealed: w * p / (T - 1))."""
+    def _weights(self, start: int | torch.Tensor, L: int, like: torch.Tensor):
+        """Guidance weight for output positions start+1..start+L (annealed: w * p / (T - 1));
+        `start` may be a one-element tensor when L is 1."""
         if not self.annealed:
             return self.guidance
+        if isinstance(start, torch.Tensor):
+            return (start + 1).to(like.dtype) / (self.length - 1) * self.guidance
         if L == 1:
             return (start + 1) / (self.length - 1) * self.guidance
         p = torch.arange(start + 1, start + L + 1, device=like.device, dtype=like.dtype)

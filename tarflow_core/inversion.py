@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .block_runner import BlockRunner
+from .cuda_graphs import Replay
 
 
 @dataclass
@@ -40,23 +41,58 @@ def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, sto
         nxt.add_(b)
 
 
+def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: bool, buckets: int = 8,
+                             pool=None) -> None:
+    """Solve positions 1..T-1 in place like `invert_sequential`, with every shape fixed per bucket.
+
+    The position lives in a device tensor and attention reads a fixed span of the cache (the
+    end of the current bucket of T / `buckets` positions, later positions masked), so each
+    bucket's step can be replayed as one CUDA graph (`graphed`); at most 1 / buckets of the
+    keys/values read are masked padding.
+    """
+    T = xo.shape[1]
+    pos = torch.zeros(1, dtype=torch.long, device=xo.device)
+    size = -(-T // buckets)
+    for first in range(0, T - 1, size):
+        span = min(T, first + size)
+        step = Replay(lambda span=span: _advance(runner, xo, pos, span), graphed=graphed, pool=pool)
+        for _ in range(first, min(T - 1, first + size)):
+            step()
+
+
+def _advance(runner: BlockRunner, xo: torch.Tensor, pos: torch.Tensor, span: int) -> None:
+    """One sequential update at the position held in `pos`, which then moves on by one."""
+    a, b = runner.step(xo.index_select(1, pos)[:, 0], pos, span)
+    following = pos + 1
+    nxt = xo.index_select(1, following)[:, 0]
+    if a is not None:
+        nxt = nxt * a.exp()
+    xo.index_copy_(1, following, (nxt + b).unsqueeze(1).to(xo.dtype))
+    pos.add_(1)
+
+
 def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol: float,
                     check_every: int = 1, stats: InversionStats | None = None,
-                    max_passes: int | None = None) -> int | None:
+                    max_passes: int | None = None, graphed: bool = False, pool=None) -> int | None:
     """Gauss-Seidel-Jacobi in place: segments of `segment` unknown tokens in order, Jacobi inside.
 
     `xo` holds z (this block's order) on entry and x on exit. Returns the forward passes used,
-    or None when `max_passes` was exceeded (then `xo` is left unfinished).
+    or None when `max_passes` was exceeded (then `xo` is left unfinished). With `graphed`, each
+    segment's pass is replayed as a CUDA graph and the host reads the change only every
+    `check_every` passes.
     """
     T = xo.shape[1]
     z = xo.clone()
+    delta = torch.zeros((), dtype=torch.float32, device=xo.device)
     passes = 0
     p0 = 1  # position 0 is the identity
     while p0 < T:
         if max_passes is not None and passes > max_passes:
             return None
         p1 = min(T, p0 + segment)
-        used, ok = _jacobi_segment(runner, xo, z, p0, p1, tol=tol, check_every=check_every, refresh=p1 < T)
+        one_pass = Replay(lambda p0=p0, p1=p1: _jacobi_pass(runner, xo, z, p0, p1, delta), graphed=graphed, pool=pool)
+        used, ok = _jacobi_segment(runner, xo, one_pass, delta, p0, p1, tol=tol, check_every=check_every,
+                                   refresh=p1 < T)
         passes += used
         if not ok:
             xo[:, p0:p1] = z[:, p0:p1]
@@ -68,34 +104,39 @@ def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol:
     return passes
 
 
-def _jacobi_segment(runner: BlockRunner, xo: torch.Tensor, z: torch.Tensor, p0: int, p1: int, *,
-                    tol: float, check_every: int, refresh: bool) -> tuple[int, bool]:
-    """Iterate unknowns p0..p1-1 from inputs p0-1..p1-2; exact after p1-p0 passes."""
+def _jacobi_pass(runner: BlockRunner, xo: torch.Tensor, z: torch.Tensor, p0: int, p1: int, delta: torch.Tensor) -> None:
+    """One Jacobi update of unknowns p0..p1-1 from inputs p0-1..p1-2, in place; the largest change
+    goes to `delta` (non-finite when the update is)."""
+    a, b = runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
+    zs = z[:, p0:p1]
+    new = (zs if a is None else zs * a.exp()) + b
+    current = xo[:, p0:p1]
+    delta.copy_((new - current).abs().amax())
+    current.copy_(new)
+
+
+def _jacobi_segment(runner: BlockRunner, xo: torch.Tensor, one_pass: Replay, delta: torch.Tensor, p0: int, p1: int,
+                    *, tol: float, check_every: int, refresh: bool) -> tuple[int, bool]:
+    """Iterate unknowns p0..p1-1; exact after p1-p0 passes. Returns (passes, finite and contracting)."""
     length = p1 - p0
     first_delta = None
     for it in range(1, length + 1):
-        a, b = runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
-        zs = z[:, p0:p1]
-        new = (zs if a is None else zs * a.exp()) + b
+        one_pass()
+        if it < length and it % check_every and it != 1:
+            continue
+        change = float(delta)  # the only host sync, every `check_every` passes
+        if change != change or change == float("inf"):
+            return it, False
         if it == length:  # exact: every token of the segment has seen an exact prefix
-            xo[:, p0:p1] = new
-            return it, bool(torch.isfinite(new).all())
-        if it % check_every == 0 or it == 1:
-            delta = (new - xo[:, p0:p1]).abs().amax()
-            delta = float(delta)  # the only host sync, every `check_every` passes
-            if delta != delta or delta == float("inf"):
-                return it, False
-            if first_delta is None:
-                first_delta = delta
-            elif delta > 1e3 * max(first_delta, tol):
-                return it, False  # growing: not contracting, redo sequentially
-            xo[:, p0:p1] = new
-            if delta <= tol:
-                if not refresh:
-                    return it, True
-                # later segments read this one's keys/values: recompute them from the final x
-                runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
-                return it + 1, True
-        else:
-            xo[:, p0:p1] = new
+            return it, True
+        if first_delta is None:
+            first_delta = change
+        elif change > 1e3 * max(first_delta, tol):
+            return it, False  # growing: not contracting, redo sequentially
+        if change <= tol:
+            if not refresh:
+                return it, True
+            # later segments read this one's keys/values: recompute them from the final x
+            runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
+            return it + 1, True
     return length, True

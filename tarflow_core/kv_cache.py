@@ -19,7 +19,8 @@ class KVCache:
 
     def __init__(self, layers: int, rows: int, heads: int, length: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str):
-        self.kv = torch.empty(layers, 2, rows, length, heads, head_dim, dtype=dtype, device=device)
+        # zeros, not garbage: graph-captured steps read masked positions, and 0 * NaN is NaN
+        self.kv = torch.zeros(layers, 2, rows, length, heads, head_dim, dtype=dtype, device=device)
         self.length = length
 
     def keys(self, layer: int, stop: int) -> torch.Tensor:

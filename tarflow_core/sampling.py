@@ -1,21 +1,31 @@
-"""Noise -> data: token-by-token inversion with a key/value cache, guidance, and NaN redraws."""
+"""Noise -> data: token-by-token inversion with a key/value cache, guidance, and NaN redraws.
+
+Sampler `auto` is sequential off CUDA and calibrated GS-Jacobi on CUDA. Measured on CPUs
+(benchmarks/RESULTS.md): one parallel pass over S tokens costs a quarter to a third of S
+sequential steps, and trained blocks need many passes (often the whole segment) to converge,
+so Jacobi loses there; sequential is also exact and gives run-to-run identical images.
+"""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .block_runner import BlockRunner
-from .inversion import InversionStats, invert_segments, invert_sequential
+from .cuda_graphs import Replay, graph_pool, use_graphs
+from .inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
 from .likelihood import denoise
 from .model import FlowBlock, TarFlow
 
 SAMPLERS = ("auto", "sequential", "jacobi", "gs-jacobi")
 GUIDE_WHAT = ("a", "b", "ab")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_TOL = 1e-4
+DEFAULT_CHECK_EVERY_CUDA = 4  # Jacobi passes between convergence checks (host syncs) on CUDA
 
 
 class SamplingError(RuntimeError):
@@ -51,8 +61,9 @@ def sample(
     sampler: str = "sequential",
     segments: int | list[int] | None = None,
     tol: float = DEFAULT_TOL,
-    check_every: int = 1,
+    check_every: int | None = None,
     stats: InversionStats | None = None,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor:
     """Invert the flow: prior noise (B, T, D) ~ N(0, 1) -> images (B, C, H, W) in [-1, 1] scale.
 
@@ -63,18 +74,29 @@ def sample(
     `calibrate_segments` when not given), "auto" (gs-jacobi with calibrated segments, which
     falls back to sequential for blocks where that is fastest). With guidance w > 0 the
     conditional and unconditional passes run as one batch of 2B.
+
+    On CUDA the fixed-shape steps are replayed as CUDA graphs (`cuda_graphs`, default: on for
+    CUDA) and the Jacobi samplers read the change every `check_every` passes (default 1 on
+    CPUs, DEFAULT_CHECK_EVERY_CUDA on CUDA), so the host waits for the device only then.
     """
     check_options(guidance, guide_what, attn_temp, sampler)
     cfg = model.config
     if noise.dim() != 3 or tuple(noise.shape[1:]) != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must have shape (N, {cfg.num_patches}, {cfg.token_dim}), got {tuple(noise.shape)}")
     guide = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
+    device = model.var.device
+    graphed = use_graphs(device, cuda_graphs)
+    if check_every is None:
+        check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1 (got {check_every})")
     with torch.inference_mode():
-        x = noise.to(model.var.device, model.var.dtype) * model.var.sqrt()
+        x = noise.to(device, model.var.dtype) * model.var.sqrt()
         per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide)
+        pool = graph_pool(graphed)
         for i, block in enumerate(reversed(model.blocks)):
             x = invert_block(block, x, y, segment=per_block[i], tol=tol, check_every=check_every,
-                             stats=stats, **guide)
+                             stats=stats, graphed=graphed, pool=pool, **guide)
         return model.unpatchify(x)
 
 
@@ -84,6 +106,8 @@ def _segments_per_block(model, x, y, sampler, segments, tol, guide) -> list[int]
         return [1] * n
     if sampler == "jacobi":
         return [T - 1] * n
+    if sampler == "auto" and segments is None and x.device.type != "cuda":
+        return [1] * n  # sequential off CUDA: see the module docstring
     if segments is None:
         return calibrate_segments(model, x, y, tol=tol, **guide)
     if isinstance(segments, int):
@@ -102,17 +126,24 @@ def invert_block(
     tol: float = DEFAULT_TOL,
     check_every: int = 1,
     stats: InversionStats | None = None,
+    graphed: bool = False,
+    pool=None,
     **guide,
 ) -> torch.Tensor:
     """Invert one block for natural-order tokens x (B, T, D): sequentially when `segment` is 1,
-    else by Jacobi iteration over segments of that many tokens."""
+    else by Jacobi iteration over segments of that many tokens. `graphed`: replay the fixed-shape
+    steps as CUDA graphs (sharing the memory `pool`)."""
     runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=_compute_dtype(x.device, x.dtype), **guide)
     xo = block.order(x).clone()
     if segment <= 1:
-        invert_sequential(runner, xo)
+        if graphed:
+            invert_sequential_static(runner, xo, graphed=True, pool=pool)
+        else:
+            invert_sequential(runner, xo)
         passes = x.shape[1] - 1
     else:
-        passes = invert_segments(runner, xo, segment, tol=tol, check_every=check_every, stats=stats)
+        passes = invert_segments(runner, xo, segment, tol=tol, check_every=check_every, stats=stats,
+                                 graphed=graphed, pool=pool)
     if stats is not None:
         stats.iterations.append(passes)
         stats.segments.append(segment)
@@ -160,14 +191,23 @@ def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: 
 
 
 def _time_pass(block: FlowBlock, x: torch.Tensor, y, length: int, dtype, guide, repeats: int = 3) -> float:
-    """Seconds for one pass over a window of `length` tokens at the real batch size (best of a few)."""
+    """Seconds for one pass over a window of `length` tokens at the real batch size (best of a few),
+    run the way sampling runs it: a single token through the fixed-shape step and windows through
+    the block forward, each replayed as a CUDA graph on CUDA."""
     runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
-    window = block.order(x)[:, :length]
+    xo = block.order(x)
+    T = xo.shape[1]
+    if length == 1:
+        pos = torch.full((1,), T // 2, dtype=torch.long, device=x.device)
+        work = Replay(lambda: runner.step(xo[:, T // 2], pos, T), graphed=x.is_cuda)
+    else:
+        work = Replay(lambda: runner.params(xo[:, :length], 0), graphed=x.is_cuda)
+    work(), work()  # warm-up and, on CUDA, capture
     best = float("inf")
     for _ in range(repeats):
         _sync(x.device)
         t0 = time.perf_counter()
-        runner.params(window, 0)
+        work()
         _sync(x.device)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -184,6 +224,15 @@ class SampleResult:
     labels: torch.Tensor | None  # (N,) int64 or None
     redrawn: int = 0  # samples that came out non-finite and were drawn again
     settings: dict = field(default_factory=dict)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32 | bf16 | auto -> fp32 or bf16 (auto: bf16 on CUDA only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def draw_noise(model: TarFlow, num: int, generator: torch.Generator) -> torch.Tensor:
@@ -203,13 +252,19 @@ def generate(
     denoise_lr_scale: float = 1.0,
     max_redraws: int = 10,
     on_batch: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
     **options,
 ) -> SampleResult:
     """Draw `num` images in batches: noise (given or from `generator`), labels (given, or uniform
     random classes for conditional models), sample, optional denoising step, and redraw of any
-    sample that came out non-finite (with fresh noise; counted in `redrawn`)."""
+    sample that came out non-finite (with fresh noise; counted in `redrawn`).
+
+    `precision`: fp32, bf16 (the transformer in bfloat16, norms, exp and the flow update in
+    float32, as the published code samples) or auto (bf16 on CUDA, fp32 elsewhere)."""
     cfg = model.config
     device = model.var.device
+    precision = resolve_precision(precision, device)
+    half = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     if noise is None:
         noise = draw_noise(model, num, generator)
     if labels is None and cfg.conditional:
@@ -219,14 +274,12 @@ def generate(
     options = dict(options)
     sampler = options.setdefault("sampler", "sequential")
     if sampler == "auto" and device.type != "cuda" and options.get("segments") is None:
-        # measured on CPUs: a parallel pass costs about as much as the tokens it covers, so
-        # sequential wins (benchmarks/RESULTS.md); it is also exact and run-to-run identical
-        options["segments"] = 1
+        options["segments"] = 1  # sequential off CUDA: see the module docstring
     if sampler in ("auto", "gs-jacobi") and options.get("segments") is None and num > 0:
         # measure once, on the first batch's noise, and use the choice for every batch
         guide = {k: options[k] for k in ("guidance", "guide_what", "attn_temp", "annealed") if k in options}
         first = min(num, batch_size)
-        with torch.inference_mode():
+        with torch.inference_mode(), half:
             x0 = noise[:first].to(device, model.var.dtype) * model.var.sqrt()
             y0 = labels[:first].to(device) if labels is not None else None
             options["segments"] = calibrate_segments(model, x0, y0, tol=options.get("tol", DEFAULT_TOL), **guide)
@@ -239,7 +292,8 @@ def generate(
         todo = torch.arange(stop - start)
         for attempt in range(max_redraws + 1):
             sub_y = yb[todo.to(device)] if yb is not None else None
-            x = sample(model, z[todo].to(device), sub_y, **options)
+            with half:
+                x = sample(model, z[todo].to(device), sub_y, **options)
             if denoise_sigma:
                 x = denoise(model, x, sub_y, sigma=denoise_sigma, lr_scale=denoise_lr_scale)
             x = x.float().cpu()
@@ -254,7 +308,10 @@ def generate(
             z[todo] = draw_noise(model, len(todo), generator)
         if on_batch is not None:
             on_batch(stop, num)
-    return SampleResult(out, labels, redrawn, _settings(options, stats, len(model.blocks), cfg.num_patches))
+    settings = _settings(options, stats, len(model.blocks), cfg.num_patches)
+    check_every = options.get("check_every") or (DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
+    return SampleResult(out, labels, redrawn, {**settings, "check_every": check_every, "precision": precision,
+                                                "cuda_graphs": use_graphs(device, options.get("cuda_graphs"))})
 
 
 def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) -> dict:

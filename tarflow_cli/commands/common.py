@@ -14,7 +14,7 @@ from tarflow_core.checkpoint import CheckpointInfo, load_checkpoint
 from tarflow_core.dist import DistError
 from tarflow_core.dist import resolve_device as resolve_torch_device
 from tarflow_core.model import TarFlow
-from tarflow_core.sampling import GUIDE_WHAT, SAMPLERS
+from tarflow_core.sampling import GUIDE_WHAT, PRECISIONS, SAMPLERS
 
 from ..console import UsageError
 from ..io import read_labels
@@ -38,6 +38,9 @@ DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", help="Multipl
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
 SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)]
 TolOpt = Annotated[float, typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this.")]
+CheckEveryOpt = Annotated[Optional[int], typer.Option("--check-every", min=1, help="Jacobi samplers: passes between convergence checks (each one waits for the device) [default: 1 on CPUs, 4 on CUDA].", show_default=False)]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="Sampling arithmetic: fp32, bf16 (transformer in bfloat16, as the published code samples), or auto (bf16 on CUDA, fp32 elsewhere).")]
+CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs [default: on with CUDA].", show_default=False)]
 
 
 def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float) -> None:
@@ -49,6 +52,13 @@ def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol:
         raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
     if not tol >= 0:
         raise UsageError(f"--tol {tol}: expected a number >= 0")
+
+
+def check_precision_options(precision: str, cuda_graphs: bool | None, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (this run uses {device})")
 
 
 def parse_segments(text: str | None, blocks: int) -> int | list[int] | None:

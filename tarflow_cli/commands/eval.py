@@ -20,12 +20,13 @@ from tarflow_core.metrics import (SHARD_SIZE, InceptionWeightsError, SampleCache
                                   load_inception, load_stats, sample_shards, save_stats)
 from tarflow_core.metrics.common import ordered_batches
 from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MODES, WEIGHTS_FILENAME
-from tarflow_core.sampling import DEFAULT_TOL
+from tarflow_core.sampling import DEFAULT_TOL, resolve_precision
 
 from ..console import UsageError, info, user_errors
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
-                     GuidanceOpt, GuideWhatOpt, PatchOpt, SamplerOpt, SeedOpt, SegmentsOpt, TolOpt,
-                     check_sampling_options, load, parse_segments, resolve_device)
+                     CheckEveryOpt, CudaGraphsOpt, GuidanceOpt, GuideWhatOpt, PatchOpt, PrecisionOpt, SamplerOpt, SeedOpt,
+                     SegmentsOpt, TolOpt, check_precision_options, check_sampling_options, load, parse_segments,
+                     resolve_device)
 from .common import denoise_sigma as resolve_denoise_sigma
 from .progress import progress_bar
 
@@ -52,6 +53,9 @@ def eval_cmd(
     sampler: SamplerOpt = "auto",
     segments: SegmentsOpt = None,
     tol: TolOpt = DEFAULT_TOL,
+    check_every: CheckEveryOpt = None,
+    precision: PrecisionOpt = "auto",
+    cuda_graphs: CudaGraphsOpt = None,
     fid_stats: Annotated[Optional[Path], typer.Option("--fid-stats", help="Reference statistics .npz (mu, sigma): read if it exists, else computed from --data/--split and written there (default: a cache file keyed by data, split and image size).", show_default=False)] = None,
     inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help=f"The FID Inception weights ({WEIGHTS_FILENAME}) (default: $TARFLOW_INCEPTION, the cache, or a download). 'random' gives a plumbing check only.", show_default=False)] = None,
     inception_resize: Annotated[str, typer.Option("--inception-resize", help="Resize to 299: tf (TensorFlow 1.x bilinear, as the TF FID graph) or pytorch (as pytorch-fid).")] = "tf",
@@ -88,7 +92,8 @@ def eval_cmd(
 
 
 def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_samples, guidance, guide_what,
-              attn_temp, annealed, denoise, denoise_sigma, denoise_lr_scale, sampler, segments, tol, fid_stats,
+              attn_temp, annealed, denoise, denoise_sigma, denoise_lr_scale, sampler, segments, tol, check_every,
+              precision, cuda_graphs, fid_stats,
               inception_weights, inception_resize, inception_size, fid_batch_size, sample_cache, seed, device,
               patch_size) -> dict:
     wanted = _parse_metrics(metrics)
@@ -98,6 +103,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if inception_size < MIN_INPUT_SIZE:
         raise UsageError(f"--inception-size {inception_size}: expected at least {MIN_INPUT_SIZE}")
     dev = resolve_device(device)
+    check_precision_options(precision, cuda_graphs, dev)
     model, ck = load(ckpt, dev, patch_size)
     model.eval()
     cfg = model.config
@@ -136,7 +142,8 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if "fid" in wanted:
         sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
         options = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed,
-                       sampler=sampler, segments=parse_segments(segments, cfg.num_blocks), tol=tol)
+                       sampler=sampler, segments=parse_segments(segments, cfg.num_blocks), tol=tol,
+                       check_every=check_every, precision=resolve_precision(precision, dev))
         settings.update(num_samples=num_samples, **options, denoise_sigma=sigma,
                         denoise_lr_scale=denoise_lr_scale if sigma else None, shard_size=SHARD_SIZE,
                         sample_cache=str(sample_cache) if sample_cache else None)
@@ -192,7 +199,8 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
         start = time.perf_counter()
         fake, redrawn, reused = _sample_stats(model, inception, num_samples, seed=seed, batch_size=batch_size,
                                               fid_batch_size=fid_batch_size, cache=cache, denoise_sigma=sigma,
-                                              denoise_lr_scale=denoise_lr_scale, options=options)
+                                              denoise_lr_scale=denoise_lr_scale, options=options,
+                                              cuda_graphs=cuda_graphs)
         fid = fid_from_stats(fake, ref)
         out["metrics"]["fid"] = fid
         out["num_samples"] = fake.n
@@ -231,14 +239,14 @@ def _reference_stats(inception, dataset, fid_batch_size: int, path: Path, networ
 
 
 def _sample_stats(model, inception, num: int, *, seed: int, batch_size: int, fid_batch_size: int, cache,
-                  denoise_sigma, denoise_lr_scale, options) -> tuple[Any, int, int]:
+                  denoise_sigma, denoise_lr_scale, options, cuda_graphs) -> tuple[Any, int, int]:
     redrawn = reused = 0
     with progress_bar("sampling", num) as advance:
         def chunks() -> Iterator[torch.Tensor]:
             nonlocal redrawn, reused
             for shard in sample_shards(model, num, seed=seed, batch_size=batch_size, cache=cache,
                                        denoise_sigma=denoise_sigma, denoise_lr_scale=denoise_lr_scale,
-                                       on_progress=lambda d, t: advance(d), **options):
+                                       on_progress=lambda d, t: advance(d), cuda_graphs=cuda_graphs, **options):
                 redrawn += shard.redrawn
                 reused += len(shard.images) if shard.cached else 0
                 for i in range(0, len(shard.images), fid_batch_size):

@@ -16,8 +16,9 @@ from tarflow_core.sampling import DEFAULT_TOL, generate
 from ..console import UsageError, info, user_errors
 from ..io import InputError, write_output
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, ClassOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt,
-                     DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, SamplerOpt, SeedOpt, SegmentsOpt, TolOpt,
-                     check_sampling_options, load, parse_segments, resolve_device, resolve_labels)
+                     CheckEveryOpt, CudaGraphsOpt, DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, PrecisionOpt,
+                     SamplerOpt, SeedOpt, SegmentsOpt, TolOpt, check_precision_options, check_sampling_options, load,
+                     parse_segments, resolve_device, resolve_labels)
 from .common import denoise_sigma as resolve_denoise_sigma
 from .progress import progress_bar
 
@@ -38,6 +39,9 @@ def sample(
     sampler: SamplerOpt = "auto",
     segments: SegmentsOpt = None,
     tol: TolOpt = DEFAULT_TOL,
+    check_every: CheckEveryOpt = None,
+    precision: PrecisionOpt = "auto",
+    cuda_graphs: CudaGraphsOpt = None,
     noise: Annotated[Optional[Path], typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False)] = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).")] = "samples.png",
@@ -58,6 +62,7 @@ def sample(
     with user_errors():
         check_sampling_options(guide_what, attn_temp, sampler, tol)
         dev = resolve_device(device)
+        check_precision_options(precision, cuda_graphs, dev)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
         segs = parse_segments(segments, len(model.blocks))
@@ -77,7 +82,7 @@ def sample(
             result = generate(model, n, generator=generator, batch_size=batch_size, labels=y, noise=prior_noise,
                               denoise_sigma=sigma, denoise_lr_scale=denoise_lr_scale,
                               on_batch=lambda done, total: advance(done), sampler=sampler, segments=segs, tol=tol,
-                              **settings)
+                              check_every=check_every, precision=precision, cuda_graphs=cuda_graphs, **settings)
         seconds = time.perf_counter() - start
         if verbose:
             info(f"sampler: {result.settings}")

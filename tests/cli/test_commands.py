@@ -244,3 +244,19 @@ def test_denoise_needs_a_sigma(uncond_ckpt, tmp_path):
 def test_bad_out_and_device(cond_ckpt):
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", "x.txt"), "x.txt")
     assert_user_error(run("sample", "-c", cond_ckpt, "--device", "tpu"), "--device tpu")
+
+
+def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
+    out = tmp_path / "s.npz"
+    r = run("sample", "-c", cond_ckpt, "-n", 3, "--sampler", "gs-jacobi", "--segments", 3, "--check-every", 2,
+            "--precision", "auto", "--guidance", 1, "--out", out, "-v")
+    assert r.exit_code == 0, r.stderr
+    with np.load(out) as z:
+        from tarflow_cli.io import NPZ_META_KEY
+        meta = json.loads(str(z[NPZ_META_KEY]))
+    s = meta["sampling"]
+    assert s["sampler"] == "gs-jacobi" and s["segments"] == 3 and s["check_every"] == 2
+    assert s["precision"] == "fp32" and s["cuda_graphs"] is False  # auto on a CPU
+    assert "check_every" in r.stderr  # --verbose prints the settings
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--cuda-graphs", "--device", "cpu"), "--cuda-graphs")
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--precision", "fp16"), "--precision fp16")

@@ -1,0 +1,87 @@
+"""The fixed-shape sampling path that CUDA graphs replay, and the graphs themselves on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tarflow_core.block_runner import BlockRunner
+from tarflow_core.inversion import InversionStats, invert_sequential, invert_sequential_static
+from tarflow_core.sampling import DEFAULT_TOL, sample
+from tests.conftest import tiny_model
+from tests.core.test_flow_exact import GUIDED, IDS, MODES
+from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+@pytest.mark.parametrize("opts", GUIDED, ids=GUIDE_IDS)
+@pytest.mark.parametrize("buckets", [1, 3, 16])
+def test_fixed_shape_inversion_equals_the_sequential_one(mode, opts, buckets):
+    """Position in a tensor, attention over a masked fixed span: same numbers as the plain loop."""
+    model = tiny_model(var=True, img_size=8, **mode)  # 16 tokens
+    noise, y = _noise(model)
+    for block in model.blocks:
+        with torch.inference_mode():
+            plain = block.order(noise).clone()
+            invert_sequential(BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype, **opts), plain)
+            fixed = block.order(noise).clone()
+            runner = BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype, **opts)
+            invert_sequential_static(runner, fixed, graphed=False, buckets=buckets)
+        assert torch.allclose(fixed, plain, atol=1e-12, rtol=0)
+        assert not torch.equal(plain, block.order(noise))  # the block did something
+
+
+@pytest.mark.parametrize("check_every", [2, 5])
+def test_checking_convergence_every_k_passes_keeps_the_result(check_every):
+    model = tiny_model(var=True, img_size=8, num_classes=3)
+    noise, y = _noise(model)
+    seq = sample(model, noise, y, guidance=1.5)
+    stats = InversionStats()
+    out = sample(model, noise, y, guidance=1.5, sampler="gs-jacobi", segments=7, check_every=check_every, stats=stats)
+    assert (out - seq).abs().max() <= DEFAULT_TOL
+    exact = sample(model, noise, y, guidance=1.5, sampler="jacobi", tol=0.0, check_every=check_every)
+    assert torch.allclose(exact, seq, atol=1e-12, rtol=0)
+
+
+def test_check_every_must_be_positive():
+    model = tiny_model(img_size=8)
+    with pytest.raises(ValueError, match="check_every"):
+        sample(model, _noise(model)[0], sampler="jacobi", check_every=0)
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    model = tiny_model(img_size=8)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        sample(model, _noise(model)[0], cuda_graphs=True)
+
+
+@cuda
+@pytest.mark.parametrize("sampler,segments", [("sequential", None), ("gs-jacobi", 5), ("jacobi", None)])
+def test_cuda_graph_replay_matches_eager_sampling(sampler, segments):
+    model = tiny_model(var=True, img_size=8, num_classes=3, dtype=torch.float32).cuda()
+    noise, y = _noise(model, n=4, dtype=torch.float32)
+    noise, y = noise.cuda(), y.cuda()
+    opts = dict(guidance=1.5, annealed=True, attn_temp=0.8, sampler=sampler, segments=segments)
+    eager = sample(model, noise, y, cuda_graphs=False, check_every=1, **opts)
+    stats = InversionStats()
+    graphed = sample(model, noise, y, stats=stats, **opts)  # graphs and check_every 4 by default on CUDA
+    again = sample(model, noise, y, **opts)
+    assert torch.isfinite(graphed).all()
+    assert (graphed - eager).abs().max() <= (1e-5 if sampler == "sequential" else 2 * DEFAULT_TOL)
+    assert torch.equal(graphed, again)  # replays are deterministic
+    ref = sample(model.cpu(), noise.cpu(), y.cpu(), guidance=1.5, annealed=True, attn_temp=0.8)
+    assert (graphed.cpu() - ref).abs().max() <= 1e-3
+
+
+@cuda
+def test_bf16_sampling_on_cuda_stays_close_to_float32():
+    model = tiny_model(img_size=8, num_classes=3, dtype=torch.float32).cuda()
+    noise, y = _noise(model, n=4, dtype=torch.float32)
+    noise, y = noise.cuda(), y.cuda()
+    full = sample(model, noise, y, guidance=2.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = sample(model, noise, y, guidance=2.0)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).abs().max() < 0.1
