@@ -47,8 +47,8 @@ def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: 
 
     The position lives in a device tensor and attention reads a fixed span of the cache (the
     end of the current bucket of T / `buckets` positions, later positions masked), so each
-    bucket's step can be replayed as one CUDA graph (`graphed`); at most 1 / buckets of the
-    keys/values read are masked padding.
+    bucket's step can be replayed as one CUDA graph (`graphed`); the masked padding adds about
+    1 / buckets to the keys/values read.
     """
     T = xo.shape[1]
     pos = torch.zeros(1, dtype=torch.long, device=xo.device)

@@ -90,17 +90,20 @@ def sample(
         check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1 (got {check_every})")
-    with torch.inference_mode():
+    dtype = _compute_dtype(device, model.var.dtype)
+    # the block runner casts explicitly (weights to `dtype`, norms and the flow update in float32),
+    # so autocast is switched off inside: nothing is cast behind its back, also under graph capture
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         x = noise.to(device, model.var.dtype) * model.var.sqrt()
-        per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide)
+        per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype)
         pool = graph_pool(graphed)
         for i, block in enumerate(reversed(model.blocks)):
             x = invert_block(block, x, y, segment=per_block[i], tol=tol, check_every=check_every,
-                             stats=stats, graphed=graphed, pool=pool, **guide)
+                             stats=stats, graphed=graphed, pool=pool, dtype=dtype, **guide)
         return model.unpatchify(x)
 
 
-def _segments_per_block(model, x, y, sampler, segments, tol, guide) -> list[int]:
+def _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype) -> list[int]:
     n, T = len(model.blocks), model.config.num_patches
     if sampler == "sequential":
         return [1] * n
@@ -109,7 +112,7 @@ def _segments_per_block(model, x, y, sampler, segments, tol, guide) -> list[int]
     if sampler == "auto" and segments is None and x.device.type != "cuda":
         return [1] * n  # sequential off CUDA: see the module docstring
     if segments is None:
-        return calibrate_segments(model, x, y, tol=tol, **guide)
+        return calibrate_segments(model, x, y, tol=tol, dtype=dtype, **guide)
     if isinstance(segments, int):
         segments = [segments] * n
     if len(segments) != n or any(int(s) < 1 for s in segments):
@@ -128,12 +131,15 @@ def invert_block(
     stats: InversionStats | None = None,
     graphed: bool = False,
     pool=None,
+    dtype: torch.dtype | None = None,
     **guide,
 ) -> torch.Tensor:
     """Invert one block for natural-order tokens x (B, T, D): sequentially when `segment` is 1,
     else by Jacobi iteration over segments of that many tokens. `graphed`: replay the fixed-shape
-    steps as CUDA graphs (sharing the memory `pool`)."""
-    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=_compute_dtype(x.device, x.dtype), **guide)
+    steps as CUDA graphs (sharing the memory `pool`). `dtype`: the transformer's arithmetic
+    (default: autocast's when it is on, else x's)."""
+    dtype = dtype or _compute_dtype(x.device, x.dtype)
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
     xo = block.order(x).clone()
     if segment <= 1:
         if graphed:
@@ -151,20 +157,21 @@ def invert_block(
 
 
 def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float = DEFAULT_TOL,
-                       probe: int = 4, **guide) -> list[int]:
+                       probe: int = 4, dtype: torch.dtype | None = None, **guide) -> list[int]:
     """Choose each block's segment length (1 = sequential) from measurement.
 
     The cost of one pass over a window of S tokens is timed at the real batch size; the number
     of passes each segment length needs is counted on a few samples. Returns the cheapest
     choice per block, in inversion order.
     """
-    with torch.inference_mode():
-        return _calibrate(model, x, y, tol=tol, probe=probe, **guide)
+    dtype = dtype or _compute_dtype(x.device, x.dtype)
+    with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+        return _calibrate(model, x, y, tol=tol, probe=probe, dtype=dtype, **guide)
 
 
-def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float, probe: int, **guide) -> list[int]:
+def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float, probe: int, dtype,
+               **guide) -> list[int]:
     B, T, D = x.shape
-    dtype = _compute_dtype(x.device, x.dtype)
     blocks = list(reversed(model.blocks))
     candidates = sorted({s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True)
     cost = {s: _time_pass(blocks[0], x, y, s, dtype, guide) for s in [1, *candidates]}
@@ -184,7 +191,7 @@ def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: 
             if passes is not None and passes * cost[s] < best_cost:
                 best_s, best_cost, best_out = s, passes * cost[s], block.order(xo)
         if best_out is None:
-            best_out = invert_block(block, xp, yp, segment=1, **guide)
+            best_out = invert_block(block, xp, yp, segment=1, dtype=dtype, **guide)
         chosen.append(best_s)
         xp = best_out
     return chosen
