@@ -33,7 +33,8 @@ class Replay:
             _warm_up(self.step)
         else:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: CUDA work on other threads (a dashboard, NCCL's watchdog) may go on
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.step()
             self.graph = graph
             graph.replay()

@@ -519,7 +519,8 @@ class _Trainer:
         with ctx:
             res = generate(model, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed + 1),
                            batch_size=min(cfg.num_samples, 256), labels=self.sample_labels,
-                           noise=self.sample_noise, denoise_sigma=sigma)
+                           noise=self.sample_noise, denoise_sigma=sigma,
+                           cuda_graphs=False)  # previews are short and run beside DDP's threads: no capture
         k = self.model_cfg.num_classes
         nrow = k if k and cfg.num_samples % k == 0 and k <= 32 else None
         path = self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
