@@ -24,7 +24,8 @@ from .model import FlowBlock, TarFlow
 SAMPLERS = ("auto", "sequential", "jacobi", "gs-jacobi")
 GUIDE_WHAT = ("a", "b", "ab")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_TOL = 1e-4
+DEFAULT_TOL = 1e-4  # Jacobi convergence: largest change between passes, float32 arithmetic
+DEFAULT_TOL_HALF = 1e-2  # the same in bfloat16/float16, whose rounding keeps iterates moving ~1e-2
 DEFAULT_CHECK_EVERY_CUDA = 4  # Jacobi passes between convergence checks (host syncs) on CUDA
 
 
@@ -41,6 +42,11 @@ def check_options(guidance: float, guide_what: str, attn_temp: float, sampler: s
         raise ValueError(f"attention temperature must be > 0 (got {attn_temp})")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The Jacobi samplers' default tolerance for this arithmetic (DEFAULT_TOL or DEFAULT_TOL_HALF)."""
+    return DEFAULT_TOL_HALF if dtype in (torch.float16, torch.bfloat16) else DEFAULT_TOL
 
 
 def _compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
@@ -60,7 +66,7 @@ def sample(
     annealed: bool = False,
     sampler: str = "sequential",
     segments: int | list[int] | None = None,
-    tol: float = DEFAULT_TOL,
+    tol: float | None = None,
     check_every: int | None = None,
     stats: InversionStats | None = None,
     cuda_graphs: bool | None = None,
@@ -91,6 +97,7 @@ def sample(
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1 (got {check_every})")
     dtype = _compute_dtype(device, model.var.dtype)
+    tol = default_tol(dtype) if tol is None else tol
     # the block runner casts explicitly (weights to `dtype`, norms and the flow update in float32),
     # so autocast is switched off inside: nothing is cast behind its back, also under graph capture
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
@@ -156,7 +163,7 @@ def invert_block(
     return block.order(xo)
 
 
-def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float = DEFAULT_TOL,
+def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float | None = None,
                        probe: int = 4, dtype: torch.dtype | None = None, **guide) -> list[int]:
     """Choose each block's segment length (1 = sequential) from measurement.
 
@@ -165,6 +172,7 @@ def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, 
     choice per block, in inversion order.
     """
     dtype = dtype or _compute_dtype(x.device, x.dtype)
+    tol = default_tol(dtype) if tol is None else tol
     with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
         return _calibrate(model, x, y, tol=tol, probe=probe, dtype=dtype, **guide)
 
@@ -289,7 +297,7 @@ def generate(
         with torch.inference_mode(), half:
             x0 = noise[:first].to(device, model.var.dtype) * model.var.sqrt()
             y0 = labels[:first].to(device) if labels is not None else None
-            options["segments"] = calibrate_segments(model, x0, y0, tol=options.get("tol", DEFAULT_TOL), **guide)
+            options["segments"] = calibrate_segments(model, x0, y0, tol=options.get("tol"), **guide)
     stats = InversionStats()
     options["stats"] = stats
     for start in range(0, num, batch_size):
@@ -316,6 +324,9 @@ def generate(
         if on_batch is not None:
             on_batch(stop, num)
     settings = _settings(options, stats, len(model.blocks), cfg.num_patches)
+    if settings["tol"] is None:
+        with half:
+            settings["tol"] = default_tol(_compute_dtype(device, model.var.dtype))
     check_every = options.get("check_every") or (DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
     return SampleResult(out, labels, redrawn, {**settings, "check_every": check_every, "precision": precision,
                                                 "cuda_graphs": use_graphs(device, options.get("cuda_graphs"))})
@@ -327,5 +338,5 @@ def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) ->
     segments = {"sequential": 1, "jacobi": tokens - 1}.get(sampler, options.get("segments"))
     passes = [stats.iterations[i::blocks] for i in range(blocks)] if stats.iterations else []
     mean_passes = [round(sum(p) / len(p), 2) for p in passes if p]
-    return {"sampler": sampler, "segments": segments, "tol": options.get("tol", DEFAULT_TOL),
+    return {"sampler": sampler, "segments": segments, "tol": options.get("tol"),
             "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks}

@@ -20,7 +20,7 @@ from tarflow_core.metrics import (SHARD_SIZE, InceptionWeightsError, SampleCache
                                   load_inception, load_stats, sample_shards, save_stats)
 from tarflow_core.metrics.common import ordered_batches
 from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MODES, WEIGHTS_FILENAME
-from tarflow_core.sampling import DEFAULT_TOL, resolve_precision
+from tarflow_core.sampling import resolve_precision
 
 from ..console import UsageError, info, user_errors
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
@@ -52,7 +52,7 @@ def eval_cmd(
     denoise_lr_scale: DenoiseLrOpt = 1.0,
     sampler: SamplerOpt = "auto",
     segments: SegmentsOpt = None,
-    tol: TolOpt = DEFAULT_TOL,
+    tol: TolOpt = None,
     check_every: CheckEveryOpt = None,
     precision: PrecisionOpt = "auto",
     cuda_graphs: CudaGraphsOpt = None,

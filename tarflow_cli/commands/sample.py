@@ -11,7 +11,7 @@ import torch
 import typer
 
 from tarflow_core import __version__
-from tarflow_core.sampling import DEFAULT_TOL, generate
+from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, write_output
@@ -38,7 +38,7 @@ def sample(
     denoise_lr_scale: DenoiseLrOpt = 1.0,
     sampler: SamplerOpt = "auto",
     segments: SegmentsOpt = None,
-    tol: TolOpt = DEFAULT_TOL,
+    tol: TolOpt = None,
     check_every: CheckEveryOpt = None,
     precision: PrecisionOpt = "auto",
     cuda_graphs: CudaGraphsOpt = None,

@@ -7,7 +7,7 @@ import torch
 
 from tarflow_core.block_runner import BlockRunner
 from tarflow_core.inversion import InversionStats, invert_sequential, invert_sequential_static
-from tarflow_core.sampling import DEFAULT_TOL, sample
+from tarflow_core.sampling import DEFAULT_TOL, DEFAULT_TOL_HALF, generate, sample
 from tests.conftest import tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
@@ -85,3 +85,19 @@ def test_bf16_sampling_on_cuda_stays_close_to_float32():
         half = sample(model, noise, y, guidance=2.0)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert (half - full).abs().max() < 0.1
+
+
+def test_bf16_jacobi_uses_a_tolerance_bf16_can_reach():
+    """bfloat16 rounding keeps Jacobi iterates moving by ~1e-2: the default tolerance follows the
+    arithmetic, so the iteration stops early instead of always running to the exact T passes."""
+    model = tiny_model(var=True, img_size=8, num_classes=3, dtype=torch.float32)
+    gen = lambda **kw: generate(model, 8, generator=torch.Generator().manual_seed(0), sampler="jacobi",  # noqa: E731
+                                guidance=1.0, **kw)
+    full, half = gen(), gen(precision="bf16")
+    assert full.settings["tol"] == DEFAULT_TOL and half.settings["tol"] == DEFAULT_TOL_HALF
+    assert half.settings["precision"] == "bf16"
+    assert min(half.settings["passes_per_block"]) < 15  # stopped before the exact 15 passes
+    seq_half = generate(model, 8, generator=torch.Generator().manual_seed(0), guidance=1.0, precision="bf16")
+    # both bf16 results sit within bf16's own error of the float32 images
+    assert (seq_half.images - full.images).abs().max() < 0.1
+    assert (half.images - full.images).abs().max() < 0.1
