@@ -32,12 +32,8 @@ class Replay:
         elif self.calls == 1:
             _warm_up(self.step)
         else:
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA work on other threads (a dashboard, NCCL's watchdog) may go on
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self.step()
-            self.graph = graph
-            graph.replay()
+            self.graph = _capture(self.step, self.pool)
+            self.graph.replay()
 
 
 def graph_pool(graphed: bool):
@@ -61,3 +57,12 @@ def _warm_up(step: Callable[[], None]) -> None:
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(step: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
+    """Record `step` as a CUDA graph (recording does not run it)."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: CUDA work on other threads (a dashboard, NCCL's watchdog) may go on
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        step()
+    return graph

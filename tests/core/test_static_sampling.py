@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tarflow_core.block_runner import BlockRunner
-from tarflow_core.inversion import InversionStats, invert_sequential, invert_sequential_static
+from tarflow_core.inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
 from tarflow_core.sampling import DEFAULT_TOL, DEFAULT_TOL_HALF, generate, sample
 from tests.conftest import tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
+from tests.core.graph_emulator import emulate_cuda_graphs
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -101,3 +102,69 @@ def test_bf16_jacobi_uses_a_tolerance_bf16_can_reach():
     # both bf16 results sit within bf16's own error of the float32 images
     assert (seq_half.images - full.images).abs().max() < 0.1
     assert (half.images - full.images).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("mode", MODES[::3], ids=IDS[::3])
+@pytest.mark.parametrize("opts", GUIDED[1:3] + GUIDED[4:], ids=GUIDE_IDS[1:3] + GUIDE_IDS[4:])
+def test_graph_replay_semantics_on_a_cpu(monkeypatch, mode, opts):
+    """The steps CUDA graphs replay, run under emulated capture/replay: no host sync inside,
+    nothing Python-side baked in (replays re-run the recorded operators only), same images."""
+    graphs = emulate_cuda_graphs(monkeypatch)
+    model = tiny_model(var=True, img_size=8, **mode)
+    noise, y = _noise(model)
+    seq = sample(model, noise, y, **opts)
+    with torch.inference_mode():
+        for segment in (1, 4):
+            x = noise * model.var.sqrt()
+            for block in reversed(model.blocks):
+                runner = BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype, **opts)
+                xo = block.order(x).clone()
+                if segment == 1:
+                    invert_sequential_static(runner, xo, graphed=True, buckets=2)
+                else:
+                    invert_segments(runner, xo, segment, tol=1e-9, graphed=True)
+                x = block.order(xo)
+            assert torch.allclose(model.unpatchify(x), seq, atol=1e-9, rtol=0), segment
+    assert graphs and all(g.replays >= 1 for g in graphs)
+    assert sum(g.replays for g in graphs) > len(graphs)  # most steps ran as replays
+
+
+def _graphed_block_error(monkeypatch) -> float:
+    """Max |difference| between the plain sequential inverse of one block and the emulated-graph one."""
+    emulate_cuda_graphs(monkeypatch)
+    model = tiny_model(var=True, img_size=8, num_classes=3)
+    noise, y = _noise(model)
+    block = model.blocks[0]
+    with torch.inference_mode():
+        plain, graphed = block.order(noise).clone(), block.order(noise).clone()
+        invert_sequential(BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype), plain)
+        runner = BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype)
+        invert_sequential_static(runner, graphed, graphed=True, buckets=2)
+    return (plain - graphed).abs().max().item()
+
+
+def test_the_emulator_catches_a_position_baked_in_at_capture(monkeypatch):
+    from tarflow_core import inversion
+
+    advance, counter = inversion._advance, [0]
+
+    def python_position(runner, xo, pos, span):  # the position from a Python counter: fixed at capture
+        counter[0] += 1
+        advance(runner, xo, torch.full((1,), counter[0] - 1), span)
+        pos.add_(1)
+
+    monkeypatch.setattr(inversion, "_advance", python_position)
+    assert _graphed_block_error(monkeypatch) > 1e-3
+
+
+def test_the_emulator_catches_a_host_sync_inside_a_step(monkeypatch):
+    step = BlockRunner.step
+
+    def syncing(self, x, t, span=None):
+        if isinstance(t, torch.Tensor):
+            int(t)
+        return step(self, x, t, span)
+
+    monkeypatch.setattr(BlockRunner, "step", syncing)
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        _graphed_block_error(monkeypatch)
