@@ -212,11 +212,12 @@ def _time_pass(block: FlowBlock, x: torch.Tensor, y, length: int, dtype, guide, 
     runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
     xo = block.order(x)
     T = xo.shape[1]
+    graphed = use_graphs(x.device, None)
     if length == 1:
         pos = torch.full((1,), T // 2, dtype=torch.long, device=x.device)
-        work = Replay(lambda: runner.step(xo[:, T // 2], pos, T), graphed=x.is_cuda)
+        work = Replay(lambda: runner.step(xo[:, T // 2], pos, T), graphed=graphed)
     else:
-        work = Replay(lambda: runner.params(xo[:, :length], 0), graphed=x.is_cuda)
+        work = Replay(lambda: runner.params(xo[:, :length], 0), graphed=graphed)
     work(), work()  # warm-up and, on CUDA, capture
     best = float("inf")
     for _ in range(repeats):

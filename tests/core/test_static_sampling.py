@@ -168,3 +168,23 @@ def test_the_emulator_catches_a_host_sync_inside_a_step(monkeypatch):
     monkeypatch.setattr(BlockRunner, "step", syncing)
     with pytest.raises(AssertionError, match="host synchronisation"):
         _graphed_block_error(monkeypatch)
+
+
+def test_the_cuda_sampling_flow_under_emulated_graphs(monkeypatch):
+    """sample() as it runs on CUDA (graphs on, convergence read every 4 passes, calibration timed
+    through graphs), with capture/replay emulated on the CPU: same images as plain sampling."""
+    from tarflow_core import sampling
+
+    graphs = emulate_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(sampling, "use_graphs", lambda device, requested: requested is not False)
+    monkeypatch.setattr(sampling, "graph_pool", lambda graphed: None)
+    model = tiny_model(var=True, img_size=8, num_classes=3)
+    noise, y = _noise(model)
+    opts = dict(guidance=1.5, annealed=True, attn_temp=0.8)
+    seq = sample(model, noise, y, cuda_graphs=False, **opts)
+    assert torch.allclose(sample(model, noise, y, **opts), seq, atol=1e-12, rtol=0)
+    stats = InversionStats()
+    out = sample(model, noise, y, sampler="gs-jacobi", check_every=4, stats=stats, **opts)  # calibrated
+    assert (out - seq).abs().max() <= DEFAULT_TOL
+    assert len(stats.segments) == len(model.blocks)
+    assert len(graphs) > 2 * len(model.blocks) and all(g.replays for g in graphs)
