@@ -41,7 +41,16 @@ def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, sto
         nxt.add_(b)
 
 
-def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: bool, buckets: int = 8,
+SPAN_BUCKETS = 8  # fixed attention spans per sequence in the graph-replayed sequential step
+
+
+def bucket_span(t: int, length: int, buckets: int = SPAN_BUCKETS) -> int:
+    """The fixed attention span the graph-replayed step uses for position t (the end of t's bucket)."""
+    size = -(-length // buckets)
+    return min(length, (t // size + 1) * size)
+
+
+def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: bool, buckets: int = SPAN_BUCKETS,
                              pool=None) -> None:
     """Solve positions 1..T-1 in place like `invert_sequential`, with every shape fixed per bucket.
 
@@ -54,7 +63,7 @@ def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: 
     pos = torch.zeros(1, dtype=torch.long, device=xo.device)
     size = -(-T // buckets)
     for first in range(0, T - 1, size):
-        span = min(T, first + size)
+        span = bucket_span(first, T, buckets)
         step = Replay(lambda span=span: _advance(runner, xo, pos, span), graphed=graphed, pool=pool)
         for _ in range(first, min(T - 1, first + size)):
             step()

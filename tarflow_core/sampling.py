@@ -17,7 +17,7 @@ import torch
 
 from .block_runner import BlockRunner
 from .cuda_graphs import Replay, graph_pool, use_graphs
-from .inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
+from .inversion import InversionStats, bucket_span, invert_segments, invert_sequential, invert_sequential_static
 from .likelihood import denoise
 from .model import FlowBlock, TarFlow
 
@@ -215,7 +215,7 @@ def _time_pass(block: FlowBlock, x: torch.Tensor, y, length: int, dtype, guide, 
     graphed = use_graphs(x.device, None)
     if length == 1:
         pos = torch.full((1,), T // 2, dtype=torch.long, device=x.device)
-        work = Replay(lambda: runner.step(xo[:, T // 2], pos, T), graphed=graphed)
+        work = Replay(lambda: runner.step(xo[:, T // 2], pos, bucket_span(T // 2, T)), graphed=graphed)
     else:
         work = Replay(lambda: runner.params(xo[:, :length], 0), graphed=graphed)
     work(), work()  # warm-up and, on CUDA, capture
