@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .flow import at_least_f32
+from .flow import at_least_f32, guide
 from .kv_cache import KVCache
 from .model import FlowBlock
 
@@ -21,7 +21,6 @@ class BlockRunner:
                  device: torch.device, dtype: torch.dtype):
         B = batch
         self.block = block
-        self.batch = B
         self.guided = guidance > 0
         cond = block.conditioning(y).expand(B, -1, -1)
         if self.guided:  # rows 0..B-1 conditional, rows B..2B-1 unconditional
@@ -29,11 +28,11 @@ class BlockRunner:
         else:
             cond = cond.unsqueeze(0)
         self.half = dtype in (torch.float16, torch.bfloat16)
-        self.cond = cond.detach().to(dtype if self.half else cond.dtype).contiguous()
-        self.cond_at = self.cond.permute(2, 0, 1, 3).contiguous()  # (T, passes, B, W): one position at a time
-        self.passes = self.cond.shape[0]
+        cond = cond.detach().to(dtype if self.half else cond.dtype)
+        self.cond_at = cond.permute(2, 0, 1, 3).contiguous()  # (T, passes, B, W): one position at a time
+        self.passes = cond.shape[0]
         self.rows = self.passes * B
-        T, W = self.cond.shape[2], self.cond.shape[3]
+        T, W = cond.shape[2], cond.shape[3]
         self.length, self.width = T, W
         first = block.attn_blocks[0].attention
         self.heads, self.head_dim = first.num_heads, first.head_dim
@@ -49,7 +48,8 @@ class BlockRunner:
         self.token_dim = block.token_dim
         # the single-token step's intermediate products, reused for every token
         self._qkv = torch.empty(self.rows, 3 * W, dtype=self.w_in.dtype, device=device)
-        self._hidden = torch.empty(self.rows, self.layers[0][8].shape[1], dtype=self.w_in.dtype, device=device)
+        hidden = block.attn_blocks[0].mlp.main[0].out_features
+        self._hidden = torch.empty(self.rows, hidden, dtype=self.w_in.dtype, device=device)
         self._positions = torch.arange(T, device=device)
         self.guidance, self.annealed = guidance, annealed
         self.use_a, self.use_b = "a" in guide_what, "b" in guide_what
@@ -108,7 +108,8 @@ class BlockRunner:
         rows, W, H, d = self.rows, self.width, self.heads, self.head_dim
         stop = start + L
         x = x.to(self.w_in.dtype) if self.half else x
-        h = torch.addmm(self.b_in, x.reshape(B * L, D), self.w_in).view(1, B, L, W) + self.cond[:, :, start:stop]
+        cond = self.cond_at[start:stop].permute(1, 2, 0, 3)  # (passes, B, L, W)
+        h = torch.addmm(self.b_in, x.reshape(B * L, D), self.w_in).view(1, B, L, W) + cond
         h = h.view(rows * L, W)
         mask = None
         if L > 1:
@@ -134,8 +135,8 @@ class BlockRunner:
             return (None if a is None else a[0]), b[0]
         w = self._weights(start, L, out)
         if a is not None:
-            a = a[0] + w * (a[0] - a[1]) if self.use_a else a[0]
-        b = b[0] + w * (b[0] - b[1]) if self.use_b else b[0]
+            a = guide(a[0], a[1], w) if self.use_a else a[0]
+        b = guide(b[0], b[1], w) if self.use_b else b[0]
         return a, b
 
     def _weights(self, start: int | torch.Tensor, L: int, like: torch.Tensor):

@@ -15,19 +15,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .block_runner import BlockRunner
+from .flow import affine_inverse
 from .cuda_graphs import Replay
 
 
 @dataclass
 class InversionStats:
-    """What the parallel samplers did, per block (in inversion order)."""
+    """What sampling did: per block (in inversion order) and the settings it resolved."""
 
     iterations: list[int] = field(default_factory=list)  # forward passes used per block
     segments: list[int] = field(default_factory=list)  # segment length used per block
     fallbacks: int = 0  # segments redone sequentially after diverging
-
-    def to_dict(self) -> dict:
-        return {"iterations": self.iterations, "segments": self.segments, "fallbacks": self.fallbacks}
+    tol: float | None = None  # Jacobi tolerance used (the default depends on the arithmetic)
+    check_every: int | None = None  # Jacobi passes between convergence checks
+    cuda_graphs: bool | None = None  # fixed-shape steps replayed as CUDA graphs
 
 
 def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
@@ -35,10 +36,12 @@ def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, sto
     stop = xo.shape[1] if stop is None else stop
     for t in range(start, stop - 1):
         a, b = runner.step(xo[:, t], t)
-        nxt = xo[:, t + 1]
-        if a is not None:
-            nxt.mul_(a.exp())
-        nxt.add_(b)
+        xo[:, t + 1] = inverse_update(xo[:, t + 1], a, b)
+
+
+def inverse_update(z: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """x = z * exp(a) + b, or z + b for shift-only (VP) blocks."""
+    return z + b if a is None else affine_inverse(z, a, b)
 
 
 SPAN_BUCKETS = 8  # fixed attention spans per sequence in the graph-replayed sequential step
@@ -61,22 +64,20 @@ def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: 
     """
     T = xo.shape[1]
     pos = torch.zeros(1, dtype=torch.long, device=xo.device)
-    size = -(-T // buckets)
-    for first in range(0, T - 1, size):
-        span = bucket_span(first, T, buckets)
-        step = Replay(lambda span=span: _advance(runner, xo, pos, span), graphed=graphed, pool=pool)
-        for _ in range(first, min(T - 1, first + size)):
-            step()
+    step, span = None, None
+    for t in range(T - 1):
+        if bucket_span(t, T, buckets) != span:
+            span = bucket_span(t, T, buckets)
+            step = Replay(lambda span=span: _advance(runner, xo, pos, span), graphed=graphed, pool=pool)
+        step()
 
 
 def _advance(runner: BlockRunner, xo: torch.Tensor, pos: torch.Tensor, span: int) -> None:
     """One sequential update at the position held in `pos`, which then moves on by one."""
     a, b = runner.step(xo.index_select(1, pos)[:, 0], pos, span)
     following = pos + 1
-    nxt = xo.index_select(1, following)[:, 0]
-    if a is not None:
-        nxt = nxt * a.exp()
-    xo.index_copy_(1, following, (nxt + b).unsqueeze(1).to(xo.dtype))
+    new = inverse_update(xo.index_select(1, following)[:, 0], a, b)
+    xo.index_copy_(1, following, new.unsqueeze(1).to(xo.dtype))
     pos.add_(1)
 
 
@@ -117,8 +118,7 @@ def _jacobi_pass(runner: BlockRunner, xo: torch.Tensor, z: torch.Tensor, p0: int
     """One Jacobi update of unknowns p0..p1-1 from inputs p0-1..p1-2, in place; the largest change
     goes to `delta` (non-finite when the update is)."""
     a, b = runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
-    zs = z[:, p0:p1]
-    new = (zs if a is None else zs * a.exp()) + b
+    new = inverse_update(z[:, p0:p1], a, b)
     current = xo[:, p0:p1]
     delta.copy_((new - current).abs().amax())
     current.copy_(new)

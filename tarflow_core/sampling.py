@@ -44,6 +44,11 @@ def check_options(guidance: float, guide_what: str, attn_temp: float, sampler: s
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
 
 
+def _auto_is_sequential(sampler: str, segments, device: torch.device) -> bool:
+    """`auto` without given segments is sequential off CUDA (see the module docstring)."""
+    return sampler == "auto" and segments is None and device.type != "cuda"
+
+
 def default_tol(dtype: torch.dtype) -> float:
     """The Jacobi samplers' default tolerance for this arithmetic (DEFAULT_TOL or DEFAULT_TOL_HALF)."""
     return DEFAULT_TOL_HALF if dtype in (torch.float16, torch.bfloat16) else DEFAULT_TOL
@@ -98,6 +103,8 @@ def sample(
         raise ValueError(f"check_every must be >= 1 (got {check_every})")
     dtype = _compute_dtype(device, model.var.dtype)
     tol = default_tol(dtype) if tol is None else tol
+    if stats is not None:
+        stats.tol, stats.check_every, stats.cuda_graphs = tol, check_every, graphed
     # the block runner casts explicitly (weights to `dtype`, norms and the flow update in float32),
     # so autocast is switched off inside: nothing is cast behind its back, also under graph capture
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
@@ -116,8 +123,8 @@ def _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype) -> li
         return [1] * n
     if sampler == "jacobi":
         return [T - 1] * n
-    if sampler == "auto" and segments is None and x.device.type != "cuda":
-        return [1] * n  # sequential off CUDA: see the module docstring
+    if _auto_is_sequential(sampler, segments, x.device):
+        return [1] * n
     if segments is None:
         return calibrate_segments(model, x, y, tol=tol, dtype=dtype, **guide)
     if isinstance(segments, int):
@@ -289,8 +296,8 @@ def generate(
     redrawn = 0
     options = dict(options)
     sampler = options.setdefault("sampler", "sequential")
-    if sampler == "auto" and device.type != "cuda" and options.get("segments") is None:
-        options["segments"] = 1  # sequential off CUDA: see the module docstring
+    if _auto_is_sequential(sampler, options.get("segments"), device):
+        options["segments"] = 1
     if sampler in ("auto", "gs-jacobi") and options.get("segments") is None and num > 0:
         # measure once, on the first batch's noise, and use the choice for every batch
         guide = {k: options[k] for k in ("guidance", "guide_what", "attn_temp", "annealed") if k in options}
@@ -325,12 +332,7 @@ def generate(
         if on_batch is not None:
             on_batch(stop, num)
     settings = _settings(options, stats, len(model.blocks), cfg.num_patches)
-    if settings["tol"] is None:
-        with half:
-            settings["tol"] = default_tol(_compute_dtype(device, model.var.dtype))
-    check_every = options.get("check_every") or (DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
-    return SampleResult(out, labels, redrawn, {**settings, "check_every": check_every, "precision": precision,
-                                                "cuda_graphs": use_graphs(device, options.get("cuda_graphs"))})
+    return SampleResult(out, labels, redrawn, {**settings, "precision": precision})
 
 
 def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) -> dict:
@@ -339,5 +341,6 @@ def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) ->
     segments = {"sequential": 1, "jacobi": tokens - 1}.get(sampler, options.get("segments"))
     passes = [stats.iterations[i::blocks] for i in range(blocks)] if stats.iterations else []
     mean_passes = [round(sum(p) / len(p), 2) for p in passes if p]
-    return {"sampler": sampler, "segments": segments, "tol": options.get("tol"),
-            "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks}
+    return {"sampler": sampler, "segments": segments, "tol": stats.tol,
+            "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks,
+            "check_every": stats.check_every, "cuda_graphs": stats.cuda_graphs}
