@@ -8,6 +8,7 @@ from typing import Iterator, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tarflow_core.checkpoint import CheckpointError
 from tarflow_core.sampling import SamplingError
@@ -28,7 +29,7 @@ class UsageError(Exception):
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear sentence on stderr and exit with `code`."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -182,6 +182,8 @@ def test_sample_pipes_into_score_and_denoise(cond_ckpt):
 
 def test_missing_checkpoint(tmp_path):
     assert_user_error(run("sample", "--ckpt", tmp_path / "nope"), "nope", "does not exist")
+    # brackets in a name are printed as they are, not read as terminal markup
+    assert_user_error(run("sample", "--ckpt", tmp_path / "run[1]" / "[/b]"), "run[1]/[/b]", "does not exist")
 
 
 def test_corrupt_checkpoint(tmp_path):
