@@ -74,17 +74,19 @@ def parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
     return values[0] if len(values) == 1 else values
 
 
-def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | None) -> float | None:
-    """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints)."""
+def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | None, *, flag: str = "--denoise",
+                  option: str = "--denoise-sigma") -> float | None:
+    """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints).
+    `flag` and `option` name the command's switch and sigma option in messages."""
     if denoise is None:
         denoise = info.noise_std is not None
     if not denoise:
         return None
     sigma = sigma if sigma is not None else info.noise_std
     if sigma is None:
-        raise UsageError(f"--denoise: checkpoint {info.path} does not record a Gaussian training noise std; give --denoise-sigma")
+        raise UsageError(f"{flag}: checkpoint {info.path} does not record a Gaussian training noise std; give {option}")
     if sigma <= 0:
-        raise UsageError(f"--denoise-sigma {sigma}: expected a positive number")
+        raise UsageError(f"{option} {sigma}: expected a positive number")
     return sigma
 
 

@@ -10,10 +10,10 @@ import typer
 from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
 
-from ..console import UsageError, info, user_errors
+from ..console import info, user_errors
 from ..io import read_inputs, write_output
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, load, resolve_device,
-                     resolve_labels)
+from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
+                     resolve_device, resolve_labels)
 from .score import _check_shape
 
 
@@ -40,11 +40,7 @@ def denoise(
     with user_errors():
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
-        sigma = sigma if sigma is not None else ck.noise_std
-        if sigma is None:
-            raise UsageError(f"--sigma: checkpoint {ck.path} does not record a Gaussian training noise std; give --sigma")
-        if sigma <= 0:
-            raise UsageError(f"--sigma {sigma}: expected a positive number")
+        sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
         data = read_inputs([input_])
         _check_shape(data.images.shape[1:], model.config, [input_])
         n = len(data.images)

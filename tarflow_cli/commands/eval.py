@@ -160,7 +160,6 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
         stats_path = fid_stats or default_stats_path(data, dataset.split, cfg.in_channels, cfg.img_size, tag,
                                                      inception_resize, inception_size)
         network = f"{tag}/{inception_resize}/{inception_size}"
-        ref = None
         if stats_path.is_file():
             ref = load_stats(stats_path)
             made_with, settings["fid_reference_images"] = _stats_meta(stats_path)

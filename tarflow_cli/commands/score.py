@@ -69,12 +69,12 @@ def score(
         generator = torch.Generator().manual_seed(seed)
         images = torch.from_numpy(data.images)
         records = []
+        draws = dequant_samples if dequantize == "uniform" else 1
         with progress_bar("scoring", n) as advance, torch.inference_mode():
             for start, stop in batches(n, batch_size):
                 xb = images[start:stop]
                 yb = y[start:stop].to(dev) if y is not None else None
                 total = torch.zeros(stop - start, dtype=torch.float64)
-                draws = dequant_samples if dequantize == "uniform" else 1
                 for _ in range(draws):
                     if dequantize == "uniform":
                         x = flow.dequantize_uniform(xb, generator=generator)
@@ -82,9 +82,10 @@ def score(
                         x = flow.uint8_to_model(xb)
                     else:
                         x = xb
-                    total += model_nll(model, x.to(dev), yb).double().cpu()
+                    x = x.to(dev)
+                    total += model_nll(model, x, yb).double().cpu()
                 nll = total / draws
-                post = bayes_classify(model, x.to(dev)).cpu() if classify else None
+                post = bayes_classify(model, x).cpu() if classify else None
                 for i in range(stop - start):
                     rec = {"index": start + i, "source": data.sources[start + i], "nll": float(nll[i]),
                            "bpd": float(flow.nats_to_bpd(nll[i]))}

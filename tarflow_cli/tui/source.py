@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-EVENTS_FILE = "events.jsonl"
+from tarflow_core.events import EVENTS_FILE
 
 # states of the followed file
 MISSING_DIR = "missing-dir"
@@ -70,11 +70,6 @@ class EventTail:
         self._line_no = 0
 
     # ------------------------------------------------------------------------------ public
-    @property
-    def line_number(self) -> int:
-        """Complete lines consumed so far."""
-        return self._line_no
-
     def close(self) -> None:
         if self._file is not None:
             try:

@@ -56,10 +56,6 @@ class Series:
             self._synced = n
         return self._buf[0, :n], self._buf[1, :n]
 
-    @property
-    def last(self) -> float | None:
-        return self.values[-1] if self.values else None
-
     def __len__(self) -> int:
         return len(self.values)
 
@@ -133,7 +129,6 @@ class RunState:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.last_time: float | None = None
-        self.first_step: int = 0
         self.step: int = 0
         self.max_steps: int | None = None
         self.epoch: float | None = None
@@ -147,9 +142,7 @@ class RunState:
         self.sample_every: int | None = None
         self.series: dict[str, Series] = {k: Series() for k in SERIES}
         self.latest: dict[str, float] = {}
-        self.extra: dict[str, Any] = {}  # other start fields worth showing
         self.samples: list[SampleGrid] = []
-        self.checkpoints: list[tuple[int, str]] = []
         self.log: list[LogLine] = []
         self.log_dropped = 0  # lines trimmed off the front of `log`
         self.warnings = 0
@@ -181,7 +174,6 @@ class RunState:
         self.end_reason = None
         self.end_time = None
         self.step = step or 0
-        self.first_step = step or 0
         self._rate_points.clear()
         for s in self.series.values():
             s.cut(self.step)
@@ -191,9 +183,6 @@ class RunState:
         ms = number(_first(e, "max_steps", "total_steps")) or number(_first(train_cfg, "max_steps", "total_steps"))
         self.max_steps = int(ms) if ms else None
         self.device = str(_first(e, "device") or _first(train_cfg, "device") or "") or self.device
-        for key in ("precision", "world_size"):
-            if e.get(key) is not None:
-                self.extra[key] = e[key]
         self.preset = _first(train_cfg, "preset") or self.preset
         every = number(_first(train_cfg, "sample_every"))
         self.sample_every = int(every) if every is not None else self.sample_every
@@ -307,7 +296,6 @@ class RunState:
 
     def _on_checkpoint(self, e: dict, t: float | None, step: int | None) -> set[str]:
         path = str(_first(e, "path") or "")
-        self.checkpoints.append((step or 0, path))
         shown = _short_path(path, self.run_dir)
         self._log("event", f"checkpoint saved{': ' + shown if shown else ''}", step, t)
         return {"log"}

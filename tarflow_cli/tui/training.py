@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 

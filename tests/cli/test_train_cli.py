@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tarflow_cli.main import app
@@ -14,14 +13,6 @@ from tarflow_core.events import read_events
 runner = CliRunner()
 SMALL = ["--width", "32", "--head-dim", "16", "--blocks", "2", "--layers-per-block", "1", "--batch-size", "16",
          "--log-every", "2", "--eval-every", "0", "--sample-every", "0", "--num-samples", "10", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def run(*args):

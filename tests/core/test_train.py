@@ -26,15 +26,6 @@ from tarflow_core.train import (SetupError, TrainError, load_run_config, lr_at, 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(run_dir, **kw) -> TrainConfig:
     base = dict(width=32, head_dim=16, blocks=2, layers_per_block=1, batch_size=16, max_steps=20, log_every=5,
                 eval_every=10, sample_every=10, checkpoint_every=10, num_samples=10, eval_images=32,

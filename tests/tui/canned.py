@@ -9,20 +9,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tarflow_cli.io import make_grid
+
 T0 = 1_760_000_000.0  # a fixed start time (unix seconds)
 DIGITS = Path(__file__).resolve().parents[2] / "tarflow_core" / "data" / "digits.npz"
 
 
 def digit_grid(n: int = 16, nrow: int = 4, offset: int = 0, padding: int = 2) -> np.ndarray:
-    """A make_grid-style HWC uint8 grid of `n` 8x8 digits (gray as RGB), black padding."""
-    imgs = np.load(DIGITS)["images"][offset:offset + n, 0]  # (n, 8, 8)
-    ncol = nrow
-    rows = math.ceil(n / ncol)
-    grid = np.zeros((rows * (8 + padding) + padding, ncol * (8 + padding) + padding, 3), np.uint8)
-    for i, im in enumerate(imgs):
-        y, x = padding + (i // ncol) * (8 + padding), padding + (i % ncol) * (8 + padding)
-        grid[y:y + 8, x:x + 8] = im[..., None]
-    return grid
+    """A make_grid HWC uint8 grid of `n` 8x8 digits (gray as RGB), black padding."""
+    imgs = np.load(DIGITS)["images"][offset:offset + n]  # (n, 1, 8, 8)
+    return make_grid(np.repeat(imgs, 3, axis=1), nrow=nrow, padding=padding)
 
 
 def write_grid(path: Path, **kw) -> Path:

@@ -65,7 +65,7 @@ class RunHeader(Widget):
             one.append("  epoch ", style="dim")
             one.append(f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}")
         if state.max_steps:
-            frac = state.step / state.max_steps if state.max_steps else 0.0
+            frac = state.step / state.max_steps
             used = one.cell_len
             room = self.size.width - used - 7
             if room >= 8:

@@ -27,6 +27,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.worker import get_current_worker
 
+from ...io import make_grid
 from ..messages import SampleLoaded
 from ..state import SampleGrid
 
@@ -89,17 +90,8 @@ def cut_tiles(img, *, tile: int | None = None, padding: int | None = None, num: 
 
 
 def compose(tiles: np.ndarray, ncol: int, scale: int = 1, pad: int = 1) -> np.ndarray:
-    """Tiles -> one grid array, `ncol` per row, each enlarged `scale` times, `pad` black pixels apart."""
-    n, t = len(tiles), tiles.shape[1]
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    ts = t * scale
-    out = np.zeros((pad + nrow * (ts + pad), pad + ncol * (ts + pad), 3), np.uint8)
-    big = tiles.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else tiles
-    for i in range(n):
-        y, x = pad + (i // ncol) * (ts + pad), pad + (i % ncol) * (ts + pad)
-        out[y:y + ts, x:x + ts] = big[i]
-    return out
+    """HWC tiles -> one grid array, `ncol` per row, each enlarged `scale` times, `pad` black pixels apart."""
+    return make_grid(tiles.transpose(0, 3, 1, 2), nrow=max(1, min(ncol, len(tiles))), padding=pad, scale=scale)
 
 
 def fit_tiles(tiles: Tiles, cols: int, rows: int, mode: str):
@@ -238,10 +230,6 @@ class SampleView(Widget, can_focus=False):
             return
         pos = min(len(self.grids) - 1, max(0, self.position + delta))
         self.index = None if pos == len(self.grids) - 1 else pos
-        self._changed()
-
-    def newest(self) -> None:
-        self.index = None
         self._changed()
 
     def toggle_mode(self) -> str:
