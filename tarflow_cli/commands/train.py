@@ -92,7 +92,7 @@ def train(
     is_main = int(os.environ.get("RANK", "0") or 0) == 0
     if (device or "auto").lower() == "cpu" or ((device or "auto").lower() == "auto" and not torch.cuda.is_available()):
         limit_cpu_threads_when_busy()
-    ui_mode, note = _pick_ui(ui)
+    ui_mode = _pick_ui(ui)
     changes: dict[str, Any] = dict(
         data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
         blocks=blocks, layers_per_block=layers_per_block, head_dim=head_dim, nvp=nvp, conditional=conditional,
@@ -111,16 +111,13 @@ def train(
         if resume is not None:
             cfg = _resume_config(resume, run_dir, given, load_run_config)
         else:
-            base = get_preset(preset)
-            if "epochs" in given and "max_steps" not in given:
-                base = dataclasses.replace(base, max_steps=None, epochs=given["epochs"])
-            cfg = base.replace(**given)
+            cfg = _with_epochs(get_preset(preset), given).replace(**given)
             if run_dir is not None:
                 cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     except (ConfigError, SetupError) as e:
         _fail(str(e), 2)
 
-    dashboard = None
+    dashboard = note = None
     if ui_mode == "tui":
         dashboard, note = _dashboard()
         if dashboard is None:
@@ -175,17 +172,17 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _pick_ui(ui: str | None) -> tuple[str, str | None]:
+def _pick_ui(ui: str | None) -> str:
     if ui is None:  # the dashboard on an interactive terminal, plain log lines for scripts and logs
         interactive = sys.stdin.isatty() and sys.stdout.isatty() and sys.stderr.isatty()
         single = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
         if interactive and single:
-            return "tui", None
-        return ("rich" if sys.stderr.isatty() else "plain"), None
+            return "tui"
+        return "rich" if sys.stderr.isatty() else "plain"
     u = ui.strip().lower()
     if u not in UI_CHOICES:
         _fail(f"--ui {ui}: expected tui, rich or plain", 2)
-    return u, None
+    return u
 
 
 def _dashboard():
@@ -211,9 +208,14 @@ def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], lo
     if fixed:
         names = ", ".join("--" + k.replace("_", "-") for k in fixed)
         raise ConfigError(f"{names} cannot change when resuming {resume} (they would change the model or the data order)")
+    return dataclasses.replace(_with_epochs(cfg, given).replace(**given), run_dir=str(resume))
+
+
+def _with_epochs(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """--epochs without --max-steps: the run length comes from the epochs."""
     if "epochs" in given and "max_steps" not in given:
-        cfg = dataclasses.replace(cfg, max_steps=None, epochs=given["epochs"])
-    return dataclasses.replace(cfg.replace(**given), run_dir=str(resume))
+        return dataclasses.replace(cfg, max_steps=None, epochs=given["epochs"])
+    return cfg
 
 
 # ---------------------------------------------------------------------------------- views
