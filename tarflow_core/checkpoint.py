@@ -113,17 +113,23 @@ def _data_from_config(cfg: ModelConfig) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------- finding
 
+def list_checkpoints(run_dir: str | os.PathLike, extra_files: tuple[str, ...] = ()) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `run_dir/checkpoints/` as (step, folder), oldest first: each
+    `step-N` folder holding the model and config files plus any `extra_files`."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    found = []
+    if folder.is_dir():
+        for d in folder.iterdir():
+            m = re.fullmatch(r"step-(\d+)", d.name)
+            if m and all((d / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, *extra_files)):
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `run_dir/checkpoints/`, or None."""
-    folder = Path(run_dir) / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return None
-    found = []
-    for d in folder.iterdir():
-        m = re.fullmatch(r"step-(\d+)", d.name)
-        if m and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

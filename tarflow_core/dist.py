@@ -135,19 +135,13 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return t
-
-
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's boolean, on every rank (e.g. "stop now")."""
+def broadcast_object(value, info: DistInfo, src: int = 0):
+    """Rank `src`'s picklable `value`, on every rank (the value itself in a single process)."""
     if not info.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=info.device if info.backend == "nccl" else "cpu")
-    tdist.broadcast(t, src=0)
-    return bool(t.item())
+        return value
+    obj = [value]
+    tdist.broadcast_object_list(obj, src=src)
+    return obj[0]
 
 
 def any_flag(flag: bool, info: DistInfo) -> bool:
@@ -158,10 +152,3 @@ def any_flag(flag: bool, info: DistInfo) -> bool:
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
 
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        if info.backend == "nccl":
-            tdist.barrier(device_ids=[info.device.index])
-        else:
-            tdist.barrier()

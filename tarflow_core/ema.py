@@ -23,6 +23,15 @@ class EMA:
         params = dict(model.named_parameters())
         self.shadow = {n: params[n].detach().clone().float() for n in self._names}
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._shadows = [self.shadow[n] for n in self._names]
+        self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Cache the model's averaged parameters and (shadow, buffer) pairs for `update`."""
+        params = dict(model.named_parameters())
+        self._model = model
+        self._params = [params[n] for n in self._names]
+        self._buffer_pairs = [(self.buffers[n], b) for n, b in model.named_buffers()]
 
     def current_decay(self) -> float:
         n = self.updates
@@ -31,9 +40,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, gate: torch.Tensor | None = None) -> None:
         """shadow += (1 - d) * (param - shadow); `gate` (0-dim 0/1 tensor) makes it a no-op when 0."""
-        params = dict(model.named_parameters())
-        shadows = [self.shadow[n] for n in self._names]
-        current = [params[n].detach().float() for n in self._names]
+        if model is not self._model:
+            self._bind(model)
+        shadows = self._shadows
+        current = [p.detach().float() for p in self._params]
         w = 1.0 - self.current_decay()
         diff = torch._foreach_sub(current, shadows)
         if gate is None:
@@ -41,8 +51,8 @@ class EMA:
         else:
             torch._foreach_mul_(diff, gate.to(torch.float32) * w)
         torch._foreach_add_(shadows, diff)
-        for n, b in model.named_buffers():
-            self.buffers[n].copy_(b)
+        for mine, b in self._buffer_pairs:
+            mine.copy_(b)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

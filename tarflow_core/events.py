@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 KINDS = ("start", "train", "eval", "sample", "checkpoint", "warning", "end")
-STATUSES = ("finished", "interrupted", "failed")
 EVENTS_FILE = "events.jsonl"
 
 Emit = Callable[[dict], None]
@@ -94,6 +93,15 @@ def fanout(*sinks: Emit | None) -> Emit:
     return emit
 
 
+def stopped(stop: threading.Event | Callable[[], bool] | None) -> bool:
+    """Whether `stop` (an Event, a callable or None) asks to stop now."""
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
 def read_events(path: str | os.PathLike, follow: bool = False, *, poll: float = 0.2,
                 stop: threading.Event | Callable[[], bool] | None = None,
                 until_end: bool = True) -> Iterator[dict]:
@@ -106,14 +114,8 @@ def read_events(path: str | os.PathLike, follow: bool = False, *, poll: float = 
     `until_end`) after an `end` event.
     """
     path = Path(path)
-
-    def stopped() -> bool:
-        if stop is None:
-            return False
-        return stop.is_set() if isinstance(stop, threading.Event) else bool(stop())
-
     while follow and not path.exists():
-        if stopped():
+        if stopped(stop):
             return
         time.sleep(poll)
     with open(path, "rb") as f:
@@ -136,7 +138,7 @@ def read_events(path: str | os.PathLike, follow: bool = False, *, poll: float = 
                     if event is not None:
                         yield event
                 return
-            if stopped():
+            if stopped(stop):
                 return
             time.sleep(poll)
 

@@ -6,6 +6,8 @@ as they are (minus the redundant `attn_mask` buffers).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,9 +164,20 @@ class TarFlow(nn.Module):
         return sample(self, noise, y, **options)
 
     @torch.no_grad()
-    def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
-        """VP models: move `var` towards the batch's mean z^2 per token and dimension (the reference's EMA)."""
-        self.var.lerp_(z.detach().to(self.var.dtype).pow(2).mean(dim=0), rate)
+    def update_prior(self, z: torch.Tensor, rate: float = 0.1, *,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     gate: torch.Tensor | None = None) -> None:
+        """VP models: move `var` towards the batch's mean z^2 per token and dimension (the reference's EMA).
+
+        `reduce` (e.g. an all-reduce mean over ranks) is applied to the batch mean first; `gate`
+        (0-dim bool tensor) leaves `var` unchanged where false, without a host sync."""
+        ms = z.detach().to(self.var.dtype).pow(2).mean(dim=0)
+        if reduce is not None:
+            ms = reduce(ms)
+        if gate is None:
+            self.var.lerp_(ms, rate)
+        else:
+            self.var.copy_(torch.where(gate, self.var.lerp(ms, rate), self.var))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

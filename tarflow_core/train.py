@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import resource
 import shutil
 import signal
@@ -33,17 +32,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from PIL import Image
 
 from . import __version__, flow
 from .atomic import atomic_path, atomic_write_text
-from .checkpoint import CHECKPOINTS_DIR, MODEL_FILE, EMA_FILE, save_checkpoint
-from .config import ModelConfig
+from .checkpoint import CHECKPOINTS_DIR, MODEL_FILE, EMA_FILE, list_checkpoints, save_checkpoint
 from .data import DataError, open_dataset, make_loader
-from .dist import DistError, DistInfo, all_reduce_sum, any_flag, broadcast_flag, distributed
+from .dist import (DistError, DistInfo, all_reduce_mean, all_reduce_sum, any_flag, broadcast_object,
+                   distributed)
 from .ema import EMA
-from .events import EVENTS_FILE, JsonlSink, dumps, make_event
+from .events import EVENTS_FILE, JsonlSink, dumps, make_event, stopped
 from .model import TarFlow
 from .presets import ConfigError, TrainConfig
 
@@ -54,7 +52,6 @@ STATE_FORMAT = "tarflow-train-state"
 SAMPLE_SEED_OFFSET = 1_000_003
 NOISE_SEED_OFFSET = 7_919
 EVAL_SEED = 20250101
-VP_PRIOR_RATE = 0.1
 
 StopLike = threading.Event | Callable[[], bool] | None
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
@@ -101,14 +98,6 @@ def objective(z: torch.Tensor, logdet: torch.Tensor, data_dim: int) -> torch.Ten
     return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
 
 
-def stopped(stop: StopLike) -> bool:
-    if stop is None:
-        return False
-    if isinstance(stop, threading.Event):
-        return stop.is_set()
-    return bool(stop())
-
-
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[threading.Event]:
     """An Event set by the first SIGINT/SIGTERM (the run then finishes its step, checkpoints and
@@ -149,14 +138,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def resumable_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints with a train state under `run_dir`, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS_DIR
-    found = []
-    if folder.is_dir():
-        for d in folder.iterdir():
-            m = re.fullmatch(r"step-(\d+)", d.name)
-            if m and all((d / f).is_file() for f in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)):
-                found.append((int(m.group(1)), d))
-    return sorted(found)
+    return list_checkpoints(run_dir, extra_files=(TRAIN_STATE_FILE,))
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -305,10 +287,8 @@ class _Trainer:
     def _prepare_run_dir(self) -> Path:
         cfg, d = self.cfg, self.d
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        if d.distributed and not cfg.run_dir:  # the time stamp must be rank 0's
-            obj = [str(run_dir)]
-            tdist.broadcast_object_list(obj, src=0)
-            run_dir = Path(obj[0])
+        if not cfg.run_dir:  # the time stamp must be rank 0's
+            run_dir = Path(broadcast_object(str(run_dir), d))
         error = None
         if d.is_main:
             try:
@@ -322,10 +302,7 @@ class _Trainer:
                 self._probe_writable(run_dir)
             except SetupError as e:
                 error = str(e)
-        if d.distributed:
-            obj = [error]
-            tdist.broadcast_object_list(obj, src=0)
-            error = obj[0]
+        error = broadcast_object(error, d)
         if error:
             raise SetupError(error)
         return run_dir
@@ -427,27 +404,22 @@ class _Trainer:
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
 
-        # VP prior: running mean of z^2 per token and dim over the global batch.
-        ms = None
-        if not mc.nvp:
-            ms = z.detach().pow(2).mean(dim=0)
-            if self.d.distributed:
-                tdist.all_reduce(ms, op=tdist.ReduceOp.SUM)
-                ms.div_(self.d.world_size)
-
-        if self.fused:  # skip on the device: no host sync
+        # Skipped steps change nothing. Fused: skip on the device (no host sync); else on the host.
+        # VP prior: running mean of z^2 per token and dim over the global batch; every rank joins
+        # its all-reduce, also on a skipped step, and the gate then leaves `var` as it is.
+        ok_host = None if self.fused else bool(ok)
+        if self.fused:
             self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
-            if ms is not None:
-                var = self.model.var
-                var.copy_(torch.where(ok, var.lerp(ms, VP_PRIOR_RATE), var))
-            if self.ema is not None:
-                self.ema.update(self.model, gate=ok)
-        elif bool(ok):
+        elif ok_host:
             self.optimizer.step()
-            if ms is not None:
-                self.model.var.lerp_(ms, VP_PRIOR_RATE)
-            if self.ema is not None:
+        if not mc.nvp:
+            self.model.update_prior(z, reduce=lambda t: all_reduce_mean(t, self.d),
+                                    gate=None if ok_host else ok)
+        if self.ema is not None:
+            if self.fused:
+                self.ema.update(self.model, gate=ok)
+            elif ok_host:
                 self.ema.update(self.model)
 
         with torch.no_grad():
@@ -480,7 +452,7 @@ class _Trainer:
         """Held-out bpd: uniform dequantization from a fixed seed, over a fixed subset, all ranks."""
         if self.test_ds is None:
             return
-        from .likelihood import nll as nll_fn
+        from .likelihood import bpd as bpd_fn
 
         model, which = self._eval_model()
         ds, d = self.test_ds, self.d
@@ -495,8 +467,7 @@ class _Trainer:
             items = [ds[i] for i in idx[s:s + bs]]
             x = torch.stack([it[0] for it in items]).to(self.device)
             y = torch.tensor([it[1] for it in items], device=self.device) if self.model_cfg.conditional else None
-            xq = flow.dequantize_uniform(x, generator=gen)
-            b = flow.nats_to_bpd(nll_fn(model, xq, y)).double()
+            b = bpd_fn(model, x, y, generator=gen).double()
             b = torch.nan_to_num(b, nan=float("inf"))
             total += torch.stack([b.sum(), torch.tensor(float(len(items)), dtype=torch.float64, device=self.device)])
         model.train(was_training)
@@ -537,10 +508,7 @@ class _Trainer:
                 self._write_checkpoint(target)
             except OSError as e:
                 error = f"could not write checkpoint {target}: {e.strerror or e}"
-        if self.d.distributed:
-            obj = [error]
-            tdist.broadcast_object_list(obj, src=0)
-            error = obj[0]
+        error = broadcast_object(error, self.d)
         if error:
             raise TrainError(error)
         self.last_checkpoint = target
@@ -582,18 +550,14 @@ class _Trainer:
 
     # ---------------------------------------------------------------------------------- loop
     def log(self, interval_steps: int, elapsed: float) -> None:
-        acc = self.acc.clone()
-        bad = self.bad_in_interval.clone()
-        if self.d.distributed:
-            tdist.all_reduce(acc, op=tdist.ReduceOp.SUM)
+        acc = all_reduce_sum(self.acc.clone(), self.d)
         loss, nll, logdet, gnorm, count = acc.tolist()
         self.acc.zero_()
         self.bad_in_interval.zero_()
-        del bad
         ips = self.cfg.batch_size * interval_steps / max(elapsed, 1e-9)
         if count > 0:
             loss, nll, logdet, gnorm = (v / count for v in (loss, nll, logdet, gnorm))
-            bpd = (nll + flow.LN_128) / math.log(2.0)
+            bpd = flow.nats_to_bpd(nll)
         else:
             loss = nll = logdet = gnorm = bpd = float("nan")
         self.emit("train", self.step, loss=loss, nll=nll, bpd=bpd, logdet=logdet, lr=self.lr, grad_norm=gnorm,
@@ -623,8 +587,6 @@ class _Trainer:
         self.acc = torch.zeros(5, device=self.device)
         self.bad_in_interval = torch.zeros((), device=self.device)
         self.bad_run = torch.full((), float(self.consecutive_bad), device=self.device)
-        self.lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
-                        total_steps=self.total_steps)
         self.model.train()
         stop_every = 1 if not d.distributed else max(1, min(cfg.log_every or 10, 10))
         log_every = cfg.log_every or max(1, self.total_steps // 100)
@@ -677,9 +639,16 @@ class _Trainer:
     def _finish(self, status: str, reason: str, save: bool = True) -> TrainResult:
         if save and (self.last_checkpoint is None or self.last_checkpoint != checkpoint_dir(self.run_dir, self.step)):
             self.save()
+        self.emit_end(status, reason)
+        return TrainResult(status, self.step, self.run_dir, reason, self.last_checkpoint)
+
+    def emit_end(self, status: str, reason: str) -> None:
         self.emit("end", self.step, status=status, reason=reason,
                   checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-        return TrainResult(status, self.step, self.run_dir, reason, self.last_checkpoint)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
 
 def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: StopLike = None, *,
@@ -697,13 +666,13 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
         cfg.validate()
     except ConfigError as e:
         raise SetupError(str(e)) from None
-    try:
-        ctx = distributed(cfg.device)
-        d = ctx.__enter__()
-    except DistError as e:
-        raise SetupError(str(e)) from None
-    trainer = _Trainer(cfg, d, emit, stop, resume, batch_hook)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            d = stack.enter_context(distributed(cfg.device))
+        except DistError as e:
+            raise SetupError(str(e)) from None
+        trainer = _Trainer(cfg, d, emit, stop, resume, batch_hook)
+        stack.callback(trainer.close)  # runs before the process group is left
         try:
             trainer.setup()
         except ConfigError as e:
@@ -713,21 +682,14 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
         try:
             return trainer.run()
         except TrainError as e:
-            trainer.emit("end", trainer.step, status="failed", reason=str(e),
-                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            trainer.emit_end("failed", str(e))
             return TrainResult("failed", trainer.step, trainer.run_dir, str(e), trainer.last_checkpoint)
         except KeyboardInterrupt:
-            trainer.emit("end", trainer.step, status="interrupted", reason="aborted mid-step (no checkpoint saved)",
-                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            trainer.emit_end("interrupted", "aborted mid-step (no checkpoint saved)")
             raise
         except BaseException as e:
-            trainer.emit("end", trainer.step, status="failed", reason=f"{type(e).__name__}: {e}",
-                         checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None)
+            trainer.emit_end("failed", f"{type(e).__name__}: {e}")
             raise
-    finally:
-        if trainer.sink is not None:
-            trainer.sink.close()
-        ctx.__exit__(None, None, None)
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "SetupError", "train", "lr_at", "objective",

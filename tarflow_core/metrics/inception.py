@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..atomic import atomic_path
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -382,25 +383,16 @@ def _reason(e: BaseException) -> str:
 def download_weights(target: Path, url: str = WEIGHTS_URL, sha256_prefix: str = WEIGHTS_SHA256_PREFIX,
                      timeout: float = 60.0) -> Path:
     """Stream ``url`` to ``target`` atomically; refuse it unless its sha256 starts with the prefix."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
         got = digest.hexdigest()
         if not got.startswith(sha256_prefix):
             raise InceptionWeightsError(f"the file downloaded from {url} has sha256 {got[:16]}..., "
                                         f"expected a hash starting {sha256_prefix}; not using it")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return target
 
 
