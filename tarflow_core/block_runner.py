@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .block_weights import block_weights, packed_linear, packed_linear_add
 from .flow import at_least_f32, guide
 from .kv_cache import KVCache
 from .model import FlowBlock
@@ -18,7 +19,7 @@ from .model import FlowBlock
 class BlockRunner:
     def __init__(self, block: FlowBlock, batch: int, y: torch.Tensor | None, *, guidance: float = 0.0,
                  guide_what: str = "ab", attn_temp: float = 1.0, annealed: bool = False,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, packed: bool | None = None):
         B = batch
         self.block = block
         self.guided = guidance > 0
@@ -41,10 +42,9 @@ class BlockRunner:
             scale = torch.tensor([1.0, 1.0 / attn_temp], device=device, dtype=dtype).repeat_interleave(B)
             self.q_scale = scale.view(self.rows, 1, 1, 1)
         self.cache = KVCache(len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device)
-        cast = dtype if self.half else None
-        self.layers = [_layer_weights(layer, cast) for layer in block.attn_blocks]
-        self.w_in, self.b_in = _in_out(block.proj_in, cast)
-        self.w_out, self.b_out = _in_out(block.proj_out, cast)
+        weights = block_weights(block, self.rows, dtype, device, packed=packed)
+        self.layers, self.packed = weights.layers, weights.packed
+        self.w_in, self.b_in, self.w_out, self.b_out = weights.w_in, weights.b_in, weights.w_out, weights.b_out
         self.token_dim = block.token_dim
         # the single-token step's intermediate products, reused for every token
         self._qkv = torch.empty(self.rows, 3 * W, dtype=self.w_in.dtype, device=device)
@@ -53,6 +53,9 @@ class BlockRunner:
         self._positions = torch.arange(T, device=device)
         self.guidance, self.annealed = guidance, annealed
         self.use_a, self.use_b = "a" in guide_what, "b" in guide_what
+        # guiding every output is linear in the head's input: guide h, then one head product for B
+        # rows (not in half precision, where the outputs are guided after rounding to float32)
+        self.guide_hidden = self.guided and not self.half and self.use_b and (self.use_a or not block.nvp)
 
     def step(self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -72,9 +75,13 @@ class BlockRunner:
         h = (torch.addmm(self.b_in, x, self.w_in) + cond).view(rows, W)
         stop = span if static else t + 1
         mask = (self._positions[:span] <= t).view(1, 1, 1, span) if static else None
-        cache, qkv, f = self.cache, self._qkv, self._hidden
+        cache = self.cache
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
-            torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=qkv)
+            packed = self.packed[li] if self.packed is not None else None
+            if packed is None:
+                qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=self._qkv)
+            else:
+                qkv = packed_linear(self._norm(h, n1, n1b, eps1), packed[0], bqkv)
             new_kv = qkv[:, W:].view(rows, 2, H, d).transpose(0, 1)
             if static:
                 cache.kv[li].index_copy_(2, t, new_kv.unsqueeze(2))
@@ -84,9 +91,26 @@ class BlockRunner:
             if self.q_scale is not None:
                 q = q * self.q_scale
             o = F.scaled_dot_product_attention(q, cache.keys(li, stop), cache.values(li, stop), attn_mask=mask)
-            h.addmm_(o.view(rows, W), wp).add_(bp)
-            torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1, out=f)
-            h.addmm_(_gelu_(f), w2).add_(b2)
+            if packed is None:
+                h.addmm_(o.view(rows, W), wp).add_(bp)
+                f = _gelu_(torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1, out=self._hidden))
+                h.addmm_(f, w2).add_(b2)
+            else:
+                h = packed_linear_add(o.view(rows, W), packed[1], bp, h)
+                f = _gelu_(packed_linear(self._norm(h, n2, n2b, eps2), packed[2], b1))
+                h = packed_linear_add(f, packed[3], b2, h)
+        return self._head(h, t)
+
+    def _head(self, h: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(rows, W) final hidden state of one position -> guided (a, b), each (B, D)."""
+        B = self.rows // self.passes
+        if self.guide_hidden:
+            cond, uncond = h.view(2, B, self.width)
+            h = guide(cond, uncond, self._weights(t, 1, h))
+            out = torch.addmm(self.b_out, h, self.w_out)
+            D = self.token_dim
+            out = at_least_f32(out)
+            return (out[:, :D], out[:, D:]) if self.block.nvp else (None, out)
         return self._guide(torch.addmm(self.b_out, h, self.w_out).view(self.passes, B, -1), t, 1)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,25 +174,6 @@ class BlockRunner:
             return (start + 1) / (self.length - 1) * self.guidance
         p = torch.arange(start + 1, start + L + 1, device=like.device, dtype=like.dtype)
         return (p / (self.length - 1) * self.guidance).view(1, L, 1)
-
-
-def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
-    att, mlp = layer.attention, layer.mlp
-    return (att.norm.weight.detach(), att.norm.bias.detach(), *_in_out(att.qkv, dtype), *_in_out(att.proj, dtype),
-            mlp.norm.weight.detach(), mlp.norm.bias.detach(), *_in_out(mlp.main[0], dtype),
-            *_in_out(mlp.main[2], dtype), att.norm.eps, mlp.norm.eps)
-
-
-def _in_out(linear: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Linear's weight as an (in, out) matrix for `addmm`, and its bias, in the compute dtype.
-
-    On CPUs the matrix is a contiguous copy: MKL's products with 16-32 rows run 10-40 % faster
-    against it than against the transposed view (benchmarks/RESULTS.md). GPUs read the view.
-    """
-    weight, bias = linear.weight.detach(), linear.bias.detach()
-    if dtype is not None:
-        weight, bias = weight.to(dtype), bias.to(dtype)
-    return (weight.t() if weight.is_cuda else weight.t().contiguous()), bias
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:

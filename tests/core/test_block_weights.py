@@ -1,0 +1,132 @@
+"""Sampling weights: oneDNN's packed layout gives the plain products' images, preparation is
+cached only while the parameters are unchanged, and the layout is chosen by measurement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tarflow_core import block_weights as bw
+from tarflow_core.block_runner import BlockRunner
+from tarflow_core.inversion import invert_sequential, invert_sequential_static
+from tarflow_core.sampling import sample
+from tests.conftest import tiny_model
+from tests.core.test_flow_exact import GUIDED, IDS, MODES
+from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
+
+onednn = pytest.mark.skipif(not bw.packing_available(), reason="this PyTorch build has no oneDNN")
+
+
+def _invert(block, noise, y, packed, static=False, **opts):
+    runner = BlockRunner(block, noise.shape[0], y, device=noise.device, dtype=noise.dtype, packed=packed, **opts)
+    xo = block.order(noise).clone()
+    with torch.inference_mode():
+        if static:
+            invert_sequential_static(runner, xo, graphed=False)
+        else:
+            invert_sequential(runner, xo)
+    return runner, xo
+
+
+@onednn
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+@pytest.mark.parametrize("opts", GUIDED, ids=GUIDE_IDS)
+def test_packed_products_give_the_plain_products_result(mode, opts):
+    model = tiny_model(dtype=torch.float32, var=True, img_size=8, **mode)
+    noise, y = _noise(model, dtype=torch.float32)
+    for block in model.blocks:
+        runner, packed = _invert(block, noise, y, True, **opts)
+        assert runner.packed is not None
+        runner, plain = _invert(block, noise, y, False, **opts)
+        assert runner.packed is None
+        assert (packed - plain).abs().max() <= 1e-5
+        assert not torch.equal(plain, block.order(noise))
+
+
+@onednn
+def test_fixed_shape_step_with_packed_products():
+    model = tiny_model(dtype=torch.float32, var=True, img_size=8, num_classes=3)
+    noise, y = _noise(model, dtype=torch.float32)
+    block = model.blocks[0]
+    _, plain = _invert(block, noise, y, False, guidance=2.0)
+    _, fixed = _invert(block, noise, y, True, static=True, guidance=2.0)
+    assert (fixed - plain).abs().max() <= 1e-5
+
+
+def test_float64_and_half_precision_are_never_packed():
+    model = tiny_model(img_size=8)
+    block = model.blocks[0]
+    assert bw.block_weights(block, 3, torch.float64, "cpu", packed=True).packed is None
+    assert bw.block_weights(block, 3, torch.bfloat16, "cpu", packed=True).packed is None
+
+
+def test_prepared_weights_are_reused_until_a_parameter_changes():
+    model = tiny_model(dtype=torch.float32, img_size=8)
+    block = model.blocks[0]
+    first = bw.block_weights(block, 3, torch.float32, "cpu", packed=False)
+    assert bw.block_weights(block, 3, torch.float32, "cpu", packed=False) is first
+    assert bw.block_weights(block, 4, torch.float32, "cpu", packed=False) is not first  # other row count
+    with torch.no_grad():
+        block.attn_blocks[0].mlp.main[0].weight.add_(0.01)  # an in-place update, as optimizers do
+    second = bw.block_weights(block, 3, torch.float32, "cpu", packed=False)
+    assert second is not first
+    assert torch.equal(second.layers[0][8], block.attn_blocks[0].mlp.main[0].weight.detach().t())
+
+
+@pytest.mark.parametrize("change", ["optimizer", "load_state_dict", "new_parameter"])
+def test_sampling_after_the_weights_change_uses_the_new_weights(change):
+    model = tiny_model(dtype=torch.float32, img_size=8, num_classes=3)
+    noise, y = _noise(model, dtype=torch.float32)
+    before = sample(model, noise, y, guidance=1.0)
+    other = tiny_model(seed=3, dtype=torch.float32, img_size=8, num_classes=3)
+    if change == "optimizer":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        loss = sum((p * p).sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        other = copy.deepcopy(model)
+    elif change == "load_state_dict":
+        model.load_state_dict(other.state_dict())
+    else:
+        linear = model.blocks[-1].attn_blocks[0].attention.qkv
+        linear.weight = torch.nn.Parameter(other.blocks[-1].attn_blocks[0].attention.qkv.weight.detach().clone())
+        other = copy.deepcopy(model)
+    after = sample(model, noise, y, guidance=1.0)
+    fresh = sample(other, noise, y, guidance=1.0)  # a model never sampled before: nothing cached
+    assert not torch.allclose(after, before)
+    assert torch.equal(after, fresh)
+
+
+def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster(monkeypatch):
+    if not bw.packing_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    calls = []
+    timings = {}
+
+    def fake_medians(plain, packed):
+        plain(), packed()  # both forms really run
+        calls.append(1)
+        return timings["now"]
+
+    monkeypatch.setattr(bw, "_interleaved_medians", fake_medians)
+    monkeypatch.setattr(bw, "_PACKED_FASTER", {})
+    model = tiny_model(dtype=torch.float32, img_size=8)
+    blocks = model.blocks
+    timings["now"] = (1.0, 0.5)
+    assert bw.block_weights(blocks[0], 5, torch.float32, "cpu").packed is not None
+    assert bw.block_weights(blocks[1], 5, torch.float32, "cpu").packed is not None  # same shapes: not re-measured
+    assert len(calls) == 1
+    timings["now"] = (1.0, 0.99)  # within noise: the plain products are kept
+    assert bw.block_weights(blocks[0], 6, torch.float32, "cpu").packed is None
+    assert len(calls) == 2
+
+
+def test_without_onednn_the_plain_products_are_used(monkeypatch):
+    monkeypatch.setattr(bw, "packing_available", lambda: False)
+    model = tiny_model(dtype=torch.float32, img_size=8)
+    assert bw.block_weights(model.blocks[0], 3, torch.float32, "cpu").packed is None
+    assert bw.block_weights(model.blocks[0], 3, torch.float32, "cpu", packed=True).packed is None
