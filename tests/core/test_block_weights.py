@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from tarflow_core import block_runner
 from tarflow_core import block_weights as bw
 from tarflow_core.block_runner import BlockRunner
 from tarflow_core.inversion import invert_sequential, invert_sequential_static
@@ -16,7 +17,7 @@ from tests.conftest import tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
 
-onednn = pytest.mark.skipif(not bw.packing_available(), reason="this PyTorch build has no oneDNN")
+onednn = pytest.mark.skipif(not bw.can_pack(torch.float32, "cpu"), reason="this PyTorch build has no oneDNN")
 
 
 def _invert(block, noise, y, packed, static=False, **opts):
@@ -58,21 +59,26 @@ def test_fixed_shape_step_with_packed_products():
 def test_float64_and_half_precision_are_never_packed():
     model = tiny_model(img_size=8)
     block = model.blocks[0]
-    assert bw.block_weights(block, 3, torch.float64, "cpu", packed=True).packed is None
-    assert bw.block_weights(block, 3, torch.bfloat16, "cpu", packed=True).packed is None
+    assert bw.block_weights(block, torch.float64, "cpu", packed_rows=3).packed is None
+    assert bw.block_weights(block, torch.bfloat16, "cpu", packed_rows=3).packed is None
+    noise, y = _noise(model)
+    assert BlockRunner(block, 3, y, device=noise.device, dtype=noise.dtype, packed=True).packed is None
 
 
 def test_prepared_weights_are_reused_until_a_parameter_changes():
     model = tiny_model(dtype=torch.float32, img_size=8)
     block = model.blocks[0]
-    first = bw.block_weights(block, 3, torch.float32, "cpu", packed=False)
-    assert bw.block_weights(block, 3, torch.float32, "cpu", packed=False) is first
-    assert bw.block_weights(block, 4, torch.float32, "cpu", packed=False) is not first  # other row count
+    first = bw.block_weights(block, torch.float32, "cpu")
+    assert bw.block_weights(block, torch.float32, "cpu") is first
     with torch.no_grad():
         block.attn_blocks[0].mlp.main[0].weight.add_(0.01)  # an in-place update, as optimizers do
-    second = bw.block_weights(block, 3, torch.float32, "cpu", packed=False)
+    second = bw.block_weights(block, torch.float32, "cpu")
     assert second is not first
     assert torch.equal(second.layers[0][8], block.attn_blocks[0].mlp.main[0].weight.detach().t())
+    if bw.can_pack(torch.float32, "cpu"):
+        packed = bw.block_weights(block, torch.float32, "cpu", packed_rows=3)
+        assert packed.layers is second.layers  # the plain weights are shared, not prepared twice
+        assert bw.block_weights(block, torch.float32, "cpu", packed_rows=3).packed is packed.packed
 
 
 @pytest.mark.parametrize("change", ["optimizer", "load_state_dict", "new_parameter"])
@@ -101,32 +107,44 @@ def test_sampling_after_the_weights_change_uses_the_new_weights(change):
     assert torch.equal(after, fresh)
 
 
+@onednn
 def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster(monkeypatch):
-    if not bw.packing_available():
-        pytest.skip("this PyTorch build has no oneDNN")
     calls = []
     timings = {}
 
     def fake_medians(plain, packed):
-        plain(), packed()  # both forms really run
+        plain(), packed()  # both forms really run the step
         calls.append(1)
         return timings["now"]
 
-    monkeypatch.setattr(bw, "_interleaved_medians", fake_medians)
-    monkeypatch.setattr(bw, "_PACKED_FASTER", {})
+    monkeypatch.setattr(block_runner, "interleaved_medians", fake_medians)
+    monkeypatch.setattr(block_runner, "_PACKED_FASTER", {})
     model = tiny_model(dtype=torch.float32, img_size=8)
+    noise, _ = _noise(model, dtype=torch.float32)
     blocks = model.blocks
+
+    def runner(block, batch=3):
+        return BlockRunner(block, batch, None, device=noise.device, dtype=noise.dtype)
+
     timings["now"] = (1.0, 0.5)
-    assert bw.block_weights(blocks[0], 5, torch.float32, "cpu").packed is not None
-    assert bw.block_weights(blocks[1], 5, torch.float32, "cpu").packed is not None  # same shapes: not re-measured
+    first = runner(blocks[0])
+    assert first.packed is not None
+    assert not first.cache.kv.any()  # the timing steps left nothing in the cache
+    assert runner(blocks[1]).packed is not None  # same shapes: not measured again
     assert len(calls) == 1
     timings["now"] = (1.0, 0.99)  # within noise: the plain products are kept
-    assert bw.block_weights(blocks[0], 6, torch.float32, "cpu").packed is None
+    assert runner(blocks[0], batch=4).packed is None
     assert len(calls) == 2
+    _, plain = _invert(blocks[0], noise, None, False)
+    xo = blocks[0].order(noise).clone()
+    with torch.inference_mode():
+        invert_sequential(first, xo)
+    assert (xo - plain).abs().max() <= 1e-5
 
 
 def test_without_onednn_the_plain_products_are_used(monkeypatch):
-    monkeypatch.setattr(bw, "packing_available", lambda: False)
+    monkeypatch.setattr(bw, "can_pack", lambda dtype, device: False)
     model = tiny_model(dtype=torch.float32, img_size=8)
-    assert bw.block_weights(model.blocks[0], 3, torch.float32, "cpu").packed is None
-    assert bw.block_weights(model.blocks[0], 3, torch.float32, "cpu", packed=True).packed is None
+    assert bw.block_weights(model.blocks[0], torch.float32, "cpu", packed_rows=3).packed is None
+    noise, y = _noise(model, dtype=torch.float32)
+    assert BlockRunner(model.blocks[0], 3, y, device=noise.device, dtype=noise.dtype, packed=True).packed is None
