@@ -112,13 +112,14 @@ def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster
     calls = []
     timings = {}
 
-    def fake_medians(plain, packed):
+    def fake_timings(plain, packed):
         plain(), packed()  # both forms really run the step
         calls.append(1)
         return timings["now"]
 
-    monkeypatch.setattr(block_runner, "interleaved_medians", fake_medians)
+    monkeypatch.setattr(block_runner, "interleaved_best", fake_timings)
     monkeypatch.setattr(block_runner, "_PACKED_FASTER", {})
+    monkeypatch.setattr(block_runner, "PACKED_MIN_MULTIPLY_ADDS", 0)  # the tiny model's products are measured too
     model = tiny_model(dtype=torch.float32, img_size=8)
     noise, _ = _noise(model, dtype=torch.float32)
     blocks = model.blocks
@@ -134,6 +135,10 @@ def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster
     assert len(calls) == 1
     timings["now"] = (1.0, 0.99)  # within noise: the plain products are kept
     assert runner(blocks[0], batch=4).packed is None
+    assert len(calls) == 2
+    monkeypatch.setattr(block_runner, "PACKED_MIN_MULTIPLY_ADDS", 10**9)
+    timings["now"] = (1.0, 0.5)
+    assert runner(blocks[0], batch=5).packed is None  # too small to repay oneDNN's cost per call: not even timed
     assert len(calls) == 2
     _, plain = _invert(blocks[0], noise, None, False)
     xo = blocks[0].order(noise).clone()
