@@ -117,7 +117,7 @@ def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster
         calls.append(1)
         return timings["now"]
 
-    monkeypatch.setattr(block_runner, "interleaved_best", fake_timings)
+    monkeypatch.setattr(block_runner, "interleaved_medians", fake_timings)
     monkeypatch.setattr(block_runner, "_PACKED_FASTER", {})
     monkeypatch.setattr(block_runner, "PACKED_MIN_MULTIPLY_ADDS", 0)  # the tiny model's products are measured too
     model = tiny_model(dtype=torch.float32, img_size=8)
