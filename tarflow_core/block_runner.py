@@ -7,33 +7,22 @@ class embedding, attention logits divided by `attn_temp`) run as one batch of 2B
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
-from .block_weights import block_weights, packed_linear, packed_linear_add
+from .block_weights import block_weights, packed_linear, packed_linear_add, prefers_packed
 from .flow import at_least_f32, guide
 from .kv_cache import KVCache
 from .model import FlowBlock
 
-
-# the packed step must take at most this fraction of the plain one's time; measured in place the
-# benchmark model's step gives 0.84-0.90 at 16-32 rows (whole sampling runs: 0.82), a 128-wide
-# model's 1.05-1.2
-PACKED_MAX_RATIO = 0.97
-# below this many multiply-adds per product (~40 us at 50 GFLOP/s, oneDNN's fixed cost per call)
-# the plain products are kept without measuring
-PACKED_MIN_MULTIPLY_ADDS = 1_000_000
-_PACKED_FASTER: dict[tuple, bool] = {}
 
 
 class BlockRunner:
     """One block's inverse machinery for a batch: weights, conditioning, guidance and the cache.
 
     `packed`: run the single-token step's products on oneDNN's packed weights (True), on the
-    plain ones (False), or whichever the step measures clearly faster here (None; CPU float32
-    only, see block_weights.py).
+    plain ones (False), or as `prefers_packed` decides for the block and row count (None; CPU
+    float32 only, see block_weights.py).
     """
 
     def __init__(self, block: FlowBlock, batch: int, y: torch.Tensor | None, *, guidance: float = 0.0,
@@ -61,8 +50,8 @@ class BlockRunner:
             scale = torch.tensor([1.0, 1.0 / attn_temp], device=device, dtype=dtype).repeat_interleave(B)
             self.q_scale = scale.view(self.rows, 1, 1, 1)
         self.cache = KVCache(len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device)
-        if packed is None and _multiply_adds(block, self.rows) < PACKED_MIN_MULTIPLY_ADDS:
-            packed = False  # products this small cannot repay the packed kernels' fixed cost per call
+        if packed is None:
+            packed = prefers_packed(block, self.rows)
         weights = block_weights(block, dtype, device, packed_rows=None if packed is False else self.rows)
         self.layers, self.packed = weights.layers, weights.packed
         self.w_in, self.b_in, self.w_out, self.b_out = weights.w_in, weights.b_in, weights.w_out, weights.b_out
@@ -77,31 +66,6 @@ class BlockRunner:
         # guiding every output is linear in the head's input: guide h, then one head product for B
         # rows (not in half precision, where the outputs are guided after rounding to float32)
         self.guide_hidden = self.guided and not self.half and self.use_b and (self.use_a or not block.nvp)
-        if self.packed is not None and packed is None and not self._packed_is_faster():
-            self.packed = None
-
-    def _packed_is_faster(self) -> bool:
-        """Whether the single-token step runs clearly faster with oneDNN's packed products.
-
-        Timed in place, alternating both forms at the middle position (typical keys/values to
-        read), once per process for each (layer shapes, rows, length, threads).
-        """
-        key = (tuple(tuple(layer[i].shape for i in (2, 4, 8, 10)) for layer in self.layers), tuple(self.w_in.shape),
-               self.rows, self.length, torch.get_num_threads())
-        if key not in _PACKED_FASTER:
-            packs = self.packed
-            x = torch.zeros(self.rows // self.passes, self.token_dim, dtype=self.w_in.dtype, device=self.w_in.device)
-
-            def step_with(layout):
-                self.packed = layout
-                self.step(x, self.length // 2)
-
-            with torch.inference_mode():
-                plain_s, packed_s = interleaved_medians(lambda: step_with(None), lambda: step_with(packs))
-            self.packed = packs
-            self.cache.kv.zero_()
-            _PACKED_FASTER[key] = packed_s < PACKED_MAX_RATIO * plain_s
-        return _PACKED_FASTER[key]
 
     def step(self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -220,27 +184,6 @@ class BlockRunner:
             return (start + 1) / (self.length - 1) * self.guidance
         p = torch.arange(start + 1, start + L + 1, device=like.device, dtype=like.dtype)
         return (p / (self.length - 1) * self.guidance).view(1, L, 1)
-
-
-def _multiply_adds(block: FlowBlock, rows: int) -> float:
-    """Mean multiply-adds of one per-token product of the block's layers (qkv, proj, fc1, fc2)."""
-    att, mlp = block.attn_blocks[0].attention, block.attn_blocks[0].mlp
-    linears = (att.qkv, att.proj, mlp.main[0], mlp.main[2])
-    return rows * sum(lin.in_features * lin.out_features for lin in linears) / len(linears)
-
-
-def interleaved_medians(*fns, rounds: int = 7) -> list[float]:
-    """Median seconds of each function over a few rounds, after one warm-up call each, the calls
-    alternating so that other work on the machine slows both alike."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, seen in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            seen.append(time.perf_counter() - t0)
-    return [sorted(seen)[len(seen) // 2] for seen in times]
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from tarflow_core import block_runner
 from tarflow_core import block_weights as bw
 from tarflow_core.block_runner import BlockRunner
 from tarflow_core.inversion import invert_sequential, invert_sequential_static
 from tarflow_core.sampling import sample
-from tests.conftest import tiny_model
+from tarflow_core.model import TarFlow
+from tests.conftest import tiny_config, tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
 
@@ -107,44 +107,26 @@ def test_sampling_after_the_weights_change_uses_the_new_weights(change):
     assert torch.equal(after, fresh)
 
 
-@onednn
-def test_the_layout_is_measured_once_per_shape_and_kept_only_when_clearly_faster(monkeypatch):
-    calls = []
-    timings = {}
-
-    def fake_timings(plain, packed):
-        plain(), packed()  # both forms really run the step
-        calls.append(1)
-        return timings["now"]
-
-    monkeypatch.setattr(block_runner, "interleaved_medians", fake_timings)
-    monkeypatch.setattr(block_runner, "_PACKED_FASTER", {})
-    monkeypatch.setattr(block_runner, "PACKED_MIN_MULTIPLY_ADDS", 0)  # the tiny model's products are measured too
-    model = tiny_model(dtype=torch.float32, img_size=8)
-    noise, _ = _noise(model, dtype=torch.float32)
-    blocks = model.blocks
-
-    def runner(block, batch=3):
-        return BlockRunner(block, batch, None, device=noise.device, dtype=noise.dtype)
-
-    timings["now"] = (1.0, 0.5)
-    first = runner(blocks[0])
-    assert first.packed is not None
-    assert not first.cache.kv.any()  # the timing steps left nothing in the cache
-    assert runner(blocks[1]).packed is not None  # same shapes: not measured again
-    assert len(calls) == 1
-    timings["now"] = (1.0, 0.99)  # within noise: the plain products are kept
-    assert runner(blocks[0], batch=4).packed is None
-    assert len(calls) == 2
-    monkeypatch.setattr(block_runner, "PACKED_MIN_MULTIPLY_ADDS", 10**9)
-    timings["now"] = (1.0, 0.5)
-    assert runner(blocks[0], batch=5).packed is None  # too small to repay oneDNN's cost per call: not even timed
-    assert len(calls) == 2
-    _, plain = _invert(blocks[0], noise, None, False)
-    xo = blocks[0].order(noise).clone()
+def test_the_layout_follows_the_width_and_row_count():
+    """Fixed rule (no run-time timing, so every run gives the same images): packed from width ~190
+    and two rows up."""
+    narrow = tiny_model(dtype=torch.float32, img_size=8)  # width 16
+    torch.manual_seed(0)
+    wide = TarFlow(tiny_config(img_size=8, width=256, head_dim=64, num_blocks=1)).eval()  # default init
+    with torch.no_grad():
+        wide.blocks[0].proj_out.weight.normal_(0.0, 0.02)  # not the identity
+    assert not bw.prefers_packed(narrow.blocks[0], 32)
+    assert bw.prefers_packed(wide.blocks[0], 2) and bw.prefers_packed(wide.blocks[0], 128)
+    assert not bw.prefers_packed(wide.blocks[0], 1)
+    noise, _ = _noise(wide, n=2, dtype=torch.float32)
     with torch.inference_mode():
-        invert_sequential(first, xo)
-    assert (xo - plain).abs().max() <= 1e-5
+        first = sample(wide, noise)
+        again = sample(copy.deepcopy(wide), noise)  # nothing cached for the copy
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    runner = BlockRunner(wide.blocks[0], 2, None, device=noise.device, dtype=noise.dtype)
+    assert (runner.packed is not None) == bw.can_pack(torch.float32, "cpu")
+    assert BlockRunner(narrow.blocks[0], 2, None, device=noise.device, dtype=noise.dtype).packed is None
 
 
 def test_without_onednn_the_plain_products_are_used(monkeypatch):
