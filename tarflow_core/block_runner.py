@@ -107,7 +107,7 @@ class BlockRunner:
                 h.addmm_(f, w2).add_(b2)
             else:
                 h = packed_linear_add(o.view(rows, W), packed[1], bp, h)
-                f = _gelu_(packed_linear(self._norm(h, n2, n2b, eps2), packed[2], b1))
+                f = packed_linear(self._norm(h, n2, n2b, eps2), packed[2], b1, gelu=True)
                 h = packed_linear_add(f, packed[3], b2, h)
         return self._head(h, t)
 

@@ -89,8 +89,11 @@ def can_pack(dtype: torch.dtype, device: torch.device | str) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x @ W.T + bias with W in oneDNN's packed layout."""
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """x @ W.T + bias with W in oneDNN's packed layout; `gelu`: followed by the exact (erf) GELU,
+    fused into the product (the same oneDNN GELU that `F.gelu` runs on float32 CPU tensors)."""
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
