@@ -23,6 +23,7 @@ under `torch.inference_mode`, which have no version counter.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -105,19 +106,23 @@ def packed_linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor,
 _CACHE: "weakref.WeakKeyDictionary[FlowBlock, dict]" = weakref.WeakKeyDictionary()
 
 
+_LOCK = threading.Lock()  # training previews sample from a thread of their own
+
+
 def _cached(block: FlowBlock, key, make: Callable):
     params = list(block.parameters())
     if any(p.is_inference() for p in params):  # made under inference_mode: no version counter to watch
         return make()
-    entries = _CACHE.setdefault(block, {})
     state = [(weakref.ref(p), p._version) for p in params]
-    hit = entries.pop(key, None)
-    if hit is None or not _same_state(hit[0], state):
-        hit = (state, make())
-    entries[key] = hit  # most recently used last
-    while len(entries) > _ENTRIES_PER_BLOCK:
-        entries.pop(next(iter(entries)))
-    return hit[1]
+    with _LOCK:
+        entries = _CACHE.setdefault(block, {})
+        hit = entries.pop(key, None)
+        if hit is None or not _same_state(hit[0], state):
+            hit = (state, make())
+        entries[key] = hit  # most recently used last
+        while len(entries) > _ENTRIES_PER_BLOCK:
+            entries.pop(next(iter(entries)))
+        return hit[1]
 
 
 def _same_state(old: list[tuple], new: list[tuple]) -> bool:
