@@ -29,8 +29,13 @@ class UsageError(Exception):
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one clear sentence on stderr and exit with `code`."""
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    error(message)
     raise typer.Exit(code)
+
+
+def error(message: str) -> None:
+    """One line on stderr: `error: message`."""
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

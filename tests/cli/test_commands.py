@@ -186,6 +186,25 @@ def test_missing_checkpoint(tmp_path):
     assert_user_error(run("sample", "--ckpt", tmp_path / "run[1]" / "[/b]"), "run[1]/[/b]", "does not exist")
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["sample", "-c", "x", "-n", "0"], ["--num", "greater than or equal to 1", "tarflow sample -h"]),
+    (["sample", "-c", "x", "--check-every", "0"], ["--check-every"]),
+    (["sample", "--bogus"], ["--bogus"]),
+    (["sample"], ["--ckpt"]),
+    (["score", "-c", "x", "-b", "many"], ["--batch-size", "valid integer"]),
+    (["nosuch"], ["nosuch", "tarflow -h"]),
+])
+def test_parser_errors_are_one_line_like_every_user_error(args, needles):
+    """Unknown options, bad or missing values: one line naming the option, exit 2, no usage panel."""
+    assert_user_error(run(*args), *needles)
+
+
+def test_help_and_bare_command_still_show_the_help():
+    assert run("sample", "-h").exit_code == 0
+    bare = run()
+    assert "Usage" in bare.output and "sample" in bare.output
+
+
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     assert_user_error(run("info", "--ckpt", tmp_path / "bad.pth"), "bad.pth")
