@@ -23,6 +23,7 @@ under `torch.inference_mode`, which have no version counter.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import threading
 import weakref
 from dataclasses import dataclass
@@ -61,9 +62,8 @@ def block_weights(block: FlowBlock, dtype: torch.dtype, device: torch.device | s
     plain = _cached(block, dtype, lambda: _prepare(block, dtype))
     if packed_rows is None or not can_pack(dtype, device) or block.proj_in.weight.dtype != dtype:
         return plain
-    packs = _cached(block, ("packed", packed_rows),
-                    lambda: [_packed_layer(layer, packed_rows) for layer in block.attn_blocks])
-    return dataclasses.replace(plain, packed=packs)
+    packs = _cached(block, ("packed", packed_rows), lambda: _packed_layers(block, packed_rows))
+    return plain if packs is None else dataclasses.replace(plain, packed=packs)
 
 
 # Measured on the 2-core AMD EPYC (Zen 1, AVX2, 8 MB L3), packed / plain seconds of the
@@ -85,9 +85,14 @@ def prefers_packed(block: FlowBlock, rows: int) -> bool:
 
 
 def can_pack(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether products in `dtype` on `device` can use oneDNN's packed layout here."""
-    return (dtype == torch.float32 and torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+    """Whether products in `dtype` on `device` can use oneDNN's packed layout here: float32 on an
+    x86-64 CPU (where it was measured), with oneDNN built in and not switched off by the user."""
+    return (dtype == torch.float32 and torch.device(device).type == "cpu" and _X86_64
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -135,10 +140,15 @@ def _prepare(block: FlowBlock, dtype: torch.dtype) -> BlockWeights:
     return BlockWeights(layers, *_in_out(block.proj_in, cast), *_in_out(block.proj_out, cast))
 
 
-def _packed_layer(layer, rows: int) -> tuple:
-    att, mlp = layer.attention, layer.mlp
-    return tuple(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-                 for linear in (att.qkv, att.proj, mlp.main[0], mlp.main[2]))
+def _packed_layers(block: FlowBlock, rows: int) -> list[tuple] | None:
+    """Every layer's (qkv, proj, fc1, fc2) weights in oneDNN's layout, or None where this build
+    cannot pack them (the plain products are used then)."""
+    try:
+        return [tuple(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+                      for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.main[0], layer.mlp.main[2]))
+                for layer in block.attn_blocks]
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:

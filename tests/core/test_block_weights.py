@@ -135,3 +135,25 @@ def test_without_onednn_the_plain_products_are_used(monkeypatch):
     assert bw.block_weights(model.blocks[0], torch.float32, "cpu", packed_rows=3).packed is None
     noise, y = _noise(model, dtype=torch.float32)
     assert BlockRunner(model.blocks[0], 3, y, device=noise.device, dtype=noise.dtype, packed=True).packed is None
+
+
+def test_a_build_that_cannot_pack_falls_back_to_the_plain_products(monkeypatch):
+    if not bw.can_pack(torch.float32, "cpu"):
+        pytest.skip("this PyTorch build has no oneDNN")
+
+    def refuse(weight, rows):
+        raise RuntimeError("not supported on this backend")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    model = tiny_model(dtype=torch.float32, img_size=8)
+    noise, y = _noise(model, dtype=torch.float32)
+    runner = BlockRunner(model.blocks[0], 3, y, device=noise.device, dtype=noise.dtype, packed=True)
+    assert runner.packed is None
+
+
+def test_oneDNN_switched_off_by_the_user_is_respected(monkeypatch):
+    model = tiny_model(dtype=torch.float32, img_size=8)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not bw.can_pack(torch.float32, "cpu")
+    assert bw.block_weights(model.blocks[0], torch.float32, "cpu", packed_rows=3).packed is None
+
