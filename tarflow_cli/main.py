@@ -15,6 +15,7 @@ from .commands.sample import sample
 from .commands.score import score
 from .commands.watch import watch
 
+
 class OneLineErrors(TyperGroup):
     """Usage errors the parser finds (unknown option, bad or missing value, unknown command)
     reported like every other user error: one line on stderr naming the option, exit code 2,

@@ -16,7 +16,6 @@ from .kv_cache import KVCache
 from .model import FlowBlock
 
 
-
 class BlockRunner:
     """One block's inverse machinery for a batch: weights, conditioning, guidance and the cache.
 
@@ -117,10 +116,7 @@ class BlockRunner:
         if self.guide_hidden:
             cond, uncond = h.view(2, B, self.width)
             h = guide(cond, uncond, self._weights(t, 1, h))
-            out = torch.addmm(self.b_out, h, self.w_out)
-            D = self.token_dim
-            out = at_least_f32(out)
-            return (out[:, :D], out[:, D:]) if self.block.nvp else (None, out)
+            return self._split(torch.addmm(self.b_out, h, self.w_out))
         return self._guide(torch.addmm(self.b_out, h, self.w_out).view(self.passes, B, -1), t, 1)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -162,9 +158,7 @@ class BlockRunner:
 
     def _guide(self, out: torch.Tensor, start: int, L: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(passes, B, ..., 2D or D) head outputs -> (a, b) with guidance applied, at least float32."""
-        out = at_least_f32(out)
-        D = self.token_dim
-        a, b = (out[..., :D], out[..., D:]) if self.block.nvp else (None, out)
+        a, b = self._split(out)
         if not self.guided:
             return (None if a is None else a[0]), b[0]
         w = self._weights(start, L, out)
@@ -172,6 +166,12 @@ class BlockRunner:
             a = guide(a[0], a[1], w) if self.use_a else a[0]
         b = guide(b[0], b[1], w) if self.use_b else b[0]
         return a, b
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Head outputs (..., 2D or D) -> (a, b), at least float32; `a` is None for shift-only blocks."""
+        out = at_least_f32(out)
+        D = self.token_dim
+        return (out[..., :D], out[..., D:]) if self.block.nvp else (None, out)
 
     def _weights(self, start: int | torch.Tensor, L: int, like: torch.Tensor):
         """Guidance weight for output positions start+1..start+L (annealed: w * p / (T - 1));

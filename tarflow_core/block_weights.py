@@ -78,8 +78,7 @@ PACKED_MIN_ROWS = 2  # a single row is a matrix-vector product, MKL's is faster
 
 def prefers_packed(block: FlowBlock, rows: int) -> bool:
     """Whether the single-token step of `block` at `rows` rows should use oneDNN's packed layout."""
-    att, mlp = block.attn_blocks[0].attention, block.attn_blocks[0].mlp
-    linears = (att.qkv, att.proj, mlp.main[0], mlp.main[2])
+    linears = _step_linears(block.attn_blocks[0])
     mean_matrix = sum(lin.in_features * lin.out_features for lin in linears) / len(linears)
     return rows >= PACKED_MIN_ROWS and mean_matrix >= PACKED_MIN_MATRIX
 
@@ -109,8 +108,6 @@ def packed_linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor,
 
 
 _CACHE: "weakref.WeakKeyDictionary[FlowBlock, dict]" = weakref.WeakKeyDictionary()
-
-
 _LOCK = threading.Lock()  # training previews sample from a thread of their own
 
 
@@ -145,10 +142,14 @@ def _packed_layers(block: FlowBlock, rows: int) -> list[tuple] | None:
     cannot pack them (the plain products are used then)."""
     try:
         return [tuple(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-                      for linear in (layer.attention.qkv, layer.attention.proj, layer.mlp.main[0], layer.mlp.main[2]))
-                for layer in block.attn_blocks]
+                      for linear in _step_linears(layer)) for layer in block.attn_blocks]
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def _step_linears(layer) -> tuple[torch.nn.Linear, ...]:
+    """A layer's four per-token products, in order: qkv, proj, fc1, fc2."""
+    return layer.attention.qkv, layer.attention.proj, layer.mlp.main[0], layer.mlp.main[2]
 
 
 def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
