@@ -18,13 +18,17 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tarflow_core.atomic import atomic_path
+from tarflow_core.data.arrays import IMAGE_KEYS as DATA_IMAGE_KEYS, LABEL_KEYS
+from tarflow_core.data.base import eight_bit
+from tarflow_core.data.folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_COMMON_EXTS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTS = _COMMON_EXTS + tuple(sorted(FOLDER_IMAGE_EXTS - set(_COMMON_EXTS)))
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 PNG_META_KEY = "tarflow"
 NPZ_META_KEY = "tarflow_meta"
-_NPZ_IMAGE_KEYS = ("arr_0", "images", "data")
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# the keys `--data` reads, our own `arr_0` first
+_NPZ_IMAGE_KEYS = ("arr_0",) + tuple(k for k in DATA_IMAGE_KEYS if k != "arr_0")
 _OUT_FORMS = "a .png, .npz, .npy path, a folder ending in /, or -"
 
 
@@ -108,7 +112,8 @@ def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
     if not p.exists():
         raise InputError(f"input {path} does not exist; expected an image file, a folder, a .npz, a .npy or -")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             looked = ", ".join("*" + e for e in IMAGE_EXTS)
             raise InputError(f"folder {path} holds no image files (looked for {looked})")
@@ -133,14 +138,8 @@ def _read_image(p: Path) -> _Chunk:
 
 
 def _image_to_hwc(img: Image.Image) -> np.ndarray:
-    if img.mode in ("1", "L", "LA"):
-        return np.asarray(img.convert("L"))[..., None]
-    if img.mode in _GRAY_MODES:  # 16/32-bit integer or float gray
-        a = np.asarray(img, dtype=np.float64)
-        if a.max(initial=0) > 255:
-            a = a / 257.0
-        return np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8)[..., None]
-    return np.asarray(img.convert("RGB"))
+    arr = np.asarray(eight_bit(img))
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _load_array_bytes(data: bytes, name: str) -> _Chunk:
@@ -150,16 +149,16 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
         flat_key = None
         if isinstance(loaded, np.lib.npyio.NpzFile):
             key = next((k for k in _NPZ_IMAGE_KEYS if k in loaded.files), None)
+            label_key = next((k for k in LABEL_KEYS if k in loaded.files), None)
             if key is None:
-                rest = [k for k in loaded.files if k not in ("labels", NPZ_META_KEY)]
+                rest = [k for k in loaded.files if k not in (label_key, NPZ_META_KEY)]
                 if len(rest) != 1:
-                    raise InputError(
-                        f"{name} holds arrays {loaded.files or 'none'}; expected one named arr_0, images or data"
-                    )
+                    raise InputError(f"{name} holds arrays {loaded.files or 'none'}; expected one named "
+                                     f"{', '.join(_NPZ_IMAGE_KEYS)} (labels optional: {', '.join(LABEL_KEYS)})")
                 key = rest[0]
             arr = loaded[key]
-            if "labels" in loaded.files:
-                labels = loaded["labels"]
+            if label_key is not None:
+                labels = loaded[label_key]
             flat_key = key
         else:
             arr = loaded
@@ -172,7 +171,7 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
             raise InputError(
-                f"{name}: `labels` is a {labels.dtype} array of shape {labels.shape}; "
+                f"{name}: the labels are a {labels.dtype} array of shape {labels.shape}; "
                 f"expected {len(images)} integers, one per image"
             )
         labels = labels.astype(np.int64)

@@ -584,6 +584,7 @@ class _Trainer:
             self.emit("warning", self.step, message=f"{self.train_ds.skipped} unreadable files skipped in {cfg.data}")
         if self.test_note:
             self.emit("warning", self.step, message=self.test_note)
+        self.late_skips_reported = 0
         self.acc = torch.zeros(5, device=self.device)
         self.bad_in_interval = torch.zeros((), device=self.device)
         self.bad_run = torch.full((), float(self.consecutive_bad), device=self.device)
@@ -615,6 +616,7 @@ class _Trainer:
                                       message=f"{bad_now} step(s) with non-finite loss or gradient skipped "
                                               f"({run_now} in a row at step {self.step})")
                     self.log(self.step - steps_mark, time.perf_counter() - t_mark - side_time)
+                    self._report_late_skips()
                     t_mark, steps_mark, side_time = time.perf_counter(), self.step, 0.0
                 if self.consecutive_bad >= cfg.max_bad_steps:
                     reason = (f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
@@ -635,6 +637,16 @@ class _Trainer:
                     want_stop = any_flag(want_stop, d) if self.step % stop_every == 0 else False
                 if want_stop:
                     return self._finish("interrupted", "stopped by the user")
+
+    def _report_late_skips(self) -> None:
+        """A `warning` for image files that passed the up-front check but failed to decode (each
+        replaced by the next image). Seen here when the data loads in this process (--workers 0);
+        worker processes print a Python warning instead."""
+        late = int(getattr(self.train_ds, "late_skipped", 0))
+        if late > self.late_skips_reported:
+            self.emit("warning", self.step, message=f"{late - self.late_skips_reported} image file(s) in {self.cfg.data} "
+                      "could not be decoded and were replaced by the next image", reason="unreadable")
+            self.late_skips_reported = late
 
     def _finish(self, status: str, reason: str, save: bool = True) -> TrainResult:
         if save and (self.last_checkpoint is None or self.last_checkpoint != checkpoint_dir(self.run_dir, self.step)):

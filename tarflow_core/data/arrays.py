@@ -43,8 +43,17 @@ def rows_to_nchw(rows: np.ndarray, source: str) -> np.ndarray:
 def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """Images, labels (or None) and whether the file used the 1-based row layout."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
+    if not head.startswith((b"\x93NUMPY", b"PK")):
+        raise DataError(f"{path}: not a .npy/.npz file (it has neither the NumPy nor the zip header)")
+    try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise DataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
         raise DataError(f"{path}: cannot read the array without unpickling objects; expected "
                         f"plain uint8 arrays ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -116,8 +125,25 @@ def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_s
         if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
             raise DataError(f"{f}: image shape or labels differ from {files[0].name}")
     images = np.concatenate([p[0] for p in parts])
-    labels = None
+    labels, num_classes = None, None
     if parts[0][1] is not None:
-        labels = _fix_one_based(np.concatenate([p[1] for p in parts]), all(p[2] for p in parts))
+        rows = all(p[2] for p in parts)
+        labels = _fix_one_based(np.concatenate([p[1] for p in parts]), rows)
+        # the class count of the whole source, so both splits agree (labels only: cheap to read)
+        others = [f for f in train + val if f not in files]
+        top = max([int(labels.max()) if len(labels) else -1]
+                  + [int(lab.max()) for lab in (_labels_of(f, rows) for f in others) if lab is not None and len(lab)])
+        num_classes = top + 1
     return ArrayDataset(images, labels, name=str(root), split=split, image_size=image_size,
-                        channels=channels, flip=flip)
+                        channels=channels, flip=flip, num_classes=num_classes)
+
+
+def _labels_of(path: Path, rows: bool) -> np.ndarray | None:
+    """A batch file's labels, 0-based like the loaded ones (`rows`), without reading its images."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = next((k for k in LABEL_KEYS if k in z.files), None)
+            labels = None if key is None else np.asarray(z[key]).reshape(-1)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz batch ({exc})") from None
+    return _fix_one_based(labels, rows)

@@ -60,6 +60,25 @@ def rgb_to_gray(chw: np.ndarray) -> np.ndarray:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[None]
 
 
+HIGH_DEPTH_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """An image as 8-bit "L" (grayscale sources) or "RGB" (everything else).
+
+    16-bit, 32-bit and float grayscale are scaled, not clipped: values above 255 are taken
+    as 16-bit (divided by 257), as PNG writes them; smaller ones are rounded as they are.
+    """
+    if img.mode in HIGH_DEPTH_GRAY_MODES:
+        a = np.asarray(img, dtype=np.float64)
+        if a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("1", "L", "LA", "La"):
+        return img.convert("L")
+    return img.convert("RGB")
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is ``size`` then center-crop to ``size`` x ``size``
     (the ADM / TarFlow ``center_crop_arr``: box-halve while large, then bicubic)."""

@@ -9,24 +9,32 @@ Layouts:
   held-out 5% (see :func:`~tarflow_core.data.base.held_out_indices`).
 
 Only the file list is kept in memory. Every file is checked once up front (Pillow
-``open`` + ``verify``, which reads headers and, for PNG, the chunk checksums); files that
-fail are counted in ``skipped`` and left out. A file that passes but fails to decode later
-(e.g. a truncated JPEG) raises :class:`DataError` naming it. Images are converted to RGB
-(or L for ``channels=1``), the shorter side resized to ``image_size`` and center-cropped.
-Defaults when not given: ``image_size`` = shorter side of the first image, ``channels`` = 1
-when the first image is grayscale, else 3.
+``open`` + ``verify``, which reads headers and, for PNG, the chunk checksums; a JPEG that does
+not end in its end-of-image marker is decoded at 1/8 scale to see whether it is truncated);
+files that fail are counted in ``skipped`` and left out. A file that passes but fails to
+decode later is replaced by the next file that decodes (deterministically, so runs stay
+reproducible), with a Python warning and a count in ``late_skipped`` (of this process).
+Images are converted to 8-bit RGB (or L for ``channels=1``; 16-bit grayscale is scaled, not
+clipped), the shorter side resized to ``image_size`` and center-cropped. Defaults when not
+given: ``image_size`` = the most common shorter side, ``channels`` = 1 when every image is
+grayscale, else 3.
+
+A folder holding only ``train/`` (no ``val/``/``test/``) is that split's folder, with the fixed
+held-out fraction as the test split.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .base import DataError, ImageDataset, held_out_indices, normalize_split, resize_center_crop
+from .base import DataError, ImageDataset, eight_bit, held_out_indices, normalize_split, resize_center_crop
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
@@ -45,13 +53,19 @@ def _images_under(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if is_image_file(p))
 
 
-def own_split_dirs(root: Path) -> dict[str, Path] | None:
-    """``{"train": root/train, "test": root/val}`` when the folder has its own split."""
+def own_split_dirs(root: Path) -> dict[str, Path | None] | None:
+    """``{"train": root/train, "test": root/val}`` when the folder has its own split;
+    ``{"train": root/train, "test": None}`` when ``train/`` is its only sub-folder with images."""
     names = {p.name.lower(): p for p in _subdirs(root)}
+    if "train" not in names:
+        return None
     test = next((names[n] for n in TEST_DIR_NAMES if n in names), None)
-    if "train" in names and test is not None:
+    if test is not None:
         return {"train": names["train"], "test": test}
-    return None
+    others = [p for p in _subdirs(root) if p.name.lower() != "train"]
+    if any(is_image_file(f) for f in root.iterdir()) or any(any(is_image_file(f) for f in p.rglob("*")) for p in others):
+        return None  # "train" is just one class among others
+    return {"train": names["train"], "test": None}
 
 
 def _class_names(d: Path) -> list[str]:
@@ -59,14 +73,30 @@ def _class_names(d: Path) -> list[str]:
     return [sub.name for sub in _subdirs(d) if any(is_image_file(p) for p in sub.rglob("*"))]
 
 
+JPEG_END = b"\xff\xd9"
+
+
 def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
     try:
         with Image.open(path) as im:
-            size, mode = im.size, im.mode
-            im.verify()
+            size, mode, fmt = im.size, im.mode, im.format
+            im.verify()  # for JPEG this checks nothing beyond the header
+        if fmt == "JPEG" and not _ends_like_jpeg(path):
+            with Image.open(path) as im:
+                im.draft(im.mode, (1, 1))  # decode at 1/8 scale: enough to hit a truncation
+                im.load()
         return True, size, mode
     except Exception:  # noqa: BLE001 - any failure means "unreadable"
         return False, (0, 0), ""
+
+
+def _ends_like_jpeg(path: Path) -> bool:
+    """Whether the file's last bytes hold the end-of-image marker (a truncated file lacks it;
+    a few writers append padding, which the caller's trial decode then clears)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 16))
+        return JPEG_END in f.read()
 
 
 def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
@@ -84,8 +114,12 @@ class FolderDataset(ImageDataset):
         root = Path(root)
         self.name, self.split, self.flip = str(root), normalize_split(split), flip
         split_dirs = own_split_dirs(root)
-        all_dirs = [root] if split_dirs is None else [split_dirs["train"], split_dirs["test"]]
-        use_dirs = all_dirs if split_dirs is None or self.split == "all" else [split_dirs[self.split]]
+        held_out = split_dirs is None or split_dirs["test"] is None  # test = fixed fraction of the files
+        if split_dirs is None:
+            all_dirs = [root]
+        else:
+            all_dirs = [d for d in (split_dirs["train"], split_dirs["test"]) if d is not None]
+        use_dirs = all_dirs if held_out or self.split == "all" else [split_dirs[self.split]]
         class_names = {d: _class_names(d) for d in all_dirs}
         labelled = [bool(names) for names in class_names.values()]
         if any(labelled) and not all(labelled):
@@ -116,12 +150,13 @@ class FolderDataset(ImageDataset):
         self.files = [files[i] for i in good]
         self.labels = np.asarray([labels[i] for i in good], dtype=np.int64)
         self.num_classes = len(self.class_names)
-        _, first_size, first_mode = probes[good[0]]
-        self.image_size = int(image_size or min(first_size))
-        self.channels = int(channels or (1 if first_mode in GRAY_MODES else 3))
+        sides = Counter(min(probes[i][1]) for i in good)
+        self.image_size = int(image_size or sides.most_common(1)[0][0])
+        self.channels = int(channels or (1 if all(probes[i][2] in GRAY_MODES for i in good) else 3))
         if self.channels not in (1, 3):
             raise DataError(f"{root}: channels must be 1 or 3, got {self.channels}")
-        if split_dirs is None:
+        self.late_skipped = 0
+        if held_out:
             self.indices = held_out_indices(len(self.files), self.split)
         else:
             self.indices = np.arange(len(self.files))
@@ -132,14 +167,23 @@ class FolderDataset(ImageDataset):
         return len(self.indices)
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
-        j = int(self.indices[i])
-        path = self.files[j]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot decode image ({exc})") from None
+        for step in range(len(self.indices)):
+            j = int(self.indices[(i + step) % len(self.indices)])
+            try:
+                return self._decode(self.files[j]), int(self.labels[j])
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+                self.late_skipped += 1
+                warnings.warn(f"{self.files[j]}: cannot decode image ({exc}); using the next image instead",
+                              RuntimeWarning, stacklevel=2)
+        raise DataError(f"{self.name}: none of the {self.split} images could be decoded")
+
+    def _decode(self, path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            im = eight_bit(im)
+        if self.channels == 1 and im.mode != "L":
+            im = im.convert("L")
+        elif self.channels == 3 and im.mode != "RGB":
+            im = im.convert("RGB")
         arr = np.asarray(resize_center_crop(im, self.image_size))
-        arr = arr[None] if self.channels == 1 else arr.transpose(2, 0, 1)
-        return arr, int(self.labels[j])
+        return arr[None] if self.channels == 1 else arr.transpose(2, 0, 1)
 

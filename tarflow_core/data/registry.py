@@ -24,6 +24,8 @@ def detect_kind(spec: str) -> str:
     """One of ``digits``, ``cifar``, ``imagenet-npz``, ``idx``, ``folder``, ``array``."""
     if spec == "digits":
         return "digits"
+    if not spec.strip():
+        raise DataError(f"the data source is empty (expected {EXPECTED})")
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"data source {spec} does not exist (expected {EXPECTED})")

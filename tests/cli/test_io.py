@@ -273,3 +273,22 @@ def test_mixed_shapes_and_kinds(tmp_path):
         read_inputs([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")])
     with pytest.raises(InputError, match=r"f\.npy .*float.*uint8"):
         read_inputs([str(tmp_path / "a.npy"), str(tmp_path / "f.npy")])
+
+
+def test_npz_keys_as_data_reads_them(tmp_path):
+    """The keys `--data` accepts (x / y here) are read by score and denoise too."""
+    imgs = np.random.default_rng(3).integers(0, 256, (3, 1, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "xy.npz", x=imgs, y=np.array([2, 0, 1]))
+    got = read_inputs([str(tmp_path / "xy.npz")])
+    assert np.array_equal(got.images, imgs) and got.labels.tolist() == [2, 0, 1]
+
+
+def test_folder_inputs_skip_hidden_and_scale_16_bit(tmp_path):
+    deep = np.full((4, 4), 40000, np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    (tmp_path / ".hidden").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / ".hidden" / "a.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / ".b.png")
+    got = read_inputs([str(tmp_path)])
+    assert got.sources == [str(tmp_path / "deep.png")]
+    assert got.images.shape == (1, 1, 4, 4) and (got.images == round(40000 / 257)).all()

@@ -279,6 +279,69 @@ def test_folder_resize_center_crop_and_flip(tmp_path):
     assert gray[0][0].shape == (1, 20, 20)
 
 
+def _jpeg_bytes(rng, side=32) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(rand_u8(rng, side, side, 3)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_truncated_jpeg_skipped_up_front_or_replaced_when_read(tmp_path):
+    rng = np.random.default_rng(11)
+    for i in range(3):
+        (tmp_path / f"ok{i}.jpg").write_bytes(_jpeg_bytes(rng))
+    whole = _jpeg_bytes(rng)
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # no end marker: found up front
+    ds = open_dataset(str(tmp_path), "all")
+    assert len(ds) == 3 and ds.skipped == 1
+    # a file that passed the check but no longer decodes when read: replaced by the next image
+    (tmp_path / "cut.jpg").write_bytes(whole)
+    ds = open_dataset(str(tmp_path), "all")
+    assert len(ds) == 4 and ds.skipped == 0 and [f.name for f in ds.files][0] == "cut.jpg"
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.warns(RuntimeWarning, match="cut.jpg: cannot decode image"):
+        x0, _ = ds[0]
+    assert torch.equal(x0, ds[1][0]) and ds.late_skipped == 1
+
+
+def test_folder_16_bit_gray_scaled_not_clipped(tmp_path):
+    arr = np.full((6, 6), 40000, np.uint16)
+    arr[0, 0] = 65535
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    ds = open_dataset(str(tmp_path), "all")
+    x, _ = ds[0]
+    assert ds.channels == 1 and x[0, 1, 1] == round(40000 / 257) and x[0, 0, 0] == 255
+
+
+def test_folder_defaults_from_every_image(tmp_path):
+    rng = np.random.default_rng(12)
+    save_png(tmp_path / "a_thumb.png", rand_u8(rng, 8, 8))  # sorts first: gray and small
+    for i in range(3):
+        save_png(tmp_path / f"b{i}.png", rand_u8(rng, 24, 30, 3))
+    ds = open_dataset(str(tmp_path), "all")
+    assert (ds.channels, ds.image_size) == (3, 24)
+    assert ds[0][0].shape == (3, 24, 24)
+
+
+def test_folder_with_only_a_train_folder(tmp_path):
+    rng = np.random.default_rng(13)
+    for cname, n in (("cat", 5), ("dog", 5)):
+        for i in range(n):
+            save_png(tmp_path / "train" / cname / f"{i}.png", rand_u8(rng, 6, 6, 3))
+    train, test = open_dataset(str(tmp_path)), open_dataset(str(tmp_path), "test")
+    assert train.class_names == ["cat", "dog"] and (len(train), len(test)) == (9, 1)
+    # beside other class folders, "train" is just a class name
+    save_png(tmp_path / "zebra" / "0.png", rand_u8(rng, 6, 6, 3))
+    assert open_dataset(str(tmp_path), "all").class_names == ["train", "zebra"]
+
+
+def test_imagenet_folder_class_count_same_in_both_splits(tmp_path):
+    rng = np.random.default_rng(14)
+    np.savez(tmp_path / "train_data_batch_1.npz", data=rand_u8(rng, 6, 3 * 4 * 4), labels=np.array([1, 2, 3, 1, 2, 3]))
+    np.savez(tmp_path / "val_data.npz", data=rand_u8(rng, 2, 3 * 4 * 4), labels=np.array([7, 1]))
+    assert open_dataset(str(tmp_path), "train").num_classes == open_dataset(str(tmp_path), "test").num_classes == 7
+
+
 # ---------------------------------------------------------------- bad sources
 
 def test_bad_sources(tmp_path):
@@ -294,6 +357,9 @@ def test_bad_sources(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="obj.npy"):
         open_dataset(str(tmp_path / "obj.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(DataError, match="junk.npy: not a .npy/.npz file"):
+        open_dataset(str(tmp_path / "junk.npy"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="x.txt is not a recognised"):
         open_dataset(str(tmp_path / "x.txt"))
@@ -301,6 +367,8 @@ def test_bad_sources(tmp_path):
     (tmp_path / "junk" / "a.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="none of the 1 image files"):
         open_dataset(str(tmp_path / "junk"))
+    with pytest.raises(DataError, match="the data source is empty"):
+        open_dataset("")
     with pytest.raises(DataError, match="unknown data split"):
         open_dataset("digits", "bogus")
     assert issubclass(DataError, ValueError)

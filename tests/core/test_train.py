@@ -319,3 +319,28 @@ def test_stop_on_signals_sets_event_then_raises():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_image_that_fails_to_decode_mid_run_is_replaced_and_reported(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from tarflow_core.data.folder import FolderDataset
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    decode = FolderDataset._decode
+
+    def flaky(self, path):
+        if path.name == "03.png":
+            raise OSError("image file is truncated")
+        return decode(self, path)
+
+    monkeypatch.setattr(FolderDataset, "_decode", flaky)
+    with pytest.warns(RuntimeWarning, match="03.png: cannot decode image"):
+        result = train(tiny_cfg(tmp_path / "run", data=str(tmp_path), batch_size=8, max_steps=6, log_every=3,
+                                eval_every=0, sample_every=0, checkpoint_every=0))
+    assert result.status == "finished"
+    warned = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.get("reason") == "unreadable"]
+    assert warned and "could not be decoded" in warned[0]["message"]
