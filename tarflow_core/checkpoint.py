@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 REFERENCE_NAME = re.compile(
-    r"(?:(?P<dataset>[A-Za-z0-9]+)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|[0-9.]+)$"
+    r"(?:(?P<dataset>[A-Za-z0-9]+)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|\d+(?:\.\d*)?|\.\d+)$"
 )
 REFERENCE_HEAD_DIM = 64
 
@@ -182,7 +183,12 @@ def read_info(path: str | os.PathLike, *, patch_size: int | None = None) -> Chec
     resolved = resolve_checkpoint(path)
     if resolved.is_dir():
         return read_native_info(resolved)
-    return reference_info(read_reference_state(resolved), resolved, patch_size=patch_size)
+    state = read_reference_state(resolved)
+    info = reference_info(state, resolved, patch_size=patch_size)
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        expected = TarFlow(info.config).state_dict()
+    _check_state(expected, state, resolved)
+    return info
 
 
 def read_native_info(folder: Path) -> CheckpointInfo:
@@ -211,7 +217,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_state(model: TarFlow, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
+    _check_state(model.state_dict(), state, source)
+    model.load_state_dict(state)
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights whose names or shapes differ from the architecture's."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
@@ -221,15 +232,28 @@ def _load_state(model: TarFlow, state: dict[str, torch.Tensor], source: Path) ->
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
         raise CheckpointError(f"weights in {source} do not match the architecture ({'; '.join(parts)})")
-    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- reference `.pth`
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
     """A published-code `.pth` as a dict of tensors; refuses anything but plain tensors."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e})") from None
+    if not head:
+        raise CheckpointError(f"{path} is empty; expected a PyTorch state dict (.pth)")
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or a pickle before torch 1.6
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower() or "unsupported class" in str(e).lower():
             # torch refused to import a Python object the file names: nothing was run
@@ -238,17 +262,17 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
                 "(unpickling could run code)") from None
         raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({first})") from None
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {first})"
+                              if first else f"{path} is not a readable PyTorch state dict ({type(e).__name__})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} wrappers
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a TarFlow state dict (expected a dict of tensors)")
     state = {}
     for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(WRAPPER_PREFIXES):  # DDP and torch.compile wrappers, nested in any order
+            k = k.split(".", 1)[1]
         if not k.endswith(".attn_mask"):  # the causal mask is recomputed, never trusted
             state[k] = v
     return state
@@ -274,7 +298,10 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
     noise: dict[str, Any] = {"type": None, "std": None}
     data: dict[str, Any] = {}
     if name:
-        noise = {"type": "uniform", "std": None} if name["noise"] == "uniform" else {"type": "gaussian", "std": float(name["noise"])}
+        if name["noise"] == "uniform":
+            noise = {"type": "uniform", "std": None}
+        elif float(name["noise"]) > 0:  # the published scripts write std 0 when no noise was added
+            noise = {"type": "gaussian", "std": float(name["noise"])}
         if patch_size is None:
             patch_size = int(name["patch"])
         if name["dataset"]:
@@ -284,6 +311,8 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
                 f"{path.name} names width {name['width']}, {name['blocks']} blocks, {name['layers']} layers "
                 f"but its tensors hold width {width}, {blocks} blocks, {layers} layers")
     if patch_size is not None:
+        if patch_size < 1:
+            raise CheckpointError(f"patch size {patch_size}: expected a positive integer")
         if token_dim % (patch_size**2):
             raise CheckpointError(f"{path}: token size {token_dim} is not channels x {patch_size}^2 (patch size {patch_size})")
         channels = token_dim // patch_size**2

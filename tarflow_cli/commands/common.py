@@ -22,7 +22,7 @@ from ..io import read_labels
 CkptOpt = Annotated[str, typer.Option("--ckpt", "-c", help="Run directory (its latest checkpoint), native checkpoint directory, or reference .pth file.", envvar="TARFLOW_CKPT", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed and options give the same output.")]
-PatchOpt = Annotated[Optional[int], typer.Option("--patch-size", help="Patch size of a reference .pth whose file name does not give it.", show_default=False)]
+PatchOpt = Annotated[Optional[int], typer.Option("--patch-size", min=1, help="Patch size of a reference .pth whose file name does not give it.", show_default=False)]
 ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Use class K for every image (class-conditional models).", show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Per-image class labels: a .npy of integers.", show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]

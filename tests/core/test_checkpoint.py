@@ -113,6 +113,8 @@ def _reference_state(cfg: ModelConfig) -> dict:
     ("afhq_model_8_128_2_1_0.07.pth", 8, 3, {"type": "gaussian", "std": 0.07}),
     ("imagenet64_model_2_128_2_1_uniform.pth", 2, 3, {"type": "uniform", "std": None}),
     ("mnist_model_4_128_2_1_0.10.pth", 4, 1, {"type": "gaussian", "std": 0.1}),
+    ("cifar_model_4_128_2_1_0.00.pth", 4, 3, {"type": None, "std": None}),  # --noise_std 0: no noise
+    ("x_model_4_128_2_1_1.2.3.pth", 4, 3, {"type": None, "std": None}),  # not a number: name ignored
 ])
 def test_reference_file_names_give_patch_size_and_noise(tmp_path, name, patch, channels, noise):
     cfg = ModelConfig(in_channels=channels, img_size=patch * 4, patch_size=patch, width=128, num_blocks=2,
@@ -152,13 +154,15 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated zip", b'{"json": 1}'])
-def test_corrupt_pth_is_a_clear_error(tmp_path, content):
+@pytest.mark.parametrize("content,says", [(b"", "is empty"), (b"not a torch file at all", "not a PyTorch checkpoint"),
+                                          (b"PK\x03\x04truncated zip", "not a readable PyTorch state dict"),
+                                          (b'{"json": 1}', "not a PyTorch checkpoint")])
+def test_corrupt_pth_is_a_clear_error(tmp_path, content, says):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)
     with pytest.raises(CheckpointError, match="bad.pth") as err:
         load_checkpoint(bad)
-    assert "pickled Python objects" not in str(err.value)
+    assert "pickled Python objects" not in str(err.value) and says in str(err.value)
 
 
 def test_corrupt_native_checkpoint_is_a_clear_error(tmp_path):
@@ -181,3 +185,28 @@ def test_missing_and_non_checkpoint_paths(tmp_path):
     torch.save({"weight": torch.ones(3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a TarFlow state dict"):
         load_checkpoint(tmp_path / "other.pth")
+
+
+def test_wrapper_prefixes_in_any_order_are_stripped(tmp_path):
+    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, width=64, num_blocks=2, layers_per_block=1,
+                      head_dim=64, nvp=True, num_classes=2)
+    state = _reference_state(cfg)
+    for prefix in ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."):
+        torch.save({prefix + k: v for k, v in state.items()}, tmp_path / "m.pth")
+        assert load_checkpoint(tmp_path / "m.pth", patch_size=4)[1].config == cfg, prefix
+
+
+def test_info_refuses_weights_that_do_not_fit_the_architecture(tmp_path):
+    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, width=64, num_blocks=2, layers_per_block=1,
+                      head_dim=64, nvp=True, num_classes=0)
+    state = _reference_state(cfg)
+    state["blocks.0.extra"] = torch.ones(2)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected: blocks.0.extra"):
+        read_info(tmp_path / "extra.pth", patch_size=4)
+    del state["blocks.0.extra"], state["blocks.1.proj_out.bias"]
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing: blocks.1.proj_out.bias"):
+        read_info(tmp_path / "missing.pth", patch_size=4)
+    with pytest.raises(CheckpointError, match="patch size 0: expected a positive integer"):
+        read_info(tmp_path / "missing.pth", patch_size=0)
