@@ -13,7 +13,7 @@ from rich.markup import escape
 from tarflow_core.checkpoint import CheckpointError
 from tarflow_core.sampling import SamplingError
 
-from .io import InputError
+from .io import InputError, WriteError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -49,7 +49,7 @@ def user_errors() -> Iterator[None]:
         yield
     except (UsageError, InputError, CheckpointError) as e:
         fail(str(e), EXIT_USAGE)
-    except SamplingError as e:
+    except (SamplingError, WriteError) as e:
         fail(str(e), EXIT_FAILURE)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)

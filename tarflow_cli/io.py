@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -253,8 +255,52 @@ def make_grid(images_uint8_nchw: np.ndarray, nrow: int | None = None, padding: i
 # --------------------------------------------------------------------------- writing
 
 
+def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
+    """Refuse an `--out` that cannot be written, before any work is done: an unknown form, a
+    folder where a file is (or the reverse), a location under a file or not writable, or raw
+    array bytes to a terminal."""
+    out = str(out)
+    if out == "-":
+        if stdout_is_tty if stdout_is_tty is not None else sys.stdout.isatty():
+            raise InputError("--out -: stdout is a terminal; pipe it into a command (e.g. `| tarflow score ... -`) "
+                             "or give a file")
+        return
+    path = Path(out)
+    folder_form = out.endswith(("/", "\\")) or path.is_dir()
+    if not folder_form and path.suffix.lower() not in (".png", ".npz", ".npy"):
+        raise InputError(f"--out {out}: expected {_OUT_FORMS}")
+    if folder_form and path.exists() and not path.is_dir():
+        raise InputError(f"--out {out}: {path} is a file, not a folder")
+    if not folder_form and path.is_dir():
+        raise InputError(f"--out {out} is a folder; add a trailing / to write one PNG per image there")
+    existing = path if folder_form else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, so nothing can be written under it")
+    try:  # the one sure test: create a file there (access() says yes to root everywhere)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+class WriteError(Exception):
+    """Writing an output failed at run time (e.g. the disk filled up)."""
+
+
 def write_output(x, out: str, labels=None, metadata: dict | None = None, stdout: BinaryIO | None = None) -> str | None:
     """Write model-space NCHW images to `out` (.png grid, folder/, .npz, .npy or -)."""
+    try:
+        return _write_output(x, out, labels, metadata, stdout)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise WriteError(f"could not write --out {out}: {e.strerror or e}"
+                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
+
+
+def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO | None) -> str | None:
     x = _numpy(x)
     if x.ndim != 4:
         raise ValueError(f"write_output expects NCHW images, got shape {x.shape}")

@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, fsync, then rename.
 
-A crash in the middle of a save leaves the previous file (if any) intact.
+A crash in the middle of a save leaves the previous file (if any) intact. The result gets the
+permissions a plain `open(path, "w")` would give (0666 or 0777 less the umask), not the
+owner-only ones of a temporary file, so others can read runs and samples as usual.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, default_mode(directory=False))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -48,3 +51,17 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def default_mode(directory: bool) -> int:
+    """The permissions a new file (or folder) gets under the process umask."""
+    return (0o777 if directory else 0o666) & ~_UMASK

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .atomic import _fsync_dir
+from .atomic import _fsync_dir, default_mode
 from .config import ModelConfig, guess_channels_and_patch
 from .model import TarFlow
 
@@ -86,8 +86,10 @@ def save_checkpoint(path: str | os.PathLike, model: TarFlow, *, noise: dict | No
             _write_tensors(tmp / EMA_FILE, ema_state)
         (tmp / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
         for f in tmp.iterdir():
+            os.chmod(f, default_mode(directory=False))
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode(directory=True))
         _fsync_dir(tmp)
         old = None
         if target.exists():

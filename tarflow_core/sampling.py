@@ -340,10 +340,16 @@ def generate(
 
 def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) -> dict:
     """What the sampler did, for metadata: method, segment length and mean passes per block."""
-    sampler = options["sampler"]
-    segments = {"sequential": 1, "jacobi": tokens - 1}.get(sampler, options.get("segments"))
+    requested = options["sampler"]
+    segments = {"sequential": 1, "jacobi": tokens - 1}.get(requested, options.get("segments"))
+    used = requested
+    if requested == "auto":  # name the method auto chose
+        per_block = segments if isinstance(segments, (list, tuple)) else [segments]
+        used = ("sequential" if all(s is not None and s <= 1 for s in per_block) else
+                "jacobi" if all(s is not None and s >= tokens - 1 for s in per_block) else "gs-jacobi")
     passes = [stats.iterations[i::blocks] for i in range(blocks)] if stats.iterations else []
     mean_passes = [round(sum(p) / len(p), 2) for p in passes if p]
-    return {"sampler": sampler, "segments": segments, "tol": stats.tol,
+    return {"sampler": used, "requested": requested, "segments": segments,
+            "tol": None if used == "sequential" else stats.tol,
             "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks,
             "check_every": stats.check_every, "cuda_graphs": stats.cuda_graphs}

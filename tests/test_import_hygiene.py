@@ -13,3 +13,12 @@ def test_core_does_not_import_the_cli_or_dashboard():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_spec_python_api_is_importable_from_the_package():
+    import tarflow_core
+    from tarflow_core import TarFlow, denoise, load_model, nll
+    from tarflow_core.checkpoint import load_model as direct
+
+    assert load_model is direct and callable(nll) and callable(denoise) and hasattr(TarFlow, "sample")
+    assert set(tarflow_core.__all__) >= {"load_model", "TarFlow", "nll", "denoise"}

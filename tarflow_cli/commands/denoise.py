@@ -11,7 +11,7 @@ from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
 
 from ..console import info, user_errors
-from ..io import read_inputs, write_output
+from ..io import check_output, read_inputs, write_output
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
                      resolve_device, resolve_labels)
 from .score import _check_shape
@@ -38,6 +38,7 @@ def denoise(
       tarflow sample --ckpt C --no-denoise --out - | tarflow denoise --ckpt C - --out -
     """
     with user_errors():
+        check_output(out)
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
         sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")

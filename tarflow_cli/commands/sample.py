@@ -14,7 +14,7 @@ from tarflow_core import __version__
 from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
-from ..io import InputError, write_output
+from ..io import InputError, check_output, write_output
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, ClassOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt,
                      CheckEveryOpt, CudaGraphsOpt, DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, PrecisionOpt,
                      SamplerOpt, SeedOpt, SegmentsOpt, TolOpt, check_precision_options, check_sampling_options, load,
@@ -61,6 +61,7 @@ def sample(
     """
     with user_errors():
         check_sampling_options(guide_what, attn_temp, sampler, tol)
+        check_output(out)
         dev = resolve_device(device)
         check_precision_options(precision, cuda_graphs, dev)
         model, ck = load(ckpt, dev, patch_size)

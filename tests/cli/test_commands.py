@@ -262,8 +262,11 @@ def test_denoise_needs_a_sigma(uncond_ckpt, tmp_path):
     assert_user_error(run("denoise", "-c", uncond_ckpt, tmp_path / "x.npy"), "--sigma")
 
 
-def test_bad_out_and_device(cond_ckpt):
+def test_bad_out_and_device(cond_ckpt, tmp_path):
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", "x.txt"), "x.txt")
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", f"{tmp_path}/afile/"), "is a file, not a folder")
+    assert_user_error(run("denoise", "-c", cond_ckpt, "-", "--out", f"{tmp_path}/afile/x.png"), "nothing can be written")
     assert_user_error(run("sample", "-c", cond_ckpt, "--device", "tpu"), "--device tpu")
 
 
@@ -279,5 +282,12 @@ def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
     assert s["sampler"] == "gs-jacobi" and s["segments"] == 3 and s["check_every"] == 2
     assert s["precision"] == "fp32" and s["cuda_graphs"] is False  # auto on a CPU
     assert "check_every" in r.stderr  # --verbose prints the settings
+    auto = tmp_path / "auto.png"
+    r = run("sample", "-c", cond_ckpt, "-n", 2, "--out", auto, "-v")  # the default sampler: auto
+    assert r.exit_code == 0, r.stderr
+    from tarflow_cli.io import read_png_metadata
+    recorded = read_png_metadata(auto)["sampling"]
+    assert recorded["sampler"] == "sequential" and recorded["requested"] == "auto"  # what auto chose on a CPU
+    assert "'sampler': 'sequential'" in r.stderr
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--cuda-graphs", "--device", "cpu"), "--cuda-graphs")
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--precision", "fp16"), "--precision fp16")

@@ -292,3 +292,37 @@ def test_folder_inputs_skip_hidden_and_scale_16_bit(tmp_path):
     got = read_inputs([str(tmp_path)])
     assert got.sources == [str(tmp_path / "deep.png")]
     assert got.images.shape == (1, 1, 4, 4) and (got.images == round(40000 / 257)).all()
+
+
+def test_out_is_checked_before_any_work(tmp_path):
+    from tarflow_cli.io import check_output
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad, says in [(f"{afile}/", "is a file, not a folder"), (f"{afile}/sub/x.png", "nothing can be written under it"),
+                      (f"{afile}/x.npz", "nothing can be written under it"), (str(tmp_path / "x.txt"), "expected a .png"),
+                      ("-", "stdout is a terminal")]:
+        with pytest.raises(InputError, match=says):
+            check_output(bad, stdout_is_tty=True)
+    for good in (str(tmp_path / "new" / "deeper" / "g.png"), f"{tmp_path}/imgs/", str(tmp_path / "a.npy"), str(tmp_path)):
+        check_output(good, stdout_is_tty=True)
+    check_output("-", stdout_is_tty=False)
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must not stay owner-only."""
+    import os
+    import stat
+
+    from tarflow_core.atomic import default_mode
+
+    x = _model_images(n=2)
+    for name in ("g.png", "a.npz", "a.npy", "dir/"):
+        write_output(x, f"{tmp_path}/{name}")
+    files = [tmp_path / "g.png", tmp_path / "a.npz", tmp_path / "a.npy", *sorted((tmp_path / "dir").iterdir())]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert default_mode(directory=False) == 0o666 & ~mask
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f

@@ -88,4 +88,6 @@ def test_calibration_returns_one_valid_segment_per_block_and_generate_records_it
     assert seq.settings["passes_per_block"] == [15.0] * len(model.blocks)
     auto = generate(model, 4, generator=torch.Generator().manual_seed(0), batch_size=2, sampler="auto")
     assert auto.settings["segments"] == 1  # on a CPU: sequential, so the same seed gives the same images
+    assert auto.settings["sampler"] == "sequential" and auto.settings["requested"] == "auto"
+    assert auto.settings["tol"] is None  # no tolerance in an exact method
     assert torch.equal(auto.images, seq.images)
