@@ -1,5 +1,5 @@
 """`python -m tarflow_cli ...` (also the `torchrun ... -m tarflow_cli train ...` entry)."""
 
-from .main import main
+from .entry import main
 
 main()

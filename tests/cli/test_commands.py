@@ -291,3 +291,19 @@ def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
     assert "'sampler': 'sequential'" in r.stderr
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--cuda-graphs", "--device", "cpu"), "--cuda-graphs")
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--precision", "fp16"), "--precision fp16")
+
+
+@pytest.mark.parametrize("sig,delay", [("SIGINT", 0.5), ("SIGTERM", 0.5), ("SIGTERM", 4.0)])
+def test_interrupt_while_loading_or_sampling_exits_130_without_traceback(cond_ckpt, tmp_path, sig, delay):
+    """Early: while torch and typer load (the entry's own handler); later: mid-sampling."""
+    import signal
+    import time
+
+    out = tmp_path / "never.png"
+    proc = subprocess.Popen([sys.executable, "-m", "tarflow_cli", "sample", "-c", str(cond_ckpt), "-n", "100000",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr.decode()
+    assert b"interrupted" in stderr and b"Traceback" not in stderr and not out.exists()

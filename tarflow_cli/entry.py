@@ -1,0 +1,49 @@
+"""The `tarflow` console entry: light on purpose, so it can take over Ctrl-C and SIGTERM before
+the heavy modules (torch, typer, textual) load, which takes seconds.
+
+While they load, an interrupt ends the program at once: "interrupted" on stderr, exit 130, no
+traceback (the default handler would raise inside torch's import, and a C++ frame there turns
+that into an abort). Once loaded, Ctrl-C raises KeyboardInterrupt as usual and SIGTERM does the
+same for the one-shot commands, so both end with exit 130 and no partial output (writes are
+atomic); `train` and `watch` install their own handlers (stop after the step, checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_INTERRUPTED = 130
+
+
+def _quit_while_loading(signum, frame) -> None:
+    try:
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    ignored = {s for s in SIGNALS if signal.getsignal(s) == signal.SIG_IGN}  # e.g. `tarflow ... &`
+    for s in SIGNALS:
+        if s not in ignored:
+            signal.signal(s, _quit_while_loading)
+    from .main import main as run
+
+    if signal.SIGINT not in ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.SIGTERM not in ignored:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if command == "watch" else _interrupt)
+    run()
+
+
+if __name__ == "__main__":
+    main()
