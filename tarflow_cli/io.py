@@ -191,6 +191,9 @@ def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
             arr = arr[:, None]
         if arr.ndim != 4 or arr.shape[1] not in (1, 3):
             raise InputError(bad + "float model-space images as NCHW (C = 1 or 3) or NHW")
+        if not np.isfinite(arr).all():
+            bad_images = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
+            raise InputError(f"{name}: {bad_images} of {len(arr)} images hold nan or inf; expected finite model-space values")
         return np.ascontiguousarray(arr, dtype=np.float32)
     if arr.dtype != np.uint8:
         raise InputError(bad + "uint8 images (NHWC, NCHW or NHW) or float NCHW model-space values")

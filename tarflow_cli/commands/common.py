@@ -18,6 +18,7 @@ from tarflow_core.sampling import GUIDE_WHAT, PRECISIONS, SAMPLERS
 
 from ..console import UsageError
 from ..io import read_labels
+from .numbers import FINITE, finite_float
 
 CkptOpt = Annotated[str, typer.Option("--ckpt", "-c", help="Run directory (its latest checkpoint), native checkpoint directory, or reference .pth file.", envvar="TARFLOW_CKPT", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -28,16 +29,16 @@ LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Per-image c
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 
 # sampling options shared by `sample` and `eval`
-GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", min=0.0, help="Classifier-free guidance weight w (0: none).")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", parser=finite_float(minimum=0.0), help="Classifier-free guidance weight w (0: none).")]
 GuideWhatOpt = Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")]
-AttnTempOpt = Annotated[float, typer.Option("--attn-temp", help="Attention temperature of the unconditional guidance pass.")]
+AttnTempOpt = Annotated[float, typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass.")]
 AnnealedOpt = Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")]
 DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)]
-DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", help="Noise std for denoising [default: the checkpoint's].", show_default=False)]
-DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", help="Multiplier on the denoising step.")]
+DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising [default: the checkpoint's].", show_default=False)]
+DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", parser=FINITE, help="Multiplier on the denoising step.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
 SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)]
-TolOpt = Annotated[Optional[float], typer.Option("--tol", help="Jacobi samplers: stop iterating when no value changes by more than this [default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].", show_default=False)]
+TolOpt = Annotated[Optional[float], typer.Option("--tol", parser=FINITE, help="Jacobi samplers: stop iterating when no value changes by more than this [default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].", show_default=False)]
 CheckEveryOpt = Annotated[Optional[int], typer.Option("--check-every", min=1, help="Jacobi samplers: passes between convergence checks (each one waits for the device) [default: 1 on CPUs, 4 on CUDA].", show_default=False)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Sampling arithmetic: fp32, bf16 (transformer in bfloat16, as the published code samples), or auto (bf16 on CUDA, fp32 elsewhere).")]
 CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs [default: on with CUDA].", show_default=False)]

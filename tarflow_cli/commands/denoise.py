@@ -14,14 +14,15 @@ from ..console import info, user_errors
 from ..io import check_output, read_inputs, write_output
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
                      resolve_device, resolve_labels)
+from .numbers import FINITE
 from .score import _check_shape
 
 
 def denoise(
     input_: Annotated[str, typer.Argument(metavar="INPUT", help="Images, a folder, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
     ckpt: CkptOpt,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", help="Noise std [default: the checkpoint's training noise].", show_default=False)] = None,
-    lr_scale: Annotated[float, typer.Option("--lr-scale", help="Multiplier on the step (1: Tweedie's estimate).")] = 1.0,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", parser=FINITE, help="Noise std [default: the checkpoint's training noise].", show_default=False)] = None,
+    lr_scale: Annotated[float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")] = 1.0,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
     out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")] = "denoised.png",

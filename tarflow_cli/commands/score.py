@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from typing import Annotated, Optional
 
@@ -95,6 +96,10 @@ def score(
                     records.append(rec)
                 advance(stop)
         _emit(records, fmt)
+        broken = sum(not math.isfinite(r["nll"]) for r in records)
+        if broken:
+            info(f"warning: the model gave a non-finite likelihood for {broken} of {n} images "
+                 f"({'null in JSON' if fmt == 'jsonl' else 'nan'}); its weights may hold nan or inf")
         mean_bpd = sum(r["bpd"] for r in records) / n
         extra = ""
         if classify and y is not None:
@@ -110,10 +115,20 @@ def _check_shape(shape, cfg, inputs) -> None:
         raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))}")
 
 
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _emit(records: list[dict], fmt: str) -> None:
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # JSON has no nan or inf: a non-finite score is null
         for r in records:
-            sys.stdout.write(json.dumps(r) + "\n")
+            sys.stdout.write(json.dumps(_json_safe(r)) + "\n")
     elif fmt == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
         k = len(records[0].get("log_probs", [])) if records else 0

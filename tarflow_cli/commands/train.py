@@ -14,6 +14,7 @@ import torch
 import typer
 
 from .common import limit_cpu_threads_when_busy
+from .numbers import FINITE
 from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset as get_preset
 
 UI_CHOICES = ("tui", "rich", "plain")
@@ -41,6 +42,11 @@ def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, show_default=False, **kw)
 
 
+def _num(help: str, *names: str) -> Any:  # noqa: A002
+    """A float option: finite numbers only."""
+    return _opt(help, *names, parser=FINITE)
+
+
 def train(
     data: Annotated[Optional[str], _opt("Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.", "--data", "-d")] = None,
     preset: Annotated[str, typer.Option("--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)}.")] = "tiny",
@@ -54,17 +60,17 @@ def train(
     head_dim: Annotated[Optional[int], _opt("Attention head size.", "--head-dim")] = None,
     nvp: Annotated[Optional[bool], _opt("Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")] = None,
     conditional: Annotated[Optional[bool], _opt("Class conditioning (default: when the data has labels).", "--conditional/--unconditional")] = None,
-    label_drop: Annotated[Optional[float], _opt("Fraction of labels dropped (conditional runs).", "--label-drop")] = None,
+    label_drop: Annotated[Optional[float], _num("Fraction of labels dropped (conditional runs).", "--label-drop")] = None,
     noise: Annotated[Optional[str], _opt("'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.", "--noise")] = None,
     batch_size: Annotated[Optional[int], _opt("Global batch size (per process x processes).", "--batch-size", "-b")] = None,
-    lr: Annotated[Optional[float], _opt("Peak learning rate.", "--lr")] = None,
-    min_lr: Annotated[Optional[float], _opt("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")] = None,
+    lr: Annotated[Optional[float], _num("Peak learning rate.", "--lr")] = None,
+    min_lr: Annotated[Optional[float], _num("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")] = None,
     warmup_steps: Annotated[Optional[int], _opt("Linear warm-up steps (default: one epoch).", "--warmup-steps")] = None,
-    weight_decay: Annotated[Optional[float], _opt("AdamW weight decay.", "--weight-decay")] = None,
-    grad_clip: Annotated[Optional[float], _opt("Clip the global gradient norm (0: off).", "--grad-clip")] = None,
-    ema: Annotated[Optional[float], _opt("EMA decay of the weights, e.g. 0.9999 (0: off).", "--ema")] = None,
+    weight_decay: Annotated[Optional[float], _num("AdamW weight decay.", "--weight-decay")] = None,
+    grad_clip: Annotated[Optional[float], _num("Clip the global gradient norm (0: off).", "--grad-clip")] = None,
+    ema: Annotated[Optional[float], _num("EMA decay of the weights, e.g. 0.9999 (0: off).", "--ema")] = None,
     max_steps: Annotated[Optional[int], _opt("Run length in steps.", "--max-steps")] = None,
-    epochs: Annotated[Optional[float], _opt("Run length in epochs (used when --max-steps is not given).", "--epochs")] = None,
+    epochs: Annotated[Optional[float], _num("Run length in epochs (used when --max-steps is not given).", "--epochs")] = None,
     precision: Annotated[Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")] = None,
     compile: Annotated[Optional[bool], _opt("torch.compile the model.", "--compile/--no-compile")] = None,  # noqa: A002
     sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: never).", "--sample-every")] = None,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..console import fail, info
+from .numbers import finite_float
 
 
 def watch(
@@ -16,7 +17,7 @@ def watch(
         help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
         show_default=False)],
     poll: Annotated[float, typer.Option(
-        "--poll", min=0.05, max=60.0, help="Seconds between reads of events.jsonl.")] = 0.25,
+        "--poll", parser=finite_float(minimum=0.05, maximum=60.0), help="Seconds between reads of events.jsonl.")] = 0.25,
     graphics: Annotated[str, typer.Option(
         "--graphics", envvar="TARFLOW_GRAPHICS",
         help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).")]

@@ -307,3 +307,29 @@ def test_interrupt_while_loading_or_sampling_exits_130_without_traceback(cond_ck
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr.decode()
     assert b"interrupted" in stderr and b"Traceback" not in stderr and not out.exists()
+
+
+def test_non_finite_inputs_options_and_scores(cond_ckpt, tmp_path):
+    model = load_model(cond_ckpt)
+    c = model.config
+    floats = np.zeros((2, c.in_channels, c.img_size, c.img_size), np.float32)
+    floats[1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", floats)
+    for cmd in ("score", "denoise"):
+        assert_user_error(run(cmd, "-c", cond_ckpt, tmp_path / "nan.npy"), "nan.npy", "1 of 2 images hold nan or inf")
+    assert_user_error(run("denoise", "-c", cond_ckpt, tmp_path / "nan.npy", "--sigma", "nan"), "--sigma", "finite")
+    assert_user_error(run("sample", "-c", cond_ckpt, "--denoise-sigma", "inf"), "--denoise-sigma", "finite")
+    assert_user_error(run("sample", "-c", cond_ckpt, "--guidance", "-1"), "--guidance", "below")
+    # a model whose weights went non-finite: valid JSON (null), and a warning
+    with torch.no_grad():
+        model.blocks[0].proj_out.bias.fill_(float("nan"))
+    broken = tmp_path / "broken"
+    save_checkpoint(broken, model)
+    np.save(tmp_path / "u8.npy", np.zeros((2, c.in_channels, c.img_size, c.img_size), np.uint8))
+    r = run("score", "-c", broken, tmp_path / "u8.npy", "--format", "jsonl", "--classify")
+    assert r.exit_code == 0, r.stderr
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    records = [json.loads(line, parse_constant=no_constants) for line in r.stdout.splitlines()]
+    assert records[0]["nll"] is None and records[0]["bpd"] is None and "non-finite likelihood" in r.stderr
