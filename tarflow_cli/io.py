@@ -23,6 +23,7 @@ from tarflow_core.atomic import atomic_path
 from tarflow_core.data.arrays import IMAGE_KEYS as DATA_IMAGE_KEYS, LABEL_KEYS
 from tarflow_core.data.base import eight_bit
 from tarflow_core.data.folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
+from tarflow_core.load_errors import describe, file_head, not_numpy
 
 _COMMON_EXTS = (".png", ".jpg", ".jpeg")
 IMAGE_EXTS = _COMMON_EXTS + tuple(sorted(FOLDER_IMAGE_EXTS - set(_COMMON_EXTS)))
@@ -88,6 +89,9 @@ def read_inputs(paths: list[str], stdin: BinaryIO | None = None) -> Inputs:
 def read_labels(path: str) -> np.ndarray:
     """Read a 1-D integer label array from a .npy (or a .npz `labels`/`arr_0`) as int64."""
     arr = None
+    problem = not_numpy(file_head(path))
+    if problem:
+        raise InputError(f"could not read labels {path}: {problem} (expected a .npy of integers)")
     try:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)
@@ -97,7 +101,7 @@ def read_labels(path: str) -> np.ndarray:
             else:
                 arr = loaded
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"could not read labels {path}: {e} (expected a .npy of integers)") from None
+        raise InputError(f"could not read labels {path}: {describe(e)} (expected a .npy of integers)") from None
     if arr is None or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         got = "no labels or arr_0 array" if arr is None else f"{arr.dtype} array of shape {arr.shape}"
         raise InputError(f"labels file {path} holds a {got}; expected a 1-D integer array")
@@ -145,6 +149,9 @@ def _image_to_hwc(img: Image.Image) -> np.ndarray:
 
 
 def _load_array_bytes(data: bytes, name: str) -> _Chunk:
+    problem = not_numpy(data[:6])
+    if problem:
+        raise InputError(f"could not load {name} as a .npy/.npz array: {problem}")
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
         labels = None
@@ -167,7 +174,7 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
     except InputError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise InputError(f"could not load {name} as a .npy/.npz array: {e}") from None
+        raise InputError(f"could not load {name} as a .npy/.npz array: {describe(e)}") from None
 
     images = _to_nchw(arr, name)
     if labels is not None:

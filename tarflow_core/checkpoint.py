@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .atomic import _fsync_dir, default_mode
 from .config import ModelConfig, guess_channels_and_patch
+from .load_errors import describe, file_head, not_torch
 from .model import TarFlow
 
 FORMAT = "tarflow-checkpoint"
@@ -243,15 +244,9 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
     """A published-code `.pth` as a dict of tensors; refuses anything but plain tensors."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read ({e})") from None
-    if not head:
-        raise CheckpointError(f"{path} is empty; expected a PyTorch state dict (.pth)")
-    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or a pickle before torch 1.6
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    problem = not_torch(file_head(path))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; expected a PyTorch state dict (.pth)")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore")
@@ -264,9 +259,7 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
                 "(unpickling could run code)") from None
         raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {first})"
-                              if first else f"{path} is not a readable PyTorch state dict ({type(e).__name__})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({describe(e)})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} wrappers
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

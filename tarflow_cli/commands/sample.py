@@ -11,6 +11,7 @@ import torch
 import typer
 
 from tarflow_core import __version__
+from tarflow_core.load_errors import describe, file_head, not_numpy
 from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
@@ -99,12 +100,15 @@ def sample(
 
 
 def _read_noise(path: Path, cfg) -> torch.Tensor:
+    problem = not_numpy(file_head(path))
+    if problem:
+        raise InputError(f"--noise {path}: {problem}")
     try:
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"--noise {path} does not exist") from None
     except Exception as e:
-        raise InputError(f"--noise {path} is not a readable .npy array ({e})") from None
+        raise InputError(f"--noise {path} is not a readable .npy array ({describe(e)})") from None
     want = (cfg.num_patches, cfg.token_dim)
     if arr.ndim != 3 or tuple(arr.shape[1:]) != want or len(arr) == 0:
         raise InputError(f"--noise {path} has shape {tuple(arr.shape)}; this model needs (N, {want[0]}, {want[1]})")

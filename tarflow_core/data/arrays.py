@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..load_errors import file_head, not_numpy
 from .base import ArrayDataset, DataError, held_out_indices, normalize_split
 
 IMAGE_KEYS = ("images", "x", "arr_0", "data")
@@ -42,13 +43,9 @@ def rows_to_nchw(rows: np.ndarray, source: str) -> np.ndarray:
 
 def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """Images, labels (or None) and whether the file used the 1-based row layout."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from None
-    if not head.startswith((b"\x93NUMPY", b"PK")):
-        raise DataError(f"{path}: not a .npy/.npz file (it has neither the NumPy nor the zip header)")
+    problem = not_numpy(file_head(path))
+    if problem:
+        raise DataError(f"{path}: {problem}")
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..load_errors import describe, file_head, not_numpy
 from .inception import FEATURE_DIM
 
 
@@ -205,6 +206,9 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **ext
 def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate a statistics file: ``mu`` (dim,), ``sigma`` (dim, dim), finite."""
     p = Path(path)
+    problem = not_numpy(file_head(p))
+    if problem:
+        raise StatsError(f"FID statistics {p}: {problem}")
     try:
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
@@ -217,7 +221,7 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
     except FileNotFoundError:
         raise StatsError(f"FID statistics {p}: no such file") from None
     except Exception as e:
-        raise StatsError(f"FID statistics {p}: not a readable .npz file ({e})") from None
+        raise StatsError(f"FID statistics {p}: not a readable .npz file ({describe(e)})") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise StatsError(f"FID statistics {p}: mu has shape {mu.shape} and sigma {sigma.shape}; "
                          f"expected ({dim},) and ({dim}, {dim}) (2048-d Inception pool features)")

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..atomic import atomic_path
+from ..load_errors import describe, file_head, not_torch
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -406,10 +407,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weight file as tensors only (never unpickles code)."""
+    problem = not_torch(file_head(path))
+    if problem:
+        raise InceptionWeightsError(f"Inception weights {path}: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InceptionWeightsError(f"Inception weights {path}: not a readable PyTorch state dict ({e})") from None
+        raise InceptionWeightsError(f"Inception weights {path}: not a readable PyTorch state dict ({describe(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -326,3 +326,13 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     assert default_mode(directory=False) == 0o666 & ~mask
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_unloadable_arrays_are_described_without_unsafe_advice(tmp_path):
+    (tmp_path / "junk.npy").write_bytes(b"junk junk")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name, says in (("junk.npy", "neither the NumPy nor the zip header"), ("obj.npy", "unpickling Python objects")):
+        for read in (read_labels, lambda p: read_inputs([p])):
+            with pytest.raises(InputError, match=says) as err:
+                read(str(tmp_path / name))
+            assert "allow_pickle" not in str(err.value) and "trust" not in str(err.value)

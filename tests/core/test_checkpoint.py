@@ -154,9 +154,9 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content,says", [(b"", "is empty"), (b"not a torch file at all", "not a PyTorch checkpoint"),
+@pytest.mark.parametrize("content,says", [(b"", "is empty"), (b"not a torch file at all", "not a PyTorch file"),
                                           (b"PK\x03\x04truncated zip", "not a readable PyTorch state dict"),
-                                          (b'{"json": 1}', "not a PyTorch checkpoint")])
+                                          (b'{"json": 1}', "not a PyTorch file")])
 def test_corrupt_pth_is_a_clear_error(tmp_path, content, says):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)

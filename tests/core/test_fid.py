@@ -144,7 +144,7 @@ def test_bad_stats_files_are_refused_with_the_reason(tmp_path, arrays, match):
 def test_unreadable_stats_file(tmp_path):
     p = tmp_path / "junk.npz"
     p.write_bytes(b"junk")
-    with pytest.raises(StatsError, match="junk.npz: not a readable .npz"):
+    with pytest.raises(StatsError, match="junk.npz: not a .npy/.npz file"):
         load_stats(p)
 
 
