@@ -147,6 +147,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return p
     if (p / MODEL_FILE).exists() or (p / CONFIG_FILE).exists() and not (p / CHECKPOINTS_DIR).is_dir():
         return p
+    if p.name == CHECKPOINTS_DIR and not (p / CHECKPOINTS_DIR).is_dir():  # `run/checkpoints`: the run's newest
+        p = p.parent
     if (p / CHECKPOINTS_DIR).is_dir():
         latest = latest_checkpoint(p)
         if latest is None:

@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import resource
+import re
 import shutil
 import signal
 import threading
@@ -234,7 +235,14 @@ class _Trainer:
             except DataError as e:
                 self.test_note = f"no held-out split for evaluation ({e})"
         ds = self.train_ds
-        self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
+        try:
+            self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
+        except ValueError as e:  # name the options that set the clashing values
+            text = str(e)
+            for words, option in (("image size", "--image-size"), ("patch size", "--patch-size"),
+                                  ("head dim", "--head-dim"), ("width", "--width")):
+                text = re.sub(rf"\b{words} (\d+)", rf"{words} \1 ({option})", text)
+            raise SetupError(text) from None
         self.data_info = {"channels": ds.channels, "image_size": ds.image_size,
                           "num_classes": self.model_cfg.num_classes,
                           "class_names": list(ds.class_names) if self.model_cfg.num_classes else [],

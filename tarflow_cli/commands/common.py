@@ -33,15 +33,15 @@ GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", parser=finite_fl
 GuideWhatOpt = Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")]
 AttnTempOpt = Annotated[float, typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass.")]
 AnnealedOpt = Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")]
-DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step [default: on when the checkpoint was trained with Gaussian noise].", show_default=False)]
-DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising [default: the checkpoint's].", show_default=False)]
+DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian noise].", show_default=False)]
+DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising \\[default: the checkpoint's].", show_default=False)]
 DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", parser=FINITE, help="Multiplier on the denoising step.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
-SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) [default: measured].", show_default=False)]
-TolOpt = Annotated[Optional[float], typer.Option("--tol", parser=FINITE, help="Jacobi samplers: stop iterating when no value changes by more than this [default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].", show_default=False)]
-CheckEveryOpt = Annotated[Optional[int], typer.Option("--check-every", min=1, help="Jacobi samplers: passes between convergence checks (each one waits for the device) [default: 1 on CPUs, 4 on CUDA].", show_default=False)]
+SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) \\[default: measured].", show_default=False)]
+TolOpt = Annotated[Optional[float], typer.Option("--tol", parser=FINITE, help="Jacobi samplers: stop iterating when no value changes by more than this \\[default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].", show_default=False)]
+CheckEveryOpt = Annotated[Optional[int], typer.Option("--check-every", min=1, help="Jacobi samplers: passes between convergence checks (each one waits for the device) \\[default: 1 on CPUs, 4 on CUDA].", show_default=False)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Sampling arithmetic: fp32, bf16 (transformer in bfloat16, as the published code samples), or auto (bf16 on CUDA, fp32 elsewhere).")]
-CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs [default: on with CUDA].", show_default=False)]
+CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs \\[default: on with CUDA].", show_default=False)]
 
 
 def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float | None) -> None:
@@ -130,8 +130,9 @@ def load(ckpt: str, device: torch.device, patch_size: int | None) -> tuple[TarFl
 
 
 def resolve_labels(info: CheckpointInfo, num: int, *, class_: int | None, labels_path: Path | None,
-                   from_inputs: np.ndarray | None = None) -> torch.Tensor | None:
-    """Labels for `num` images from --class, --labels or the inputs; validated against the model."""
+                   from_inputs: np.ndarray | None = None, inputs_name: str = "the inputs") -> torch.Tensor | None:
+    """Labels for `num` images from --class, --labels or the inputs (named `inputs_name` in
+    messages); validated against the model."""
     k = info.config.num_classes
     if class_ is not None and labels_path is not None:
         raise UsageError("--class and --labels cannot be used together")
@@ -146,7 +147,7 @@ def resolve_labels(info: CheckpointInfo, num: int, *, class_: int | None, labels
         arr = read_labels(str(labels_path))
         source = f"--labels {labels_path}"
     elif from_inputs is not None and k > 0:
-        arr, source = np.asarray(from_inputs, dtype=np.int64), "the labels stored with the inputs"
+        arr, source = np.asarray(from_inputs, dtype=np.int64), f"the labels stored in {inputs_name}"
     else:
         return None
     if len(arr) != num:

@@ -21,7 +21,7 @@ from .score import _check_shape
 def denoise(
     input_: Annotated[str, typer.Argument(metavar="INPUT", help="Images, a folder, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
     ckpt: CkptOpt,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", parser=FINITE, help="Noise std [default: the checkpoint's training noise].", show_default=False)] = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False)] = None,
     lr_scale: Annotated[float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")] = 1.0,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
@@ -29,6 +29,7 @@ def denoise(
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
+    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; the step itself draws nothing random.")] = 0,
 ) -> None:
     """Denoise images with one step along the model's score.
 
@@ -39,6 +40,7 @@ def denoise(
       tarflow sample --ckpt C --no-denoise --out - | tarflow denoise --ckpt C - --out -
     """
     with user_errors():
+        torch.manual_seed(seed)
         check_output(out)
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
@@ -46,7 +48,8 @@ def denoise(
         data = read_inputs([input_])
         _check_shape(data.images.shape[1:], model.config, [input_])
         n = len(data.images)
-        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels)
+        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
+                           inputs_name=input_)
         images = torch.from_numpy(data.images)
         x = flow.uint8_to_model(images) if data.is_uint8 else images
         result = torch.empty_like(x)
@@ -54,6 +57,6 @@ def denoise(
             yb = y[start:stop].to(dev) if y is not None else None
             result[start:stop] = denoise_step(model, x[start:stop].to(dev), yb, sigma=sigma, lr_scale=lr_scale).cpu()
         written = write_output(result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale})
-        info(f"denoised {n} images (sigma {sigma}, lr scale {lr_scale})" + (f" -> {written}" if written else ""))
+        info(f"denoised {n} image{'s' if n != 1 else ''} (sigma {sigma}, lr scale {lr_scale})" + (f" -> {written}" if written else ""))
         if out != "-":
             typer.echo(out)

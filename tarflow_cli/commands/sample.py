@@ -26,7 +26,7 @@ from .progress import progress_bar
 
 def sample(
     ckpt: CkptOpt,
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images [default: 64, or the rows of --noise].", show_default=False)] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images \\[default: 64, or the rows of --noise].", show_default=False)] = None,
     batch_size: BatchOpt = 64,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,

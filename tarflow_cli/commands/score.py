@@ -26,14 +26,14 @@ FORMATS = ("jsonl", "csv", "table")
 
 
 def score(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
     ckpt: CkptOpt,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
     classify: Annotated[bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")] = False,
-    dequantize: Annotated[Optional[str], typer.Option("--dequantize", help="uniform or none [default: uniform for 8-bit inputs, none for float .npy].", show_default=False)] = None,
+    dequantize: Annotated[Optional[str], typer.Option("--dequantize", help="uniform or none \\[default: uniform for 8-bit inputs, none for float .npy].", show_default=False)] = None,
     dequant_samples: Annotated[int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")] = 1,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl, csv or table [default: table on a terminal, else jsonl].", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl, csv or table \\[default: table on a terminal, else jsonl].", show_default=False)] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -66,7 +66,8 @@ def score(
         if dequantize == "uniform" and not data.is_uint8:
             raise UsageError(f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; use --dequantize none")
         n = len(data.images)
-        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels)
+        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
+                           inputs_name=", ".join(map(str, inputs)))
         generator = torch.Generator().manual_seed(seed)
         images = torch.from_numpy(data.images)
         records = []

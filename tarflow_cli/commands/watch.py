@@ -13,7 +13,7 @@ from .numbers import finite_float
 
 
 def watch(
-    run_dir: Annotated[Path, typer.Argument(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
         help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
         show_default=False)],
     poll: Annotated[float, typer.Option(

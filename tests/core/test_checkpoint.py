@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tarflow_core.checkpoint import (CheckpointError, convert_reference, latest_checkpoint, load_checkpoint,
-                                     read_info, save_checkpoint)
+                                     read_info, resolve_checkpoint, save_checkpoint)
 from tarflow_core.config import ModelConfig
 from tarflow_core.model import TarFlow
 from tests.conftest import tiny_model
@@ -175,6 +175,13 @@ def test_corrupt_native_checkpoint_is_a_clear_error(tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(path)
+
+
+def test_the_checkpoints_folder_of_a_run_means_its_newest(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    for step in (5, 12):
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step:08d}", model, step=step)
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000012"
 
 
 def test_missing_and_non_checkpoint_paths(tmp_path):

@@ -344,3 +344,8 @@ def test_image_that_fails_to_decode_mid_run_is_replaced_and_reported(tmp_path, m
     assert result.status == "finished"
     warned = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.get("reason") == "unreadable"]
     assert warned and "could not be decoded" in warned[0]["message"]
+
+
+def test_model_config_clash_names_the_options(tmp_path):
+    with pytest.raises(SetupError, match=r"image size 8 \(--image-size\) is not a multiple of patch size 3 \(--patch-size\)"):
+        train(tiny_cfg(tmp_path / "run", patch_size=3))
