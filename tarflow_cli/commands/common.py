@@ -62,16 +62,22 @@ def check_precision_options(precision: str, cuda_graphs: bool | None, device: to
         raise UsageError(f"--cuda-graphs needs a CUDA device (this run uses {device})")
 
 
-def parse_segments(text: str | None, blocks: int) -> int | list[int] | None:
-    """--segments: one length, or one per block (comma-separated)."""
+def parse_segments(text: str | None, blocks: int, tokens: int, sampler: str) -> int | list[int] | None:
+    """--segments: one length, or one per block (comma-separated), each at most `tokens` - 1 (the
+    unknowns of a block); only for the samplers that take it."""
     if text is None:
         return None
+    if sampler not in ("gs-jacobi", "auto"):
+        raise UsageError(f"--segments {text}: only --sampler gs-jacobi (or auto) takes segment lengths, not {sampler}")
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values) or len(values) not in (1, blocks):
         raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
+    if max(values) > tokens - 1:
+        raise UsageError(f"--segments {text}: a segment holds at most {tokens - 1} tokens (the unknowns of a "
+                         f"{tokens}-token block; that length is plain Jacobi)")
     return values[0] if len(values) == 1 else values
 
 

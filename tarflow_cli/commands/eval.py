@@ -142,7 +142,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if "fid" in wanted:
         sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
         options = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed,
-                       sampler=sampler, segments=parse_segments(segments, cfg.num_blocks), tol=tol,
+                       sampler=sampler, segments=parse_segments(segments, cfg.num_blocks, cfg.num_patches, sampler), tol=tol,
                        check_every=check_every, precision=resolve_precision(precision, dev))
         settings.update(num_samples=num_samples, **options, denoise_sigma=sigma,
                         denoise_lr_scale=denoise_lr_scale if sigma else None, shard_size=SHARD_SIZE,

@@ -67,7 +67,7 @@ def sample(
         check_precision_options(precision, cuda_graphs, dev)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
-        segs = parse_segments(segments, len(model.blocks))
+        segs = parse_segments(segments, len(model.blocks), cfg.num_patches, sampler)
         prior_noise = _read_noise(noise, cfg) if noise is not None else None
         if prior_noise is not None and num is not None and num != len(prior_noise):
             raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")

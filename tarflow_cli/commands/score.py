@@ -63,6 +63,9 @@ def score(
         data = read_inputs(inputs)
         _check_shape(data.images.shape[1:], cfg, inputs)
         dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
+        if dequantize == "none" and dequant_samples != 1:
+            raise UsageError(f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
+                             f"scored {'as given' if not data.is_uint8 else 'without dequantization'})")
         if dequantize == "uniform" and not data.is_uint8:
             raise UsageError(f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; use --dequantize none")
         n = len(data.images)

@@ -219,6 +219,8 @@ def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], lo
 
 def _with_epochs(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """--epochs without --max-steps: the run length comes from the epochs."""
+    if "epochs" in given and "max_steps" in given:
+        raise ConfigError("--max-steps and --epochs both set the run length; give one of them")
     if "epochs" in given and "max_steps" not in given:
         return dataclasses.replace(cfg, max_steps=None, epochs=given["epochs"])
     return cfg
