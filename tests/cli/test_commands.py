@@ -338,7 +338,8 @@ def test_non_finite_inputs_options_and_scores(cond_ckpt, tmp_path):
 def test_options_that_would_be_ignored_are_refused(cond_ckpt, tmp_path):
     assert_user_error(run("sample", "-c", cond_ckpt, "--sampler", "sequential", "--segments", 4), "--segments 4", "gs-jacobi")
     assert_user_error(run("sample", "-c", cond_ckpt, "--sampler", "gs-jacobi", "--segments", 100), "--segments 100", "at most 3 tokens")
-    np.save(tmp_path / "f.npy", np.zeros((1, 3, 8, 8), np.float32))
+    c = load_model(cond_ckpt).config
+    np.save(tmp_path / "f.npy", np.zeros((1, c.in_channels, c.img_size, c.img_size), np.float32))
     assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "f.npy", "--dequant-samples", 3), "--dequant-samples 3")
     r = run("train", "--max-steps", 2, "--epochs", 1, "--run-dir", tmp_path / "run", "--ui", "plain")
     assert r.exit_code == 2 and "--max-steps and --epochs" in r.stderr and not (tmp_path / "run").exists()
