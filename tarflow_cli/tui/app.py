@@ -21,7 +21,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 from textual.worker import get_current_worker
 
 from .messages import EventsRead, SourceState, TrainingDone
@@ -40,6 +40,30 @@ CHARTS = (
     ("chart-lr", "lr", (Line("lr", "", "yellow"),), False),
     ("chart-speed", "img/s", (Line("images_per_s", "", "green"),), False),
 )
+
+
+# below this size the panels would not fit: only the header, a notice and the footer are drawn
+MIN_WIDTH, MIN_HEIGHT = 40, 12
+
+
+def sample_note(state: RunState) -> str:
+    """What the sample panel says while the run has no sample grid."""
+    every = state.sample_every
+    if every == 0:
+        return "this run makes no sample grids (--sample-every 0)"
+    due = None
+    if every:
+        # grids come at multiples of --sample-every, and at the last step
+        due = max(every, -(-state.step // every) * every)
+        if state.max_steps and state.step < state.max_steps < due:
+            due = state.max_steps
+    if state.status in FINAL:
+        how = {"finished": "finished", "interrupted": "was interrupted", "failed": "failed"}[state.status]
+        at = f" at step {state.step:,}" if state.step else ""
+        if state.status == "finished":
+            return f"the run finished{at} without a sample grid"
+        return f"the run {how}{at}, before its first sample grid" + (f" (due at step {due:,})" if due else "")
+    return "no sample grid yet" + (f": the first comes at step {due:,}" if due else "")
 
 
 class DashboardApp(App[None]):
@@ -84,6 +108,7 @@ class DashboardApp(App[None]):
                     yield LineChart(title, lines, trim_start=trim, id=wid, classes="chart")
             yield SampleView(id="samples", graphics=self.graphics)
         yield EventLog(id="log")
+        yield Static(id="too-small")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -100,10 +125,20 @@ class DashboardApp(App[None]):
         self._fit(event.size.width, event.size.height)
 
     def _fit(self, width: int, height: int) -> None:
-        self.screen.set_class(width >= 110, "-wide")
-        self.screen.set_class(width < 72, "-narrow")
-        self.screen.set_class(height >= 34, "-tall")
-        self.screen.set_class(height < 30, "-short")
+        """Size classes on the screen (see dashboard.tcss): smaller terminals drop panels rather
+        than draw them clipped, and below MIN_WIDTH x MIN_HEIGHT say so instead."""
+        screen = self.screen
+        tiny = width < MIN_WIDTH or height < MIN_HEIGHT
+        screen.set_class(width >= 110, "-wide")
+        screen.set_class(width < 72, "-narrow")
+        screen.set_class(width < 60, "-no-samples")
+        screen.set_class(height >= 34, "-tall")
+        screen.set_class(height < 30, "-short")
+        screen.set_class(height < 18, "-no-log")
+        screen.set_class(tiny, "-tiny")
+        if tiny:
+            self.query_one("#too-small", Static).update(
+                f"terminal too small ({width}x{height}): the dashboard needs at least {MIN_WIDTH}x{MIN_HEIGHT}")
 
     def on_unmount(self) -> None:
         self._follow_stop.set()
@@ -179,11 +214,9 @@ class DashboardApp(App[None]):
         if "charts" in changed or not changed:
             for chart in self.query(LineChart):
                 chart.set_data(state.series)
+        view = self.query_one(SampleView)
+        view.set_waiting_note(sample_note(state))  # follows the step and the run's end
         if "samples" in changed:
-            view = self.query_one(SampleView)
-            every = state.sample_every
-            view.waiting_note = ("no sample grid yet" + (f": the first comes at step {every:,}" if every else "")
-                                 if every != 0 else "this run makes no sample grids (--sample-every 0)")
             view.set_grids(state.samples, state.run_dir)
         if "log" in changed:
             self.query_one(EventLog).sync(state.log, state.log_dropped, state.start_time)

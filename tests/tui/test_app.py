@@ -37,7 +37,8 @@ async def test_values_appear_and_follow_appends(tmp_path):
         assert "device cpu" in head and "mem 512.0 MiB" in head and "ETA" in head
         bpd = app.query_one("#chart-bpd", LineChart)
         assert f"train {fmt_num(train_event(300)['bpd'])}" in str(bpd.border_title)
-        assert "held-out 3.57" in str(bpd.border_title)
+        # the legend: in the title, or its second line in the subtitle when the chart is narrow
+        assert "held-out 3.57" in str(bpd.border_title) + str(bpd.border_subtitle)
         assert "non-finite loss at step 300" in log_text(app)
         view = app.query_one(SampleView)
         await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
@@ -46,7 +47,7 @@ async def test_values_appear_and_follow_appends(tmp_path):
 
         append(run, train_event(310), {"time": T0 + 16, "kind": "eval", "step": 310, "bpd": 2.5})
         await wait_until(pilot, lambda: app.state.step == 310, what="appended step")
-        assert "held-out 2.5" in str(bpd.border_title)
+        assert "held-out 2.5" in str(bpd.border_title) + str(bpd.border_subtitle)
         assert "step 310/1,000" in header_text(app)
 
         append(run, {"time": T0 + 17, "kind": "end", "step": 310, "status": "failed", "reason": "out of memory"})
@@ -225,3 +226,80 @@ async def test_a_silent_running_run_is_flagged_quiet(tmp_path):
         now[0] = T0 + 5 + 300
         app._on_tick()
         assert "quiet 5:00" in header_text(app)
+
+
+def _sampled_run(tmp_path, every: int, last_step: int, end: str | None):
+    """A run with --sample-every `every` that logged up to `last_step` without a sample grid."""
+    run = tmp_path / "run"
+    run.mkdir()
+    start = start_event(max_steps=60)
+    start["config"]["sample_every"] = every
+    events = [start] + [train_event(s) for s in range(2, last_step + 1, 2)]
+    if end:
+        events.append({"time": T0 + 10, "kind": "end", "step": last_step, "status": end,
+                       "reason": "stopped by the user" if end == "interrupted" else "out of memory"})
+    append(run, *events)
+    return run
+
+
+def test_sample_note_follows_the_run():
+    from tarflow_cli.tui.app import sample_note
+    from tarflow_cli.tui.state import RunState
+
+    s = RunState("runs/x")
+    assert sample_note(s) == "no sample grid yet"
+    start = start_event(max_steps=120)
+    start["config"]["sample_every"] = 50
+    s.apply(start)
+    assert sample_note(s) == "no sample grid yet: the first comes at step 50"
+    s.apply(train_event(46))
+    assert sample_note(s) == "no sample grid yet: the first comes at step 50"
+    s.apply(train_event(104))  # the grid at 50 never came: the next one is due at 100 -> the last step
+    assert sample_note(s) == "no sample grid yet: the first comes at step 120"
+    s.apply({"kind": "end", "step": 104, "status": "interrupted", "reason": "stopped by the user"})
+    assert sample_note(s) == "the run was interrupted at step 104, before its first sample grid (due at step 120)"
+    s.apply({"kind": "end", "step": 104, "status": "failed"})
+    assert sample_note(s).startswith("the run failed at step 104, before its first sample grid")
+    s.apply({"kind": "end", "step": 104, "status": "finished"})
+    assert sample_note(s) == "the run finished at step 104 without a sample grid"
+    s.sample_every = 0
+    assert sample_note(s) == "this run makes no sample grids (--sample-every 0)"
+
+
+def _sample_panel(app) -> str:
+    """The words in the sample panel at 80x24 (columns 46-79, below the header)."""
+    rows = screen_text(app).splitlines()[3:17]
+    return " ".join(" ".join(row[46:].strip("│ ") for row in rows).split())
+
+
+@run_async
+async def test_a_run_that_ends_before_its_first_sample_says_so(tmp_path):
+    run = _sampled_run(tmp_path, every=50, last_step=46, end=None)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        view = app.query_one(SampleView)
+        await wait_until(pilot, lambda: app.state.step == 46, what="step 46")
+        assert view.waiting_note == "no sample grid yet: the first comes at step 50"
+        await wait_until(pilot, lambda: "comes at step 50" in _sample_panel(app), what="the waiting note")
+        # interrupted at step 46 (--sample-every 50): the panel must not promise a grid any more
+        append(run, {"time": T0 + 10, "kind": "end", "step": 46, "status": "interrupted",
+                     "reason": "stopped by the user"})
+        await wait_until(pilot, lambda: app.state.status == "interrupted", what="the end event")
+        assert view.waiting_note.startswith("the run was interrupted at step 46, before its first sample grid")
+        await wait_until(pilot, lambda: "before its first sample grid" in _sample_panel(app), what="the new note")
+        text = screen_text(app)
+        assert "comes at step" not in text
+        # the header keeps to its two rows: parts that do not fit are left out, memory before loss
+        head = text.splitlines()[1]
+        assert "reason stopped by the user" in head and "mem 512.0 MiB" in head and "…" not in head
+
+
+@run_async
+async def test_a_run_that_failed_before_its_first_sample_read_afterwards(tmp_path):
+    run = _sampled_run(tmp_path, every=50, last_step=12, end="failed")
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.status == "failed", what="the end event")
+        assert app.query_one(SampleView).waiting_note.startswith("the run failed at step 12, before its first")
+        await wait_until(pilot, lambda: "the run failed at step 12" in _sample_panel(app), what="the note")
+        assert "comes at step" not in screen_text(app)

@@ -1,4 +1,5 @@
-"""Snapshots of the main screen at 80x24 and 120x40 with fixed data.
+"""Snapshots of the main screen at 80x24 and 120x40 with fixed data, and at 50x15 (smaller than
+the dashboard is meant for: panels dropped, nothing clipped).
 
 Each size has a plain-text snapshot (always compared) and an SVG screenshot (compared when the
 installed Textual is the version that recorded it, since Textual's rendering details change
@@ -45,7 +46,7 @@ def _normalise_svg(svg: str) -> str:
     return re.sub(r"terminal-\d+", "terminal", svg)
 
 
-@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (50, 15)], ids=["80x24", "120x40", "50x15"])
 @run_async
 async def test_main_screen(tmp_path, size):
     run = make_run(tmp_path, steps=600, finished=True)

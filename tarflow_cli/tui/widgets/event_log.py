@@ -57,7 +57,8 @@ class EventLog(RichLog):
         self.shown = total
         width = self._text_width()
         if width <= 0:
-            return  # written once the panel has a size (on_resize)
+            self._width = 0  # hidden or not laid out yet: all written again once it has a size (on_resize)
+            return
         for line in new:
             self.write(format_line(line, start_time), width=width)
 

@@ -19,7 +19,8 @@ HELP = """\
 [b]z[/b]        samples: legible detail, or the whole grid shrunk
 
 Charts: train and held-out bpd, loss, learning rate, images/s
-against step; the latest values are in their titles.
+against step; the latest values are in their titles (held-out
+bpd on the bottom edge when the chart is narrow).
 
 Following {events}
 """

@@ -93,15 +93,37 @@ class LineChart(Widget):
         return s.steps, s.values  # type: ignore[attr-defined]
 
     def _update_titles(self) -> None:
-        parts = []
+        """Latest values in the title, the step range in the subtitle. When that title does not
+        fit the border, the legend is split: the first line's value stays in the title and the
+        others go to the subtitle (then without labels, as a last resort)."""
+        parts, bare = [], []
         for ln in self.lines:
             _, values = self._series(ln.key)
             value = fmt_num(values[-1]) if len(values) else "–"
             label = f"{ln.label} " if ln.label else ""
             parts.append(f"[{ln.color}]━[/] {label}{value}")
-        self.border_title = f"{self.chart_title} " + "  ".join(parts)
+            bare.append(f"[{ln.color}]━[/] {value}")
         lo, hi = self._x_range()
-        self.border_subtitle = f"step {fmt_step(lo)}–{fmt_step(hi)}" if hi > lo else ""
+        steps = f"step {fmt_step(lo)}–{fmt_step(hi)}" if hi > lo else ""
+        name = self.chart_title
+        candidates = [(f"{name} " + "  ".join(parts), steps)]
+        if len(parts) > 1:
+            rest = "  ".join(parts[1:])
+            candidates += [(f"{name} {parts[0]}", f"{rest}  {steps}" if steps else rest),
+                           (f"{name} {parts[0]}", rest),
+                           (f"{name} " + " ".join(bare), steps)]
+        room = self.outer_size.width - 6  # corners, a rule and a space either side
+        title, subtitle = candidates[0]
+        if self.outer_size.width:
+            for t, sub in candidates:
+                if _cells(t) <= room and _cells(sub) <= room:
+                    title, subtitle = t, sub
+                    break
+        self.border_title = title
+        self.border_subtitle = subtitle
+
+    def on_resize(self, event) -> None:
+        self._update_titles()
 
     def _x_range(self) -> tuple[float, float]:
         lo, hi = math.inf, -math.inf
@@ -228,6 +250,10 @@ class LineChart(Widget):
             if row < h - 1:
                 out.append("\n")
         return out
+
+
+def _cells(markup: str) -> int:
+    return Text.from_markup(markup).cell_len
 
 
 def _line(x0: int, y0: int, x1: int, y1: int, plot) -> None:

@@ -1,7 +1,10 @@
-"""Two lines at the top: status, run name, step and progress; time, ETA, device and memory."""
+"""Two lines at the top: status, run name, step and progress; time, ETA, device and memory.
+
+Each stays on its row: what does not fit the width is left out (the end reason is shortened)."""
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widget import Widget
 
@@ -31,15 +34,21 @@ def progress_bar(fraction: float, width: int) -> Text:
 
 class RunHeader(Widget):
     DEFAULT_CSS = """
-    RunHeader { height: 2; }
+    RunHeader { height: 2; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self._lines: tuple[Text, Text] = (Text(""), Text(""))
+        self._last: tuple | None = None
+
+    def on_resize(self, event) -> None:
+        if self._last is not None:
+            self.show(*self._last[:2], quiet_after=self._last[2])  # what fits depends on the width
 
     def show(self, state: RunState, now: float, *, quiet_after: float = 120.0) -> None:
         """Recompute from `state` at time `now` (unix seconds)."""
+        self._last = (state, now, quiet_after)
         status = "stopping" if state.stopping and state.status == "running" else state.status
         label = {"waiting": "WAITING"}.get(status, status.upper())
         one = Text(no_wrap=True, overflow="ellipsis")
@@ -57,33 +66,39 @@ class RunHeader(Widget):
             self._lines = (one, two)
             self.refresh()
             return
+        width = self.size.width
         one.append("  step ", style="dim")
         one.append(f"{state.step:,}", style="bold")
         if state.max_steps:
             one.append(f"/{state.max_steps:,}", style="dim")
+        frac = state.step / state.max_steps if state.max_steps else None
+        percent = f" {frac * 100:3.0f}%" if frac is not None else ""
         if state.epoch is not None:
-            one.append("  epoch ", style="dim")
-            one.append(f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}")
-        if state.max_steps:
-            frac = state.step / state.max_steps
-            used = one.cell_len
-            room = self.size.width - used - 7
+            epoch = f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}"
+            if not width or one.cell_len + 8 + len(epoch) + len(percent) <= width:  # else left out
+                one.append("  epoch ", style="dim")
+                one.append(epoch)
+        if frac is not None:
+            room = width - one.cell_len - 7
             if room >= 8:
                 one.append("  ")
                 one.append_text(progress_bar(frac, min(room, 40)))
-            one.append(f" {frac * 100:3.0f}%", style="dim")
+            one.append(percent, style="dim")
 
         two = Text(no_wrap=True, overflow="ellipsis")
 
-        def part(key: str, value: str, style: str = "") -> None:
-            if two.cell_len:
-                two.append("  ")
+        def part(key: str, value: str, style: str = "", cut: bool = False) -> None:
+            """Add `key value`; one that does not fit is left out (`cut`: shortened instead)."""
+            sep = "  " if two.cell_len else ""
+            if width and not cut and two.cell_len + len(sep) + cell_len(f"{key} {value}") > width:
+                return
+            two.append(sep)
             two.append(f"{key} ", style="dim")
             two.append(value, style=style)
 
         part("elapsed", format_duration(state.elapsed(now)))
         if state.status in ("interrupted", "failed") and state.end_reason:
-            part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow")
+            part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow", cut=True)
         if state.status == "running":
             eta = state.eta(now)
             part("ETA", format_duration(eta) if eta is not None else "–")
@@ -92,13 +107,14 @@ class RunHeader(Widget):
                 part("quiet", format_duration(quiet), "bold yellow")
         if state.warnings:
             part("warnings", str(state.warnings), "yellow")
-        loss = state.latest.get("loss")
-        if loss is not None:
-            part("loss", fmt_num(loss))
         if state.device:
             part("device", state.device)
         if state.memory:
             part("mem", state.memory)
+        # the rest is also in the charts' titles: first to go when the line is short
+        loss = state.latest.get("loss")
+        if loss is not None:
+            part("loss", fmt_num(loss))
         rate = state.latest.get("images_per_s")
         if rate is not None:
             part("img/s", fmt_num(rate))
@@ -108,4 +124,5 @@ class RunHeader(Widget):
         self.refresh()
 
     def render(self) -> Text:
-        return Text("\n").join(self._lines)
+        # one row each, cut short with an ellipsis: a long first line must not wrap onto the second
+        return Text("\n", no_wrap=True, overflow="ellipsis").join(self._lines)

@@ -207,6 +207,13 @@ class SampleView(Widget, can_focus=False):
             self.index = None
         self._changed()
 
+    def set_waiting_note(self, note: str) -> None:
+        """What the panel says while there is no grid to show."""
+        if note != self.waiting_note:
+            self.waiting_note = note
+            self._cache = None
+            self.refresh()
+
     def reset(self) -> None:
         self.grids = []
         self.index = None
@@ -348,7 +355,7 @@ class SampleView(Widget, can_focus=False):
         cols, rows = self.content_size.width, self.content_size.height
         grid = self.current
         key = (cols, rows, self.mode, grid.path if grid else None, id(self._images.get(grid.path)) if grid else 0,
-               self._errors.get(grid.path) if grid else None)
+               self._errors.get(grid.path) if grid else self.waiting_note)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         strips = self._draw(cols, rows, grid)
