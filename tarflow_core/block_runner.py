@@ -140,7 +140,7 @@ class BlockRunner:
         x = x.to(self.w_in.dtype) if self.half else x
         cond = self.cond_at[start:stop].permute(1, 2, 0, 3)  # (passes, B, L, W)
         h = torch.addmm(self.b_in, x.reshape(B * L, D), self.w_in).view(1, B, L, W) + cond
-        h = h.view(rows * L, W)
+        h = h.reshape(rows * L, W)  # the sum takes cond's permuted layout when B is 1
         mask = None
         if L > 1:
             mask = torch.ones(L, stop, dtype=torch.bool, device=x.device).tril(diagonal=start)

@@ -10,6 +10,7 @@ from .model import TarFlow
 
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x) in nats per sample: prior N(0, var) of z plus every block's log-determinant."""
+    model.check_labels(y)
     z, logdet = model(x, y)
     return flow.gaussian_log_prob(flow.at_least_f32(z), model.var) + logdet
 
@@ -24,8 +25,8 @@ def bpd(model: TarFlow, x_uint8: torch.Tensor, y: torch.Tensor | None = None, *,
     """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws)."""
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
     for _ in range(samples):
-        x = flow.dequantize_uniform(x_uint8, generator=generator)
-        total += flow.nats_to_bpd(nll(model, x, y))
+        x = flow.dequantize_uniform(x_uint8, generator=generator).to(model.var.dtype)
+        total += flow.nats_to_bpd(nll(model, x, y)).to(total.dtype)
     return total / samples
 
 

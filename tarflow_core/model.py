@@ -161,7 +161,20 @@ class TarFlow(nn.Module):
         """Prior noise (B, T, D) -> images (B, C, H, W); options as `tarflow_core.sampling.sample`."""
         from .sampling import sample
 
+        self.check_labels(y)
         return sample(self, noise, y, **options)
+
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        """Refuse labels outside -1..K-1 (-1: no class, the mean embedding) on a conditional model
+        (one host read; the training step does not call it). Unconditional models ignore labels."""
+        K = self.config.num_classes
+        if y is None or K == 0 or y.numel() == 0:
+            return
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {y.dtype}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < -1 or hi >= K:
+            raise ValueError(f"labels must be in -1..{K - 1} (-1: no class), got values from {lo} to {hi}")
 
     @torch.no_grad()
     def update_prior(self, z: torch.Tensor, rate: float = 0.1, *,

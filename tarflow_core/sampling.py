@@ -290,6 +290,8 @@ def generate(
     cfg = model.config
     device = model.var.device
     precision = resolve_precision(precision, device)
+    if precision == "bf16" and model.var.dtype != torch.float32:
+        raise ValueError(f"bf16 sampling runs a float32 model under autocast; this model is {model.var.dtype}")
     half = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     if noise is None:
         noise = draw_noise(model, num, generator)
@@ -331,7 +333,7 @@ def generate(
                 raise SamplingError(f"{int(bad.sum())} samples were still non-finite after {max_redraws} redraws")
             todo = todo[bad]
             redrawn += len(todo)
-            z[todo] = draw_noise(model, len(todo), generator)
+            z[todo] = draw_noise(model, len(todo), generator).to(z.dtype)
         if on_batch is not None:
             on_batch(stop, num)
     settings = _settings(options, stats, len(model.blocks), cfg.num_patches)

@@ -138,3 +138,27 @@ def test_sampling_leaves_no_state_and_is_reentrant():
         sample(model, noise[:, :3], y)  # a failed call must not poison the next one
     assert torch.equal(sample(model, noise, y, guidance=1.0), first)
     assert torch.equal(noise, noise.clone())  # the caller's noise is never modified in place
+
+
+def test_bpd_and_redraws_follow_the_model_dtype(monkeypatch):
+    """A float64 model: bpd's dequantized inputs and the redrawn noise take its dtype."""
+    import tarflow_core.sampling as sampling
+    from tarflow_core.likelihood import bpd
+
+    model = tiny_model(dtype=torch.float64)
+    c = model.config
+    x = torch.randint(0, 256, (2, c.in_channels, c.img_size, c.img_size), dtype=torch.uint8)
+    assert torch.isfinite(bpd(model, x)).all()
+    original, calls = sampling.sample, {"n": 0}
+
+    def flaky(m, noise, y=None, **kw):  # the first draw of sample 0 comes out non-finite
+        out = original(m, noise, y, **kw).clone()
+        calls["n"] += 1
+        if calls["n"] == 1:
+            out[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(sampling, "sample", flaky)
+    result = sampling.generate(model, 2, generator=torch.Generator().manual_seed(0),
+                               noise=torch.randn(2, c.num_patches, c.token_dim, dtype=torch.float64))
+    assert result.redrawn == 1 and torch.isfinite(result.images).all()

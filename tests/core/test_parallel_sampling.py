@@ -91,3 +91,28 @@ def test_calibration_returns_one_valid_segment_per_block_and_generate_records_it
     assert auto.settings["sampler"] == "sequential" and auto.settings["requested"] == "auto"
     assert auto.settings["tol"] is None  # no tolerance in an exact method
     assert torch.equal(auto.images, seq.images)
+
+
+@pytest.mark.parametrize("sampler", ["jacobi", "gs-jacobi"])
+def test_parallel_samplers_with_guidance_on_a_batch_of_one(sampler):
+    """With B = 1 the conditioning's permuted layout used to reach a view() and fail."""
+    model = tiny_model(img_size=8, num_classes=3, dtype=torch.float64)
+    noise, y = _noise(model, n=1, dtype=torch.float64)
+    seq = model.sample(noise, y, guidance=1.5, sampler="sequential")
+    par = model.sample(noise, y, guidance=1.5, sampler=sampler, tol=0.0)
+    assert (par - seq).abs().max() < 1e-10
+    result = generate(model, 3, generator=torch.Generator().manual_seed(0), batch_size=2, sampler=sampler,
+                      guidance=1.0)  # the last batch holds one sample
+    assert torch.isfinite(result.images).all()
+
+
+def test_labels_out_of_range_are_refused():
+    model = tiny_model(img_size=8, num_classes=3, dtype=torch.float64)
+    noise, _ = _noise(model, n=2, dtype=torch.float64)
+    for bad in (torch.tensor([0, 3]), torch.tensor([-2, 0])):
+        with pytest.raises(ValueError, match=r"labels must be in -1..2"):
+            model.sample(noise, bad)
+    from tarflow_core.likelihood import nll
+    with pytest.raises(ValueError, match="labels must be in"):
+        c = model.config
+        nll(model, torch.zeros(2, c.in_channels, c.img_size, c.img_size, dtype=torch.float64), torch.tensor([5, 0]))
