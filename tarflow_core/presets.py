@@ -109,8 +109,11 @@ class TrainConfig:
             problems.append(f"--label-drop must be in [0, 1) (got {self.label_drop})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr must be positive (got {self.lr})")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
             problems.append(f"--min-lr must be between 0 and --lr (got {self.min_lr})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"--{name} must be in [0, 1) (got {getattr(self, name)})")
         if self.weight_decay < 0:
             problems.append(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if self.grad_clip is not None and self.grad_clip < 0:

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from . import __version__, flow
 from .atomic import atomic_path, atomic_write_text
@@ -514,8 +515,8 @@ class _Trainer:
         if self.d.is_main:
             try:
                 self._write_checkpoint(target)
-            except OSError as e:
-                error = f"could not write checkpoint {target}: {e.strerror or e}"
+            except (OSError, SafetensorError) as e:
+                error = f"could not write checkpoint {target}: {getattr(e, 'strerror', None) or e}"
         error = broadcast_object(error, self.d)
         if error:
             raise TrainError(error)
@@ -637,8 +638,8 @@ class _Trainer:
                     self.sample()
                 if last:
                     return self._finish("finished", f"reached step {self.total_steps}")
-                if self._due(cfg.checkpoint_every):
-                    self.save()
+                if self._due(cfg.checkpoint_every) and self.consecutive_bad == 0:
+                    self.save()  # not inside a run of skipped steps: older checkpoints must survive it
                 side_time += time.perf_counter() - t0
                 want_stop = stopped(self.stop)
                 if d.distributed:
@@ -652,9 +653,21 @@ class _Trainer:
         worker processes print a Python warning instead."""
         late = int(getattr(self.train_ds, "late_skipped", 0))
         if late > self.late_skips_reported:
-            self.emit("warning", self.step, message=f"{late - self.late_skips_reported} image file(s) in {self.cfg.data} "
-                      "could not be decoded and were replaced by the next image", reason="unreadable")
+            self.emit("warning", self.step, message=f"{late - self.late_skips_reported} image read(s) from {self.cfg.data} "
+                      "failed to decode and were replaced by the next image", reason="unreadable")
             self.late_skips_reported = late
+
+    def rescue(self) -> bool:
+        """After the data or the disk failed mid-run: save the progress since the last checkpoint
+        if that can be done safely (one process, sound weights). Whether it was saved."""
+        done = self.last_checkpoint is not None and self.last_checkpoint == checkpoint_dir(self.run_dir, self.step)
+        if self.d.distributed or self.step == 0 or done or self.consecutive_bad:
+            return False  # a collective save could hang when only one rank failed
+        try:
+            self.save()
+            return True
+        except (TrainError, OSError, SafetensorError):
+            return False
 
     def _finish(self, status: str, reason: str, save: bool = True) -> TrainResult:
         if save and (self.last_checkpoint is None or self.last_checkpoint != checkpoint_dir(self.run_dir, self.step)):
@@ -704,6 +717,13 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
         except TrainError as e:
             trainer.emit_end("failed", str(e))
             return TrainResult("failed", trainer.step, trainer.run_dir, str(e), trainer.last_checkpoint)
+        except (DataError, OSError, SafetensorError) as e:  # the data or the disk failed mid-run
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, DataError) else str(e)
+            saved = trainer.rescue()
+            reason += f"; the weights at step {trainer.step} were saved" if saved else ""
+            with contextlib.suppress(OSError):
+                trainer.emit_end("failed", reason)
+            return TrainResult("failed", trainer.step, trainer.run_dir, reason, trainer.last_checkpoint)
         except KeyboardInterrupt:
             trainer.emit_end("interrupted", "aborted mid-step (no checkpoint saved)")
             raise

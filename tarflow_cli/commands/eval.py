@@ -37,7 +37,7 @@ RANDOM_WEIGHTS_WARNING = ("FID computed with randomly initialised Inception weig
 
 def eval_cmd(
     ckpt: CkptOpt,
-    data: Annotated[str, typer.Option("--data", "-d", help="Data source: digits, an image folder, .npz/.npy, MNIST IDX, or CIFAR batches.")] = "digits",
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Data source: digits, an image folder, .npz/.npy, MNIST IDX, or CIFAR batches \\[default: the data the checkpoint was trained on].", show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="train, test (val) or all.")] = "test",
     metrics: Annotated[Optional[str], typer.Option("--metrics", "-m", help="Comma-separated: bpd, fid, accuracy (default: bpd, plus accuracy for a class-conditional model on labelled data).", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")] = 50000,
@@ -115,6 +115,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if "fid" in wanted and num_samples < 2:
         raise UsageError(f"--num-samples {num_samples}: FID needs at least 2 samples")
 
+    data = data if data is not None else _training_data(ck)
     dataset = open_dataset(data, split, image_size=cfg.img_size, channels=cfg.in_channels)
     if "accuracy" in wanted and not dataset.labelled:
         if explicit:
@@ -208,6 +209,18 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+def _training_data(ck) -> str:
+    """The data source a checkpoint records, when it can be opened here; else ask for --data."""
+    source = (ck.data or {}).get("source")
+    if source is None:
+        info(f"note: checkpoint {ck.path} does not record its training data; evaluating on digits (give --data)")
+        return "digits"
+    if source == "digits" or Path(source).expanduser().exists():
+        return source
+    raise UsageError(f"--data: give the data to evaluate on (checkpoint {ck.path} was trained on {source}, "
+                     "which is not here)")
 
 
 def _stats_meta(path: Path) -> tuple[str | None, int | None]:

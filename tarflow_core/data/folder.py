@@ -38,6 +38,7 @@ from .base import DataError, ImageDataset, eight_bit, held_out_indices, normaliz
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
+MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, before giving up
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -167,7 +168,8 @@ class FolderDataset(ImageDataset):
         return len(self.indices)
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
-        for step in range(len(self.indices)):
+        tries = min(len(self.indices), MAX_REPLACEMENTS + 1)
+        for step in range(tries):
             j = int(self.indices[(i + step) % len(self.indices)])
             try:
                 return self._decode(self.files[j]), int(self.labels[j])
@@ -175,7 +177,8 @@ class FolderDataset(ImageDataset):
                 self.late_skipped += 1
                 warnings.warn(f"{self.files[j]}: cannot decode image ({exc}); using the next image instead",
                               RuntimeWarning, stacklevel=2)
-        raise DataError(f"{self.name}: none of the {self.split} images could be decoded")
+        raise DataError(f"{self.name}: {tries} {self.split} images in a row could not be read "
+                        f"(the last: {self.files[j]}); has the data moved?")
 
     def _decode(self, path: Path) -> np.ndarray:
         with Image.open(path) as im:

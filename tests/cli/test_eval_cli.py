@@ -207,3 +207,15 @@ def test_command_is_registered_in_the_main_app_when_the_lead_adds_it():
     if "eval" not in names:
         pytest.skip("`eval` is not registered in tarflow_cli.main yet")
     assert any(c.callback is eval_cmd for c in full_app.registered_commands if c.name == "eval")
+
+
+def test_default_data_is_what_the_checkpoint_was_trained_on(tmp_path):
+    model = tiny_model(dtype=torch.float32)  # 1x4x4, unconditional
+    c = model.config
+    images = np.random.default_rng(0).integers(0, 256, (40, c.img_size, c.img_size), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", images)
+    save_checkpoint(tmp_path / "ck", model, data={"source": str(tmp_path / "train.npy"), "channels": 1,
+                                                  "image_size": c.img_size, "num_classes": 0})
+    assert ok_json(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"))["settings"]["data"] == str(tmp_path / "train.npy")
+    (tmp_path / "train.npy").unlink()
+    assert_user_error(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"), "--data", "train.npy, which is not here")

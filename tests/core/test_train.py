@@ -265,11 +265,44 @@ def test_repeated_nonfinite_steps_fail_keeping_last_good_checkpoint(tmp_path):
     end = seen[-1]
     assert end["kind"] == "end" and end["status"] == "failed" and "non-finite" in end["reason"]
     assert len([e for e in seen if e["kind"] == "warning"]) == 5
-    # checkpoints 10 and 15 exist; 15 holds the weights after step 12 (nothing moved since), all finite
+    # no checkpoint inside the run of skipped steps (step 15): the ones before it are kept
     steps = [s for s, _ in resumable_checkpoints(tmp_path / "run")]
-    assert steps == [5, 10, 15]
+    assert steps == [5, 10]
     model = load_model(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # checkpoints every step, newest 3 kept: the streak does not push the good ones out
+    train(tiny_cfg(tmp_path / "every", max_steps=40, checkpoint_every=1, keep_checkpoints=3, eval_every=0,
+                   sample_every=0), batch_hook=hook)
+    assert [s for s, _ in resumable_checkpoints(tmp_path / "every")] == [10, 11, 12]
+
+
+def test_data_that_vanishes_mid_run_fails_cleanly_and_keeps_the_progress(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from tarflow_core.data.folder import FolderDataset
+
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    decode, reads = FolderDataset._decode, {"n": 0}
+
+    def vanishing(self, path):  # after 7 batches of 8, every file is gone
+        reads["n"] += 1
+        if reads["n"] > 56:
+            raise FileNotFoundError(path)
+        return decode(self, path)
+
+    monkeypatch.setattr(FolderDataset, "_decode", vanishing)
+    with pytest.warns(RuntimeWarning):
+        result = train(tiny_cfg(tmp_path / "run", data=str(tmp_path), batch_size=8, max_steps=50, eval_every=0,
+                                sample_every=0, checkpoint_every=0))
+    assert result.status == "failed" and result.exit_code == 1 and result.step == 7
+    assert "could not be read" in result.reason and "has the data moved" in result.reason
+    assert "weights at step 7 were saved" in result.reason
+    assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [7]
+    end = list(read_events(tmp_path / "run" / "events.jsonl"))[-1]
+    assert end["kind"] == "end" and end["status"] == "failed" and end["checkpoint"]
 
 
 def test_fused_optimizer_skips_on_device(tmp_path, monkeypatch):
@@ -343,7 +376,7 @@ def test_image_that_fails_to_decode_mid_run_is_replaced_and_reported(tmp_path, m
                                 eval_every=0, sample_every=0, checkpoint_every=0))
     assert result.status == "finished"
     warned = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.get("reason") == "unreadable"]
-    assert warned and "could not be decoded" in warned[0]["message"]
+    assert warned and "failed to decode" in warned[0]["message"]
 
 
 def test_model_config_clash_names_the_options(tmp_path):
