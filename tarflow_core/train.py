@@ -18,6 +18,7 @@ a resumed run continues bit-exactly on CPU and N processes see the same global b
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import resource
@@ -283,8 +284,13 @@ class _Trainer:
         if d.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
+            # `var` is updated identically on every rank: no buffer sync in forward (the flag was
+            # renamed in torch 2.13; the old name warns there)
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               **no_sync)
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
 
         g = torch.Generator().manual_seed(cfg.seed + SAMPLE_SEED_OFFSET)
