@@ -275,6 +275,7 @@ class _Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + NOISE_SEED_OFFSET)
         self.step = 0
         self.resumed_from: str | None = None
+        self.resume_note: str | None = None
         if self.resume:
             self._load_state()
 
@@ -371,6 +372,11 @@ class _Trainer:
         self.step = int(state["step"])
         self.consecutive_bad = int(state.get("bad_steps", 0))
         self.resumed_from = str(ckpt)
+        saved_world = int(state.get("world_size", self.d.world_size))
+        if saved_world != self.d.world_size:
+            self.resume_note = (f"resumed with {self.d.world_size} process(es) where the run used {saved_world}: "
+                                "the data continue from the same global position, but per-process batches "
+                                "differ, so the weights will not match an uninterrupted run exactly")
 
     # --------------------------------------------------------------------------------- steps
     def _augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -599,6 +605,8 @@ class _Trainer:
             self.emit("warning", self.step, message=f"{self.train_ds.skipped} unreadable files skipped in {cfg.data}")
         if self.test_note:
             self.emit("warning", self.step, message=self.test_note)
+        if self.resume_note:
+            self.emit("warning", self.step, message=self.resume_note, reason="world_size")
         self.late_skips_reported = 0
         self.acc = torch.zeros(5, device=self.device)
         self.bad_in_interval = torch.zeros((), device=self.device)
@@ -651,6 +659,8 @@ class _Trainer:
                 if d.distributed:
                     want_stop = any_flag(want_stop, d) if self.step % stop_every == 0 else False
                 if want_stop:
+                    if self.step > steps_mark:  # the partial interval's numbers, so even a short run has some
+                        self.log(self.step - steps_mark, time.perf_counter() - t_mark - side_time)
                     return self._finish("interrupted", "stopped by the user")
 
     def _report_late_skips(self) -> None:

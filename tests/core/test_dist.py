@@ -127,3 +127,13 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert r.stdout.strip().splitlines() == [str(tmp_path / "run")]  # rank 0 only
     ev = list(read_events(tmp_path / "run" / "events.jsonl"))
     assert ev[0]["world_size"] == 2 and ev[-1]["status"] == "finished"
+    # continued by one process: it works, and says the weights will not match a 2-process run
+    import dataclasses
+
+    from tarflow_core.train import load_run_config, train
+
+    cfg = dataclasses.replace(load_run_config(tmp_path / "run"), max_steps=6)
+    assert train(cfg, resume=True).status == "finished"
+    ev = list(read_events(tmp_path / "run" / "events.jsonl"))
+    notes = [e for e in ev if e["kind"] == "warning" and e.get("reason") == "world_size"]
+    assert notes and "resumed with 1 process(es) where the run used 2" in notes[0]["message"]

@@ -190,6 +190,8 @@ def test_resume_in_process_is_exact(tmp_path):
 
     part = train(tiny_cfg(tmp_path / "b", **kw), stop=stop)
     assert part.status == "interrupted" and part.step == 9 and part.exit_code == 130
+    logged = [e["step"] for e in read_events(tmp_path / "b" / "events.jsonl") if e["kind"] == "train"]
+    assert logged == [5, 9]  # the partial interval is logged when the run stops
     rest = train(load_run_config(tmp_path / "b"), resume=True)
     assert rest.status == "finished" and rest.step == 20
     assert_same_weights(weights(straight.checkpoint), weights(rest.checkpoint))
