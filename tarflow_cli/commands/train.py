@@ -121,6 +121,8 @@ def train(
             if std is not None:
                 changes["noise_std"] = std
         given = {k: v for k, v in changes.items() if v is not None}
+        if given.get("conditional") is False and given.get("label_drop"):
+            raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
         if resume is not None:
             cfg = _resume_config(resume, run_dir, given, load_run_config)
         else:

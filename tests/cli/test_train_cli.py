@@ -82,6 +82,9 @@ def test_unwritable_run_dir(tmp_path):
     (["--width", "48", "--head-dim", "32"], "--width"),
     (["--ui", "fancy"], "--ui"),
     (["--lr", "-1"], "--lr"),
+    (["--unconditional", "--label-drop", "0.5"], "--label-drop"),
+    (["--beta2", "1.5"], "--beta2"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints"),
 ])
 def test_bad_options(tmp_path, args, needle):
     assert_user_error(run(*args, "--run-dir", tmp_path / "r"), needle)
