@@ -267,8 +267,8 @@ def make_grid(images_uint8_nchw: np.ndarray, nrow: int | None = None, padding: i
 
 def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
     """Refuse an `--out` that cannot be written, before any work is done: an unknown form, a
-    folder where a file is (or the reverse), a location under a file or not writable, or raw
-    array bytes to a terminal."""
+    folder form naming a file, a location under a file or not writable, or raw array bytes to
+    a terminal. (An existing folder is the folder form, with or without the trailing /.)"""
     out = str(out)
     if out == "-":
         if stdout_is_tty if stdout_is_tty is not None else sys.stdout.isatty():
@@ -281,8 +281,6 @@ def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
         raise InputError(f"--out {out}: expected {_OUT_FORMS}")
     if folder_form and path.exists() and not path.is_dir():
         raise InputError(f"--out {out}: {path} is a file, not a folder")
-    if not folder_form and path.is_dir():
-        raise InputError(f"--out {out} is a folder; add a trailing / to write one PNG per image there")
     existing = path if folder_form else path.parent
     while not existing.exists():
         existing = existing.parent
