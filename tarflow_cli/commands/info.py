@@ -18,6 +18,8 @@ def info(
     ckpt: CkptOpt,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     patch_size: PatchOpt = None,
+    device: Annotated[str, typer.Option("--device", help="Accepted like every command's; info reads no tensors onto a device.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; info draws nothing random.")] = 0,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
 

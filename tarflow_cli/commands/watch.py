@@ -22,6 +22,8 @@ def watch(
         "--graphics", envvar="TARFLOW_GRAPHICS",
         help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).")]
     = "auto",
+    device: Annotated[str, typer.Option("--device", help="Accepted like every command's; watching computes nothing.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; watching draws nothing random.")] = 0,
 ) -> None:
     """Follow a training run, live or finished, in a terminal dashboard.
 

@@ -343,3 +343,11 @@ def test_options_that_would_be_ignored_are_refused(cond_ckpt, tmp_path):
     assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "f.npy", "--dequant-samples", 3), "--dequant-samples 3")
     r = run("train", "--max-steps", 2, "--epochs", 1, "--run-dir", tmp_path / "run", "--ui", "plain")
     assert r.exit_code == 2 and "--max-steps and --epochs" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_every_command_takes_device_and_seed():
+    """SPEC: all commands have --device and --seed (and --help with examples)."""
+    for command in ("train", "sample", "score", "denoise", "eval", "info", "watch"):
+        r = run(command, "--help")
+        assert r.exit_code == 0, command
+        assert "--device" in r.stdout and "--seed" in r.stdout and "Example" in r.stdout, command
