@@ -116,7 +116,8 @@ def score(
 def _check_shape(shape, cfg, inputs) -> None:
     want = (cfg.in_channels, cfg.img_size, cfg.img_size)
     if tuple(shape) != want:
-        raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))}")
+        raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
+                         "(images are scored as they are, not resized; `tarflow eval --data` resizes and center-crops)")
 
 
 def _json_safe(value):
