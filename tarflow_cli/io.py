@@ -265,6 +265,21 @@ def make_grid(images_uint8_nchw: np.ndarray, nrow: int | None = None, padding: i
 # --------------------------------------------------------------------------- writing
 
 
+def strict_json(obj) -> str:
+    """`obj` as strict JSON: NaN and inf, which JSON cannot hold, become null."""
+    return json.dumps(_finite(obj))
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
     """Refuse an `--out` that cannot be written, before any work is done: an unknown form, a
     folder form naming a file, a location under a file or not writable, or raw array bytes to

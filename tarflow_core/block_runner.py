@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .block_weights import block_weights, packed_linear, packed_linear_add, prefers_packed
+from .block_weights import block_weights, can_pack, packed_linear, packed_linear_add, prefers_packed
 from .flow import at_least_f32, guide
 from .kv_cache import KVCache
 from .model import FlowBlock
@@ -21,7 +21,8 @@ class BlockRunner:
 
     `packed`: run the single-token step's products on oneDNN's packed weights (True), on the
     plain ones (False), or as `prefers_packed` decides for the block and row count (None; CPU
-    float32 only, see block_weights.py).
+    float32 only, see block_weights.py). The packed weights are prepared when the step first
+    needs them, so a runner that only runs Jacobi passes (`params`) never packs.
     """
 
     def __init__(self, block: FlowBlock, batch: int, y: torch.Tensor | None, *, guidance: float = 0.0,
@@ -49,10 +50,9 @@ class BlockRunner:
             scale = torch.tensor([1.0, 1.0 / attn_temp], device=device, dtype=dtype).repeat_interleave(B)
             self.q_scale = scale.view(self.rows, 1, 1, 1)
         self.cache = KVCache(len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device)
-        if packed is None:
-            packed = prefers_packed(block, self.rows)
-        weights = block_weights(block, dtype, device, packed_rows=None if packed is False else self.rows)
-        self.layers, self.packed = weights.layers, weights.packed
+        self.dtype, self.device, self._use_packed, self._packed = dtype, device, packed, _NOT_YET
+        weights = block_weights(block, dtype, device)
+        self.layers = weights.layers
         self.w_in, self.b_in, self.w_out, self.b_out = weights.w_in, weights.b_in, weights.w_out, weights.b_out
         self.token_dim = block.token_dim
         # the single-token step's intermediate products, reused for every token
@@ -65,6 +65,15 @@ class BlockRunner:
         # guiding every output is linear in the head's input: guide h, then one head product for B
         # rows (not in half precision, where the outputs are guided after rounding to float32)
         self.guide_hidden = self.guided and not self.half and self.use_b and (self.use_a or not block.nvp)
+
+    @property
+    def packed(self) -> list[tuple] | None:
+        """Every layer's step products in oneDNN's layout, or None for the plain products."""
+        if self._packed is _NOT_YET:
+            use = prefers_packed(self.block, self.rows) if self._use_packed is None else self._use_packed
+            use = use and can_pack(self.dtype, self.device)
+            self._packed = block_weights(self.block, self.dtype, self.device, packed_rows=self.rows).packed if use else None
+        return self._packed
 
     def step(self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -84,9 +93,9 @@ class BlockRunner:
         h = (torch.addmm(self.b_in, x, self.w_in) + cond).view(rows, W)
         stop = span if static else t + 1
         mask = (self._positions[:span] <= t).view(1, 1, 1, span) if static else None
-        cache = self.cache
+        cache, packs = self.cache, self.packed
         for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
-            packed = self.packed[li] if self.packed is not None else None
+            packed = packs[li] if packs is not None else None
             if packed is None:
                 qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=self._qkv)
             else:
@@ -184,6 +193,9 @@ class BlockRunner:
             return (start + 1) / (self.length - 1) * self.guidance
         p = torch.arange(start + 1, start + L + 1, device=like.device, dtype=like.dtype)
         return (p / (self.length - 1) * self.guidance).view(1, L, 1)
+
+
+_NOT_YET = object()  # the packed weights before the first single-token step
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:

@@ -25,21 +25,19 @@ TORCH_MAGIC = (b"PK", b"\x80")  # torch.save: a zip archive, or a bare pickle be
 def not_numpy(head: bytes | None) -> str | None:
     """Why bytes starting with `head` cannot be a .npy/.npz file, or None when they might be
     (or `head` is None: unknown)."""
-    if head is None:
-        return None
-    if not head:
-        return "the file is empty"
-    return None if head.startswith(NUMPY_MAGIC) else "not a .npy/.npz file (it has neither the NumPy nor the zip header)"
+    return _wrong_header(head, NUMPY_MAGIC, "not a .npy/.npz file (it has neither the NumPy nor the zip header)")
 
 
 def not_torch(head: bytes | None) -> str | None:
     """Why bytes starting with `head` cannot be a torch.save file, or None when they might be
     (or `head` is None: unknown)."""
-    if head is None:
+    return _wrong_header(head, TORCH_MAGIC, "not a PyTorch file (neither a torch.save zip archive nor a pickle)")
+
+
+def _wrong_header(head: bytes | None, magics: tuple[bytes, ...], otherwise: str) -> str | None:
+    if head is None or head.startswith(magics):
         return None
-    if not head:
-        return "the file is empty"
-    return None if head.startswith(TORCH_MAGIC) else "not a PyTorch file (neither a torch.save zip archive nor a pickle)"
+    return "the file is empty" if not head else otherwise
 
 
 def file_head(path, size: int = 6) -> bytes | None:

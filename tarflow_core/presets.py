@@ -154,6 +154,9 @@ class TrainConfig:
         conditional = num_classes > 0 if self.conditional is None else self.conditional
         if conditional and num_classes == 0:
             raise ConfigError(f"--conditional needs labelled data, but {self.data} has no labels")
+        if image_size % self.patch_size:  # the size may come from the data, so validate() cannot see it
+            raise ConfigError(f"image size {image_size} (--image-size) is not a multiple of patch size "
+                              f"{self.patch_size} (--patch-size)")
         try:
             return ModelConfig(in_channels=channels, img_size=image_size, patch_size=self.patch_size,
                                width=self.width, num_blocks=self.blocks, layers_per_block=self.layers_per_block,

@@ -153,9 +153,7 @@ def invert_block(
     steps as CUDA graphs (sharing the memory `pool`). `dtype`: the transformer's arithmetic
     (default: autocast's when it is on, else x's)."""
     dtype = dtype or _compute_dtype(x.device, x.dtype)
-    # the packed-or-plain choice concerns the single-token step: Jacobi passes use the plain weights
-    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, packed=None if segment <= 1 else False,
-                         **guide)
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
     xo = block.order(x).clone()
     if segment <= 1:
         if graphed:
@@ -202,7 +200,7 @@ def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: 
     for block in blocks:
         best_s, best_cost, best_out = 1, (T - 1) * cost[1], None
         for s in candidates:
-            runner = BlockRunner(block, len(xp), yp, device=x.device, dtype=dtype, packed=False, **guide)
+            runner = BlockRunner(block, len(xp), yp, device=x.device, dtype=dtype, **guide)
             xo = block.order(xp).clone()
             passes = invert_segments(runner, xo, s, tol=tol, max_passes=int(best_cost / cost[s]))
             if passes is not None and passes * cost[s] < best_cost:
@@ -218,8 +216,7 @@ def _time_pass(block: FlowBlock, x: torch.Tensor, y, length: int, dtype, guide, 
     """Seconds for one pass over a window of `length` tokens at the real batch size (best of a few),
     run the way sampling runs it: a single token through the fixed-shape step and windows through
     the block forward, each replayed as a CUDA graph on CUDA."""
-    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, packed=None if length == 1 else False,
-                         **guide)
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
     xo = block.order(x)
     T = xo.shape[1]
     graphed = use_graphs(x.device, None)

@@ -22,7 +22,6 @@ import inspect
 import math
 import os
 import resource
-import re
 import shutil
 import signal
 import threading
@@ -237,14 +236,7 @@ class _Trainer:
             except DataError as e:
                 self.test_note = f"no held-out split for evaluation ({e})"
         ds = self.train_ds
-        try:
-            self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
-        except ValueError as e:  # name the options that set the clashing values
-            text = str(e)
-            for words, option in (("image size", "--image-size"), ("patch size", "--patch-size"),
-                                  ("head dim", "--head-dim"), ("width", "--width")):
-                text = re.sub(rf"\b{words} (\d+)", rf"{words} \1 ({option})", text)
-            raise SetupError(text) from None
+        self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
         self.data_info = {"channels": ds.channels, "image_size": ds.image_size,
                           "num_classes": self.model_cfg.num_classes,
                           "class_names": list(ds.class_names) if self.model_cfg.num_classes else [],
@@ -676,8 +668,7 @@ class _Trainer:
     def rescue(self) -> bool:
         """After the data or the disk failed mid-run: save the progress since the last checkpoint
         if that can be done safely (one process, sound weights). Whether it was saved."""
-        done = self.last_checkpoint is not None and self.last_checkpoint == checkpoint_dir(self.run_dir, self.step)
-        if self.d.distributed or self.step == 0 or done or self.consecutive_bad:
+        if self.d.distributed or self.step == 0 or self._saved_this_step() or self.consecutive_bad:
             return False  # a collective save could hang when only one rank failed
         try:
             self.save()
@@ -685,8 +676,11 @@ class _Trainer:
         except (TrainError, OSError, SafetensorError):
             return False
 
+    def _saved_this_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint == checkpoint_dir(self.run_dir, self.step)
+
     def _finish(self, status: str, reason: str, save: bool = True) -> TrainResult:
-        if save and (self.last_checkpoint is None or self.last_checkpoint != checkpoint_dir(self.run_dir, self.step)):
+        if save and not self._saved_this_step():
             self.save()
         self.emit_end(status, reason)
         return TrainResult(status, self.step, self.run_dir, reason, self.last_checkpoint)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MO
 from tarflow_core.sampling import resolve_precision
 
 from ..console import UsageError, info, user_errors
+from ..io import strict_json
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
                      CheckEveryOpt, CudaGraphsOpt, GuidanceOpt, GuideWhatOpt, PatchOpt, PrecisionOpt, SamplerOpt, SeedOpt,
                      SegmentsOpt, TolOpt, check_precision_options, check_sampling_options, load, parse_segments,
@@ -87,7 +86,7 @@ def eval_cmd(
             result = _evaluate(**locals())
         except (DataError, StatsError, InceptionWeightsError, SampleCacheError) as e:
             raise UsageError(str(e)) from None
-        sys.stdout.write(json.dumps(_finite(result)) + "\n")
+        sys.stdout.write(strict_json(result) + "\n")
         sys.stdout.flush()
 
 
@@ -276,14 +275,3 @@ def _parse_metrics(text: str | None) -> list[str] | None:
     if bad or not names:
         raise UsageError(f"--metrics {text}: expected a comma-separated list of {', '.join(METRICS)}")
     return list(dict.fromkeys(names))
-
-
-def _finite(obj):
-    """NaN / inf -> null, so the output is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

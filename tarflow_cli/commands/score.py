@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from typing import Annotated, Optional
@@ -17,7 +16,7 @@ from tarflow_core.likelihood import classify as bayes_classify
 from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, stdout_is_terminal, user_errors
-from ..io import read_inputs
+from ..io import read_inputs, strict_json
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, load,
                      resolve_device, resolve_labels)
 from .progress import progress_bar
@@ -120,20 +119,10 @@ def _check_shape(shape, cfg, inputs) -> None:
                          "(images are scored as they are, not resized; `tarflow eval --data` resizes and center-crops)")
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _emit(records: list[dict], fmt: str) -> None:
     if fmt == "jsonl":  # JSON has no nan or inf: a non-finite score is null
         for r in records:
-            sys.stdout.write(json.dumps(_json_safe(r)) + "\n")
+            sys.stdout.write(strict_json(r) + "\n")
     elif fmt == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
         k = len(records[0].get("log_probs", [])) if records else 0

@@ -61,6 +61,7 @@ def rgb_to_gray(chw: np.ndarray) -> np.ndarray:
 
 
 HIGH_DEPTH_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+GRAY_MODES = ("1", "L", "LA", "La", *HIGH_DEPTH_GRAY_MODES)  # Pillow modes of grayscale images
 
 
 def eight_bit(img: Image.Image) -> Image.Image:
@@ -74,7 +75,7 @@ def eight_bit(img: Image.Image) -> Image.Image:
         if a.max(initial=0) > 255:
             a = a / 257.0
         return Image.fromarray(np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("1", "L", "LA", "La"):
+    if img.mode in GRAY_MODES:
         return img.convert("L")
     return img.convert("RGB")
 

@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import DataError, ImageDataset, eight_bit, held_out_indices, normalize_split, resize_center_crop
+from .base import GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indices, normalize_split, resize_center_crop
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
 MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, before giving up
-GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def is_image_file(p: Path) -> bool:
@@ -63,8 +62,7 @@ def own_split_dirs(root: Path) -> dict[str, Path | None] | None:
     test = next((names[n] for n in TEST_DIR_NAMES if n in names), None)
     if test is not None:
         return {"train": names["train"], "test": test}
-    others = [p for p in _subdirs(root) if p.name.lower() != "train"]
-    if any(is_image_file(f) for f in root.iterdir()) or any(any(is_image_file(f) for f in p.rglob("*")) for p in others):
+    if any(is_image_file(f) for f in root.iterdir()) or _class_names(root) != [names["train"].name]:
         return None  # "train" is just one class among others
     return {"train": names["train"], "test": None}
 
@@ -79,25 +77,26 @@ JPEG_END = b"\xff\xd9"
 
 def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
     try:
-        with Image.open(path) as im:
-            size, mode, fmt = im.size, im.mode, im.format
-            im.verify()  # for JPEG this checks nothing beyond the header
-        if fmt == "JPEG" and not _ends_like_jpeg(path):
-            with Image.open(path) as im:
-                im.draft(im.mode, (1, 1))  # decode at 1/8 scale: enough to hit a truncation
-                im.load()
+        with open(path, "rb") as f:  # one open for the header check and, for JPEG, the tail
+            with Image.open(f) as im:
+                size, mode, fmt = im.size, im.mode, im.format
+                im.verify()  # for JPEG this checks nothing beyond the header
+            if fmt == "JPEG" and not _ends_like_jpeg(f):
+                f.seek(0)
+                with Image.open(f) as im:
+                    im.draft(im.mode, (1, 1))  # decode at 1/8 scale: enough to hit a truncation
+                    im.load()
         return True, size, mode
     except Exception:  # noqa: BLE001 - any failure means "unreadable"
         return False, (0, 0), ""
 
 
-def _ends_like_jpeg(path: Path) -> bool:
-    """Whether the file's last bytes hold the end-of-image marker (a truncated file lacks it;
-    a few writers append padding, which the caller's trial decode then clears)."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 16))
-        return JPEG_END in f.read()
+def _ends_like_jpeg(f) -> bool:
+    """Whether an open file's last bytes hold the end-of-image marker (a truncated file lacks
+    it; a few writers append padding, which the caller's trial decode then clears)."""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 16))
+    return JPEG_END in f.read()
 
 
 def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
@@ -116,10 +115,7 @@ class FolderDataset(ImageDataset):
         self.name, self.split, self.flip = str(root), normalize_split(split), flip
         split_dirs = own_split_dirs(root)
         held_out = split_dirs is None or split_dirs["test"] is None  # test = fixed fraction of the files
-        if split_dirs is None:
-            all_dirs = [root]
-        else:
-            all_dirs = [d for d in (split_dirs["train"], split_dirs["test"]) if d is not None]
+        all_dirs = [root] if split_dirs is None else [d for d in split_dirs.values() if d is not None]
         use_dirs = all_dirs if held_out or self.split == "all" else [split_dirs[self.split]]
         class_names = {d: _class_names(d) for d in all_dirs}
         labelled = [bool(names) for names in class_names.values()]
