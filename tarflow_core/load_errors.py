@@ -10,6 +10,8 @@ from __future__ import annotations
 
 def describe(exc: BaseException) -> str:
     """A short reason for a failed `np.load` / `torch.load` (without the unsafe-loading advice)."""
+    if isinstance(exc, OSError) and exc.strerror:  # e.g. "No such file or directory"
+        return exc.strerror
     text = str(exc).strip()
     lowered = text.lower()
     if "pickle" in lowered or "weights_only" in lowered or "unsupported operand" in lowered:

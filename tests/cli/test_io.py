@@ -336,3 +336,9 @@ def test_unloadable_arrays_are_described_without_unsafe_advice(tmp_path):
             with pytest.raises(InputError, match=says) as err:
                 read(str(tmp_path / name))
             assert "allow_pickle" not in str(err.value) and "trust" not in str(err.value)
+
+
+def test_missing_labels_file_is_one_plain_sentence(tmp_path):
+    with pytest.raises(InputError, match="could not read labels .*nope.npy: No such file or directory") as err:
+        read_labels(str(tmp_path / "nope.npy"))
+    assert "Errno" not in str(err.value) and "FileNotFoundError" not in str(err.value)
