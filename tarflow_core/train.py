@@ -304,9 +304,13 @@ class _Trainer:
                     if not resumable_checkpoints(run_dir):
                         raise SetupError(f"--resume {run_dir}: no complete checkpoint with {TRAIN_STATE_FILE} "
                                          f"under {run_dir / CHECKPOINTS_DIR}")
-                elif (run_dir / EVENTS_FILE).exists() or any((run_dir / CHECKPOINTS_DIR).glob("step-*")):
+                elif ((run_dir / EVENTS_FILE).exists() or any((run_dir / CHECKPOINTS_DIR).glob("step-*"))
+                      or (run_dir / CONFIG_FILE).exists() and not (run_dir / MODEL_FILE).exists()):
                     raise SetupError(f"run directory {run_dir} already holds a run; continue it with "
                                      f"--resume {run_dir} or choose another --run-dir")
+                elif (run_dir / MODEL_FILE).exists():  # its config.json would be overwritten
+                    raise SetupError(f"--run-dir {run_dir} is a checkpoint directory ({MODEL_FILE}); "
+                                     f"choose another --run-dir")
                 self._probe_writable(run_dir)
             except SetupError as e:
                 error = str(e)

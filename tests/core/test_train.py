@@ -152,6 +152,25 @@ def test_existing_run_dir_is_refused(tiny_run):
         train(tiny_cfg(run_dir))
 
 
+def test_run_dir_holding_a_checkpoint_or_run_config_is_left_alone(tiny_run, tmp_path):
+    """`--run-dir` pointed at a checkpoint (or a run whose events are gone) must not overwrite
+    its config.json: the checkpoint would no longer load."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run[1].checkpoint, ckpt)
+    before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    with pytest.raises(SetupError, match="is a checkpoint directory"):
+        train(tiny_cfg(ckpt, max_steps=2))
+    assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before
+    load_model(ckpt)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_run[0] / "config.json").read_text())
+    with pytest.raises(SetupError, match="already holds a run"):
+        train(tiny_cfg(bare, max_steps=2))
+
+
 def test_unwritable_run_dir_and_bad_data(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
