@@ -345,26 +345,58 @@ class _Trainer:
                              f"about {2 * per_ckpt / 2**20:.0f} MiB needed for checkpoints")
 
     def _load_state(self) -> None:
-        step, ckpt = resumable_checkpoints(self.run_dir)[-1]
+        found = resumable_checkpoints(self.run_dir)
+        step, ckpt = found[-1]
+        hint = (f"; remove {ckpt} to resume from the checkpoint at step {found[-2][0]}" if len(found) > 1 else "")
+
+        def damaged(name: str, e: BaseException) -> SetupError:
+            why = (f"cannot be read ({e.strerror})" if isinstance(e, OSError) and e.strerror
+                   else "is damaged or not from a tarflow run")
+            return SetupError(f"cannot resume from {ckpt}: {name} {why}{hint}")
+
+        import warnings
+
         from safetensors.torch import load_file
 
         try:
-            state = torch.load(ckpt / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-            weights = load_file(str(ckpt / MODEL_FILE))
-            self.model.load_state_dict(weights)
+            with warnings.catch_warnings():  # a foreign pickle's protocol warning says nothing useful here
+                warnings.simplefilter("ignore")
+                state = torch.load(ckpt / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises many kinds
+            raise damaged(TRAIN_STATE_FILE, e) from None
+        needed = ("step", "optimizer", "data", "rng")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or any(k not in state for k in needed):
+            raise damaged(TRAIN_STATE_FILE, ValueError("not a tarflow training state"))
+        tensors = {}
+        for name in (MODEL_FILE, EMA_FILE):
+            if name == EMA_FILE and not (self.ema is not None and (ckpt / EMA_FILE).is_file()):
+                continue
+            try:
+                tensors[name] = load_file(str(ckpt / name))
+            except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+                raise damaged(name, e) from None
+        try:
+            self.model.load_state_dict(tensors[MODEL_FILE])
+        except RuntimeError as e:
+            raise SetupError(f"cannot resume from {ckpt}: {MODEL_FILE} does not match the architecture in "
+                             f"{self.run_dir / CONFIG_FILE}{hint}") from None
+        try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["data"])
             self.noise_gen.set_state(state["rng"]["noise"])
             torch.set_rng_state(state["rng"]["torch"])
             if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-            if self.ema is not None:
-                if (ckpt / EMA_FILE).is_file():
-                    self.ema.load_state_dict(load_file(str(ckpt / EMA_FILE)), state.get("ema_updates", 0))
-                else:
-                    self.ema = EMA(self.model, self.cfg.ema_decay)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise SetupError(f"cannot resume from {ckpt}: {e}") from None
+            raise damaged(TRAIN_STATE_FILE, e) from None
+        if self.ema is not None:
+            if EMA_FILE in tensors:
+                try:
+                    self.ema.load_state_dict(tensors[EMA_FILE], state.get("ema_updates", 0))
+                except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                    raise damaged(EMA_FILE, e) from None
+            else:
+                self.ema = EMA(self.model, self.cfg.ema_decay)
         self.step = int(state["step"])
         self.consecutive_bad = int(state.get("bad_steps", 0))
         self.resumed_from = str(ckpt)

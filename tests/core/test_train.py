@@ -220,6 +220,30 @@ def test_resume_in_process_is_exact(tmp_path):
     assert [e.get("resumed_from") is not None for e in ev if e["kind"] == "start"] == [False, True]
 
 
+@pytest.mark.parametrize("name, damage", [
+    ("train_state.pt", lambda f: f.write_bytes(b"")),                       # EOFError
+    ("train_state.pt", lambda f: f.write_bytes(f.read_bytes()[:2000])),     # truncated zip
+    ("train_state.pt", lambda f: torch.save({"a": torch.zeros(1)}, f)),     # some other tensors file
+    ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:100])),   # SafetensorError
+    ("ema.safetensors", lambda f: f.write_bytes(b"x" * 64)),
+])
+def test_damaged_latest_checkpoint_is_one_clear_sentence(tiny_run, tmp_path, name, damage):
+    """A damaged file in the newest checkpoint: a SetupError naming it and the way back to the
+    previous intact checkpoint (never a traceback from the unpickler or safetensors)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    damage(run / "checkpoints" / "step-00000030" / name)
+    with pytest.raises(SetupError) as info:
+        train(load_run_config(run).replace(run_dir=str(run)), resume=True)
+    msg = str(info.value)
+    assert name in msg and "step-00000030" in msg and "step 20" in msg and "\n" not in msg, msg
+    shutil.rmtree(run / "checkpoints" / "step-00000030")  # as the message says: resume from step 20
+    result = train(load_run_config(run).replace(run_dir=str(run), max_steps=21), resume=True)
+    assert result.status == "finished" and result.step == 21
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(SetupError, match="no complete checkpoint"):
         train(tiny_cfg(tmp_path / "none"), resume=True)
