@@ -2,8 +2,9 @@
 
 A folder (searched up to two levels down, e.g. ``root/MNIST/raw``) with
 ``<prefix>-images-idx3-ubyte[.gz]`` and optionally ``<prefix>-labels-idx1-ubyte[.gz]``
-(``.`` is accepted in place of ``-`` before ``idx``). Prefixes ``train*`` and ``t10k*`` /
-``test*`` give the train / test split; any other single prefix is split by the fixed
+(``.`` is accepted in place of ``-`` before ``idx``). A prefix with a ``train*`` part (``train``,
+``emnist-balanced-train``) or a ``t10k`` / ``test*`` part gives the train / test split; a
+folder with only a train file, or one file of any other prefix, is split by the fixed
 held-out fraction. A single images file is used on its own, split by the held-out fraction,
 with its labels file picked up from beside it when present.
 """
@@ -11,6 +12,7 @@ with its labels file picked up from beside it when present.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +25,7 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 IMAGES_RE = re.compile(r"^(?P<prefix>.+?)[-.]images[-.]idx3[-.]ubyte(?P<gz>\.gz)?$", re.IGNORECASE)
 TRAIN_PREFIXES = ("train",)
 TEST_PREFIXES = ("t10k", "test")
+_PREFIX_PARTS = re.compile(r"[-_.]")
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -45,7 +48,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header ({ndim} dimensions)")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(f"{path}: IDX header says {dims} values of {dtype} ({expected} bytes) "
                         f"but the file holds {len(raw) - header} bytes of data")
@@ -91,12 +94,11 @@ def _load_pair(images_file: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _split_of(images_file: Path) -> str | None:
-    prefix = IMAGES_RE.match(images_file.name).group("prefix").lower()
-    if prefix.startswith(TRAIN_PREFIXES):
-        return "train"
-    if prefix.startswith(TEST_PREFIXES):
-        return "test"
-    return None
+    """``train`` / ``test`` from a part of the prefix (``t10k``, ``emnist-letters-test``), else None."""
+    parts = _PREFIX_PARTS.split(IMAGES_RE.match(images_file.name).group("prefix").lower())
+    train = any(p.startswith(TRAIN_PREFIXES) for p in parts)
+    test = any(p.startswith(TEST_PREFIXES) for p in parts)
+    return None if train == test else ("train" if train else "test")
 
 
 def open_idx(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
@@ -112,7 +114,7 @@ def open_idx(path: str | os.PathLike, split: str = "train", image_size: int | No
         raise DataError(f"{path}: no IDX images found (looked for *-images-idx3-ubyte[.gz])")
     own = {"train": [f for f in files if _split_of(f) == "train"],
            "test": [f for f in files if _split_of(f) == "test"]}
-    if len(files) == 1 and not own["train"] and not own["test"]:
+    if len(files) == 1 and not own["test"]:  # one file of its own: no split of its own either
         images, labels = _load_pair(files[0])
         return ArrayDataset(images, labels, indices=held_out_indices(len(images), split), **kwargs)
     if len(own["train"]) > 1 or len(own["test"]) > 1 or len(own["train"]) + len(own["test"]) != len(files):
