@@ -55,6 +55,9 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
+        if _ends_mid_line(self.path):  # a killed writer's last line: end it, so ours start on lines of their own
+            self._file.write("\n")
+            self._file.flush()
         self._lock = threading.Lock()
 
     def __call__(self, event: dict) -> None:
@@ -80,6 +83,19 @@ class JsonlSink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline (a half-written line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def fanout(*sinks: Emit | None) -> Emit:

@@ -42,6 +42,23 @@ def test_sink_appends_and_flushes(tmp_path):
     assert last_event(path, "end")["status"] == "finished"
 
 
+def test_sink_after_a_killed_writer_starts_on_a_new_line(tmp_path):
+    """A run killed mid-write leaves a line without its newline; the resumed run's events must not
+    be glued onto it (its `start` would be lost to every viewer)."""
+    path = tmp_path / "events.jsonl"
+    with JsonlSink(path) as sink:
+        sink(make_event("start", 0))
+    with open(path, "a") as f:
+        f.write('{"time":1,"kind":"tra')
+    with JsonlSink(path) as sink:
+        sink(make_event("start", 7, resumed_from="x"))
+        sink(make_event("end", 8, status="finished"))
+    lines = path.read_text().splitlines()
+    assert lines[1] == '{"time":1,"kind":"tra'
+    assert [json.loads(l)["kind"] for l in lines[2:]] == ["start", "end"]
+    assert [(e["kind"], e["step"]) for e in read_events(path)] == [("start", 0), ("start", 7), ("end", 8)]
+
+
 def test_read_tolerates_half_written_and_bad_lines(tmp_path):
     path = tmp_path / "events.jsonl"
     good = [make_event("start", 0), make_event("train", 1, loss=0.5)]
