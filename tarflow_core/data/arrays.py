@@ -7,7 +7,10 @@
   C = 3, or 1 when C*H*W is not 3 times a square) and ``labels`` 1-based; they are shifted
   to 0-based (when the smallest label is 0 they are taken as 0-based already).
 - A folder of such batches (``train_data_batch_*.npz`` and ``val_data.npz``) gives the
-  train / test split; a single file is split by the fixed held-out fraction.
+  train / test split. The batches may also sit one folder down, as the downloads unpack
+  (``Imagenet32_train_npz/``, ``Imagenet32_val_npz/``; ``Imagenet64_train_part1_npz/`` and
+  ``..._part2_npz/``), so their common parent is the whole data set. Without ``val_data.npz``,
+  and for a single file, the test split is the fixed held-out fraction.
 
 Arrays are loaded with ``allow_pickle=False``. If ``image_size`` or ``channels`` differ
 from the array, each image is converted when read (resize shorter side + center crop).
@@ -97,8 +100,22 @@ def open_array_file(path: str | os.PathLike, split: str = "train", image_size: i
                         channels=channels, flip=flip)
 
 
+IMAGENET_PROBE_NAMES = (IMAGENET_VAL_NAME,) + tuple(f"train_data_batch_{k}.npz" for k in range(1, 11))
+
+
+def _batch_dirs(root: Path) -> list[Path]:
+    """``root`` and those of its (non-hidden) sub-folders that hold downsampled-ImageNet
+    batches (found by name, so an image folder with many class folders is not listed)."""
+    if not root.is_dir():
+        return []
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [root] + [d for d in subs if any((d / name).is_file() for name in IMAGENET_PROBE_NAMES)]
+
+
 def is_imagenet_batch_folder(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file())
+    dirs = _batch_dirs(path)
+    return bool(dirs) and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file()
+                           or len(dirs) > 1)
 
 
 def _batch_number(p: Path) -> int:
@@ -106,22 +123,37 @@ def _batch_number(p: Path) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def _find_batches(root: Path) -> tuple[list[Path], list[Path]]:
+    """The train batches (in batch order) and the val file under ``root`` (see the module doc)."""
+    dirs = _batch_dirs(root)
+    train = sorted((f for d in dirs for f in d.glob(IMAGENET_TRAIN_GLOB) if f.is_file()),
+                   key=lambda f: (_batch_number(f), str(f)))
+    val = [d / IMAGENET_VAL_NAME for d in dirs if (d / IMAGENET_VAL_NAME).is_file()]
+    names = [f.name for f in train]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice or len(val) > 1:
+        dup = [str(f.relative_to(root)) for f in train if f.name in twice] or [str(f.relative_to(root)) for f in val]
+        raise DataError(f"{root}: cannot tell which batches to use: {', '.join(dup)} appear more than once "
+                        "(two data sets in one folder?); pass the folder of one data set")
+    return train, val
+
+
 def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_size: int | None = None,
                           channels: int | None = None, flip: bool = False) -> ArrayDataset:
     """A folder of downsampled-ImageNet batches: ``train_data_batch_*.npz`` / ``val_data.npz``."""
     root = Path(root)
     split = normalize_split(split)
-    train = sorted(root.glob(IMAGENET_TRAIN_GLOB), key=_batch_number)
-    val = [root / IMAGENET_VAL_NAME] if (root / IMAGENET_VAL_NAME).is_file() else []
-    files = {"train": train, "test": val, "all": train + val}[split]
+    train, val = _find_batches(root)
+    held_out = not val and split != "all"  # no split of its own: hold out the fixed fraction
+    files = train if held_out else {"train": train, "test": val, "all": train + val}[split]
     if not files:
         wanted = IMAGENET_TRAIN_GLOB if split == "train" else IMAGENET_VAL_NAME
-        raise DataError(f"{root}: no {split} batches found (looked for {wanted})")
+        raise DataError(f"{root}: no {split} batches found (looked for {wanted}, also one folder down)")
     parts = [_load_file(f) for f in files]
     for f, (imgs, labs, _) in zip(files, parts):
         if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
-            raise DataError(f"{f}: image shape or labels differ from {files[0].name}")
-    images = np.concatenate([p[0] for p in parts])
+            raise DataError(f"{f}: image shape or labels differ from {files[0]}")
+    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels, num_classes = None, None
     if parts[0][1] is not None:
         rows = all(p[2] for p in parts)
@@ -131,7 +163,8 @@ def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_s
         top = max([int(labels.max()) if len(labels) else -1]
                   + [int(lab.max()) for lab in (_labels_of(f, rows) for f in others) if lab is not None and len(lab)])
         num_classes = top + 1
-    return ArrayDataset(images, labels, name=str(root), split=split, image_size=image_size,
+    indices = held_out_indices(len(images), split) if held_out else None
+    return ArrayDataset(images, labels, name=str(root), split=split, image_size=image_size, indices=indices,
                         channels=channels, flip=flip, num_classes=num_classes)
 
 

@@ -46,3 +46,46 @@ def test_idx_impossible_header_size_reported_exactly(tmp_path):
     f.write_bytes(bytes([0, 0, 8, 3]) + (4_000_000_000).to_bytes(4, "big") * 2 + (28).to_bytes(4, "big") + bytes(10))
     with pytest.raises(DataError, match=r"\(448000000000000000000 bytes\) but the file holds 10 bytes"):
         open_dataset(str(f))
+
+
+# ---------------------------------------------------------------- downsampled ImageNet
+
+def _imagenet_batch(path, rng, n, side=4, lo=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, labels = rand_u8(rng, n, 3 * side * side), rng.integers(lo, 1001, n)
+    np.savez(path, data=rows, labels=labels, mean=rng.random(3 * side * side))
+    return rows.reshape(n, 3, side, side), labels - 1
+
+
+def test_imagenet_download_folders_under_one_parent(tmp_path):
+    """As the zips unpack: Imagenet64_train_part1_npz/ (batches 1-5), ..._part2_npz/ (6-10)
+    and Imagenet64_val_npz/val_data.npz; the parent is the whole data set, own split."""
+    rng = np.random.default_rng(2)
+    parts = [_imagenet_batch(tmp_path / f"Imagenet64_train_part{1 + (k > 5)}_npz" / f"train_data_batch_{k}.npz", rng, 3)
+             for k in (1, 2, 6, 10)]
+    val_x, val_y = _imagenet_batch(tmp_path / "Imagenet64_val_npz" / "val_data.npz", rng, 4)
+    assert detect_kind(str(tmp_path)) == "imagenet-npz"
+    train, test = open_dataset(str(tmp_path), "train"), open_dataset(str(tmp_path), "val")
+    x, y = all_items(train)
+    assert torch.equal(x, torch.from_numpy(np.concatenate([p[0] for p in parts])))  # batch order 1, 2, 6, 10
+    assert y == np.concatenate([p[1] for p in parts]).tolist()
+    assert torch.equal(all_items(test)[0], torch.from_numpy(val_x)) and all_items(test)[1] == val_y.tolist()
+
+
+def test_imagenet_train_folder_alone_holds_out_a_fixed_fraction(tmp_path):
+    rng = np.random.default_rng(3)
+    x1, _ = _imagenet_batch(tmp_path / "train_data_batch_1.npz", rng, 30)
+    x2, _ = _imagenet_batch(tmp_path / "train_data_batch_2.npz", rng, 10)
+    train, test = open_dataset(str(tmp_path), "train"), open_dataset(str(tmp_path), "test")
+    assert len(train) == 38 and len(test) == 2 and train.num_classes == test.num_classes
+    held = {bytes(x.numpy()) for x in all_items(test)[0]}
+    assert held.isdisjoint(bytes(x.numpy()) for x in all_items(train)[0])
+    assert len(open_dataset(str(tmp_path), "all")) == 40
+
+
+def test_imagenet_two_data_sets_in_one_parent_refused(tmp_path):
+    rng = np.random.default_rng(4)
+    _imagenet_batch(tmp_path / "Imagenet32_train_npz" / "train_data_batch_1.npz", rng, 3)
+    _imagenet_batch(tmp_path / "Imagenet64_train_npz" / "train_data_batch_1.npz", rng, 3, side=8)
+    with pytest.raises(DataError, match="train_data_batch_1.npz appear more than once"):
+        open_dataset(str(tmp_path))
