@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 SPLITS = ("train", "test", "all")
@@ -78,6 +78,19 @@ def eight_bit(img: Image.Image) -> Image.Image:
     if img.mode in GRAY_MODES:
         return img.convert("L")
     return img.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: turned by its EXIF orientation tag (camera and phone
+    JPEGs store the sensor's pixels and say how to rotate them), unchanged when it has none."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

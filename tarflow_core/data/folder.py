@@ -14,8 +14,8 @@ not end in its end-of-image marker is decoded at 1/8 scale to see whether it is 
 files that fail are counted in ``skipped`` and left out. A file that passes but fails to
 decode later is replaced by the next file that decodes (deterministically, so runs stay
 reproducible), with a Python warning and a count in ``late_skipped`` (of this process).
-Images are converted to 8-bit RGB (or L for ``channels=1``; 16-bit grayscale is scaled, not
-clipped), the shorter side resized to ``image_size`` and center-cropped. Defaults when not
+Images are turned upright by their EXIF orientation (as viewers show them), converted to
+8-bit RGB (or L for ``channels=1``; 16-bit grayscale is scaled, not clipped), the shorter side resized to ``image_size`` and center-cropped. Defaults when not
 given: ``image_size`` = the most common shorter side, ``channels`` = 1 when every image is
 grayscale, else 3.
 
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indices, normalize_split, resize_center_crop
+from .base import (GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indices, normalize_split,
+                   resize_center_crop, upright)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
@@ -178,7 +179,7 @@ class FolderDataset(ImageDataset):
 
     def _decode(self, path: Path) -> np.ndarray:
         with Image.open(path) as im:
-            im = eight_bit(im)
+            im = eight_bit(upright(im))
         if self.channels == 1 and im.mode != "L":
             im = im.convert("L")
         elif self.channels == 3 and im.mode != "RGB":

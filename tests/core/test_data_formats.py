@@ -89,3 +89,24 @@ def test_imagenet_two_data_sets_in_one_parent_refused(tmp_path):
     _imagenet_batch(tmp_path / "Imagenet64_train_npz" / "train_data_batch_1.npz", rng, 3, side=8)
     with pytest.raises(DataError, match="train_data_batch_1.npz appear more than once"):
         open_dataset(str(tmp_path))
+
+
+# ---------------------------------------------------------------- image folders
+
+def test_folder_exif_rotated_jpeg_is_used_upright(tmp_path):
+    """A phone photo: pixels stored landscape (left half white), EXIF orientation 6 (turn 90
+    degrees clockwise to view). Viewers show it portrait with the white half on top; so must
+    the training images be."""
+    from PIL import Image
+
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(stored).save(tmp_path / "photos" / "IMG_0001.JPG", exif=exif.tobytes(), quality=95)
+    Image.fromarray(stored).save(tmp_path / "photos" / "IMG_0002.JPG", quality=95)  # no tag: as stored
+    ds = open_dataset(str(tmp_path / "photos"), "all", image_size=16)
+    turned, plain = ds[0][0].float().mean(0), ds[1][0].float().mean(0)
+    assert turned[:6].min() > 200 and turned[-6:].max() < 50  # top white, bottom black (8 of 32 rows cropped off each end)
+    assert plain[:, :6].min() > 200 and plain[:, -6:].max() < 50  # left white, right black
