@@ -2,7 +2,10 @@
 
 - ``.npy``: one uint8 array, NHWC, NCHW or NHW (grayscale); unlabelled.
 - ``.npz``: images under ``images``, ``x``, ``arr_0`` or ``data`` (or the only array in the
-  file); optional integer ``labels`` (or ``y``, ``targets``).
+  file); optional integer ``labels`` (or ``y``, ``targets``), one per image ((N, 1) is fine).
+- ``.npz`` with its own split: ``x_train``/``y_train``, ``x_test``/``y_test`` (Keras's
+  ``mnist.npz``) or ``train_images``/``train_labels``, ``test_images``/``test_labels`` (and
+  ``val_*``, used only in the ``all`` split; MedMNIST).
 - Downsampled-ImageNet batch layout: ``data`` of shape (N, C*H*W) (rows in C, H, W order,
   C = 3, or 1 when C*H*W is not 3 times a square) and ``labels`` 1-based; they are shifted
   to 0-based (when the smallest label is 0 they are taken as 0-based already).
@@ -25,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..load_errors import file_head, not_numpy
-from .base import ArrayDataset, DataError, held_out_indices, normalize_split
+from ..load_errors import describe, file_head, not_numpy
+from .base import ArrayDataset, DataError, check_labels, held_out_indices, normalize_split
 
 IMAGE_KEYS = ("images", "x", "arr_0", "data")
 LABEL_KEYS = ("labels", "y", "targets")
@@ -44,40 +47,98 @@ def rows_to_nchw(rows: np.ndarray, source: str) -> np.ndarray:
     raise DataError(f"{source}: rows of {d} values are not C*H*W of a square 1- or 3-channel image")
 
 
-def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    """Images, labels (or None) and whether the file used the 1-based row layout."""
+SPLIT_KEYS = (  # arrays saved with their own split: split -> (images key, labels key)
+    {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")},
+    {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels"),
+     "val": ("val_images", "val_labels")},
+)
+
+
+def _open_npy(path: Path):
     problem = not_numpy(file_head(path))
     if problem:
         raise DataError(f"{path}: {problem}")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "pickle" not in str(exc):
             raise DataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
         raise DataError(f"{path}: cannot read the array without unpickling objects; expected "
                         f"plain uint8 arrays ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
+        raise DataError(f"{path}: not a readable .npy/.npz file ({describe(exc)})") from None
+
+
+def _member(z, path: Path, key: str, what: str) -> np.ndarray:
+    try:
+        return z[key]
+    except ValueError:
+        raise DataError(f"{path}: array {key!r} holds Python objects (it cannot be read without unpickling "
+                        f"them); expected {what}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: array {key!r} cannot be read ({describe(exc)})") from None
+
+
+def _as_label_vector(labels: np.ndarray) -> np.ndarray:
+    """Labels saved as a column or a row, (N, 1) or (1, N), made a vector; other shapes are kept
+    so that the check reports them as they are."""
+    labels = np.asarray(labels)
+    return labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
+
+
+def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
+    """Images, labels (or None), whether the file used the 1-based row layout, and whether the
+    file has its own split (then only ``split``'s arrays are returned, all of them for ``all``)."""
+    loaded = _open_npy(path)
     if isinstance(loaded, np.ndarray):
-        return loaded, None, False
+        return loaded, None, False, False
     with loaded as z:
         keys = list(z.files)
+        layout = next((lay for lay in SPLIT_KEYS if lay["train"][0] in keys), None) if split else None
+        if layout is not None:
+            if layout["test"][0] not in keys:  # train arrays only: the fixed held-out fraction of them
+                return (*_own_split_arrays(z, path, layout, "train"), False, False)
+            return (*_own_split_arrays(z, path, layout, split), False, True)
         key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise DataError(f"{path}: no image array found (expected one of the keys "
-                            f"{', '.join(IMAGE_KEYS)}; the file has {', '.join(keys) or 'none'})")
+                            f"{', '.join(IMAGE_KEYS)}, or x_train / train_images; "
+                            f"the file has {', '.join(keys) or 'none'})")
         lkey = next((k for k in LABEL_KEYS if k in keys), None)
-        try:
-            images = z[key]
-            labels = z[lkey] if lkey else None
-        except ValueError as exc:
-            raise DataError(f"{path}: array {key!r} holds Python objects; expected uint8 ({exc})") from None
+        images = _member(z, path, key, "uint8 images")
+        labels = _as_label_vector(_member(z, path, lkey, "integer labels")) if lkey else None
     rows = images.ndim == 2
     if rows:
         images = rows_to_nchw(images, str(path))
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
-    return images, labels, rows
+    return images, labels, rows, False
+
+
+def _own_split_arrays(z, path: Path, layout: dict, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    present = [s for s in layout if layout[s][0] in z.files]
+    wanted = present if split == "all" else [split]
+    images = [_member(z, path, layout[s][0], "uint8 images") for s in wanted]
+    has_labels = [layout[s][1] in z.files for s in wanted]
+    if any(has_labels) and not all(has_labels):
+        missing = [layout[s][1] for s, h in zip(wanted, has_labels) if not h]
+        raise DataError(f"{path}: some splits have labels and others not ({', '.join(missing)} missing)")
+    labels = None
+    if all(has_labels):
+        labels = [_as_label_vector(_member(z, path, layout[s][1], "integer labels")) for s in wanted]
+        for s, im, lab in zip(wanted, images, labels):
+            check_labels(lab, len(im), f"{path} ({layout[s][1]})")
+        labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
+    if len({im.shape[1:] for im in images}) > 1:
+        raise DataError(f"{path}: the {', '.join(layout[s][0] for s in wanted)} images differ in shape")
+    return (np.concatenate(images) if len(images) > 1 else images[0]), labels
+
+
+def _class_count(path: Path) -> int | None:
+    """For a file with its own split: the class count over every split's labels."""
+    with _open_npy(path) as z:
+        layout = next(lay for lay in SPLIT_KEYS if lay["train"][0] in z.files)
+        labels = [_member(z, path, lkey, "integer labels") for _, lkey in layout.values() if lkey in z.files]
+    tops = [int(lab.max()) for lab in labels if lab.size]
+    return max(tops) + 1 if tops else None
 
 
 def _fix_one_based(labels: np.ndarray | None, rows: bool) -> np.ndarray | None:
@@ -90,14 +151,15 @@ def open_array_file(path: str | os.PathLike, split: str = "train", image_size: i
                     channels: int | None = None, flip: bool = False) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
-    images, labels, rows = _load_file(path)
+    images, labels, rows, own_split = _load_file(path, split)
     labels = _fix_one_based(labels, rows)
     n = len(images)
     if n == 0:
         raise DataError(f"{path}: the array holds no images")
+    num_classes = _class_count(path) if own_split and labels is not None else None
     return ArrayDataset(images, labels, name=str(path), split=split,
-                        indices=held_out_indices(n, split), image_size=image_size,
-                        channels=channels, flip=flip)
+                        indices=None if own_split else held_out_indices(n, split), image_size=image_size,
+                        channels=channels, flip=flip, num_classes=num_classes)
 
 
 IMAGENET_PROBE_NAMES = (IMAGENET_VAL_NAME,) + tuple(f"train_data_batch_{k}.npz" for k in range(1, 11))
@@ -149,7 +211,7 @@ def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_s
     if not files:
         wanted = IMAGENET_TRAIN_GLOB if split == "train" else IMAGENET_VAL_NAME
         raise DataError(f"{root}: no {split} batches found (looked for {wanted}, also one folder down)")
-    parts = [_load_file(f) for f in files]
+    parts = [_load_file(f)[:3] for f in files]
     for f, (imgs, labs, _) in zip(files, parts):
         if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
             raise DataError(f"{f}: image shape or labels differ from {files[0]}")

@@ -246,7 +246,9 @@ def check_labels(labels, n: int, source: str) -> np.ndarray:
     """Validate a label vector: integer, one per image, non-negative."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != n:
-        raise DataError(f"{source}: expected one label per image ({n}), got labels shaped {labels.shape}")
+        hint = ("; one-hot or multi-label rows? give one class index per image (e.g. their argmax)"
+                if labels.ndim == 2 and len(labels) == n else "")
+        raise DataError(f"{source}: expected one label per image ({n}), got labels shaped {labels.shape}{hint}")
     if labels.dtype.kind not in "iu":
         raise DataError(f"{source}: expected integer labels, got dtype {labels.dtype}")
     labels = labels.astype(np.int64)

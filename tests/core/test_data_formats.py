@@ -110,3 +110,45 @@ def test_folder_exif_rotated_jpeg_is_used_upright(tmp_path):
     turned, plain = ds[0][0].float().mean(0), ds[1][0].float().mean(0)
     assert turned[:6].min() > 200 and turned[-6:].max() < 50  # top white, bottom black (8 of 32 rows cropped off each end)
     assert plain[:, :6].min() > 200 and plain[:, -6:].max() < 50  # left white, right black
+
+
+# ---------------------------------------------------------------- .npz arrays
+
+def test_npz_keras_mnist_keys_give_the_own_split(tmp_path):
+    """Keras's mnist.npz: x_train (N, 28, 28) uint8, y_train, x_test, y_test."""
+    rng = np.random.default_rng(5)
+    xtr, ytr = rand_u8(rng, 12, 6, 6), rng.integers(0, 10, 12).astype(np.uint8)
+    xte, yte = rand_u8(rng, 4, 6, 6), np.array([9, 0, 1, 2], np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    f = str(tmp_path / "mnist.npz")
+    train, test = open_dataset(f, "train"), open_dataset(f, "test")
+    assert torch.equal(all_items(train)[0], torch.from_numpy(xtr[:, None])) and all_items(train)[1] == ytr.tolist()
+    assert torch.equal(all_items(test)[0], torch.from_numpy(xte[:, None])) and all_items(test)[1] == yte.tolist()
+    assert train.num_classes == test.num_classes == 10
+    assert len(open_dataset(f, "all")) == 16
+
+
+def test_npz_medmnist_keys_and_column_labels(tmp_path):
+    """MedMNIST: {train,val,test}_images NHWC and {..}_labels shaped (N, 1)."""
+    rng = np.random.default_rng(6)
+    arrays = {}
+    for split, n in (("train", 10), ("val", 3), ("test", 5)):
+        arrays[f"{split}_images"] = rand_u8(rng, n, 8, 8, 3)
+        arrays[f"{split}_labels"] = rng.integers(0, 4, (n, 1))
+    np.savez(tmp_path / "pathmnist.npz", **arrays)
+    f = str(tmp_path / "pathmnist.npz")
+    test = open_dataset(f, "test")
+    x, y = all_items(test)
+    assert torch.equal(x, torch.from_numpy(arrays["test_images"].transpose(0, 3, 1, 2)))
+    assert y == arrays["test_labels"][:, 0].tolist()
+    assert len(open_dataset(f, "train")) == 10 and len(open_dataset(f, "all")) == 18
+
+
+def test_npz_label_errors_name_the_labels(tmp_path):
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "obj.npz", images=rand_u8(rng, 4, 5, 5), labels=np.array([1, "a", 2, 3], dtype=object))
+    with pytest.raises(DataError, match="array 'labels' holds Python objects.*expected integer labels"):
+        open_dataset(str(tmp_path / "obj.npz"))
+    np.savez(tmp_path / "onehot.npz", images=rand_u8(rng, 4, 5, 5), labels=np.eye(3, dtype=np.int64)[[0, 1, 2, 0]])
+    with pytest.raises(DataError, match=r"labels shaped \(4, 3\); one-hot"):
+        open_dataset(str(tmp_path / "onehot.npz"))
