@@ -11,13 +11,15 @@ Layouts:
 Only the file list is kept in memory. Every file is checked once up front (Pillow
 ``open`` + ``verify``, which reads headers and, for PNG, the chunk checksums; a JPEG that does
 not end in its end-of-image marker is decoded at 1/8 scale to see whether it is truncated);
-files that fail are counted in ``skipped`` and left out. A file that passes but fails to
-decode later is replaced by the next file that decodes (deterministically, so runs stay
-reproducible), with a Python warning and a count in ``late_skipped`` (of this process).
-Images are turned upright by their EXIF orientation (as viewers show them), converted to
-8-bit RGB (or L for ``channels=1``; 16-bit grayscale is scaled, not clipped), the shorter side resized to ``image_size`` and center-cropped. Defaults when not
-given: ``image_size`` = the most common shorter side, ``channels`` = 1 when every image is
-grayscale, else 3.
+files that fail (and broken links, and sub-folders that cannot be listed) are counted in
+``skipped`` and left out. Hidden files and folders are ignored; linked folders are followed.
+A file that passes but fails to decode later is replaced by the next file that decodes
+(deterministically, so runs stay reproducible), with a Python warning and a count in
+``late_skipped`` (of this process). Images are turned upright by their EXIF orientation (as
+viewers show them), converted to 8-bit RGB (or L for ``channels=1``; 16-bit grayscale is
+scaled, not clipped), the shorter side resized to ``image_size`` and center-cropped. Defaults
+when not given: ``image_size`` = the most common shorter side, ``channels`` = 1 when every
+image is grayscale, else 3.
 
 A folder holding only ``train/`` (no ``val/``/``test/``) is that split's folder, with the fixed
 held-out fraction as the test split.
@@ -30,6 +32,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -43,15 +46,39 @@ MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, befo
 
 
 def is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
+    """An image by its name (not hidden), that is a file or a link to one; a broken link is
+    listed too, so that it is counted as unreadable rather than missed without a word."""
+    return (p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+            and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_under(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if is_image_file(p))
+def _iter_images(d: Path, unreadable: list[str] | None = None) -> Iterator[Path]:
+    """Image files at any depth under ``d``. Linked folders are followed, each once, and never
+    a link back up to ``d`` or above it (which would loop, or take in other classes); hidden
+    folders are not followed; folders that cannot be listed are added to ``unreadable``."""
+    seen: set[str] = set()
+    base = os.path.join(os.path.realpath(d), "")
+
+    def failed(err: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(str(err.filename or d))
+
+    for top, dirs, files in os.walk(d, onerror=failed, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen or (seen and base.startswith(os.path.join(real, ""))):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        yield from (p for p in (Path(top, f) for f in sorted(files)) if is_image_file(p))
+
+
+def _images_under(d: Path, unreadable: list[str] | None = None) -> list[Path]:
+    return sorted(_iter_images(d, unreadable))
 
 
 def own_split_dirs(root: Path) -> dict[str, Path | None] | None:
@@ -69,8 +96,13 @@ def own_split_dirs(root: Path) -> dict[str, Path | None] | None:
 
 
 def _class_names(d: Path) -> list[str]:
-    """Sorted names of the sub-folders of ``d`` that hold at least one image (any depth)."""
-    return [sub.name for sub in _subdirs(d) if any(is_image_file(p) for p in sub.rglob("*"))]
+    """Sorted names of the sub-folders of ``d`` that hold at least one image (any depth), or
+    that cannot be listed (a class all the same: its images are counted as unreadable)."""
+    def is_class(sub: Path) -> bool:
+        denied: list[str] = []
+        return next(_iter_images(sub, denied), None) is not None or bool(denied)
+
+    return [sub.name for sub in _subdirs(d) if is_class(sub)]
 
 
 JPEG_END = b"\xff\xd9"
@@ -125,11 +157,12 @@ class FolderDataset(ImageDataset):
                             "sub-folders and the other does not")
         files: list[Path] = []
         labels: list[int] = []
+        unreadable: list[str] = []  # folders that could not be listed
         if any(labelled):
             self.class_names = sorted({c for names in class_names.values() for c in names})
             for d in use_dirs:
                 for cname in class_names[d]:
-                    cfiles = _images_under(d / cname)
+                    cfiles = _images_under(d / cname, unreadable)
                     files += cfiles
                     labels += [self.class_names.index(cname)] * len(cfiles)
         else:
@@ -138,11 +171,13 @@ class FolderDataset(ImageDataset):
             labels = [-1] * len(files)
         if not files:
             where = ", ".join(str(d) for d in use_dirs)
+            denied = f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}" if unreadable else ""
             raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))} "
-                            "files in class sub-folders or directly in the folder)")
+                            f"files in class sub-folders or directly in the folder{denied})")
         probes = _probe_all(files)
         good = [i for i, (ok, _, _) in enumerate(probes) if ok]
-        self.skipped = len(files) - len(good)
+        self.skipped = len(files) - len(good) + len(unreadable)
+        self.unreadable_dirs = unreadable
         if not good:
             raise DataError(f"{root}: none of the {len(files)} image files could be read")
         self.files = [files[i] for i in good]

@@ -62,11 +62,15 @@ def open_dataset(spec: str = "digits", split: str = "train", image_size: int | N
         raise DataError(f"image size must be a positive number of pixels, got {image_size}")
     if channels is not None and int(channels) not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
-    kind = detect_kind(spec)
     kwargs = dict(split=split, image_size=image_size, channels=channels, flip=flip)
-    if kind == "digits":
-        return open_digits(**kwargs)
-    path = Path(spec).expanduser()
-    opener = {"cifar": open_cifar, "imagenet-npz": open_imagenet_batches, "idx": open_idx,
-              "folder": FolderDataset, "array": open_array_file}[kind]
-    return opener(path, **kwargs)
+    try:
+        kind = detect_kind(spec)
+        if kind == "digits":
+            return open_digits(**kwargs)
+        path = Path(spec).expanduser()
+        opener = {"cifar": open_cifar, "imagenet-npz": open_imagenet_batches, "idx": open_idx,
+                  "folder": FolderDataset, "array": open_array_file}[kind]
+        return opener(path, **kwargs)
+    except OSError as e:  # e.g. a folder without read permission: a bad source, not a crash
+        where = "" if e.filename in (None, spec) else f": {e.filename}"
+        raise DataError(f"data source {spec}{where} cannot be read ({e.strerror or e})") from None

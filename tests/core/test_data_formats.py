@@ -152,3 +152,54 @@ def test_npz_label_errors_name_the_labels(tmp_path):
     np.savez(tmp_path / "onehot.npz", images=rand_u8(rng, 4, 5, 5), labels=np.eye(3, dtype=np.int64)[[0, 1, 2, 0]])
     with pytest.raises(DataError, match=r"labels shaped \(4, 3\); one-hot"):
         open_dataset(str(tmp_path / "onehot.npz"))
+
+
+def _png(path, rng, side=8):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rand_u8(rng, side, side, 3)).save(path)
+
+
+def test_folder_links_followed_broken_links_counted_hidden_folders_ignored(tmp_path):
+    rng = np.random.default_rng(8)
+    elsewhere = tmp_path / "disk2" / "more_cats"
+    for k in range(3):
+        _png(elsewhere / f"{k}.png", rng)
+    root = tmp_path / "pets"
+    for k in range(2):
+        _png(root / "cat" / f"{k}.png", rng)
+        _png(root / "dog" / f"{k}.png", rng)
+    (root / "cat" / "more").symlink_to(elsewhere, target_is_directory=True)  # a linked folder inside a class
+    (root / "dog" / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken link: unreadable, counted
+    (root / "dog" / "up").symlink_to(root, target_is_directory=True)  # a link back up: not followed
+    _png(root / "dog" / ".thumbnails" / "t.png", rng)  # hidden folder: not data
+    ds = open_dataset(str(root), "all")
+    names = sorted(f.relative_to(root).as_posix() for f in ds.files)
+    assert names == ["cat/0.png", "cat/1.png", "cat/more/0.png", "cat/more/1.png", "cat/more/2.png",
+                     "dog/0.png", "dog/1.png"]
+    assert ds.labels.tolist() == [0] * 5 + [1] * 2 and ds.skipped == 1
+
+
+def test_folder_permission_problems_are_data_errors_or_counted(tmp_path, monkeypatch):
+    """Folders that cannot be listed (no read permission; simulated, as tests may run as root)."""
+    import os
+
+    rng = np.random.default_rng(9)
+    for cls in ("a", "b"):
+        for k in range(3):
+            _png(tmp_path / "data" / cls / f"{k}.png", rng)
+    denied = {str(tmp_path / "data" / "b")}
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def check(p):
+        if str(p) in denied:
+            raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
+    monkeypatch.setattr(os, "listdir", lambda p=".": (check(p), real_listdir(p))[1])
+    ds = open_dataset(str(tmp_path / "data"), "all")
+    assert ds.class_names == ["a", "b"] and len(ds) == 3 and ds.skipped == 1  # class b kept, its folder counted
+    denied.add(str(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"data source .*data cannot be read \(Permission denied\)"):
+        open_dataset(str(tmp_path / "data"))
