@@ -35,8 +35,8 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
-REFERENCE_NAME = re.compile(
-    r"(?:(?P<dataset>[A-Za-z0-9]+)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|\d+(?:\.\d*)?|\.\d+)$"
+REFERENCE_NAME = re.compile(  # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}`
+    r"^(?:(?P<dataset>.+?)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|\d+(?:\.\d*)?|\.\d+)$"
 )
 REFERENCE_HEAD_DIM = 64
 
@@ -301,12 +301,17 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
             noise = {"type": "gaussian", "std": float(name["noise"])}
         if patch_size is None:
             patch_size = int(name["patch"])
+        elif patch_size != int(name["patch"]):  # another patch size would silently change the image shape
+            raise CheckpointError(
+                f"{path.name}: its name gives patch size {name['patch']}, not the {patch_size} asked for "
+                "(the patch size is only needed for files whose name does not give it)")
         if name["dataset"]:
             data["source"] = name["dataset"]
         if (int(name["width"]), int(name["blocks"]), int(name["layers"])) != (width, blocks, layers):
             raise CheckpointError(
-                f"{path.name} names width {name['width']}, {name['blocks']} blocks, {name['layers']} layers "
-                f"but its tensors hold width {width}, {blocks} blocks, {layers} layers")
+                f"{path.name} names width {name['width']}, {_count(int(name['blocks']), 'block')}, "
+                f"{_count(int(name['layers']), 'layer')} per block but its tensors hold width {width}, "
+                f"{_count(blocks, 'block')}, {_count(layers, 'layer')} per block")
     if patch_size is not None:
         if patch_size < 1:
             raise CheckpointError(f"patch size {patch_size}: expected a positive integer")
@@ -333,6 +338,10 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
         raise CheckpointError(f"{path}: {e}") from None
     data = {**_data_from_config(cfg), **data}
     return CheckpointInfo(str(path), "reference", cfg, noise, None, data)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def convert_reference(pth: str | os.PathLike, out_dir: str | os.PathLike, *, patch_size: int | None = None) -> Path:

@@ -217,3 +217,63 @@ def test_info_refuses_weights_that_do_not_fit_the_architecture(tmp_path):
         read_info(tmp_path / "missing.pth", patch_size=4)
     with pytest.raises(CheckpointError, match="patch size 0: expected a positive integer"):
         read_info(tmp_path / "missing.pth", patch_size=0)
+
+
+# ---------------------------------------------- reference files: what the shapes and names give
+
+SMALL = dict(width=64, num_blocks=1, layers_per_block=1, head_dim=64)
+
+
+@pytest.mark.parametrize("channels,patch", [(3, 2), (3, 4), (3, 1), (1, 2), (1, 4), (1, 1), (1, 3), (3, 3)])
+def test_channels_and_patch_from_the_token_size_alone(tmp_path, channels, patch):
+    """No patch size in the name: D = 12 and 48 are RGB (not 12 or 48 channels), D = 4, 16, 9 gray."""
+    cfg = ModelConfig(in_channels=channels, img_size=patch * 3, patch_size=patch, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / "weights.pth")
+    assert read_info(tmp_path / "weights.pth").config == cfg
+
+
+@pytest.mark.parametrize("change,says", [
+    (dict(tokens=12), "12 tokens do not form a square image"),
+    (dict(token_dim=8), "cannot tell channels and patch size from token size 8; give the patch size"),
+    (dict(width=96), "width 96 is not a multiple of the reference head size 64"),
+    (dict(out=5), "proj_out has 5 outputs, expected 4 (VP) or 8 (NVP)"),
+    (dict(drop="var"), "no tensor 'var'"),
+])
+def test_reference_shapes_that_fit_no_model_are_one_sentence(tmp_path, change, says):
+    T, D, W = change.get("tokens", 9), change.get("token_dim", 4), change.get("width", 64)
+    state = {"var": torch.ones(T, D), "blocks.0.proj_in.weight": torch.zeros(W, D), "blocks.0.pos_embed": torch.zeros(T, W),
+             "blocks.0.attn_blocks.0.mlp.main.0.weight": torch.zeros(4 * W, W),
+             "blocks.0.proj_out.weight": torch.zeros(change.get("out", 2 * D), W)}
+    state.pop(change.get("drop", ""), None)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="odd.pth") as err:
+        read_info(tmp_path / "odd.pth")
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_patch_size_clashing_with_the_file_name_is_refused(tmp_path):
+    """--patch-size 2 on a patch-4 file would silently read 1x12x12 images as 4x6x6."""
+    cfg = ModelConfig(in_channels=1, img_size=12, patch_size=4, **SMALL)
+    path = tmp_path / "mnist_model_4_64_1_1_0.10.pth"
+    torch.save(_reference_state(cfg), path)
+    assert read_info(path, patch_size=4).config == cfg
+    with pytest.raises(CheckpointError, match="its name gives patch size 4, not the 2 asked for"):
+        load_checkpoint(path, patch_size=2)
+
+
+def test_a_name_disagreeing_with_the_tensors_says_both(tmp_path):
+    cfg = ModelConfig(in_channels=1, img_size=12, patch_size=4, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_2_1_0.10.pth")
+    with pytest.raises(CheckpointError, match="names width 64, 2 blocks, 1 layer per block but its tensors "
+                                              "hold width 64, 1 block, 1 layer per block"):
+        read_info(tmp_path / "mnist_model_4_64_2_1_0.10.pth")
+
+
+@pytest.mark.parametrize("name,source", [("imagenet-64_model_4_64_1_1_0.05.pth", "imagenet-64"),
+                                         ("my_faces_model_4_64_1_1_uniform.pt", "my_faces"),
+                                         ("model_4_64_1_1_0.05.pth", None)])
+def test_the_whole_dataset_part_of_the_name_is_the_source(tmp_path, name, source):
+    cfg = ModelConfig(in_channels=3, img_size=8, patch_size=4, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / name)
+    info = read_info(tmp_path / name)
+    assert info.config == cfg and info.data.get("source") == source
