@@ -154,9 +154,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if latest is None:
             raise CheckpointError(f"run directory {p} has no complete checkpoint in {CHECKPOINTS_DIR}/ yet")
         return latest
+    # the published trainer's log folder holds `{dataset}_model_*.pth` (and `_opt_`) files: name them
+    try:
+        weights = sorted(f.name for f in p.iterdir() if f.suffix in (".pth", ".pt") and "_opt_" not in f.name)
+    except OSError:
+        weights = []
+    hint = f"; it holds {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}: give the file" if weights else ""
     raise CheckpointError(
         f"{p} is not a checkpoint: expected a run directory (with {CHECKPOINTS_DIR}/), a checkpoint "
-        f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file")
+        f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file{hint}")
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -262,8 +268,7 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
         raise CheckpointError(f"{path} is not a readable PyTorch state dict ({describe(e)})") from None
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
-        obj = next(iter(obj.values()))  # {"model": state_dict} wrappers
+    obj = _unwrap(obj, path)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a TarFlow state dict (expected a dict of tensors)")
     state = {}
@@ -273,6 +278,30 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
         if not k.endswith(".attn_mask"):  # the causal mask is recomputed, never trusted
             state[k] = v
     return state
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, path: Path) -> Any:
+    """The state dict inside `{"model": state_dict, "epoch": ..., ...}` wrappers (one dict of tensors
+    among the entries); the published trainer's optimizer file is named as such."""
+    if not isinstance(obj, dict) or _is_state_dict(obj):
+        return obj
+    if "optimizer" in obj and ("lr_schedule" in obj or "model" not in obj):
+        model_file = path.name.replace("_opt_", "_model_") if "_opt_" in path.name else "{dataset}_model_....pth"
+        raise CheckpointError(f"{path} holds the published trainer's optimizer state, not model weights; "
+                              f"give its model file ({model_file})")
+    inner = {k: v for k, v in obj.items() if _is_state_dict(v)}
+    flows = {k: v for k, v in inner.items() if any(str(n).endswith("proj_in.weight") for n in v)}
+    found = flows or inner
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if len(found) > 1:
+        raise CheckpointError(f"{path} holds several state dicts ({', '.join(map(str, found))}); "
+                              "expected one (save the one to use on its own)")
+    return obj
 
 
 def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: int | None = None) -> CheckpointInfo:

@@ -277,3 +277,34 @@ def test_the_whole_dataset_part_of_the_name_is_the_source(tmp_path, name, source
     torch.save(_reference_state(cfg), tmp_path / name)
     info = read_info(tmp_path / name)
     assert info.config == cfg and info.data.get("source") == source
+
+
+def test_the_published_optimizer_file_is_named_as_such(tmp_path):
+    opt = {"optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+                         "param_groups": [{"lr": 1e-4, "params": [0]}]}, "lr_schedule": {"counter": 5}}
+    torch.save(opt, tmp_path / "afhq_opt_8_768_8_8_0.07.pth")
+    with pytest.raises(CheckpointError, match=r"optimizer state, not model weights; give its model file "
+                                              r"\(afhq_model_8_768_8_8_0.07.pth\)"):
+        load_checkpoint(tmp_path / "afhq_opt_8_768_8_8_0.07.pth")
+
+
+def test_a_state_dict_inside_a_training_dict_loads(tmp_path):
+    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, **SMALL)
+    model = tiny_model(dtype=torch.float32)
+    state = _reference_state(cfg)
+    torch.save({"model": state, "epoch": 3, "args": {"lr": 1e-4}}, tmp_path / "m.pth")
+    assert read_info(tmp_path / "m.pth", patch_size=4).config == cfg
+    torch.save({"flow": state, "disc": {"w": torch.ones(2)}, "step": 7}, tmp_path / "m2.pth")
+    assert read_info(tmp_path / "m2.pth", patch_size=4).config == cfg
+    torch.save({"model": state, "ema": model.state_dict()}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"several state dicts \(model, ema\)"):
+        read_info(tmp_path / "two.pth", patch_size=4)
+
+
+def test_the_published_trainers_log_folder_names_the_weights_in_it(tmp_path):
+    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_1_1_0.10.pth")
+    torch.save({"optimizer": {}, "lr_schedule": {}}, tmp_path / "mnist_opt_4_64_1_1_0.10.pth")
+    with pytest.raises(CheckpointError, match=r"reference .pth file; it holds mnist_model_4_64_1_1_0.10.pth: "
+                                              r"give the file$"):
+        load_checkpoint(tmp_path)
