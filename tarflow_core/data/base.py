@@ -64,12 +64,31 @@ HIGH_DEPTH_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 GRAY_MODES = ("1", "L", "LA", "La", *HIGH_DEPTH_GRAY_MODES)  # Pillow modes of grayscale images
 
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = 255  # transparent pixels are shown over white
+
+
+def on_white(img: Image.Image) -> Image.Image:
+    """An image with transparency (an alpha channel, or a palette / colour marked transparent)
+    composited onto white, as viewers show it; the colour stored under a transparent pixel is
+    undefined (black in one file, anything in the next), so it is never used as it is. Images
+    without transparency are returned unchanged."""
+    if img.mode not in ALPHA_MODES and not (img.mode in ("1", "L", "P", "RGB") and "transparency" in img.info):
+        return img
+    gray = img.mode in GRAY_MODES
+    rgba = img.convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (BACKGROUND,) * 4), rgba)
+    return flat.convert("L" if gray else "RGB")
+
+
 def eight_bit(img: Image.Image) -> Image.Image:
     """An image as 8-bit "L" (grayscale sources) or "RGB" (everything else).
 
     16-bit, 32-bit and float grayscale are scaled, not clipped: values above 255 are taken
     as 16-bit (divided by 257), as PNG writes them; smaller ones are rounded as they are.
+    Transparent pixels are composited onto white (:func:`on_white`).
     """
+    img = on_white(img)
     if img.mode in HIGH_DEPTH_GRAY_MODES:
         a = np.asarray(img, dtype=np.float64)
         if a.max(initial=0) > 255:

@@ -203,3 +203,23 @@ def test_folder_permission_problems_are_data_errors_or_counted(tmp_path, monkeyp
     denied.add(str(tmp_path / "data"))
     with pytest.raises(DataError, match=r"data source .*data cannot be read \(Permission denied\)"):
         open_dataset(str(tmp_path / "data"))
+
+
+def test_folder_transparent_pixels_are_white_whatever_colour_they_hide(tmp_path):
+    """RGBA sprites and palette PNGs with a transparent index: the colour under a transparent
+    pixel is undefined (here red in one file, green in the other), so both give white."""
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent...
+    rgba[2:6, 2:6] = (0, 0, 255, 255)  # ...around an opaque blue square
+    (tmp_path / "sprites").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "sprites" / "a.png")
+    pal = Image.fromarray(np.where(np.pad(np.ones((4, 4), bool), 2), 1, 0).astype(np.uint8), "P")
+    pal.putpalette([0, 255, 0, 0, 0, 255] + [0] * 762)  # index 0: green (transparent), 1: blue
+    pal.save(tmp_path / "sprites" / "b.png", transparency=0)
+    ds = open_dataset(str(tmp_path / "sprites"), "all")
+    for i in range(2):
+        x = ds[i][0].numpy()
+        assert (x[:, 0, 0] == 255).all() and (x[:, 7, 7] == 255).all(), ds.files[i]  # white background
+        assert x[:, 4, 4].tolist() == [0, 0, 255]  # the opaque pixels as they are
