@@ -1,6 +1,8 @@
 """``.npz`` / ``.npy`` image arrays, and folders of downsampled-ImageNet ``.npz`` batches.
 
-- ``.npy``: one uint8 array, NHWC, NCHW or NHW (grayscale); unlabelled.
+- ``.npy``: one uint8 array, NHWC, NCHW or NHW (grayscale); unlabelled. When both axis 1
+  and the last could hold the channels, the reading that gives square images wins
+  ((N, 4, 4, 3) is NHWC); when both do ((N, 3, 3, 3)), NCHW.
 - ``.npz``: images under ``images``, ``x``, ``arr_0`` or ``data`` (or the only array in the
   file); optional integer ``labels`` (or ``y``, ``targets``), one per image ((N, 1) is fine).
 - ``.npz`` with its own split: ``x_train``/``y_train``, ``x_test``/``y_test`` (Keras's

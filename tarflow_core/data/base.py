@@ -203,9 +203,12 @@ def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     if images.ndim != 4:
         raise DataError(f"{source}: expected images shaped NHWC, NCHW or NHW, got shape {images.shape}")
     chan = (1, 3, 4)
-    if images.shape[-1] in chan and images.shape[1] not in chan:
+    _, a, b, c = images.shape
+    if c in chan and a not in chan:
         return images.transpose(0, 3, 1, 2)
-    if images.shape[1] in chan:
+    if a in chan and c in chan and a != c and b == a and b != c:
+        return images.transpose(0, 3, 1, 2)  # (N, 4, 4, 3): square 4x4 RGB, not 4 channels of 4x3
+    if a in chan:  # NCHW, also when the shape cannot tell (N, 3, 3, 3)
         return images
     if images.shape[-1] in chan:
         return images.transpose(0, 3, 1, 2)

@@ -223,3 +223,15 @@ def test_folder_transparent_pixels_are_white_whatever_colour_they_hide(tmp_path)
         x = ds[i][0].numpy()
         assert (x[:, 0, 0] == 255).all() and (x[:, 7, 7] == 255).all(), ds.files[i]  # white background
         assert x[:, 4, 4].tolist() == [0, 0, 255]  # the opaque pixels as they are
+
+
+@pytest.mark.parametrize("shape,layout", [((5, 4, 4, 3), "NHWC"), ((5, 3, 4, 4), "NCHW"), ((5, 3, 3, 1), "NHWC"),
+                                          ((5, 1, 3, 3), "NCHW"), ((5, 3, 3, 3), "NCHW")])
+def test_npy_small_ambiguous_shapes_read_as_square_images(tmp_path, shape, layout):
+    """Both axis 1 and the last could be channels: the reading that gives square images wins;
+    when both do (N, 3, 3, 3), NCHW."""
+    arr = rand_u8(np.random.default_rng(10), *shape)
+    np.save(tmp_path / "a.npy", arr)
+    ds = open_dataset(str(tmp_path / "a.npy"), "all")
+    nchw = arr.transpose(0, 3, 1, 2) if layout == "NHWC" else arr
+    assert torch.equal(all_items(ds)[0], torch.from_numpy(np.ascontiguousarray(nchw)))
