@@ -109,6 +109,18 @@ def test_samples_match_the_reference_in_every_guidance_mode(unpacked, file, mode
     assert worst(x, exp[f"{tag}/sample/{mode}"]) < TOL[tag]["sample"]
 
 
+@pytest.mark.parametrize("sampler", [dict(sampler="jacobi"), dict(sampler="gs-jacobi", segments=3)])
+@pytest.mark.parametrize("file", FILES)
+def test_parallel_samplers_reach_the_reference_samples(unpacked, file, sampler):
+    """Jacobi and Gauss-Seidel-Jacobi converge to the sequential (reference) result, float64, guided."""
+    exp, model = expected_for(file), model_for(unpacked, file, "f64")
+    mode, options = list(BY_FILE[file]["modes"].items())[-1]
+    options = dict(options)
+    y = None if options.pop("no_labels", False) else exp.get("y")
+    x = model.sample(exp["noise"].double(), y, **options, **sampler, tol=1e-13)
+    assert worst(x, exp[f"f64/sample/{mode}"]) < 1e-12
+
+
 @pytest.mark.parametrize("tag", ["f32", "f64"])
 @pytest.mark.parametrize("file", FILES)
 def test_denoising_step_matches_autograd_through_the_reference(unpacked, file, tag):
@@ -215,3 +227,17 @@ def test_fixture_set_is_small_and_covers_the_shapes():
     assert {c.in_channels for c in configs} == {1, 3}
     assert {c.nvp for c in configs} == {True, False} and any(c.num_classes == 1000 for c in configs)
     assert any(c.num_blocks % 2 for c in configs) and any(c.layers_per_block > 1 for c in configs)
+
+
+@pytest.mark.parametrize("file", ["mnist_model_4_64_3_1_0.10.pth", "my_flow.pt"])
+def test_conversion_to_native_keeps_the_function_var_and_noise(unpacked, tmp_path, file):
+    from tarflow_core.checkpoint import convert_reference
+
+    native = convert_reference(unpacked / file, tmp_path / "native")
+    model, info = load_checkpoint(native)
+    assert info.kind == "native" and info.config == ModelConfig(**BY_FILE[file]["config"])
+    assert info.noise == BY_FILE[file]["noise"]
+    exp = expected_for(file)
+    assert torch.equal(model.var, load_checkpoint(unpacked / file)[0].var)
+    with torch.no_grad():
+        assert worst(model(exp["x"], exp.get("y"))[0], exp["f32/z"]) < TOL["f32"]["z"]
