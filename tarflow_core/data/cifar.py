@@ -8,9 +8,10 @@ The folder itself or its parent (holding one of those folders) may be given.
 
 The batches are pickles. They are read with :class:`SafeUnpickler`, which resolves only
 the numpy names needed to rebuild plain arrays (``_reconstruct``, ``ndarray``, ``dtype``,
-and ``_frombuffer`` for pickle protocol 5) plus a latin-1-only ``_codecs.encode`` (how
-Python 3 protocol-2 pickles store bytes), and refuses every other global, so a crafted
-file cannot run code: it is rejected with a :class:`DataError`.
+and ``_frombuffer`` for pickle protocol 5) and non-object numpy scalars (``scalar``), plus
+a latin-1-only ``_codecs.encode`` (how Python 3 protocol-2 pickles store bytes), and
+refuses every other global, so a crafted file cannot run code: it is rejected with a
+:class:`DataError`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from .base import ArrayDataset, DataError, normalize_split
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_SCALAR = np.int64(0).__reduce__()[0]  # numpy.core.multiarray.scalar(dtype, raw bytes)
+
+
+def _scalar(dtype, data=None):
+    """A numpy scalar from its dtype and raw bytes (labels kept as numpy integers pickle this
+    way); only plain, non-object dtypes, so it cannot hand back an arbitrary object."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f"numpy scalar of {dtype!r} is not allowed")
+    return _SCALAR(dtype, data)
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -40,6 +50,8 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,

@@ -235,3 +235,33 @@ def test_npy_small_ambiguous_shapes_read_as_square_images(tmp_path, shape, layou
     ds = open_dataset(str(tmp_path / "a.npy"), "all")
     nchw = arr.transpose(0, 3, 1, 2) if layout == "NHWC" else arr
     assert torch.equal(all_items(ds)[0], torch.from_numpy(np.ascontiguousarray(nchw)))
+
+
+# ---------------------------------------------------------------- CIFAR python batches
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_cifar_batches_rewritten_with_numpy_integer_labels(tmp_path, protocol):
+    """A batch re-saved with labels as a list of numpy integers (list(np.array(...))) pickles
+    them as numpy scalars: read, while every other callable stays refused."""
+    import pickle
+
+    rng = np.random.default_rng(11)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rows, labels = rand_u8(rng, 4, 3072), list(np.array([3, 0, 9, 1], np.int64))
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": labels}, f, protocol=protocol)
+    ds = open_dataset(str(tmp_path))
+    assert all_items(ds)[1] == [3, 0, 9, 1]
+    assert torch.equal(all_items(ds)[0], torch.from_numpy(rows.reshape(4, 3, 32, 32)))
+
+
+def test_cifar_scalar_cannot_smuggle_objects(tmp_path):
+    """Allowing numpy scalars must not allow scalar(dtype('O'), obj), which hands back obj."""
+    from tarflow_core.data import safe_load_pickle
+
+    stream = (b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00O8K\x00K\x01\x87R"
+              b"X\x03\x00\x00\x00abc\x86R.")
+    (tmp_path / "data_batch_1").write_bytes(stream)
+    with pytest.raises(DataError, match=r"refused to load this pickle \(numpy scalar of dtype\('O'\)"):
+        safe_load_pickle(tmp_path / "data_batch_1")
