@@ -35,8 +35,13 @@ def main() -> None:
     for s in SIGNALS:
         if s not in ignored:
             signal.signal(s, _quit_while_loading)
-    from .main import main as run
+    import typer.main
 
+    from .main import app
+
+    # typer turns every command's annotations into options here (compiling them: a signal raised
+    # inside that surfaces as a SyntaxError), so it is still part of loading
+    run = typer.main.get_command(app)
     if signal.SIGINT not in ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.SIGTERM not in ignored:

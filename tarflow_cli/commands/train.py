@@ -97,85 +97,90 @@ def train(
     Ctrl-C finishes the current step, saves a checkpoint and exits with code 130;
     --resume RUN_DIR continues it exactly.
     """
-    from tarflow_core.train import SetupError, TrainError, default_run_dir, load_run_config, stop_on_signals
-    from tarflow_core.train import train as core_train
+    try:  # a signal before the run's own handlers are in place (imports, settings) ends at once
+        from tarflow_core.train import SetupError, TrainError, default_run_dir, load_run_config, stop_on_signals
+        from tarflow_core.train import train as core_train
 
-    is_main = int(os.environ.get("RANK", "0") or 0) == 0
-    if (device or "auto").lower() == "cpu" or ((device or "auto").lower() == "auto" and not torch.cuda.is_available()):
-        limit_cpu_threads_when_busy()
-    ui_mode = _pick_ui(ui)
-    changes: dict[str, Any] = dict(
-        data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
-        blocks=blocks, layers_per_block=layers_per_block, head_dim=head_dim, expansion=expansion, nvp=nvp,
-        conditional=conditional, beta1=beta1, beta2=beta2, keep_checkpoints=keep_checkpoints,
-        max_bad_steps=max_bad_steps,
-        label_drop=label_drop, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, max_steps=max_steps, epochs=epochs,
-        precision=precision.lower() if precision else None, compile=compile, sample_every=sample_every,
-        eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_samples=num_samples,
-        eval_images=eval_images, workers=workers, seed=seed, device=device)
-    try:
-        if noise is not None:
-            kind, std = parse_noise(noise)
-            changes["noise"] = kind
-            if std is not None:
-                changes["noise_std"] = std
-        given = {k: v for k, v in changes.items() if v is not None}
-        if given.get("conditional") is False and given.get("label_drop"):
-            raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
-        if resume is not None:
-            cfg = _resume_config(resume, run_dir, given, load_run_config)
-        else:
-            cfg = _with_epochs(get_preset(preset), given).replace(**given)
-            if run_dir is not None:
-                cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    except (ConfigError, SetupError) as e:
-        _fail(str(e), 2)
+        is_main = int(os.environ.get("RANK", "0") or 0) == 0
+        if (device or "auto").lower() == "cpu" or ((device or "auto").lower() == "auto" and not torch.cuda.is_available()):
+            limit_cpu_threads_when_busy()
+        ui_mode = _pick_ui(ui)
+        changes: dict[str, Any] = dict(
+            data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
+            blocks=blocks, layers_per_block=layers_per_block, head_dim=head_dim, expansion=expansion, nvp=nvp,
+            conditional=conditional, beta1=beta1, beta2=beta2, keep_checkpoints=keep_checkpoints,
+            max_bad_steps=max_bad_steps,
+            label_drop=label_drop, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, max_steps=max_steps, epochs=epochs,
+            precision=precision.lower() if precision else None, compile=compile, sample_every=sample_every,
+            eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_samples=num_samples,
+            eval_images=eval_images, workers=workers, seed=seed, device=device)
+        try:
+            if noise is not None:
+                kind, std = parse_noise(noise)
+                changes["noise"] = kind
+                if std is not None:
+                    changes["noise_std"] = std
+            given = {k: v for k, v in changes.items() if v is not None}
+            if given.get("conditional") is False and given.get("label_drop"):
+                raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
+            if resume is not None:
+                cfg = _resume_config(resume, run_dir, given, load_run_config)
+            else:
+                cfg = _with_epochs(get_preset(preset), given).replace(**given)
+                if run_dir is not None:
+                    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+        except (ConfigError, SetupError) as e:
+            _fail(str(e), 2)
 
-    dashboard = note = None
-    if ui_mode == "tui":
-        dashboard, note = _dashboard()
-        if dashboard is None:
-            ui_mode = "rich"
-    if note and is_main:
-        typer.echo(note, err=True)
-    try:
-        if dashboard is not None:
-            if cfg.run_dir is None:  # the dashboard follows the run directory's events.jsonl
-                cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
-            result = dashboard(cfg.run_dir, lambda stop: core_train(cfg, stop=stop, resume=resume is not None))
-        else:
-            view = _make_view(ui_mode) if is_main else None
-            with stop_on_signals() as stop:
-                try:
-                    result = core_train(cfg, emit=view.handle if view else None, stop=stop,
-                                        resume=resume is not None)
-                finally:
-                    if view is not None:
-                        view.close()
-    except SetupError as e:
-        _fail(str(e), 2)
-    except TrainError as e:
-        _fail(str(e), 1)
-    except MemoryError:
-        _fail("out of memory; lower --batch-size (or the model size)", 1)
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
-            raise
-        _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
-    except KeyboardInterrupt:
+        dashboard = note = None
+        if ui_mode == "tui":
+            dashboard, note = _dashboard()
+            if dashboard is None:
+                ui_mode = "rich"
+        if note and is_main:
+            typer.echo(note, err=True)
+        try:
+            if dashboard is not None:
+                if cfg.run_dir is None:  # the dashboard follows the run directory's events.jsonl
+                    cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
+                result = dashboard(cfg.run_dir, lambda stop: core_train(cfg, stop=stop, resume=resume is not None))
+            else:
+                view = _make_view(ui_mode) if is_main else None
+                with stop_on_signals() as stop:
+                    try:
+                        result = core_train(cfg, emit=view.handle if view else None, stop=stop,
+                                            resume=resume is not None)
+                    finally:
+                        if view is not None:
+                            view.close()
+        except SetupError as e:
+            _fail(str(e), 2)
+        except TrainError as e:
+            _fail(str(e), 1)
+        except MemoryError:
+            _fail("out of memory; lower --batch-size (or the model size)", 1)
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
+        except KeyboardInterrupt:
+            if is_main:
+                typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
+            raise typer.Exit(130) from None
         if is_main:
-            typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
+            if result.status == "failed":
+                typer.echo(f"error: training failed: {result.reason}", err=True)
+            elif result.status == "interrupted":
+                typer.echo(f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
+                           err=True)
+            typer.echo(str(result.run_dir))
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
-    if is_main:
-        if result.status == "failed":
-            typer.echo(f"error: training failed: {result.reason}", err=True)
-        elif result.status == "interrupted":
-            typer.echo(f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
-                       err=True)
-        typer.echo(str(result.run_dir))
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
 
 
 train.__doc__ = inspect.cleandoc(train.__doc__ or "") + "\n" + EXAMPLES

@@ -108,3 +108,46 @@ def test_full_disk_is_a_runtime_error(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("tarflow_core.train.shutil.disk_usage", lambda p: usage(10, 10, 1024))
     assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "disk space", code=1)
+
+
+SIGNAL_SELF = """
+import os, signal, sys
+import typer.main
+import tarflow_cli.commands.train as T
+from tarflow_cli import entry
+
+WHERE, RUN_DIR = sys.argv[1:3]
+
+
+def hit(where):
+    if where == WHERE:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+build = typer.main.get_command
+def get_command(app):  # typer turning the commands' annotations into options
+    hit("options")
+    return build(app)
+typer.main.get_command = get_command
+T.limit_cpu_threads_when_busy = lambda: hit("body")  # the train command, before its own handlers
+sys.argv = ["tarflow", "train", "--device", "cpu", "--max-steps", "1", "--run-dir", RUN_DIR, "--ui", "plain"]
+entry.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["options", "body"])
+def test_sigterm_before_the_run_takes_over_exits_130_quietly(tmp_path, where):
+    """SIGTERM while typer builds the options, or in the command before its stop handler is in
+    place: "interrupted", exit 130, no traceback (not a KeyboardInterrupt/SyntaxError traceback,
+    not click's "aborted" with exit 1)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", SIGNAL_SELF, where, str(tmp_path / "run")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "interrupted" and r.stdout == ""
+    assert not (tmp_path / "run").exists()
