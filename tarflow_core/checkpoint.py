@@ -35,8 +35,11 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
-REFERENCE_NAME = re.compile(  # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}`
-    r"^(?:(?P<dataset>.+?)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)_(?P<noise>uniform|\d+(?:\.\d*)?|\.\d+)$"
+# the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}.pth`, also as the
+# copies downloads make of it: `... (1).pth`, `...-1.pth` (browsers) and `.pth.1` (wget)
+REFERENCE_NAME = re.compile(
+    r"^(?:(?P<dataset>.+?)_)?model_(?P<patch>\d+)_(?P<width>\d+)_(?P<blocks>\d+)_(?P<layers>\d+)"
+    r"_(?P<noise>uniform|\d+(?:\.\d+)?|\.\d+)(?: ?\(\d+\)|-\d+)?(?:\.[A-Za-z]\w*)?(?:\.\d+)?$"
 )
 REFERENCE_HEAD_DIM = 64
 
@@ -320,7 +323,7 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
     out_dim = need("blocks.0.proj_out.weight").shape[0]
     num_classes = state["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in state else 0
 
-    name = REFERENCE_NAME.search(path.stem)
+    name = REFERENCE_NAME.match(path.name)
     noise: dict[str, Any] = {"type": None, "std": None}
     data: dict[str, Any] = {}
     if name:

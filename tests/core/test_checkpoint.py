@@ -308,3 +308,15 @@ def test_the_published_trainers_log_folder_names_the_weights_in_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"reference .pth file; it holds mnist_model_4_64_1_1_0.10.pth: "
                                               r"give the file$"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mnist_model_4_64_1_1_0.10.pth.1", "mnist_model_4_64_1_1_0.10 (1).pth",
+                                  "mnist_model_4_64_1_1_0.10-2.pth", "mnist_model_4_64_1_1_0.10.pt"])
+def test_downloaded_copies_keep_the_noise_the_name_gives(tmp_path, name):
+    """wget saves a second download as .pth.1, browsers as ' (1)' / '-1': the noise std (which turns
+    denoising on) and patch size are still read."""
+    cfg = ModelConfig(in_channels=1, img_size=12, patch_size=4, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / name)
+    info = read_info(tmp_path / name)
+    assert info.config == cfg and info.noise == {"type": "gaussian", "std": 0.1}
+    assert info.data["source"] == "mnist"
