@@ -381,8 +381,13 @@ class _Trainer:
             raise SetupError(f"cannot resume from {ckpt}: {MODEL_FILE} does not match the architecture in "
                              f"{self.run_dir / CONFIG_FILE}{hint}") from None
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
             self.loader.load_state_dict(state["data"])
+        except DataError as e:  # the data changed under the run (a folder that grew, another file)
+            raise SetupError(f"{e} (--data {self.cfg.data}); resume with the data the run was trained on") from None
+        except (KeyError, ValueError, TypeError) as e:
+            raise damaged(TRAIN_STATE_FILE, e) from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
             self.noise_gen.set_state(state["rng"]["noise"])
             torch.set_rng_state(state["rng"]["torch"])
             if self.device.type == "cuda" and state["rng"].get("cuda") is not None:

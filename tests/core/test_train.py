@@ -244,6 +244,26 @@ def test_damaged_latest_checkpoint_is_one_clear_sentence(tiny_run, tmp_path, nam
     assert result.status == "finished" and result.step == 21
 
 
+def test_resume_when_the_data_changed_says_so(tmp_path):
+    """A folder that gained images since the run stopped: the message is about the data, not a
+    damaged checkpoint."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    cfg = tiny_cfg(tmp_path / "run", data=str(data), batch_size=8, max_steps=2, eval_every=0, sample_every=0)
+    assert train(cfg).status == "finished"
+    for i in range(40, 48):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    with pytest.raises(SetupError, match="now has") as info:
+        train(cfg.replace(max_steps=4), resume=True)
+    assert "damaged" not in str(info.value) and str(data) in str(info.value)
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(SetupError, match="no complete checkpoint"):
         train(tiny_cfg(tmp_path / "none"), resume=True)
