@@ -27,7 +27,7 @@ from . import __version__
 from .atomic import _fsync_dir, default_mode
 from .config import ModelConfig, guess_channels_and_patch
 from .load_errors import describe, file_head, not_torch
-from .model import TarFlow
+from .model import TarFlow, state_shapes
 
 FORMAT = "tarflow-checkpoint"
 FORMAT_VERSION = 1
@@ -199,9 +199,7 @@ def read_info(path: str | os.PathLike, *, patch_size: int | None = None) -> Chec
         return read_native_info(resolved)
     state = read_reference_state(resolved)
     info = reference_info(state, resolved, patch_size=patch_size)
-    with torch.device("meta"):  # shapes only: no memory for the weights
-        expected = TarFlow(info.config).state_dict()
-    _check_state(expected, state, resolved)
+    _check_state(state_shapes(info.config), state, resolved)
     return info
 
 
@@ -231,15 +229,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_state(model: TarFlow, state: dict[str, torch.Tensor], source: Path) -> None:
-    _check_state(model.state_dict(), state, source)
+    _check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
     model.load_state_dict(state)
 
 
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights whose names or shapes differ from the architecture's."""
+def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights whose names or shapes (`expected`: name -> shape) differ from the architecture's."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):

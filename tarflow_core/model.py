@@ -198,3 +198,25 @@ class TarFlow(nn.Module):
 
 def build_model(cfg: ModelConfig) -> TarFlow:
     return TarFlow(cfg)
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every entry of `TarFlow(cfg).state_dict()`, without building the model (reading
+    a checkpoint's description stays instant, and the meta device's first use costs seconds)."""
+    T, D, W, E, K = cfg.num_patches, cfg.token_dim, cfg.width, cfg.expansion * cfg.width, cfg.num_classes
+    out = 2 * D if cfg.nvp else D
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(cfg.num_blocks):
+        b = f"blocks.{i}."
+        shapes.update({b + "proj_in.weight": (W, D), b + "proj_in.bias": (W,), b + "pos_embed": (T, W)})
+        if K:
+            shapes[b + "class_embed"] = (K, 1, W)
+        for j in range(cfg.layers_per_block):
+            a, m = f"{b}attn_blocks.{j}.attention.", f"{b}attn_blocks.{j}.mlp."
+            shapes.update({a + "norm.weight": (W,), a + "norm.bias": (W,), a + "qkv.weight": (3 * W, W),
+                           a + "qkv.bias": (3 * W,), a + "proj.weight": (W, W), a + "proj.bias": (W,),
+                           m + "norm.weight": (W,), m + "norm.bias": (W,), m + "main.0.weight": (E, W),
+                           m + "main.0.bias": (E,), m + "main.2.weight": (W, E), m + "main.2.bias": (W,)})
+        shapes.update({b + "proj_out.weight": (out, W), b + "proj_out.bias": (out,)})
+    shapes["var"] = (T, D)
+    return shapes

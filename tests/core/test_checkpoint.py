@@ -320,3 +320,25 @@ def test_downloaded_copies_keep_the_noise_the_name_gives(tmp_path, name):
     info = read_info(tmp_path / name)
     assert info.config == cfg and info.noise == {"type": "gaussian", "std": 0.1}
     assert info.data["source"] == "mnist"
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(in_channels=3, img_size=8, patch_size=2, width=64, num_blocks=3, layers_per_block=2, head_dim=32,
+                expansion=2, nvp=True, num_classes=5),
+    ModelConfig(in_channels=1, img_size=12, patch_size=4, width=64, num_blocks=1, layers_per_block=1, nvp=False),
+])
+def test_state_shapes_are_the_models(cfg):
+    from tarflow_core.model import state_shapes
+
+    assert state_shapes(cfg) == {k: tuple(v.shape) for k, v in TarFlow(cfg).state_dict().items()}
+
+
+def test_info_reads_a_reference_file_without_building_the_model(tmp_path, monkeypatch):
+    """`tarflow info` on a 1.8 GB reference file needs no second copy of the weights (and no meta device,
+    whose first use costs seconds)."""
+    import tarflow_core.checkpoint as ck
+
+    cfg = ModelConfig(in_channels=1, img_size=12, patch_size=4, **SMALL)
+    torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_1_1_0.10.pth")
+    monkeypatch.setattr(ck, "TarFlow", None)
+    assert read_info(tmp_path / "mnist_model_4_64_1_1_0.10.pth").config == cfg
