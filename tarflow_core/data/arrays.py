@@ -17,7 +17,10 @@
   ``..._part2_npz/``), so their common parent is the whole data set. Without ``val_data.npz``,
   and for a single file, the test split is the fixed held-out fraction.
 
-Arrays are loaded with ``allow_pickle=False``. If ``image_size`` or ``channels`` differ
+Arrays are loaded with ``allow_pickle=False``; a ``.npy`` file, and an image array stored
+uncompressed in an ``.npz`` (``np.savez``, as the ImageNet batches are), are memory-mapped
+rather than read into memory, and batches are not concatenated (:class:`ConcatImages`), so
+ImageNet 64 takes no more memory than the page cache shares among all training processes. If ``image_size`` or ``channels`` differ
 from the array, each image is converted when read (resize shorter side + center crop).
 """
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..load_errors import describe, file_head, not_numpy
-from .base import ArrayDataset, DataError, check_labels, held_out_indices, normalize_split
+from .base import ArrayDataset, ConcatImages, DataError, check_labels, held_out_indices, normalize_split
 
 IMAGE_KEYS = ("images", "x", "arr_0", "data")
 LABEL_KEYS = ("labels", "y", "targets")
@@ -56,10 +59,19 @@ SPLIT_KEYS = (  # arrays saved with their own split: split -> (images key, label
 )
 
 
-def _open_npy(path: Path):
+def _open_npy(path: Path, mapped: bool = False):
+    """``np.load`` without pickles; ``mapped``: a plain .npy comes back memory-mapped (read-only),
+    so a large file is read as it is used and shared by every process that trains on it."""
     problem = not_numpy(file_head(path))
     if problem:
         raise DataError(f"{path}: {problem}")
+    if mapped and file_head(path).startswith(b"\x93NUMPY"):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.dtype == np.uint8:
+                return arr
+        except Exception:  # noqa: BLE001 - read it plainly below, which says what is wrong
+            pass
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -69,6 +81,36 @@ def _open_npy(path: Path):
                         f"plain uint8 arrays ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npy/.npz file ({describe(exc)})") from None
+
+
+def _mapped_member(path: Path, key: str) -> np.ndarray | None:
+    """Array ``key`` of an .npz memory-mapped (read-only) when the archive stores it
+    uncompressed (``np.savez``; the downsampled-ImageNet batches), else None (then it is read)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(key + ".npy")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                return None
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    return None
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                header = f.tell()
+        with open(path, "rb") as fh:  # the member's data starts after its local header
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+        if local[:4] != b"PK\x03\x04" or dtype != np.uint8 or fortran:
+            return None
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        offset = info.header_offset + 30 + name_len + extra_len + header
+        if offset + math.prod(shape) > os.path.getsize(path) or math.prod(shape) == 0:
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape))
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def _member(z, path: Path, key: str, what: str) -> np.ndarray:
@@ -91,7 +133,7 @@ def _as_label_vector(labels: np.ndarray) -> np.ndarray:
 def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
     """Images, labels (or None), whether the file used the 1-based row layout, and whether the
     file has its own split (then only ``split``'s arrays are returned, all of them for ``all``)."""
-    loaded = _open_npy(path)
+    loaded = _open_npy(path, mapped=True)
     if isinstance(loaded, np.ndarray):
         return loaded, None, False, False
     with loaded as z:
@@ -107,7 +149,9 @@ def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.nda
                             f"{', '.join(IMAGE_KEYS)}, or x_train / train_images; "
                             f"the file has {', '.join(keys) or 'none'})")
         lkey = next((k for k in LABEL_KEYS if k in keys), None)
-        images = _member(z, path, key, "uint8 images")
+        images = _mapped_member(path, key)
+        if images is None:
+            images = _member(z, path, key, "uint8 images")
         labels = _as_label_vector(_member(z, path, lkey, "integer labels")) if lkey else None
     rows = images.ndim == 2
     if rows:
@@ -217,7 +261,7 @@ def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_s
     for f, (imgs, labs, _) in zip(files, parts):
         if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
             raise DataError(f"{f}: image shape or labels differ from {files[0]}")
-    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    images = ConcatImages([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels, num_classes = None, None
     if parts[0][1] is not None:
         rows = all(p[2] for p in parts)

@@ -215,6 +215,31 @@ def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     raise DataError(f"{source}: cannot find a channel axis of size 1, 3 or 4 in image shape {images.shape}")
 
 
+class ConcatImages:
+    """Several (N_k, C, H, W) uint8 arrays (memory maps of batch files) indexed as one
+    (sum N_k, C, H, W) array, without copying them into one."""
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts or any(p.ndim != 4 or p.shape[1:] != parts[0].shape[1:] for p in parts):
+            raise ValueError("ConcatImages needs (N, C, H, W) arrays of one image shape")
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        j = int(j)
+        if not 0 <= j < len(self):
+            raise IndexError(f"image {j} out of range for {len(self)}")
+        k = int(np.searchsorted(self.ends, j, side="right"))
+        return self.parts[k][j - (int(self.ends[k - 1]) if k else 0)]
+
+
 class ArrayDataset(ImageDataset):
     """Images held in memory as one uint8 array, any of NCHW, NHWC or NHW.
 
@@ -227,7 +252,7 @@ class ArrayDataset(ImageDataset):
                  class_names: Sequence[str] | None = None, num_classes: int | None = None,
                  image_size: int | None = None, channels: int | None = None,
                  flip: bool = False, skipped: int = 0):
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        if not isinstance(images, (np.ndarray, ConcatImages)) or images.dtype != np.uint8:
             dtype = getattr(images, "dtype", type(images).__name__)
             raise DataError(f"{name}: expected uint8 images (0..255), got dtype {dtype}")
         self.images = _layout_to_nchw(images, name)

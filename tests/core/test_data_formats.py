@@ -265,3 +265,24 @@ def test_cifar_scalar_cannot_smuggle_objects(tmp_path):
     (tmp_path / "data_batch_1").write_bytes(stream)
     with pytest.raises(DataError, match=r"refused to load this pickle \(numpy scalar of dtype\('O'\)"):
         safe_load_pickle(tmp_path / "data_batch_1")
+
+
+def test_imagenet_batches_are_memory_mapped_not_copied(tmp_path):
+    """ImageNet 64 is 15.7 GB of batches: opening it must not read them into memory (nor
+    concatenate them, twice that), or every training process would hold its own copy."""
+    import tracemalloc
+
+    rng = np.random.default_rng(12)
+    parts = [_imagenet_batch(tmp_path / f"train_data_batch_{k}.npz", rng, 400, side=16)[0] for k in (1, 2, 3)]
+    np.save(tmp_path.parent / "big.npy", np.concatenate(parts))
+    tracemalloc.start()
+    try:
+        ds = open_dataset(str(tmp_path), "all")
+        arr = open_dataset(str(tmp_path.parent / "big.npy"), "all")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 300_000, peak  # the images are 3 x 400 x 768 bytes = 920 kB
+    want = np.concatenate(parts)
+    for i in (0, 399, 400, 801, 1199):
+        assert np.array_equal(ds[i][0].numpy(), want[i]) and np.array_equal(arr[i][0].numpy(), want[i])
