@@ -176,7 +176,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     and `ema` is true). `patch_size` only matters for reference files whose name does not give it."""
     resolved = resolve_checkpoint(path)
     if resolved.is_dir():
-        info = read_native_info(resolved)
+        info = _native_info(resolved, patch_size)
         weights = resolved / (EMA_FILE if ema and info.has_ema and (resolved / EMA_FILE).exists() else MODEL_FILE)
         state = _read_tensors(weights)
     else:
@@ -196,10 +196,19 @@ def read_info(path: str | os.PathLike, *, patch_size: int | None = None) -> Chec
     """Describe a checkpoint without building the model."""
     resolved = resolve_checkpoint(path)
     if resolved.is_dir():
-        return read_native_info(resolved)
+        return _native_info(resolved, patch_size)
     state = read_reference_state(resolved)
     info = reference_info(state, resolved, patch_size=patch_size)
     _check_state(state_shapes(info.config), state, resolved)
+    return info
+
+
+def _native_info(folder: Path, patch_size: int | None) -> CheckpointInfo:
+    """A native checkpoint's description; a patch size asked for must be the one it records."""
+    info = read_native_info(folder)
+    if patch_size is not None and patch_size != info.config.patch_size:
+        raise CheckpointError(f"{folder} records patch size {info.config.patch_size}, not the {patch_size} asked for "
+                              "(the patch size is only needed for reference .pth files whose name does not give it)")
     return info
 
 

@@ -342,3 +342,13 @@ def test_info_reads_a_reference_file_without_building_the_model(tmp_path, monkey
     torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_1_1_0.10.pth")
     monkeypatch.setattr(ck, "TarFlow", None)
     assert read_info(tmp_path / "mnist_model_4_64_1_1_0.10.pth").config == cfg
+
+
+def test_a_patch_size_for_a_native_checkpoint_must_be_the_one_it_records(tmp_path):
+    """--patch-size is for reference files; on a native checkpoint another value would be silently ignored."""
+    model = tiny_model(dtype=torch.float32)
+    path = save_checkpoint(tmp_path / "ck", model)
+    assert load_checkpoint(path, patch_size=2)[1].config == model.config
+    for call in (load_checkpoint, read_info):
+        with pytest.raises(CheckpointError, match="records patch size 2, not the 4 asked for"):
+            call(path, patch_size=4)
