@@ -268,6 +268,7 @@ class _Trainer:
         self.step = 0
         self.resumed_from: str | None = None
         self.resume_note: str | None = None
+        self.schedule_note: str | None = None
         if self.resume:
             self._load_state()
 
@@ -405,11 +406,26 @@ class _Trainer:
         self.step = int(state["step"])
         self.consecutive_bad = int(state.get("bad_steps", 0))
         self.resumed_from = str(ckpt)
+        self.last_checkpoint = ckpt  # the state it holds is the state now: finishing at once needs no new save
+        schedule = state.get("schedule") if isinstance(state.get("schedule"), dict) else {}
+        saved_total = schedule.get("total_steps")
+        if saved_total is not None and int(saved_total) != self.total_steps:
+            self.schedule_note = (f"the run length changed from {int(saved_total)} to {self.total_steps} steps: the "
+                                  f"learning-rate schedule is recomputed for the new length (lr {self._lr_now(saved_total):.3g} "
+                                  f"-> {self._lr_now(self.total_steps):.3g} at step {self.step}), so the run does "
+                                  "not continue exactly as it would have")
         saved_world = int(state.get("world_size", self.d.world_size))
         if saved_world != self.d.world_size:
             self.resume_note = (f"resumed with {self.d.world_size} process(es) where the run used {saved_world}: "
                                 "the data continue from the same global position, but per-process batches "
                                 "differ, so the weights will not match an uninterrupted run exactly")
+
+    def _lr_now(self, total_steps: int) -> float:
+        """The learning rate of the next step in a run of `total_steps` (warm-up as that run's)."""
+        warmup = min(self.steps_per_epoch if self.cfg.warmup_steps is None else int(self.cfg.warmup_steps),
+                     max(0, int(total_steps) - 1))
+        return lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=warmup,
+                     total_steps=int(total_steps))
 
     # --------------------------------------------------------------------------------- steps
     def _augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -640,6 +656,8 @@ class _Trainer:
             self.emit("warning", self.step, message=self.test_note)
         if self.resume_note:
             self.emit("warning", self.step, message=self.resume_note, reason="world_size")
+        if self.schedule_note:
+            self.emit("warning", self.step, message=self.schedule_note, reason="schedule")
         self.late_skips_reported = 0
         self.acc = torch.zeros(5, device=self.device)
         self.bad_in_interval = torch.zeros((), device=self.device)

@@ -49,7 +49,7 @@ def _num(help: str, *names: str) -> Any:  # noqa: A002
 
 def train(
     data: Annotated[Optional[str], _opt("Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.", "--data", "-d")] = None,
-    preset: Annotated[str, typer.Option("--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)}.")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)} (default: tiny).", show_default=False)] = None,
     image_size: Annotated[Optional[int], _opt("Image size in pixels (default: read off the data).", "--image-size")] = None,
     channels: Annotated[Optional[int], _opt("Channels, 1 or 3 (default: read off the data).", "--channels")] = None,
     flip: Annotated[Optional[bool], _opt("Random horizontal flips.", "--flip/--no-flip")] = None,
@@ -88,7 +88,7 @@ def train(
     seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed")] = None,
     device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
     run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
-    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped.", "--resume")] = None,
+    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --device, --workers, --precision and --compile may change.", "--resume")] = None,
     ui: Annotated[Optional[str], _opt("tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).", "--ui")] = None,
 ) -> None:
     """Train a TarFlow model; prints the run directory on stdout when done.
@@ -125,9 +125,9 @@ def train(
             if given.get("conditional") is False and given.get("label_drop"):
                 raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
             if resume is not None:
-                cfg = _resume_config(resume, run_dir, given, load_run_config)
+                cfg = _resume_config(resume, run_dir, preset, given, load_run_config)
             else:
-                cfg = _with_epochs(get_preset(preset), given).replace(**given)
+                cfg = _with_epochs(get_preset(preset or "tiny"), given).replace(**given)
                 if run_dir is not None:
                     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
         except (ConfigError, SetupError) as e:
@@ -218,16 +218,21 @@ def _dashboard():
     return run_training_dashboard, None
 
 
-def _resume_config(resume: Path, run_dir: Path | None, given: dict[str, Any], load_run_config) -> TrainConfig:
+def _resume_config(resume: Path, run_dir: Path | None, preset: str | None, given: dict[str, Any],
+                   load_run_config) -> TrainConfig:
     if run_dir is not None and Path(run_dir).resolve() != Path(resume).resolve():
         raise ConfigError(f"--run-dir {run_dir} differs from --resume {resume}; a resumed run stays in its directory")
     if not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such run directory")
     cfg = load_run_config(resume)
     fixed = sorted(k for k, v in given.items() if k not in RESUME_CHANGEABLE and getattr(cfg, k) != v)
+    if preset is not None and preset != cfg.preset:
+        fixed.insert(0, "preset")
     if fixed:
         names = ", ".join("--" + k.replace("_", "-") for k in fixed)
-        raise ConfigError(f"{names} cannot change when resuming {resume} (they would change the model or the data order)")
+        allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_CHANGEABLE))
+        raise ConfigError(f"{names} cannot change when resuming {resume} (the run keeps its model, data and "
+                          f"optimisation settings); what may change: {allowed}")
     return dataclasses.replace(_with_epochs(cfg, given).replace(**given), run_dir=str(resume))
 
 

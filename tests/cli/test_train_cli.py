@@ -95,6 +95,9 @@ def test_resume_rules(tmp_path):
     r = run(*SMALL, "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
     assert r.exit_code == 0, r.stderr
     assert_user_error(run("--resume", tmp_path / "run", "--width", "64"), "--width", "cannot change")
+    # what may change is told, and a different preset is not silently ignored
+    assert_user_error(run("--resume", tmp_path / "run", "--lr", "1e-3"), "--lr", "what may change: ", "--max-steps")
+    assert_user_error(run("--resume", tmp_path / "run", "--preset", "mnist"), "--preset", "cannot change")
     assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "already holds a run", "--resume")
     r = run("--resume", tmp_path / "run", "--max-steps", "4", "--ui", "plain")
     assert r.exit_code == 0, r.stderr

@@ -264,6 +264,28 @@ def test_resume_when_the_data_changed_says_so(tmp_path):
     assert "damaged" not in str(info.value) and str(data) in str(info.value)
 
 
+def test_resuming_a_finished_run_keeps_its_checkpoint_and_tells_a_new_schedule(tiny_run, tmp_path):
+    """Resuming at the end rewrites nothing (the newest checkpoint is the state); extending the run
+    recomputes the learning-rate schedule, which is told in a warning."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    cfg = load_run_config(run).replace(run_dir=str(run))
+    last = run / "checkpoints" / "step-00000030"
+    before = {f.name: f.stat().st_ino for f in last.iterdir()}
+    again = train(cfg, resume=True)
+    assert again.status == "finished" and again.checkpoint == last
+    assert {f.name: f.stat().st_ino for f in last.iterdir()} == before
+    end = list(read_events(run / "events.jsonl"))[-1]
+    assert end["kind"] == "end" and end["checkpoint"] == str(last)
+    seen = []
+    longer = train(cfg.replace(max_steps=32), resume=True, emit=seen.append)
+    assert longer.status == "finished" and longer.step == 32
+    notes = [e for e in seen if e["kind"] == "warning" and e.get("reason") == "schedule"]
+    assert len(notes) == 1 and "from 30 to 32 steps" in notes[0]["message"]
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(SetupError, match="no complete checkpoint"):
         train(tiny_cfg(tmp_path / "none"), resume=True)
