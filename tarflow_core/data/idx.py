@@ -6,7 +6,9 @@ A folder (searched up to two levels down, e.g. ``root/MNIST/raw``) with
 ``emnist-balanced-train``) or a ``t10k`` / ``test*`` part gives the train / test split; a
 folder with only a train file, or one file of any other prefix, is split by the fixed
 held-out fraction. A single images file is used on its own, split by the held-out fraction,
-with its labels file picked up from beside it when present.
+with its labels file picked up from beside it when present. Kaggle's layout, each file in
+a folder of its own name (``train-images-idx3-ubyte/train-images-idx3-ubyte``), is read as
+if the files sat in the folder above.
 """
 
 from __future__ import annotations
@@ -59,22 +61,37 @@ def _label_file(images_file: Path) -> Path | None:
     m = IMAGES_RE.match(images_file.name)
     base = images_file.name[: m.start("gz")] if m and m.group("gz") else images_file.name
     stem = re.sub(r"images([-.])idx3", r"labels\1idx1", base, flags=re.IGNORECASE)
-    for name in (stem, stem + ".gz"):
-        if (images_file.parent / name).is_file():
-            return images_file.parent / name
+    places = [images_file.parent]
+    home = _home(images_file)
+    if home != images_file.parent:  # a folder per file: the labels are in their own folder
+        places += [home / stem, home]
+    for place in places:
+        for name in (stem, stem + ".gz"):
+            if (place / name).is_file():
+                return place / name
     return None
 
 
+def _home(p: Path) -> Path:
+    """The folder an IDX file belongs to: its own, or the one above when that is a folder named
+    after the file (Kaggle's MNIST: ``train-images-idx3-ubyte/train-images-idx3-ubyte``)."""
+    def bare(name: str) -> str:
+        return name[:-3].lower() if name.lower().endswith(".gz") else name.lower()
+
+    return p.parent.parent if bare(p.parent.name) == bare(p.name) else p.parent
+
+
 def find_idx_images(root: Path, depth: int = 2) -> list[Path]:
-    """Images files under ``root`` (up to ``depth`` levels down); plain preferred over .gz."""
+    """Images files under ``root`` (up to ``depth`` levels down), one per folder and prefix:
+    plain preferred over .gz, and a file beside its folder-per-file copy over that copy."""
     found: dict[tuple[Path, str], Path] = {}
     patterns = ["*"] + ["/".join(["*"] * (k + 1)) for k in range(1, depth + 1)]
     for pattern in patterns:
         for p in sorted(root.glob(pattern)):
             m = IMAGES_RE.match(p.name)
             if m and p.is_file():
-                key = (p.parent, m.group("prefix").lower())
-                if key not in found or not m.group("gz"):
+                key = (_home(p), m.group("prefix").lower())
+                if key not in found or (IMAGES_RE.match(found[key].name).group("gz") and not m.group("gz")):
                     found[key] = p
     return sorted(found.values())
 

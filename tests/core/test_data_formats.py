@@ -48,6 +48,29 @@ def test_idx_impossible_header_size_reported_exactly(tmp_path):
         open_dataset(str(f))
 
 
+
+@pytest.mark.parametrize("with_flat_copies", [False, True])
+def test_idx_kaggle_layout_folder_per_file(tmp_path, with_flat_copies):
+    """Kaggle's MNIST: each file inside a folder of the same name (train-images-idx3-ubyte/
+    train-images-idx3-ubyte, ...), plus dotted copies (train-images.idx3-ubyte) beside them.
+    The labels must be found (they were silently dropped: an unconditional run), and the copies
+    are the same data, not an ambiguity."""
+    rng = np.random.default_rng(13)
+    data = {"train": (rand_u8(rng, 10, 5, 5), rng.integers(0, 10, 10)),
+            "t10k": (rand_u8(rng, 4, 5, 5), np.array([1, 2, 3, 4]))}
+    for prefix, (x, y) in data.items():
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            name = f"{prefix}-{kind}-ubyte"
+            (tmp_path / name).mkdir()
+            write_idx(tmp_path / name / name, arr)
+            if with_flat_copies:
+                write_idx(tmp_path / name.replace("-idx", ".idx"), arr)
+    train, test = open_dataset(str(tmp_path), "train"), open_dataset(str(tmp_path), "test")
+    assert all_items(train)[1] == data["train"][1].tolist() and all_items(test)[1] == [1, 2, 3, 4]
+    assert train.num_classes == 10
+    one = open_dataset(str(tmp_path / "t10k-images-idx3-ubyte" / "t10k-images-idx3-ubyte"), "all")
+    assert all_items(one)[1] == [1, 2, 3, 4]
+
 # ---------------------------------------------------------------- downsampled ImageNet
 
 def _imagenet_batch(path, rng, n, side=4, lo=1):
