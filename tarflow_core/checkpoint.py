@@ -182,9 +182,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     else:
         state = read_reference_state(resolved)
         info = reference_info(state, resolved, patch_size=patch_size)
-    model = TarFlow(info.config)
-    _load_state(model, state, resolved)
-    return model.to(device).eval(), info
+    return _build(info.config, state, resolved).to(device).eval(), info
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> TarFlow:
@@ -237,9 +235,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _load_state(model: TarFlow, state: dict[str, torch.Tensor], source: Path) -> None:
-    _check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source)
-    model.load_state_dict(state)
+def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> TarFlow:
+    """The model of `cfg` holding the weights of `state` (as float32). Built on the meta device and
+    given the loaded tensors, so there is no random initialisation to throw away (seconds for a
+    published-size model) and no second copy of the weights in memory."""
+    _check_state(state_shapes(cfg), state, source)
+    with torch.device("meta"):
+        model = TarFlow(cfg)
+    model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, assign=True)
+    return model
 
 
 def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: Path) -> None:

@@ -63,6 +63,12 @@ class Layer(nn.Module):
         return h + self.mlp(h)
 
 
+def _small_normal(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 0.01^2) in place (the values of randn * 1e-2); nothing on the meta device, where a first
+    random draw costs seconds and a model is built only to receive loaded weights."""
+    return t if t.is_meta else t.normal_(0.0, 1e-2)
+
+
 class FlowBlock(nn.Module):
     """One autoregressive affine flow over the token sequence, in natural or reversed order."""
 
@@ -73,8 +79,8 @@ class FlowBlock(nn.Module):
         self.nvp = cfg.nvp
         self.token_dim = D
         self.proj_in = nn.Linear(D, W)
-        self.pos_embed = nn.Parameter(torch.randn(T, W) * 1e-2)
-        self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, W) * 1e-2) if cfg.num_classes else None
+        self.pos_embed = nn.Parameter(_small_normal(torch.empty(T, W)))
+        self.class_embed = nn.Parameter(_small_normal(torch.empty(cfg.num_classes, 1, W))) if cfg.num_classes else None
         self.attn_blocks = nn.ModuleList(Layer(W, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block))
         self.proj_out = nn.Linear(W, 2 * D if cfg.nvp else D)
         nn.init.zeros_(self.proj_out.weight)

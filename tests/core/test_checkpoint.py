@@ -352,3 +352,16 @@ def test_a_patch_size_for_a_native_checkpoint_must_be_the_one_it_records(tmp_pat
     for call in (load_checkpoint, read_info):
         with pytest.raises(CheckpointError, match="records patch size 2, not the 4 asked for"):
             call(path, patch_size=4)
+
+
+def test_loading_builds_no_random_weights(tmp_path):
+    """The weights are the loaded tensors (no initialisation thrown away, no second copy), so loading
+    leaves torch's random stream alone: `manual_seed; load_model; randn` draws what `manual_seed; randn` does."""
+    path = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float64, var=True))
+    torch.manual_seed(5)
+    model, _ = load_checkpoint(path)
+    drawn = torch.randn(4)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.randn(4))
+    assert all(p.dtype == torch.float32 and p.requires_grad and not p.is_meta for p in model.parameters())
+    assert model.var.dtype == torch.float32 and not model.var.is_meta
