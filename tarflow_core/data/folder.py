@@ -153,8 +153,17 @@ class FolderDataset(ImageDataset):
         class_names = {d: _class_names(d) for d in all_dirs}
         labelled = [bool(names) for names in class_names.values()]
         if any(labelled) and not all(labelled):
-            raise DataError(f"{root}: the train and test folders disagree: one has class "
-                            "sub-folders and the other does not")
+            # ImageNet as shipped: train/<class>/*.JPEG but val/*.JPEG flat (labels in a separate
+            # file). Training needs only train/; a test split without labels cannot be made.
+            train_dir, test_dir = split_dirs["train"], split_dirs["test"]
+            if not (self.split == "train" and class_names[train_dir]):
+                flat, other = (test_dir, train_dir) if class_names[train_dir] else (train_dir, test_dir)
+                raise DataError(f"{root}: {flat.name}/ holds images without class sub-folders but "
+                                f"{other.name}/ has them, so {flat.name}/'s images have no labels; sort them "
+                                f"into class folders, or give --data {train_dir} alone (a fixed fraction of "
+                                "it is then held out for testing)")
+            all_dirs = use_dirs = [train_dir]
+            class_names = {train_dir: class_names[train_dir]}
         files: list[Path] = []
         labels: list[int] = []
         unreadable: list[str] = []  # folders that could not be listed

@@ -309,3 +309,19 @@ def test_imagenet_batches_are_memory_mapped_not_copied(tmp_path):
     want = np.concatenate(parts)
     for i in (0, 399, 400, 801, 1199):
         assert np.array_equal(ds[i][0].numpy(), want[i]) and np.array_equal(arr[i][0].numpy(), want[i])
+
+
+def test_folder_imagenet_as_shipped_trains_from_train_and_explains_val(tmp_path):
+    """ILSVRC2012 unpacked: train/<wnid>/*.JPEG, but val/*.JPEG flat (labels in a CSV). The
+    train split must work; the test split cannot have labels and says what to do."""
+    rng = np.random.default_rng(14)
+    for wnid in ("n01440764", "n01443537"):
+        for k in range(3):
+            _png(tmp_path / "train" / wnid / f"{wnid}_{k}.png", rng)
+    for k in range(2):
+        _png(tmp_path / "val" / f"ILSVRC2012_val_{k:08d}.png", rng)
+    train = open_dataset(str(tmp_path), "train")
+    assert len(train) == 6 and train.class_names == ["n01440764", "n01443537"]
+    with pytest.raises(DataError, match=r"val/ holds images without class sub-folders but train/ has them.*"
+                                        r"give --data .*train alone"):
+        open_dataset(str(tmp_path), "test")
