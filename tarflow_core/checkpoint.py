@@ -265,8 +265,13 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
-    """A published-code `.pth` as a dict of tensors; refuses anything but plain tensors."""
-    problem = not_torch(file_head(path))
+    """A published-code `.pth` (or the same state dict saved as `.safetensors`, as model hubs hold
+    them) as a dict of tensors; refuses anything but plain tensors."""
+    head = file_head(path, 9)
+    if head is not None and len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        obj = _read_tensors(path)  # a safetensors header: an 8-byte length, then JSON
+        return _strip_state(obj, path)
+    problem = not_torch(head)
     if problem:
         raise CheckpointError(f"{path}: {problem}; expected a PyTorch state dict (.pth)")
     try:
@@ -282,7 +287,11 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
         raise CheckpointError(f"{path} is not a readable PyTorch state dict ({describe(e)})") from None
-    obj = _unwrap(obj, path)
+    return _strip_state(_unwrap(obj, path), path)
+
+
+def _strip_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Tensor names without DDP/compile wrapper prefixes, less the causal masks."""
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a TarFlow state dict (expected a dict of tensors)")
     state = {}

@@ -241,3 +241,19 @@ def test_conversion_to_native_keeps_the_function_var_and_noise(unpacked, tmp_pat
     assert torch.equal(model.var, load_checkpoint(unpacked / file)[0].var)
     with torch.no_grad():
         assert worst(model(exp["x"], exp.get("y"))[0], exp["f32/z"]) < TOL["f32"]["z"]
+
+
+def test_the_state_dict_saved_as_safetensors_loads_the_same(unpacked, tmp_path):
+    """Model hubs hold converted .pth files as .safetensors: same tensors, same name convention."""
+    from safetensors.torch import save_file
+
+    file = "mnist_model_4_64_3_1_0.10.pth"
+    state = torch.load(unpacked / file, weights_only=True)
+    path = tmp_path / "mnist_model_4_64_3_1_0.10.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model, info = load_checkpoint(path)
+    assert info.kind == "reference" and info.config == ModelConfig(**BY_FILE[file]["config"])
+    assert info.noise == {"type": "gaussian", "std": 0.1}
+    exp = expected_for(file)
+    with torch.no_grad():
+        assert worst(model(exp["x"], exp["y"])[0], exp["f32/z"]) < TOL["f32"]["z"]
