@@ -254,7 +254,11 @@ class ArrayDataset(ImageDataset):
                  flip: bool = False, skipped: int = 0):
         if not isinstance(images, (np.ndarray, ConcatImages)) or images.dtype != np.uint8:
             dtype = getattr(images, "dtype", type(images).__name__)
-            raise DataError(f"{name}: expected uint8 images (0..255), got dtype {dtype}")
+            kind = getattr(dtype, "kind", "")
+            hint = {"f": "; floats in [0, 1]? save (x * 255).round().astype(np.uint8)",
+                    "i": "; whole numbers in 0..255? save x.astype(np.uint8)",
+                    "u": "; 16-bit? save (x / 257).round().astype(np.uint8)"}.get(kind, "")
+            raise DataError(f"{name}: expected uint8 images (0..255), got dtype {dtype}{hint}")
         self.images = _layout_to_nchw(images, name)
         if labels is not None:
             labels = check_labels(labels, len(self.images), name)

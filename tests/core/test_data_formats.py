@@ -325,3 +325,11 @@ def test_folder_imagenet_as_shipped_trains_from_train_and_explains_val(tmp_path)
     with pytest.raises(DataError, match=r"val/ holds images without class sub-folders but train/ has them.*"
                                         r"give --data .*train alone"):
         open_dataset(str(tmp_path), "test")
+
+
+@pytest.mark.parametrize("dtype,hint", [(np.float32, r"\(x \* 255\).round\(\).astype\(np.uint8\)"),
+                                        (np.int16, r"x.astype\(np.uint8\)"), (np.uint16, r"\(x / 257\)")])
+def test_npy_not_uint8_says_how_to_convert(tmp_path, dtype, hint):
+    np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), dtype))
+    with pytest.raises(DataError, match=rf"x.npy: expected uint8 images \(0..255\), got dtype {np.dtype(dtype)}; .*{hint}"):
+        open_dataset(str(tmp_path / "x.npy"))
