@@ -35,6 +35,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
+RESUME_STATE_FILE = "train_state.pt"  # written beside a run's checkpoints by train.py
 # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}.pth`, also as the
 # copies downloads make of it: `... (1).pth`, `...-1.pth` (browsers) and `.pth.1` (wget)
 REFERENCE_NAME = re.compile(
@@ -145,8 +146,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if p.is_file():
-        if p.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE):
-            return p.parent
+        native_file = p.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE)
+        if native_file or (p.name == RESUME_STATE_FILE and (p.parent / MODEL_FILE).exists()):
+            return p.parent  # a file of a native checkpoint means that checkpoint
         return p
     if (p / MODEL_FILE).exists() or (p / CONFIG_FILE).exists() and not (p / CHECKPOINTS_DIR).is_dir():
         return p
@@ -312,7 +314,7 @@ def _unwrap(obj: Any, path: Path) -> Any:
     among the entries); the published trainer's optimizer file is named as such."""
     if not isinstance(obj, dict) or _is_state_dict(obj):
         return obj
-    if "optimizer" in obj and ("lr_schedule" in obj or "model" not in obj):
+    if "optimizer" in obj and "lr_schedule" in obj:
         model_file = path.name.replace("_opt_", "_model_") if "_opt_" in path.name else "{dataset}_model_....pth"
         raise CheckpointError(f"{path} holds the published trainer's optimizer state, not model weights; "
                               f"give its model file ({model_file})")

@@ -365,3 +365,14 @@ def test_loading_builds_no_random_weights(tmp_path):
     assert torch.equal(drawn, torch.randn(4))
     assert all(p.dtype == torch.float32 and p.requires_grad and not p.is_meta for p in model.parameters())
     assert model.var.dtype == torch.float32 and not model.var.is_meta
+
+
+def test_the_resume_state_file_means_its_checkpoint(tmp_path):
+    """--ckpt run/checkpoints/step-N/train_state.pt (tab-completed one file too far) is that checkpoint,
+    not a reference file 'holding optimizer state'."""
+    model = tiny_model(dtype=torch.float32)
+    path = save_checkpoint(tmp_path / "ck", model)
+    torch.save({"format": "tarflow-train-state", "optimizer": {"state": {}, "param_groups": []}, "step": 3},
+               path / "train_state.pt")
+    assert resolve_checkpoint(path / "train_state.pt") == path
+    assert load_checkpoint(path / "train_state.pt")[1].kind == "native"
