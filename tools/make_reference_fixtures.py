@@ -87,7 +87,8 @@ MODELS = [
         arch=dict(in_channels=3, img_size=4, patch_size=1, channels=64, num_blocks=1, layers_per_block=2,
                   nvp=True, num_classes=1000),
         labels=[0, 999, 500],
-        modes={"g0": {}, "g2_ab": dict(guidance=2.0), "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
+        modes={"g0": {}, "g2_ab": dict(guidance=2.0),
+               "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
                "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
                "g15_temp05_nolabel": dict(guidance=1.5, attn_temp=0.5, no_labels=True)},
         sigma=None),
@@ -190,8 +191,9 @@ def outputs(model, spec: dict, x: torch.Tensor, y, y_dropped, noise: torch.Tenso
             out.update(z_nolabel=z, logdets_nolabel=logdets)
         for mode, opts in spec["modes"].items():
             out[f"sample/{mode}"] = model.reverse(
-                noise.clone(), None if opts.get("no_labels") else y, guidance=opts.get("guidance", 0.0), guide_what=opts.get("guide_what", "ab"),
-                attn_temp=opts.get("attn_temp", 1.0), annealed_guidance=opts.get("annealed", False))
+                noise.clone(), None if opts.get("no_labels") else y, guidance=opts.get("guidance", 0.0),
+                guide_what=opts.get("guide_what", "ab"), attn_temp=opts.get("attn_temp", 1.0),
+                annealed_guidance=opts.get("annealed", False))
     xs = out["sample/g0"].clone().requires_grad_(True)
     sigma = spec["sigma"] or 0.1
     (grad,) = torch.autograd.grad(log_prob(model, xs, y)[0].sum(), xs)
@@ -260,7 +262,8 @@ def write(path: Path, data: bytes) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ref", type=Path, default=ROOT / "ref", help="folder holding the published transformer_flow.py")
+    parser.add_argument("--ref", type=Path, default=ROOT / "ref",
+                        help="folder holding the published transformer_flow.py")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the fixtures go")
     parser.add_argument("--seed", type=int, default=20250101)
     args = parser.parse_args()

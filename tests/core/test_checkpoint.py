@@ -241,7 +241,8 @@ def test_channels_and_patch_from_the_token_size_alone(tmp_path, channels, patch)
 ])
 def test_reference_shapes_that_fit_no_model_are_one_sentence(tmp_path, change, says):
     T, D, W = change.get("tokens", 9), change.get("token_dim", 4), change.get("width", 64)
-    state = {"var": torch.ones(T, D), "blocks.0.proj_in.weight": torch.zeros(W, D), "blocks.0.pos_embed": torch.zeros(T, W),
+    state = {"var": torch.ones(T, D), "blocks.0.proj_in.weight": torch.zeros(W, D),
+             "blocks.0.pos_embed": torch.zeros(T, W),
              "blocks.0.attn_blocks.0.mlp.main.0.weight": torch.zeros(4 * W, W),
              "blocks.0.proj_out.weight": torch.zeros(change.get("out", 2 * D), W)}
     state.pop(change.get("drop", ""), None)
