@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .base import (GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indices, normalize_split,
                    resize_center_crop, upright)
@@ -109,6 +109,7 @@ JPEG_END = b"\xff\xd9"
 
 
 def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
+    """(readable, size, Pillow mode); for an unreadable file the third item says why."""
     try:
         with open(path, "rb") as f:  # one open for the header check and, for JPEG, the tail
             with Image.open(f) as im:
@@ -120,8 +121,14 @@ def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
                     im.draft(im.mode, (1, 1))  # decode at 1/8 scale: enough to hit a truncation
                     im.load()
         return True, size, mode
-    except Exception:  # noqa: BLE001 - any failure means "unreadable"
-        return False, (0, 0), ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "unreadable"
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image file Pillow can read"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = str(exc).strip().split("\n")[0]
+        return False, (0, 0), reason or type(exc).__name__
 
 
 def _ends_like_jpeg(f) -> bool:
@@ -188,7 +195,8 @@ class FolderDataset(ImageDataset):
         self.skipped = len(files) - len(good) + len(unreadable)
         self.unreadable_dirs = unreadable
         if not good:
-            raise DataError(f"{root}: none of the {len(files)} image files could be read")
+            raise DataError(f"{root}: none of the {len(files)} image files could be read "
+                            f"(the first, {files[0]}: {probes[0][2]})")
         self.files = [files[i] for i in good]
         self.labels = np.asarray([labels[i] for i in good], dtype=np.int64)
         self.num_classes = len(self.class_names)

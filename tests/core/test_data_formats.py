@@ -333,3 +333,12 @@ def test_npy_not_uint8_says_how_to_convert(tmp_path, dtype, hint):
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), dtype))
     with pytest.raises(DataError, match=rf"x.npy: expected uint8 images \(0..255\), got dtype {np.dtype(dtype)}; .*{hint}"):
         open_dataset(str(tmp_path / "x.npy"))
+
+
+def test_folder_of_unreadable_files_says_why_for_one(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for k in range(2):
+        (tmp_path / "imgs" / f"{k}.jpg").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=r"none of the 2 image files could be read \(the first, .*0.jpg: "
+                                        r"not an image file Pillow can read\)"):
+        open_dataset(str(tmp_path / "imgs"))
