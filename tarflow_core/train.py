@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -602,10 +603,25 @@ class _Trainer:
                  "bad_steps": self.consecutive_bad, "world_size": self.d.world_size}
         with atomic_path(target / TRAIN_STATE_FILE) as tmp:
             torch.save(state, tmp)
-        if cfg.keep_checkpoints:
-            done = resumable_checkpoints(self.run_dir)
-            for _, old in done[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_checkpoints` resumable checkpoints; remove the older ones, also
+        those a killed process left half-written or half-removed, and the temporary folders of
+        saves that never finished (each as big as a checkpoint)."""
+        keep = self.cfg.keep_checkpoints
+        done = resumable_checkpoints(self.run_dir)
+        oldest_kept = done[-keep][0] if keep and len(done) >= keep else (done[0][0] if done else None)
+        for entry in (self.run_dir / CHECKPOINTS_DIR).iterdir():
+            m = re.fullmatch(r"step-(\d+)", entry.name)
+            if m:
+                stale = bool(keep) and oldest_kept is not None and int(m.group(1)) < oldest_kept
+            else:  # `.step-N.XXXX.tmp` / `.step-N.old-PID`: this process has no save in flight now
+                stale = re.fullmatch(r"\.step-\d+\..+", entry.name) is not None
+            if stale and entry.is_dir():
+                with contextlib.suppress(OSError):
+                    (entry / TRAIN_STATE_FILE).unlink(missing_ok=True)  # not resumable first, then gone
+                shutil.rmtree(entry, ignore_errors=True)
 
     def write_config(self) -> None:
         if not self.d.is_main:

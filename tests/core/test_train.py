@@ -286,6 +286,26 @@ def test_resuming_a_finished_run_keeps_its_checkpoint_and_tells_a_new_schedule(t
     assert len(notes) == 1 and "from 30 to 32 steps" in notes[0]["message"]
 
 
+def test_leftovers_of_a_killed_save_are_cleared_by_the_next_save(tiny_run, tmp_path):
+    """SIGKILL mid-save leaves a temporary folder (or a step folder without train_state.pt, or a
+    half-removed old one); resume uses the intact checkpoint and the next save clears them."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    ck = run / "checkpoints"
+    shutil.copytree(ck / "step-00000030", ck / ".step-00000040.k1ll3d.tmp")  # a save that never finished
+    shutil.copytree(ck / "step-00000010", ck / "step-00000005")             # half-removed: no train state
+    (ck / "step-00000005" / "train_state.pt").unlink()
+    shutil.copytree(ck / "step-00000030", ck / "step-00000031")             # killed before its train state
+    (ck / "step-00000031" / "train_state.pt").unlink()
+    result = train(load_run_config(run).replace(run_dir=str(run), max_steps=32, checkpoint_every=1,
+                                                keep_checkpoints=2), resume=True)
+    assert result.status == "finished" and result.step == 32
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000031", "step-00000032"]
+    assert [s for s, _ in resumable_checkpoints(run)] == [31, 32]
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(SetupError, match="no complete checkpoint"):
         train(tiny_cfg(tmp_path / "none"), resume=True)
