@@ -15,8 +15,10 @@ from tarflow_core.sampling import SamplingError
 
 from .io import InputError, WriteError
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# emoji off: a path or value like `cuda:x:` or `a:smile:.png` must print as typed, not as an emoji;
+# markup off on stdout: table cells hold file names, which may contain [brackets]
+err = Console(stderr=True, highlight=False, emoji=False)
+out = Console(highlight=False, soft_wrap=True, emoji=False, markup=False)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from tarflow_core import flow
 from tarflow_core.likelihood import classify as bayes_classify
@@ -131,7 +131,7 @@ def _emit(records: list[dict], fmt: str) -> None:
             w.writerow([r["index"], r["source"], f"{r['nll']:.6f}", f"{r['bpd']:.6f}"]
                        + ([r["pred"]] + [f"{v:.6f}" for v in r["log_probs"]] if k else []))
     else:
-        table = Table("index", "source", "nll", "bpd")
+        table = Table("index", Column("source", overflow="fold"), "nll", "bpd")  # fold: a path stays whole
         has_pred = bool(records) and "pred" in records[0]
         if has_pred:
             table.add_column("pred")

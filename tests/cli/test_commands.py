@@ -351,3 +351,15 @@ def test_every_command_takes_device_and_seed():
         r = run(command, "--help")
         assert r.exit_code == 0, command
         assert "--device" in r.stdout and "--seed" in r.stdout and "Example" in r.stdout, command
+
+
+def test_messages_and_tables_print_names_as_typed(cond_ckpt, tmp_path):
+    """Rich would turn `:x:` into an emoji and `[b]` into markup; names must come out verbatim."""
+    assert_user_error(run("sample", "-c", cond_ckpt, "--device", "cuda:x:", "--out", tmp_path / "o.png"), "--device cuda:x:")
+    assert_user_error(run("info", "-c", tmp_path / "run:smile:"), "run:smile:")
+    c = load_model(cond_ckpt).config
+    name = tmp_path / "a:smile:[b].png"
+    Image.fromarray(np.zeros((c.img_size, c.img_size), np.uint8)).save(name)
+    r = run("score", "-c", cond_ckpt, name, "--format", "table")
+    assert r.exit_code == 0, r.stderr
+    assert "a:smile:[b].png" in r.stdout
