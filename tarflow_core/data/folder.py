@@ -139,7 +139,31 @@ def _ends_like_jpeg(f) -> bool:
     return JPEG_END in f.read()
 
 
+_LAST_PROBED: list = [None, None, None]  # the last files probed, their stamps, what it gave
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
+    """``_probe`` of every file. Training opens the train and the test split of a folder one
+    after the other, and both list the same files when the test split is held out of them:
+    the second open reuses the first's checks (for files of unchanged size and time) instead
+    of reading every file again."""
+    stamps = [_stamp(f) for f in files]
+    if _LAST_PROBED[0] == files and _LAST_PROBED[1] == stamps:
+        return _LAST_PROBED[2]
+    probes = _probe_files(files)
+    _LAST_PROBED[:] = [list(files), stamps, probes]
+    return probes
+
+
+def _probe_files(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
     if len(files) < 64:
         return [_probe(f) for f in files]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:

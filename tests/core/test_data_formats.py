@@ -342,3 +342,21 @@ def test_folder_of_unreadable_files_says_why_for_one(tmp_path):
     with pytest.raises(DataError, match=r"none of the 2 image files could be read \(the first, .*0.jpg: "
                                         r"not an image file Pillow can read\)"):
         open_dataset(str(tmp_path / "imgs"))
+
+
+def test_folder_train_and_held_out_test_opened_together_read_each_file_once(tmp_path, monkeypatch):
+    """A run opens the train split, then the held-out test split, of the same files: checking
+    every file twice doubled the start-up reading of a large folder."""
+    import tarflow_core.data.folder as folder
+
+    rng = np.random.default_rng(15)
+    for k in range(6):
+        _png(tmp_path / "imgs" / f"{k}.png", rng)
+    probed = []
+    real = folder._probe
+    monkeypatch.setattr(folder, "_probe", lambda p: (probed.append(p.name), real(p))[1])
+    open_dataset(str(tmp_path / "imgs"), "train")
+    open_dataset(str(tmp_path / "imgs"), "test")
+    assert sorted(probed) == [f"{k}.png" for k in range(6)]
+    (tmp_path / "imgs" / "3.png").write_bytes(b"now broken")  # a changed file is checked again
+    assert open_dataset(str(tmp_path / "imgs"), "all").skipped == 1
