@@ -28,6 +28,7 @@ held-out fraction as the test split.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +140,7 @@ def _ends_like_jpeg(f) -> bool:
     return JPEG_END in f.read()
 
 
-_LAST_PROBED: list = [None, None, None]  # the last files probed, their stamps, what it gave
+_LAST_PROBED: dict = {}  # the last probe of a file list: its fingerprint and compact results
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -154,12 +155,16 @@ def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
     """``_probe`` of every file. Training opens the train and the test split of a folder one
     after the other, and both list the same files when the test split is held out of them:
     the second open reuses the first's checks (for files of unchanged size and time) instead
-    of reading every file again."""
-    stamps = [_stamp(f) for f in files]
-    if _LAST_PROBED[0] == files and _LAST_PROBED[1] == stamps:
-        return _LAST_PROBED[2]
+    of reading every file again. Only a fingerprint and compact results are kept."""
+    key = hash((tuple(map(str, files)), tuple(_stamp(f) for f in files)))
+    if _LAST_PROBED.get("key") == key:
+        ok, sizes, modes = _LAST_PROBED["ok"], _LAST_PROBED["sizes"], _LAST_PROBED["modes"]
+        return [(bool(o), (int(w), int(h)), m) for o, (w, h), m in zip(ok, sizes, modes)]
     probes = _probe_files(files)
-    _LAST_PROBED[:] = [list(files), stamps, probes]
+    _LAST_PROBED.clear()
+    _LAST_PROBED.update(key=key, ok=np.array([p[0] for p in probes], bool),
+                        sizes=np.array([p[1] for p in probes], np.int64).reshape(-1, 2),
+                        modes=[sys.intern(p[2]) for p in probes])
     return probes
 
 
