@@ -199,6 +199,10 @@ class ImageDataset(Dataset):
 
 def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     if images.ndim == 3:
+        if images.shape[-1] in (3, 4) and images.shape[1] > 4 * images.shape[-1]:
+            raise DataError(f"{source}: shape {images.shape} looks like one {images.shape[0]}x{images.shape[1]} "
+                            f"image with {images.shape[-1]} channels, not {images.shape[0]} grayscale images; "
+                            "expected a stack of images, NHWC, NCHW or NHW (add the first axis: x[None])")
         return images[:, None]
     if images.ndim != 4:
         raise DataError(f"{source}: expected images shaped NHWC, NCHW or NHW, got shape {images.shape}")

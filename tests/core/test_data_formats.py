@@ -360,3 +360,12 @@ def test_folder_train_and_held_out_test_opened_together_read_each_file_once(tmp_
     assert sorted(probed) == [f"{k}.png" for k in range(6)]
     (tmp_path / "imgs" / "3.png").write_bytes(b"now broken")  # a changed file is checked again
     assert open_dataset(str(tmp_path / "imgs"), "all").skipped == 1
+
+
+def test_npy_of_one_rgb_image_is_not_read_as_gray_slivers(tmp_path):
+    """np.save(one_image) of shape (32, 32, 3) would be 32 grayscale images 32 wide and 3 high."""
+    np.save(tmp_path / "one.npy", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match=r"looks like one 32x32 image with 3 channels.*x\[None\]"):
+        open_dataset(str(tmp_path / "one.npy"))
+    np.save(tmp_path / "gray.npy", np.zeros((5, 12, 10), np.uint8))  # ordinary NHW stays as it was
+    assert open_dataset(str(tmp_path / "gray.npy"), "all")[0][0].shape == (1, 10, 10)
