@@ -270,6 +270,7 @@ class _Trainer:
         self.resumed_from: str | None = None
         self.resume_note: str | None = None
         self.schedule_note: str | None = None
+        self.settings_note: str | None = None
         if self.resume:
             self._load_state()
 
@@ -414,6 +415,17 @@ class _Trainer:
             self.schedule_note = (f"the run length changed from {int(saved_total)} to {self.total_steps} steps: the "
                                   f"learning-rate schedule is recomputed for the new length (lr {self._lr_now(saved_total):.3g} "
                                   f"-> {self._lr_now(self.total_steps):.3g} at step {self.step}), so the run does "
+                                  "not continue exactly as it would have")
+        try:
+            import json
+
+            saved_cfg = json.loads((ckpt / CONFIG_FILE).read_text()).get("training") or {}
+        except (OSError, ValueError, AttributeError):
+            saved_cfg = {}
+        changed = [f"--{k.replace('_', '-')} {saved_cfg[k]} -> {getattr(self.cfg, k)}"
+                   for k in ("lr", "min_lr", "grad_clip") if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        if changed:
+            self.settings_note = (f"resumed with changed optimisation settings ({', '.join(changed)}): the run does "
                                   "not continue exactly as it would have")
         saved_world = int(state.get("world_size", self.d.world_size))
         if saved_world != self.d.world_size:
@@ -674,6 +686,8 @@ class _Trainer:
             self.emit("warning", self.step, message=self.resume_note, reason="world_size")
         if self.schedule_note:
             self.emit("warning", self.step, message=self.schedule_note, reason="schedule")
+        if self.settings_note:
+            self.emit("warning", self.step, message=self.settings_note, reason="settings")
         self.late_skips_reported = 0
         self.acc = torch.zeros(5, device=self.device)
         self.bad_in_interval = torch.zeros((), device=self.device)
@@ -710,7 +724,7 @@ class _Trainer:
                     t_mark, steps_mark, side_time = time.perf_counter(), self.step, 0.0
                 if self.consecutive_bad >= cfg.max_bad_steps:
                     reason = (f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
-                              f"(last at step {self.step}); lower --lr or add --grad-clip")
+                              f"(last at step {self.step}); {self._after_divergence()}")
                     return self._finish("failed", reason, save=False)
                 t0 = time.perf_counter()
                 if self._due(cfg.eval_every) or (last and cfg.eval_every):
@@ -729,6 +743,21 @@ class _Trainer:
                     if self.step > steps_mark:  # the partial interval's numbers, so even a short run has some
                         self.log(self.step - steps_mark, time.perf_counter() - t_mark - side_time)
                     return self._finish("interrupted", "stopped by the user")
+
+    def _after_divergence(self) -> str:
+        """What is kept after a run of non-finite steps, and how to go on from it."""
+        remedy = "a lower --lr or a --grad-clip"
+        saved = resumable_checkpoints(self.run_dir) if self.d.is_main else []
+        if not saved:
+            return f"no checkpoint was saved: start again with {remedy}"
+        step, path = saved[-1]
+        first_bad = self.step - self.consecutive_bad + 1
+        if step == first_bad - 1:  # its weights are the ones every later step failed on
+            older = (f"remove {path} to resume from step {saved[-2][0]}" if len(saved) > 1
+                     else "no earlier checkpoint is left: start again")
+            return (f"the newest checkpoint (step {step}) holds the weights those steps failed on; "
+                    f"{older} with {remedy}")
+        return f"the last good checkpoint (step {step}) is kept: resume with --resume {self.run_dir} and {remedy}"
 
     def _report_late_skips(self) -> None:
         """A `warning` for image files that passed the up-front check but failed to decode (each

@@ -19,9 +19,10 @@ from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise,
 
 UI_CHOICES = ("tui", "rich", "plain")
 # Settings that may change when a run is resumed (the rest would change the model or the data order).
+# The learning rate and clipping may change too: the remedy when a run stopped on non-finite steps.
 RESUME_CHANGEABLE = {"max_steps", "epochs", "log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "num_samples", "eval_images", "max_bad_steps", "device", "workers",
-                     "compile", "precision"}
+                     "compile", "precision", "lr", "min_lr", "grad_clip"}
 
 EXAMPLES = """
 Examples:
@@ -88,7 +89,7 @@ def train(
     seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed")] = None,
     device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
     run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
-    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --device, --workers, --precision and --compile may change.", "--resume")] = None,
+    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile may change.", "--resume")] = None,
     ui: Annotated[Optional[str], _opt("tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).", "--ui")] = None,
 ) -> None:
     """Train a TarFlow model; prints the run directory on stdout when done.

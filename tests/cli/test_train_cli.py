@@ -96,13 +96,17 @@ def test_resume_rules(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert_user_error(run("--resume", tmp_path / "run", "--width", "64"), "--width", "cannot change")
     # what may change is told, and a different preset is not silently ignored
-    assert_user_error(run("--resume", tmp_path / "run", "--lr", "1e-3"), "--lr", "what may change: ", "--max-steps")
+    assert_user_error(run("--resume", tmp_path / "run", "--seed", "3"), "--seed", "what may change: ", "--max-steps")
     assert_user_error(run("--resume", tmp_path / "run", "--preset", "mnist"), "--preset", "cannot change")
     assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "already holds a run", "--resume")
     r = run("--resume", tmp_path / "run", "--max-steps", "4", "--ui", "plain")
     assert r.exit_code == 0, r.stderr
     ends = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["kind"] == "end"]
     assert [(e["step"], e["status"]) for e in ends] == [(2, "finished"), (4, "finished")]
+    # the remedies for a diverged run may change on resume, and the change is told
+    r = run("--resume", tmp_path / "run", "--max-steps", "5", "--lr", "1e-3", "--grad-clip", "1", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    assert "changed optimisation settings (--lr 0.002 -> 0.001, --grad-clip None -> 1.0)" in r.stderr
 
 
 def test_full_disk_is_a_runtime_error(tmp_path, monkeypatch):

@@ -383,6 +383,27 @@ def test_repeated_nonfinite_steps_fail_keeping_last_good_checkpoint(tmp_path):
     assert [s for s, _ in resumable_checkpoints(tmp_path / "every")] == [10, 11, 12]
 
 
+def test_divergence_right_after_a_checkpoint_points_past_it(tmp_path):
+    """Weights that turn every later step non-finite (e.g. --lr far too high): the checkpoint
+    saved just before the streak holds them, so the message names the one before it, and a
+    resume from there with a lower --lr runs on (the change told in a warning)."""
+    def hook(step, x, y):
+        return (x + float("inf"), y) if step >= 10 else (x, y)
+
+    cfg = tiny_cfg(tmp_path / "run", max_steps=40, checkpoint_every=5, eval_every=0, sample_every=0)
+    result = train(cfg, batch_hook=hook)
+    assert result.status == "failed" and result.step == 15
+    assert "newest checkpoint (step 10) holds the weights" in result.reason
+    assert f"remove {tmp_path / 'run' / 'checkpoints' / 'step-00000010'} to resume from step 5" in result.reason
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000010")
+    seen = []
+    again = train(cfg.replace(max_steps=8, lr=1e-3), resume=True, emit=seen.append)
+    assert again.status == "finished" and again.step == 8
+    assert any(e["kind"] == "warning" and "--lr 0.003 -> 0.001" in e["message"] for e in seen)
+
+
 def test_data_that_vanishes_mid_run_fails_cleanly_and_keeps_the_progress(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
