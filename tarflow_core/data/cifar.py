@@ -93,16 +93,27 @@ def safe_load_pickle(path: str | os.PathLike) -> dict[str, object]:
     return {(k.decode("latin-1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
-def find_cifar(path: Path) -> tuple[Path, dict] | None:
-    """The CIFAR batch folder at ``path`` (or in it) and its layout, or None."""
-    for root in (path, path / CIFAR10["dir"], path / CIFAR100["dir"]):
-        if not root.is_dir():
-            continue
-        if any((root / f).is_file() for f in CIFAR10["train"] + CIFAR10["test"]):
-            return root, CIFAR10
-        if any((root / f).is_file() for f in CIFAR100["train"] + CIFAR100["test"]) and (root / "meta").is_file():
-            return root, CIFAR100
+def _layout_at(root: Path) -> dict | None:
+    if not root.is_dir():
+        return None
+    if any((root / f).is_file() for f in CIFAR10["train"] + CIFAR10["test"]):
+        return CIFAR10
+    if any((root / f).is_file() for f in CIFAR100["train"] + CIFAR100["test"]) and (root / "meta").is_file():
+        return CIFAR100
     return None
+
+
+def find_cifar(path: Path) -> tuple[Path, dict] | None:
+    """The CIFAR batch folder at ``path`` (or in it) and its layout, or None. A folder holding
+    both ``cifar-10-batches-py`` and ``cifar-100-python`` is ambiguous (:class:`DataError`)."""
+    layout = _layout_at(path)
+    if layout is not None:
+        return path, layout
+    found = [(path / lay["dir"], lay) for lay in (CIFAR10, CIFAR100) if _layout_at(path / lay["dir"]) is lay]
+    if len(found) > 1:
+        raise DataError(f"{path} holds both {CIFAR10['dir']} and {CIFAR100['dir']}; give the one to use "
+                        f"(--data {found[0][0]} or --data {found[1][0]})")
+    return found[0] if found else None
 
 
 def _read_batch(path: Path, layout: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,24 @@ def detect_kind(spec: str) -> str:
     raise DataError(f"data source {spec} is not a recognised file type (expected {EXPECTED})")
 
 
+OTHER_VERSIONS = (  # (a file that shows it, what it is, what to get instead)
+    ("data_batch_1.bin", "the binary version of CIFAR-10", "the python version (cifar-10-python.tar.gz)"),
+    ("train.bin", "the binary version of CIFAR-100", "the python version (cifar-100-python.tar.gz)"),
+    ("train_data_batch_1", "the pickled version of downsampled ImageNet",
+     "its npz version (Imagenet32_train_npz.zip, ...)"),
+    ("val_data", "the pickled version of downsampled ImageNet", "its npz version (Imagenet32_val_npz.zip, ...)"),
+)
+
+
+def _refuse_other_versions(path: Path) -> None:
+    """For a folder without images: formats of the public data sets that are not read, named
+    with what to use instead (rather than "no images found")."""
+    for name, what, instead in OTHER_VERSIONS:
+        for place in (path, *(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))):
+            if (place / name).is_file():
+                raise DataError(f"{place / name} is {what}, which is not read; use {instead}")
+
+
 def open_dataset(spec: str = "digits", split: str = "train", image_size: int | None = None,
                  channels: int | None = None, flip: bool = False) -> ImageDataset:
     """Open a data source (see ``SPEC.md`` "Data sources") as an :class:`ImageDataset`.
@@ -70,7 +88,12 @@ def open_dataset(spec: str = "digits", split: str = "train", image_size: int | N
         path = Path(spec).expanduser()
         opener = {"cifar": open_cifar, "imagenet-npz": open_imagenet_batches, "idx": open_idx,
                   "folder": FolderDataset, "array": open_array_file}[kind]
-        return opener(path, **kwargs)
+        try:
+            return opener(path, **kwargs)
+        except DataError:
+            if kind == "folder":
+                _refuse_other_versions(path)
+            raise
     except OSError as e:  # e.g. a folder without read permission: a bad source, not a crash
         where = "" if e.filename in (None, spec) else f": {e.filename}"
         raise DataError(f"data source {spec}{where} cannot be read ({e.strerror or e})") from None

@@ -369,3 +369,30 @@ def test_npy_of_one_rgb_image_is_not_read_as_gray_slivers(tmp_path):
         open_dataset(str(tmp_path / "one.npy"))
     np.save(tmp_path / "gray.npy", np.zeros((5, 12, 10), np.uint8))  # ordinary NHW stays as it was
     assert open_dataset(str(tmp_path / "gray.npy"), "all")[0][0].shape == (1, 10, 10)
+
+
+def test_cifar_10_and_100_side_by_side_is_ambiguous(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(16)
+    c10, c100 = tmp_path / "cifar-10-batches-py", tmp_path / "cifar-100-python"
+    c10.mkdir()
+    c100.mkdir()
+    with open(c10 / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": rand_u8(rng, 2, 3072), b"labels": [0, 1]}, f, protocol=2)
+    for name in ("train", "meta"):
+        with open(c100 / name, "wb") as f:
+            pickle.dump({b"data": rand_u8(rng, 2, 3072), b"fine_labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(DataError, match="holds both cifar-10-batches-py and cifar-100-python; give the one"):
+        open_dataset(str(tmp_path))  # it silently took CIFAR-10
+    assert open_dataset(str(c100)).num_classes == 100
+
+
+@pytest.mark.parametrize("folder,name,what", [("cifar-10-batches-bin", "data_batch_1.bin", "binary version of CIFAR-10"),
+                                              ("Imagenet32_train", "train_data_batch_1", "pickled version of downsampled")])
+def test_versions_not_read_are_named(tmp_path, folder, name, what):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / name).write_bytes(b"\0" * 64)
+    for spec in (tmp_path, tmp_path / folder):
+        with pytest.raises(DataError, match=f"{name} is the {what}.*which is not read; use"):
+            open_dataset(str(spec))
