@@ -37,11 +37,19 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def error(message: str) -> None:
     """One line on stderr: `error: message`."""
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+    _say(f"[bold red]error:[/] {escape(message)}", markup=True)
 
 
 def info(message: str) -> None:
-    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    _say(message, markup=False)
+
+
+def _say(text: str, markup: bool) -> None:
+    """Print on stderr; a closed or unwritable stderr (`2>&-`) loses the message, not the run."""
+    try:
+        err.print(text, markup=markup, highlight=False, soft_wrap=True)
+    except (OSError, ValueError):  # ValueError: a closed file object
+        pass
 
 
 @contextlib.contextmanager
@@ -54,7 +62,7 @@ def user_errors() -> Iterator[None]:
     except (SamplingError, WriteError) as e:
         fail(str(e), EXIT_FAILURE)
     except KeyboardInterrupt:
-        err.print("interrupted", highlight=False)
+        info("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # e.g. `tarflow score ... | head`
         with contextlib.suppress(Exception):
@@ -63,7 +71,15 @@ def user_errors() -> Iterator[None]:
 
 
 def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
+def require_stdout(command: str) -> None:
+    """Refuse, before any work, to run a command whose results go to stdout when stdout is closed
+    (`tarflow score ... >&-`: Python then has no sys.stdout at all)."""
+    if sys.stdout is None:
+        raise UsageError(f"stdout is closed, and {command} writes its results there; "
+                         "redirect it to a file (> FILE) or to /dev/null instead")
 
 
 def stderr_is_terminal() -> bool:

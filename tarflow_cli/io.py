@@ -286,6 +286,8 @@ def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
     a terminal. (An existing folder is the folder form, with or without the trailing /.)"""
     out = str(out)
     if out == "-":
+        if sys.stdout is None and stdout_is_tty is None:  # `... --out - >&-`
+            raise InputError("--out -: stdout is closed; give a file, or pipe stdout into a command")
         if stdout_is_tty if stdout_is_tty is not None else sys.stdout.isatty():
             raise InputError("--out -: stdout is a terminal; pipe it into a command (e.g. `| tarflow score ... -`) "
                              "or give a file")

@@ -20,7 +20,7 @@ from tarflow_core.metrics.common import ordered_batches
 from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MODES, WEIGHTS_FILENAME
 from tarflow_core.sampling import resolve_precision
 
-from ..console import UsageError, info, user_errors
+from ..console import UsageError, info, require_stdout, user_errors
 from ..io import strict_json
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
                      CheckEveryOpt, CudaGraphsOpt, GuidanceOpt, GuideWhatOpt, PatchOpt, PrecisionOpt, SamplerOpt, SeedOpt,
@@ -82,6 +82,7 @@ def eval_cmd(
       tarflow eval --ckpt in64.pth --data imagenet64/ --split test --metrics fid --guidance 1.5 --fid-stats in64-val.npz
     """
     with user_errors():
+        require_stdout("eval")
         try:
             result = _evaluate(**locals())
         except (DataError, StatsError, InceptionWeightsError, SampleCacheError) as e:

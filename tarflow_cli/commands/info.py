@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tarflow_core.checkpoint import read_info
 
-from ..console import out, user_errors
+from ..console import out, require_stdout, user_errors
 from .common import CkptOpt, PatchOpt
 
 
@@ -30,6 +30,7 @@ def info(
       tarflow info --ckpt afhq_model_8_768_8_8_0.07.pth --json
     """
     with user_errors():
+        require_stdout("info")
         ck = read_info(ckpt, patch_size=patch_size)
         cfg = ck.config
         noise = ck.noise or {}

@@ -15,7 +15,7 @@ from tarflow_core import flow
 from tarflow_core.likelihood import classify as bayes_classify
 from tarflow_core.likelihood import nll as model_nll
 
-from ..console import UsageError, info, out, stdout_is_terminal, user_errors
+from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, user_errors
 from ..io import read_inputs, strict_json
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, load,
                      resolve_device, resolve_labels)
@@ -49,6 +49,7 @@ def score(
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny - --format csv
     """
     with user_errors():
+        require_stdout("score")
         fmt = fmt or ("table" if stdout_is_terminal() else "jsonl")
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
