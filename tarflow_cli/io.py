@@ -285,6 +285,8 @@ def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
     folder form naming a file, a location under a file or not writable, or raw array bytes to
     a terminal. (An existing folder is the folder form, with or without the trailing /.)"""
     out = str(out)
+    if not out.strip():  # e.g. `--out "$OUT"` with OUT unset: not the current folder
+        raise InputError(f"--out {out!r} is empty; expected {_OUT_FORMS}")
     if out == "-":
         if sys.stdout is None and stdout_is_tty is None:  # `... --out - >&-`
             raise InputError("--out -: stdout is closed; give a file, or pipe stdout into a command")

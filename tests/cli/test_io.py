@@ -342,3 +342,14 @@ def test_missing_labels_file_is_one_plain_sentence(tmp_path):
     with pytest.raises(InputError, match="could not read labels .*nope.npy: No such file or directory") as err:
         read_labels(str(tmp_path / "nope.npy"))
     assert "Errno" not in str(err.value) and "FileNotFoundError" not in str(err.value)
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):
+    """`--out "$OUT"` with OUT unset used to write 000000.png ... into the current folder."""
+    from tarflow_cli.io import check_output
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(InputError, match="is empty"):
+            check_output(empty, stdout_is_tty=False)
+    assert list(tmp_path.iterdir()) == []
