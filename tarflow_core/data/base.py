@@ -106,10 +106,11 @@ def upright(img: Image.Image) -> Image.Image:
     """The image as viewers show it: turned by its EXIF orientation tag (camera and phone
     JPEGs store the sensor's pixels and say how to rotate them), unchanged when it has none."""
     try:
-        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: show the pixels as stored
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
         return img
-    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
