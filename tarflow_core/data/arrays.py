@@ -20,8 +20,9 @@
 Arrays are loaded with ``allow_pickle=False``; a ``.npy`` file, and an image array stored
 uncompressed in an ``.npz`` (``np.savez``, as the ImageNet batches are), are memory-mapped
 rather than read into memory, and batches are not concatenated (:class:`ConcatImages`), so
-ImageNet 64 takes no more memory than the page cache shares among all training processes. If ``image_size`` or ``channels`` differ
-from the array, each image is converted when read (resize shorter side + center crop).
+ImageNet 64 takes no more memory than the page cache shares among all training processes.
+If ``image_size`` or ``channels`` differ from the array, each image is converted when read
+(resize shorter side + center crop).
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ SPLIT_KEYS = (  # arrays saved with their own split: split -> (images key, label
 def _open_npy(path: Path, mapped: bool = False):
     """``np.load`` without pickles; ``mapped``: a plain .npy comes back memory-mapped (read-only),
     so a large file is read as it is used and shared by every process that trains on it."""
-    problem = not_numpy(file_head(path))
+    head = file_head(path)
+    problem = not_numpy(head)
     if problem:
         raise DataError(f"{path}: {problem}")
-    if mapped and file_head(path).startswith(b"\x93NUMPY"):
+    if mapped and head is not None and head.startswith(b"\x93NUMPY"):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             if arr.dtype == np.uint8:
