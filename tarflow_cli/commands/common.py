@@ -33,8 +33,8 @@ GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", parser=finite_fl
 GuideWhatOpt = Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")]
 AttnTempOpt = Annotated[float, typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass.")]
 AnnealedOpt = Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")]
-DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian noise].", show_default=False)]
-DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising \\[default: the checkpoint's].", show_default=False)]
+DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian noise, or when --denoise-sigma is given].", show_default=False)]
+DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising (turns the step on) \\[default: the checkpoint's].", show_default=False)]
 DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", parser=FINITE, help="Multiplier on the denoising step.")]
 SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
 SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) \\[default: measured].", show_default=False)]
@@ -82,12 +82,21 @@ def parse_segments(text: str | None, blocks: int, tokens: int, sampler: str) -> 
 
 
 def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | None, *, flag: str = "--denoise",
-                  option: str = "--denoise-sigma") -> float | None:
-    """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints).
-    `flag` and `option` name the command's switch and sigma option in messages."""
+                  option: str = "--denoise-sigma", lr_scale: float = 1.0,
+                  lr_option: str = "--denoise-lr-scale") -> float | None:
+    """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints,
+    and whenever a sigma is given). `flag` and `option` name the command's switch and sigma option in
+    messages; a sigma or step scale given with the step off is refused rather than ignored."""
+    explicit_off = denoise is False
     if denoise is None:
-        denoise = info.noise_std is not None
+        denoise = info.noise_std is not None or sigma is not None
     if not denoise:
+        if sigma is not None:
+            raise UsageError(f"{option} {sigma}: given with --no-{flag.lstrip('-')}; drop one of them")
+        if lr_scale != 1.0:
+            raise UsageError(f"{lr_option} {lr_scale}: given with --no-{flag.lstrip('-')}; drop one of them" if explicit_off
+                             else f"{lr_option} {lr_scale}: checkpoint {info.path} was not trained with Gaussian noise, "
+                                  f"so sampling does not denoise; give {option} SIGMA to add the step")
         return None
     sigma = sigma if sigma is not None else info.noise_std
     if sigma is None:

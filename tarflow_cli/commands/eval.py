@@ -141,7 +141,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     # FID set-up first, so a bad cache, missing weights or a bad statistics file fail before any long work.
     inception = ref = cache = None
     if "fid" in wanted:
-        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
+        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma, lr_scale=denoise_lr_scale)
         options = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed,
                        sampler=sampler, segments=parse_segments(segments, cfg.num_blocks, cfg.num_patches, sampler), tol=tol,
                        check_every=check_every, precision=resolve_precision(precision, dev))

@@ -73,7 +73,7 @@ def sample(
             raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
         n = len(prior_noise) if prior_noise is not None else (num or 64)
         y = resolve_labels(ck, n, class_=class_, labels_path=labels)
-        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma)
+        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma, lr_scale=denoise_lr_scale)
         settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
         if verbose:
             info(f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "

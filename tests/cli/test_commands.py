@@ -363,3 +363,17 @@ def test_messages_and_tables_print_names_as_typed(cond_ckpt, tmp_path):
     r = run("score", "-c", cond_ckpt, name, "--format", "table")
     assert r.exit_code == 0, r.stderr
     assert "a:smile:[b].png" in r.stdout
+
+
+def test_a_denoise_sigma_turns_the_step_on_and_is_never_ignored(uncond_ckpt, cond_ckpt, tmp_path):
+    """A uniform-noise checkpoint does not denoise by default; --denoise-sigma used to be dropped silently."""
+    noise = torch.randn(3, 4, 4)
+    np.save(tmp_path / "n.npy", noise.numpy())
+    r = run("sample", "-c", uncond_ckpt, "--noise", tmp_path / "n.npy", "--denoise-sigma", 0.2, "--out", tmp_path / "d.npy")
+    assert r.exit_code == 0, r.stderr
+    model = load_model(uncond_ckpt)
+    want = denoise(model, model.sample(noise), None, sigma=0.2)
+    assert np.allclose(np.load(tmp_path / "d.npy"), want.numpy(), atol=1e-5)
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-sigma", 0.2), "--denoise-sigma 0.2", "--no-denoise")
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-lr-scale", 2), "--denoise-lr-scale 2")
+    assert_user_error(run("sample", "-c", uncond_ckpt, "-n", 1, "--denoise-lr-scale", 2), "--denoise-lr-scale 2", "--denoise-sigma")
