@@ -216,7 +216,8 @@ class FolderDataset(ImageDataset):
             labels = [-1] * len(files)
         if not files:
             where = ", ".join(str(d) for d in use_dirs)
-            denied = f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}" if unreadable else ""
+            denied = (f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}"
+                      if unreadable else "")
             raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))} "
                             f"files in class sub-folders or directly in the folder{denied})")
         probes = _probe_all(files)

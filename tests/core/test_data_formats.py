@@ -131,7 +131,8 @@ def test_folder_exif_rotated_jpeg_is_used_upright(tmp_path):
     Image.fromarray(stored).save(tmp_path / "photos" / "IMG_0002.JPG", quality=95)  # no tag: as stored
     ds = open_dataset(str(tmp_path / "photos"), "all", image_size=16)
     turned, plain = ds[0][0].float().mean(0), ds[1][0].float().mean(0)
-    assert turned[:6].min() > 200 and turned[-6:].max() < 50  # top white, bottom black (8 of 32 rows cropped off each end)
+    # upright: 16 wide, 32 high, white on top; the crop keeps rows 8..23
+    assert turned[:6].min() > 200 and turned[-6:].max() < 50
     assert plain[:, :6].min() > 200 and plain[:, -6:].max() < 50  # left white, right black
 
 
@@ -331,7 +332,8 @@ def test_folder_imagenet_as_shipped_trains_from_train_and_explains_val(tmp_path)
                                         (np.int16, r"x.astype\(np.uint8\)"), (np.uint16, r"\(x / 257\)")])
 def test_npy_not_uint8_says_how_to_convert(tmp_path, dtype, hint):
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), dtype))
-    with pytest.raises(DataError, match=rf"x.npy: expected uint8 images \(0..255\), got dtype {np.dtype(dtype)}; .*{hint}"):
+    want = rf"x.npy: expected uint8 images \(0..255\), got dtype {np.dtype(dtype)}; .*{hint}"
+    with pytest.raises(DataError, match=want):
         open_dataset(str(tmp_path / "x.npy"))
 
 
@@ -388,8 +390,10 @@ def test_cifar_10_and_100_side_by_side_is_ambiguous(tmp_path):
     assert open_dataset(str(c100)).num_classes == 100
 
 
-@pytest.mark.parametrize("folder,name,what", [("cifar-10-batches-bin", "data_batch_1.bin", "binary version of CIFAR-10"),
-                                              ("Imagenet32_train", "train_data_batch_1", "pickled version of downsampled")])
+@pytest.mark.parametrize("folder,name,what", [
+    ("cifar-10-batches-bin", "data_batch_1.bin", "binary version of CIFAR-10"),
+    ("Imagenet32_train", "train_data_batch_1", "pickled version of downsampled"),
+])
 def test_versions_not_read_are_named(tmp_path, folder, name, what):
     (tmp_path / folder).mkdir()
     (tmp_path / folder / name).write_bytes(b"\0" * 64)
