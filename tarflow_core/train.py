@@ -798,6 +798,15 @@ class _Trainer:
             self.sink.close()
 
 
+def _is_peer_failure(e: RuntimeError) -> bool:
+    """A collective that failed because another rank died or hung (gloo/NCCL), not a bug here."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistError", ())):
+        return True
+    return re.search(r"gloo|nccl|connection (reset|closed|refused)|peer|timed out", str(e), re.I) is not None
+
+
 def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: StopLike = None, *,
           resume: bool = False, batch_hook: BatchHook | None = None) -> TrainResult:
     """Run (or with `resume`, continue) the training run `cfg` describes.
@@ -841,6 +850,19 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
         except KeyboardInterrupt:
             trainer.emit_end("interrupted", "aborted mid-step (no checkpoint saved)")
             raise
+        except RuntimeError as e:
+            if not (d.distributed and _is_peer_failure(e)):
+                trainer.emit_end("failed", f"{type(e).__name__}: {e}")
+                raise
+            first = re.sub(r"^\[[^]]*\] ", "", (str(e).strip().splitlines() or [""])[0])  # gloo's source location
+            first = first.split(". ")[0][:160]
+            last = trainer.last_checkpoint
+            kept = f"the last checkpoint ({last.name}) is kept" if last is not None else "no checkpoint was saved"
+            reason = (f"another process of the distributed run failed or lost its connection at step "
+                      f"{trainer.step} ({first}); {kept}")
+            with contextlib.suppress(OSError):
+                trainer.emit_end("failed", reason)
+            return TrainResult("failed", trainer.step, trainer.run_dir, reason, trainer.last_checkpoint)
         except BaseException as e:
             trainer.emit_end("failed", f"{type(e).__name__}: {e}")
             raise

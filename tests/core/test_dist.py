@@ -137,3 +137,41 @@ def test_torchrun_cli_two_processes(tmp_path):
     ev = list(read_events(tmp_path / "run" / "events.jsonl"))
     notes = [e for e in ev if e["kind"] == "warning" and e.get("reason") == "world_size"]
     assert notes and "resumed with 1 process(es) where the run used 2" in notes[0]["message"]
+
+
+def _dying_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import tarflow_core.train as T
+
+    def hook(step, x, y):
+        if rank == 1 and step == 5:
+            os._exit(9)  # a crash: no clean-up, the connection just drops
+        return x, y
+
+    result = T.train(TrainConfig.from_dict(cfg_dict), batch_hook=hook)
+    torch.save({"status": result.status, "step": result.step, "reason": result.reason}, Path(out) / f"rank{rank}.pt")
+
+
+def test_a_rank_that_dies_ends_the_run_cleanly_on_rank_0(tmp_path):
+    """Rank 1 dies mid-run: rank 0 does not hang or raise a gloo traceback; it ends the run
+    "failed" with a reason that says what happened, and the last checkpoint stays."""
+    cfg = cfg_for(tmp_path / "run", max_steps=40, log_every=1, checkpoint_every=4, eval_every=0, sample_every=0)
+    ctx = mp.start_processes(_dying_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    ctx.processes[0].join(timeout=120)
+    alive = ctx.processes[0].is_alive()
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    assert not alive, "rank 0 hung after rank 1 died"
+    assert ctx.processes[0].exitcode == 0
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert result["status"] == "failed" and "another process of the distributed run failed" in result["reason"]
+    end = list(read_events(tmp_path / "run" / "events.jsonl"))[-1]
+    assert end["kind"] == "end" and end["status"] == "failed" and end["reason"] == result["reason"]
+    assert "step-00000004" in end["reason"]
+    from tarflow_core.train import resumable_checkpoints
+
+    assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [4]
