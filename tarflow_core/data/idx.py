@@ -89,7 +89,8 @@ def find_idx_images(root: Path, depth: int = 2) -> list[Path]:
     for pattern in patterns:
         for p in sorted(root.glob(pattern)):
             m = IMAGES_RE.match(p.name)
-            if m and p.is_file():
+            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)  # ._* from macOS, .git
+            if m and not hidden and p.is_file():
                 key = (_home(p), m.group("prefix").lower())
                 if key not in found or (IMAGES_RE.match(found[key].name).group("gz") and not m.group("gz")):
                     found[key] = p

@@ -71,6 +71,15 @@ def test_idx_kaggle_layout_folder_per_file(tmp_path, with_flat_copies):
     one = open_dataset(str(tmp_path / "t10k-images-idx3-ubyte" / "t10k-images-idx3-ubyte"), "all")
     assert all_items(one)[1] == [1, 2, 3, 4]
 
+
+def test_idx_macos_resource_forks_ignored(tmp_path):
+    """A folder zipped on a Mac unpacks with ._train-images-idx3-ubyte beside each file."""
+    rng = np.random.default_rng(17)
+    for prefix, n in (("train", 6), ("t10k", 2)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rand_u8(rng, n, 4, 4))
+        (tmp_path / f"._{prefix}-images-idx3-ubyte").write_bytes(b"\0\x05\x16\x07" + bytes(60))
+    assert len(open_dataset(str(tmp_path), "train")) == 6 and len(open_dataset(str(tmp_path), "test")) == 2
+
 # ---------------------------------------------------------------- downsampled ImageNet
 
 def _imagenet_batch(path, rng, n, side=4, lo=1):
