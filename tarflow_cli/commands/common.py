@@ -44,7 +44,8 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="Sampling arithme
 CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs \\[default: on with CUDA].", show_default=False)]
 
 
-def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float | None) -> None:
+def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float | None, *,
+                           guidance: float = 0.0, annealed: bool = False, check_every: int | None = None) -> None:
     if guide_what not in GUIDE_WHAT:
         raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
     if not attn_temp > 0:
@@ -53,6 +54,20 @@ def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol:
         raise UsageError(f"--sampler {sampler}: expected one of {', '.join(SAMPLERS)}")
     if tol is not None and not tol >= 0:
         raise UsageError(f"--tol {tol}: expected a number >= 0")
+    # options that would change nothing are refused, so nobody believes they did
+    if sampler == "sequential":
+        for name, value in (("--tol", tol), ("--check-every", check_every)):
+            if value is not None:
+                raise UsageError(f"{name} {value}: only the Jacobi samplers (jacobi, gs-jacobi, auto) take it, "
+                                 "not --sampler sequential")
+    if guidance == 0:
+        for name, given in (("--attn-temp", f" {attn_temp}" if attn_temp != 1.0 else None),
+                            ("--guide-what", f" {guide_what}" if guide_what != "ab" else None),
+                            ("--annealed", "" if annealed else None)):
+            if given is not None:
+                raise UsageError(f"{name}{given}: it shapes the guidance pass, which runs only with --guidance W > 0 "
+                                 "(attn-temp is not a sampling temperature)" if name == "--attn-temp" else
+                                 f"{name}{given}: it shapes the guidance pass, which runs only with --guidance W > 0")
 
 
 def check_precision_options(precision: str, cuda_graphs: bool | None, device: torch.device) -> None:

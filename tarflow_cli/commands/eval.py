@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
               inception_weights, inception_resize, inception_size, fid_batch_size, sample_cache, seed, device,
               patch_size) -> dict:
     wanted = _parse_metrics(metrics)
-    check_sampling_options(guide_what, attn_temp, sampler, tol)
+    check_sampling_options(guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed,
+                           check_every=check_every)
     if inception_resize not in RESIZE_MODES:
         raise UsageError(f"--inception-resize {inception_resize}: expected one of {', '.join(RESIZE_MODES)}")
     if inception_size < MIN_INPUT_SIZE:
@@ -112,6 +114,7 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if "accuracy" in wanted and not cfg.conditional:
         raise UsageError(f"--metrics accuracy: checkpoint {ck.path} is unconditional; "
                          "classification accuracy needs a class-conditional model")
+    _refuse_unused_options(wanted, locals())
     if "fid" in wanted and num_samples < 2:
         raise UsageError(f"--num-samples {num_samples}: FID needs at least 2 samples")
 
@@ -209,6 +212,29 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+# options that only FID (sampling and Inception) or only bpd reads
+FID_ONLY = ("num_samples", "guidance", "guide_what", "attn_temp", "annealed", "denoise", "denoise_sigma",
+            "denoise_lr_scale", "sampler", "segments", "tol", "check_every", "precision", "cuda_graphs", "fid_stats",
+            "inception_weights", "inception_resize", "inception_size", "fid_batch_size", "sample_cache")
+BPD_ONLY = ("dequant_samples",)
+
+
+def _refuse_unused_options(wanted: list[str], given: dict) -> None:
+    """An option the chosen metrics never read is refused rather than ignored (e.g. --guidance with
+    --metrics bpd would otherwise look as if it had shaped the result)."""
+    defaults = inspect.signature(eval_cmd).parameters
+    for names, metric in ((FID_ONLY, "fid"), (BPD_ONLY, "bpd")):
+        if metric in wanted:
+            continue
+        for name in names:
+            value, default = given[name], defaults[name].default
+            if value != default:
+                option = f"--{'' if value is not False else 'no-'}{name.replace('_', '-')}"
+                shown = "" if isinstance(value, bool) else f" {value}"
+                raise UsageError(f"{option}{shown}: only the {metric} metric uses it, and this run computes "
+                                 f"{', '.join(wanted)}; add {metric} to --metrics or drop the option")
 
 
 def _training_data(ck) -> str:

@@ -61,7 +61,8 @@ def sample(
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny -
     """
     with user_errors():
-        check_sampling_options(guide_what, attn_temp, sampler, tol)
+        check_sampling_options(guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed,
+                               check_every=check_every)
         check_output(out)
         dev = resolve_device(device)
         check_precision_options(precision, cuda_graphs, dev)

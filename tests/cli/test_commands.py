@@ -377,3 +377,14 @@ def test_a_denoise_sigma_turns_the_step_on_and_is_never_ignored(uncond_ckpt, con
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-sigma", 0.2), "--denoise-sigma 0.2", "--no-denoise")
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-lr-scale", 2), "--denoise-lr-scale 2")
     assert_user_error(run("sample", "-c", uncond_ckpt, "-n", 1, "--denoise-lr-scale", 2), "--denoise-lr-scale 2", "--denoise-sigma")
+
+
+def test_sampling_options_that_would_change_nothing_are_refused(cond_ckpt):
+    """--attn-temp only scales the guidance pass (it is not a sampling temperature); --tol and
+    --check-every only steer the Jacobi samplers. Without those, each was silently ignored."""
+    base = ("sample", "-c", cond_ckpt, "-n", 1, "--out", "x.png")
+    assert_user_error(run(*base, "--attn-temp", 0.5), "--attn-temp 0.5", "--guidance")
+    assert_user_error(run(*base, "--annealed"), "--annealed", "--guidance")
+    assert_user_error(run(*base, "--guide-what", "b"), "--guide-what b", "--guidance")
+    assert_user_error(run(*base, "--sampler", "sequential", "--tol", 0.01), "--tol 0.01", "sequential")
+    assert_user_error(run(*base, "--sampler", "sequential", "--check-every", 2), "--check-every 2", "sequential")

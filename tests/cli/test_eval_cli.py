@@ -219,3 +219,14 @@ def test_default_data_is_what_the_checkpoint_was_trained_on(tmp_path):
     assert ok_json(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"))["settings"]["data"] == str(tmp_path / "train.npy")
     (tmp_path / "train.npy").unlink()
     assert_user_error(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"), "--data", "train.npy, which is not here")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--metrics", "bpd", "--guidance", "2"], ["--guidance 2.0", "fid"]),
+    (["--metrics", "bpd", "--inception-weights", "random"], ["--inception-weights random", "fid"]),
+    (["--metrics", "bpd", "--num-samples", "100"], ["--num-samples 100", "fid"]),
+    (["--metrics", "bpd", "--no-denoise"], ["--no-denoise", "fid"]),
+    (["--metrics", "fid", "--dequant-samples", "4"], ["--dequant-samples 4", "bpd"]),
+])
+def test_options_the_chosen_metrics_never_read_are_refused(uncond_ckpt, args, needles):
+    assert_user_error(run("--ckpt", uncond_ckpt, "--device", "cpu", *args), *needles)
