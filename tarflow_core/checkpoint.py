@@ -184,6 +184,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     else:
         state = read_reference_state(resolved)
         info = reference_info(state, resolved, patch_size=patch_size)
+        _check_finite(state, resolved)
     return _build(info.config, state, resolved).to(device).eval(), info
 
 
@@ -246,6 +247,18 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> Ta
         model = TarFlow(cfg)
     model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, assign=True)
     return model
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse a reference file whose weights went non-finite: the published trainer saves every epoch,
+    also after its loss went to NaN (tarflow's own trainer skips such steps, so native checkpoints
+    are clean unless edited, and then load and score as null with a warning)."""
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"weights in {source} hold NaN or infinite values ({', '.join(broken[:3])}"
+                              f"{' ...' if len(broken) > 3 else ''}): the training diverged before they were saved")
+    if "var" in state and not bool((state["var"] > 0).all()):
+        raise CheckpointError(f"{source}: the prior variance 'var' holds values <= 0 (expected positive variances)")
 
 
 def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: Path) -> None:

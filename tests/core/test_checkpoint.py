@@ -377,3 +377,19 @@ def test_the_resume_state_file_means_its_checkpoint(tmp_path):
                path / "train_state.pt")
     assert resolve_checkpoint(path / "train_state.pt") == path
     assert load_checkpoint(path / "train_state.pt")[1].kind == "native"
+
+
+def test_weights_holding_nan_are_refused_by_name(tmp_path):
+    """A diverged run's file (the published trainer saves every epoch) is told as such, not sampled into
+    '... still non-finite after 10 redraws' or NaN scores."""
+    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, **SMALL)
+    state = _reference_state(cfg)
+    state["blocks.0.attn_blocks.0.mlp.main.0.weight"][3, 4] = float("nan")
+    torch.save(state, tmp_path / "mnist_model_4_64_1_1_0.10.pth")
+    with pytest.raises(CheckpointError, match=r"hold NaN or infinite values \(blocks.0.attn_blocks.0.mlp.main.0.weight\)"):
+        load_checkpoint(tmp_path / "mnist_model_4_64_1_1_0.10.pth")
+    state = _reference_state(ModelConfig(in_channels=1, img_size=8, patch_size=4, nvp=False, **SMALL))
+    state["var"][0, 0] = 0.0
+    torch.save(state, tmp_path / "vp.pth")
+    with pytest.raises(CheckpointError, match="'var' holds values <= 0"):
+        load_checkpoint(tmp_path / "vp.pth", patch_size=4)
