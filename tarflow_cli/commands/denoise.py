@@ -19,7 +19,7 @@ from .score import _check_shape
 
 
 def denoise(
-    input_: Annotated[str, typer.Argument(metavar="INPUT", help="Images, a folder, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin (several are read in order).", show_default=False)],
     ckpt: CkptOpt,
     sigma: Annotated[Optional[float], typer.Option("--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False)] = None,
     lr_scale: Annotated[float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")] = 1.0,
@@ -37,6 +37,8 @@ def denoise(
 
       tarflow denoise --ckpt runs/tiny noisy.npy --out clean.png
 
+      tarflow denoise --ckpt runs/tiny noisy/*.png --out clean/
+
       tarflow sample --ckpt C --no-denoise --out - | tarflow denoise --ckpt C - --out -
     """
     with user_errors():
@@ -45,11 +47,11 @@ def denoise(
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
         sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
-        data = read_inputs([input_])
-        _check_shape(data.images.shape[1:], model.config, [input_])
+        data = read_inputs(inputs)
+        _check_shape(data.images.shape[1:], model.config, inputs, verb="denoised")
         n = len(data.images)
         y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
-                           inputs_name=input_)
+                           inputs_name=", ".join(inputs))
         images = torch.from_numpy(data.images)
         x = flow.uint8_to_model(images) if data.is_uint8 else images
         result = torch.empty_like(x)

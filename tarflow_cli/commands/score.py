@@ -113,11 +113,11 @@ def score(
              f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{f' x{dequant_samples}' if dequantize == 'uniform' else ''}){extra}")
 
 
-def _check_shape(shape, cfg, inputs) -> None:
+def _check_shape(shape, cfg, inputs, verb: str = "scored") -> None:
     want = (cfg.in_channels, cfg.img_size, cfg.img_size)
     if tuple(shape) != want:
         raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
-                         "(images are scored as they are, not resized; `tarflow eval --data` resizes and center-crops)")
+                         f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)")
 
 
 def _emit(records: list[dict], fmt: str) -> None:

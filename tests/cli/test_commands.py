@@ -388,3 +388,20 @@ def test_sampling_options_that_would_change_nothing_are_refused(cond_ckpt):
     assert_user_error(run(*base, "--guide-what", "b"), "--guide-what b", "--guidance")
     assert_user_error(run(*base, "--sampler", "sequential", "--tol", 0.01), "--tol 0.01", "sequential")
     assert_user_error(run(*base, "--sampler", "sequential", "--check-every", 2), "--check-every 2", "sequential")
+
+
+def test_denoise_takes_several_inputs_in_order_like_score(cond_ckpt, tmp_path):
+    """SPEC: denoise INPUT is "images, folder, ..."; a shell glob (noisy/*.png) used to be refused."""
+    c = load_model(cond_ckpt).config
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (c.img_size, c.img_size), dtype=np.uint8) for _ in range(2)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"n{i}.png")
+    r = run("denoise", "-c", cond_ckpt, tmp_path / "n1.png", tmp_path / "n0.png", "--class", 1, "--out", tmp_path / "d.npy")
+    assert r.exit_code == 0, r.stderr
+    model = load_model(cond_ckpt)
+    x = torch.from_numpy(np.stack([arrays[1], arrays[0]])[:, None]).float() / 127.5 - 1
+    want = denoise(model, x, torch.tensor([1, 1]), sigma=0.1)
+    assert np.allclose(np.load(tmp_path / "d.npy"), want.numpy(), atol=1e-5)
+    Image.fromarray(np.zeros((c.img_size + 1, c.img_size + 1), np.uint8)).save(tmp_path / "big.png")
+    assert_user_error(run("denoise", "-c", cond_ckpt, tmp_path / "big.png"), "big.png", "denoised as they are")
