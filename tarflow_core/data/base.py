@@ -85,7 +85,8 @@ def eight_bit(img: Image.Image) -> Image.Image:
     """An image as 8-bit "L" (grayscale sources) or "RGB" (everything else).
 
     16-bit, 32-bit and float grayscale are scaled, not clipped: values above 255 are taken
-    as 16-bit (divided by 257), as PNG writes them; smaller ones are rounded as they are.
+    as 16-bit (divided by 257), as PNG writes them; float images ("F", e.g. TIFF) all within
+    [0, 1] as that range (times 255); other values are rounded as they are.
     Transparent pixels are composited onto white (:func:`on_white`).
     """
     img = on_white(img)
@@ -93,6 +94,8 @@ def eight_bit(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         if a.max(initial=0) > 255:
             a = a / 257.0
+        elif img.mode == "F" and a.min(initial=0) >= 0 and a.max(initial=0) <= 1:
+            a = a * 255.0
         return Image.fromarray(np.clip(np.floor(a + 0.5), 0, 255).astype(np.uint8), "L")
     if img.mode in GRAY_MODES:
         return img.convert("L")

@@ -409,3 +409,18 @@ def test_versions_not_read_are_named(tmp_path, folder, name, what):
     for spec in (tmp_path, tmp_path / folder):
         with pytest.raises(DataError, match=f"{name} is the {what}.*which is not read; use"):
             open_dataset(str(spec))
+
+
+
+def test_folder_float_tiff_in_unit_range_is_scaled(tmp_path):
+    """A float TIFF (mode F) with values in [0, 1] (scientific images) was rounded to 0/1: black."""
+    from PIL import Image
+
+    (tmp_path / "tifs").mkdir()
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(tmp_path / "tifs" / "a.tif")
+    Image.fromarray(ramp * 255, "F").save(tmp_path / "tifs" / "b.tif")  # 0..255 floats stay as they are
+    ds = open_dataset(str(tmp_path / "tifs"), "all")
+    want = np.floor(ramp.astype(np.float64) * 255 + 0.5).astype(np.uint8)
+    assert ds.channels == 1
+    assert np.array_equal(ds[0][0].numpy()[0], want) and np.array_equal(ds[1][0].numpy()[0], want)
