@@ -96,6 +96,7 @@ class FlowBlock(nn.Module):
         mean = self.class_embed.mean(dim=0)
         if y is None:
             return mean.unsqueeze(0)
+        y = y.long()  # uint8 labels would index as a boolean mask, int16 ones not at all
         emb = self.class_embed[y.clamp(min=0)]
         return torch.where((y < 0).view(-1, 1, 1), mean.unsqueeze(0), emb)
 

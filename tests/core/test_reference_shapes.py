@@ -257,3 +257,18 @@ def test_the_state_dict_saved_as_safetensors_loads_the_same(unpacked, tmp_path):
     exp = expected_for(file)
     with torch.no_grad():
         assert worst(model(exp["x"], exp["y"])[0], exp["f32/z"]) < TOL["f32"]["z"]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_labels_of_any_integer_type_are_class_indices(unpacked, dtype):
+    """uint8 labels (e.g. read from a uint8 .npy) indexed as a boolean mask: an error, or silently other
+    classes when every label is non-zero and there are as many as classes."""
+    file = "mnist_model_4_64_3_1_0.10.pth"
+    exp, model = expected_for(file), model_for(unpacked, file, "f32")
+    y = exp["y"].to(dtype)
+    with torch.no_grad():
+        assert worst(model(exp["x"], y)[0], exp["f32/z"]) < TOL["f32"]["z"]
+    assert worst(model.sample(exp["noise"], y, guidance=2.0), exp["f32/sample/g2_ab"]) < TOL["f32"]["sample"]
+    ten = torch.arange(1, 11).clamp(max=9).to(dtype)  # 10 non-zero labels for 10 classes: a full mask
+    noise = exp["noise"][:1].expand(10, -1, -1)
+    assert torch.equal(model.sample(noise, ten), model.sample(noise, ten.long()))
