@@ -142,6 +142,20 @@ def limit_cpu_threads_when_busy() -> None:
         torch.set_num_threads(1)
 
 
+def check_device_spelling(spec: str) -> None:
+    """For commands that put nothing on a device (info): a misspelt --device is still an error,
+    but an absent CUDA or MPS is not."""
+    text = spec.strip().lower()
+    if text == "auto":
+        return
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps")
+
+
 def _resolve_device(spec: str) -> torch.device:
     spec = spec.strip().lower()
     if spec == "auto" and not torch.cuda.is_available() and getattr(torch.backends, "mps", None) \

@@ -14,6 +14,7 @@ import typer
 
 from tarflow_core import __version__
 from tarflow_core.data import DataError, open_dataset
+from tarflow_core.data.base import normalize_split
 from tarflow_core.metrics import (SHARD_SIZE, InceptionWeightsError, SampleCache, SampleCacheError, StatsError,
                                   bayes_accuracy, dataset_bpd, default_stats_path, fid_from_stats, image_stats,
                                   load_inception, load_stats, sample_shards, save_stats)
@@ -98,6 +99,13 @@ def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_sa
               inception_weights, inception_resize, inception_size, fid_batch_size, sample_cache, seed, device,
               patch_size) -> dict:
     wanted = _parse_metrics(metrics)
+    try:
+        normalize_split(split)
+    except DataError:
+        raise UsageError(f"--split {split}: expected train, test (or val) or all") from None
+    if fid_stats is not None and fid_stats.is_dir():
+        raise UsageError(f"--fid-stats {fid_stats} is a folder; expected a statistics .npz file (read if it exists, "
+                         "else written there)")
     check_sampling_options(guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed,
                            check_every=check_every)
     if inception_resize not in RESIZE_MODES:

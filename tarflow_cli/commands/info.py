@@ -11,14 +11,14 @@ from rich.table import Table
 from tarflow_core.checkpoint import read_info
 
 from ..console import out, require_stdout, user_errors
-from .common import CkptOpt, PatchOpt
+from .common import CkptOpt, PatchOpt, check_device_spelling
 
 
 def info(
     ckpt: CkptOpt,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     patch_size: PatchOpt = None,
-    device: Annotated[str, typer.Option("--device", help="Accepted like every command's; info reads no tensors onto a device.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Accepted like every command's (checked for spelling); info reads no tensors onto a device.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; info draws nothing random.")] = 0,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
@@ -31,6 +31,7 @@ def info(
     """
     with user_errors():
         require_stdout("info")
+        check_device_spelling(device)
         ck = read_info(ckpt, patch_size=patch_size)
         cfg = ck.config
         noise = ck.noise or {}

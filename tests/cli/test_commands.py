@@ -405,3 +405,9 @@ def test_denoise_takes_several_inputs_in_order_like_score(cond_ckpt, tmp_path):
     assert np.allclose(np.load(tmp_path / "d.npy"), want.numpy(), atol=1e-5)
     Image.fromarray(np.zeros((c.img_size + 1, c.img_size + 1), np.uint8)).save(tmp_path / "big.png")
     assert_user_error(run("denoise", "-c", cond_ckpt, tmp_path / "big.png"), "big.png", "denoised as they are")
+
+
+def test_info_checks_the_spelling_of_device(cond_ckpt):
+    """info puts nothing on a device, so an absent GPU is fine, but a misspelt --device is an error."""
+    assert_user_error(run("info", "-c", cond_ckpt, "--device", "tpu"), "--device tpu", "cuda:N")
+    assert run("info", "-c", cond_ckpt, "--device", "cpu", "--json").exit_code == 0

@@ -189,7 +189,8 @@ def test_accuracy_needs_a_conditional_model(uncond_ckpt):
 @pytest.mark.parametrize("args, needles", [
     (["--metrics", "bpd,sharpness"], ["--metrics bpd,sharpness", "bpd, fid, accuracy"]),
     (["--data", "/no/such/data"], ["/no/such/data", "does not exist"]),
-    (["--split", "holdout"], ["holdout", "train, test"]),
+    (["--split", "holdout"], ["--split holdout", "train, test"]),
+    (["--metrics", "fid", "--fid-stats", "."], ["--fid-stats .", "is a folder"]),
     (["--metrics", "fid", "--num-samples", "1"], ["--num-samples 1", "at least 2"]),
     (["--guide-what", "c"], ["--guide-what c"]),
     (["--inception-resize", "cubic"], ["--inception-resize cubic"]),
