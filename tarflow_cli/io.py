@@ -60,6 +60,8 @@ class _Chunk:
 
 def read_inputs(paths: list[str], stdin: BinaryIO | None = None) -> Inputs:
     """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order."""
+    if sum(str(p) == "-" for p in paths) > 1:
+        raise InputError(f"- (stdin) is given {sum(str(p) == '-' for p in paths)} times; stdin can be read only once")
     chunks: list[_Chunk] = []
     for p in paths:
         chunks.extend(_read_one(str(p), stdin))
@@ -105,6 +107,8 @@ def read_labels(path: str) -> np.ndarray:
     if arr is None or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         got = "no labels or arr_0 array" if arr is None else f"{arr.dtype} array of shape {arr.shape}"
         raise InputError(f"labels file {path} holds a {got}; expected a 1-D integer array")
+    if arr.dtype.kind == "u" and len(arr) and int(arr.max()) > np.iinfo(np.int64).max:  # would wrap negative
+        raise InputError(f"labels file {path}: label {int(arr.max())} is far out of range; expected class indices")
     return arr.astype(np.int64)
 
 

@@ -353,3 +353,17 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monk
         with pytest.raises(InputError, match="is empty"):
             check_output(empty, stdout_is_tty=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stdin_named_twice_is_refused_by_name(tmp_path):
+    """The second - used to find stdin drained and call it empty."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(InputError, match="given 2 times"):
+        read_inputs(["-", "-"], stdin=io.BytesIO(buf.getvalue()))
+
+
+def test_huge_unsigned_labels_are_reported_as_they_are(tmp_path):
+    np.save(tmp_path / "y.npy", np.array([1, 2**63 + 5], np.uint64))
+    with pytest.raises(InputError, match=str(2**63 + 5)):
+        read_labels(str(tmp_path / "y.npy"))
