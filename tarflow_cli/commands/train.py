@@ -208,14 +208,15 @@ def _pick_ui(ui: str | None) -> str:
 
 def _dashboard():
     """The Textual dashboard runner, when it can be used here; else (None, note)."""
+    instead = "showing a progress bar" if sys.stderr.isatty() else "writing log lines"
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return None, "note: the dashboard (--ui tui) runs only in single-process training; showing a progress bar"
+        return None, f"note: the dashboard (--ui tui) runs only in single-process training; {instead}"
     if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        return None, "note: the dashboard (--ui tui) needs an interactive terminal; showing a progress bar"
+        return None, f"note: the dashboard (--ui tui) needs an interactive terminal; {instead}"
     try:
         from ..tui.training import run_training_dashboard
     except ImportError:
-        return None, "note: the terminal dashboard (--ui tui) is not available; showing a progress bar"
+        return None, f"note: the terminal dashboard (--ui tui) is not available; {instead}"
     return run_training_dashboard, None
 
 
@@ -324,4 +325,6 @@ class _RichView:
 
 
 def _make_view(mode: str):
-    return _RichView() if mode == "rich" else _PlainView()
+    """A Rich bar redraws in place, which a file or pipe cannot show (it would get nothing but the
+    last frame): there `--ui rich` writes the plain log lines."""
+    return _RichView() if mode == "rich" and sys.stderr.isatty() else _PlainView()

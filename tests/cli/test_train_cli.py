@@ -53,7 +53,16 @@ def test_short_run_prints_run_dir_on_stdout(tmp_path):
 def test_tui_falls_back_with_a_note(tmp_path):
     r = run(*SMALL, "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "tui")
     assert r.exit_code == 0, r.stderr
-    assert "needs an interactive terminal" in r.stderr
+    assert "needs an interactive terminal; writing log lines" in r.stderr
+    assert r.stdout.strip() == str(tmp_path / "run")
+
+
+def test_rich_ui_into_a_file_writes_log_lines(tmp_path):
+    """`--ui rich` with stderr going to a file or pipe: a bar cannot redraw there (the log would get
+    only its last frame), so the training lines are written as with --ui plain."""
+    r = run(*SMALL, "--max-steps", "4", "--run-dir", tmp_path / "run", "--ui", "rich")
+    assert r.exit_code == 0, r.stderr
+    assert "step 2/4  loss" in r.stderr and "step 4/4  loss" in r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
 
 
