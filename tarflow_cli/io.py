@@ -114,7 +114,14 @@ def read_labels(path: str) -> np.ndarray:
 
 def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
     if path == "-":
-        data = (stdin if stdin is not None else sys.stdin.buffer).read()
+        if stdin is None:
+            if sys.stdin is None:  # `<&-`
+                raise InputError("stdin (-) is closed; expected .npy bytes, e.g. from `tarflow sample --out -`")
+            if sys.stdin.isatty():  # reading would wait for typing that never comes
+                raise InputError("stdin (-) is a terminal; pipe .npy bytes into it (e.g. from `tarflow sample "
+                                 "--out -`) or give a file")
+            stdin = sys.stdin.buffer
+        data = stdin.read()
         if not data:
             raise InputError("stdin (-) is empty; expected .npy bytes, e.g. from `tarflow sample --out -`")
         return [_load_array_bytes(data, "-")]

@@ -367,3 +367,19 @@ def test_huge_unsigned_labels_are_reported_as_they_are(tmp_path):
     np.save(tmp_path / "y.npy", np.array([1, 2**63 + 5], np.uint64))
     with pytest.raises(InputError, match=str(2**63 + 5)):
         read_labels(str(tmp_path / "y.npy"))
+
+
+def test_stdin_that_is_closed_or_a_terminal_is_refused(monkeypatch):
+    """`score -` from a terminal used to wait forever; with stdin closed (`<&-`) it was a traceback."""
+    class Terminal(io.BytesIO):
+        def isatty(self):
+            return True
+
+        @property
+        def buffer(self):
+            return self
+
+    for stdin, says in ((None, "stdin \\(-\\) is closed"), (Terminal(), "stdin \\(-\\) is a terminal")):
+        monkeypatch.setattr("sys.stdin", stdin)
+        with pytest.raises(InputError, match=says):
+            read_inputs(["-"])
