@@ -173,10 +173,10 @@ def load(ckpt: str, device: torch.device, patch_size: int | None) -> tuple[TarFl
     return load_checkpoint(ckpt, device, patch_size=patch_size)
 
 
-def resolve_labels(info: CheckpointInfo, num: int, *, class_: int | None, labels_path: Path | None,
+def resolve_labels(info: CheckpointInfo, num: int | None, *, class_: int | None, labels_path: Path | None,
                    from_inputs: np.ndarray | None = None, inputs_name: str = "the inputs") -> torch.Tensor | None:
     """Labels for `num` images from --class, --labels or the inputs (named `inputs_name` in
-    messages); validated against the model."""
+    messages); validated against the model. `num` None: as many as the labels file holds."""
     k = info.config.num_classes
     if class_ is not None and labels_path is not None:
         raise UsageError("--class and --labels cannot be used together")
@@ -194,7 +194,7 @@ def resolve_labels(info: CheckpointInfo, num: int, *, class_: int | None, labels
         arr, source = np.asarray(from_inputs, dtype=np.int64), f"the labels stored in {inputs_name}"
     else:
         return None
-    if len(arr) != num:
+    if num is not None and len(arr) != num:
         raise UsageError(f"{source}: holds {len(arr)} labels for {num} images")
     bad = arr[(arr < -1) | (arr >= k)]
     if len(bad):

@@ -26,7 +26,7 @@ from .progress import progress_bar
 
 def sample(
     ckpt: CkptOpt,
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images \\[default: 64, or the rows of --noise].", show_default=False)] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].", show_default=False)] = None,
     batch_size: BatchOpt = 64,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
@@ -72,8 +72,13 @@ def sample(
         prior_noise = _read_noise(noise, cfg) if noise is not None else None
         if prior_noise is not None and num is not None and num != len(prior_noise):
             raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
-        n = len(prior_noise) if prior_noise is not None else (num or 64)
-        y = resolve_labels(ck, n, class_=class_, labels_path=labels)
+        n = len(prior_noise) if prior_noise is not None else num
+        if n is None and labels is not None:  # one image per label
+            y = resolve_labels(ck, None, class_=class_, labels_path=labels)
+            n = len(y) if y is not None else 64
+        else:
+            n = n or 64
+            y = resolve_labels(ck, n, class_=class_, labels_path=labels)
         sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma, lr_scale=denoise_lr_scale)
         settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
         if verbose:

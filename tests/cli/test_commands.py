@@ -411,3 +411,13 @@ def test_info_checks_the_spelling_of_device(cond_ckpt):
     """info puts nothing on a device, so an absent GPU is fine, but a misspelt --device is an error."""
     assert_user_error(run("info", "-c", cond_ckpt, "--device", "tpu"), "--device tpu", "cuda:N")
     assert run("info", "-c", cond_ckpt, "--device", "cpu", "--json").exit_code == 0
+
+
+def test_labels_file_sets_the_number_of_images_like_noise_does(cond_ckpt, tmp_path):
+    """`sample --labels y.npy` used to fail with "holds 5 labels for 64 images" unless -n was repeated."""
+    np.save(tmp_path / "y.npy", np.array([0, 2, 1, 1, -1]))
+    r = run("sample", "-c", cond_ckpt, "--labels", tmp_path / "y.npy", "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0, r.stderr
+    with np.load(tmp_path / "s.npz") as z:
+        assert list(z["labels"]) == [0, 2, 1, 1, -1] and len(z["arr_0"]) == 5
+    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 3, "--labels", tmp_path / "y.npy"), "5 labels for 3 images")
