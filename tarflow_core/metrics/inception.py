@@ -477,7 +477,7 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
     with torch.device("meta"):  # every tensor is overwritten below: skip the default initialisation
         model = FIDInceptionV3(resize=resize, size=size)
     model = model.to_empty(device="cpu")
-    if weights is not None and str(weights).startswith("random"):
+    if weights is not None and (str(weights) == "random" or str(weights).startswith("random:")):  # not random.pth
         _, _, seed = str(weights).partition(":")
         try:
             seed_value = int(seed or 0)

@@ -262,3 +262,13 @@ def test_weight_file_round_trip_through_load_inception(tmp_path, state):
     (tmp_path / "junk.pth").write_bytes(b"not a state dict")
     with pytest.raises(InceptionWeightsError, match="junk.pth"):
         load_inception(tmp_path / "junk.pth")
+
+
+def test_a_weight_file_whose_name_starts_with_random_is_loaded_not_replaced(tmp_path, monkeypatch):
+    """Only `random` and `random:SEED` ask for random weights; `random_init.pth` is a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "random_inception.pth").write_bytes(b"not weights")
+    with pytest.raises(InceptionWeightsError, match="random_inception.pth"):
+        load_inception("random_inception.pth", size=75)
+    with pytest.raises(InceptionWeightsError, match="randomx"):
+        load_inception("randomx", size=75)
