@@ -63,7 +63,7 @@ class TrainConfig:
     # numerics
     precision: str = "auto"  # auto: bf16 on CUDA for Gaussian-noise runs, else fp32
     compile: bool = False
-    # intervals, in steps (0: never, except the final checkpoint)
+    # intervals, in steps (0: never, except the final checkpoint; log_every 0: about 100 lines per run)
     log_every: int = 25
     eval_every: int = 250
     sample_every: int = 250

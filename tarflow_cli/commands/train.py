@@ -80,7 +80,7 @@ def train(
     sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: never).", "--sample-every")] = None,
     eval_every: Annotated[Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")] = None,
-    log_every: Annotated[Optional[int], _opt("Steps between training log lines.", "--log-every")] = None,
+    log_every: Annotated[Optional[int], _opt("Steps between training log lines (0: about 100 per run).", "--log-every")] = None,
     keep_checkpoints: Annotated[Optional[int], _opt("Newest checkpoints kept (0: keep all).", "--keep-checkpoints")] = None,
     max_bad_steps: Annotated[Optional[int], _opt("Consecutive non-finite steps before the run stops.", "--max-bad-steps")] = None,
     num_samples: Annotated[Optional[int], _opt("Images in each sample grid.", "--num-samples")] = None,
