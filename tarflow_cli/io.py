@@ -355,7 +355,11 @@ def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO |
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(to_uint8(x)):
             _save_png(img.transpose(1, 2, 0), folder / f"{i:06d}.png", metadata)
-        return f"{len(x)} PNG files in {folder}/"
+        # numbered PNGs past the ones just written are left from an earlier, longer run: anything that
+        # reads the folder (score, an FID tool) would take them too, so say so
+        older = sum(1 for f in folder.glob("*.png") if f.stem.isdigit() and len(f.stem) == 6 and int(f.stem) >= len(x))
+        note = f" (note: {older} older numbered PNG{'s' if older != 1 else ''} from an earlier run remain there)" if older else ""
+        return f"{len(x)} PNG files in {folder}/{note}"
     suffix = Path(out).suffix.lower()
     if suffix == ".png":
         n, _, _, w = x.shape

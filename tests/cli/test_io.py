@@ -383,3 +383,11 @@ def test_stdin_that_is_closed_or_a_terminal_is_refused(monkeypatch):
         monkeypatch.setattr("sys.stdin", stdin)
         with pytest.raises(InputError, match=says):
             read_inputs(["-"])
+
+
+def test_writing_fewer_images_into_a_used_folder_says_older_ones_remain(tmp_path):
+    """Anything reading the folder afterwards (score, an FID tool) takes every PNG in it."""
+    x = _model_images(n=3)
+    assert "remain" not in write_output(x, f"{tmp_path}/s/")
+    said = write_output(x[:1], f"{tmp_path}/s/")
+    assert "2 older numbered PNGs from an earlier run remain" in said
