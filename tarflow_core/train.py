@@ -848,7 +848,8 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
                 trainer.emit_end("failed", reason)
             return TrainResult("failed", trainer.step, trainer.run_dir, reason, trainer.last_checkpoint)
         except KeyboardInterrupt:
-            trainer.emit_end("interrupted", "aborted mid-step (no checkpoint saved)")
+            trainer.emit_end("interrupted", f"aborted at step {trainer.step}; its checkpoint was saved"
+                             if trainer._saved_this_step() else "aborted mid-step (no checkpoint saved)")
             raise
         except RuntimeError as e:
             if not (d.distributed and _is_peer_failure(e)):

@@ -458,6 +458,21 @@ def test_stop_finishes_the_step_then_checkpoints(tmp_path):
     assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [1]
 
 
+def test_second_interrupt_after_the_save_says_the_checkpoint_was_saved(tmp_path):
+    """A second Ctrl-C that lands once the stop's checkpoint is written: the `end` event must not
+    claim that no checkpoint was saved."""
+    def emit(e):
+        if e["kind"] == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "run", max_steps=5, eval_every=0, sample_every=0), emit=emit, stop=lambda: True)
+    end = list(read_events(tmp_path / "run" / "events.jsonl"))[-1]
+    assert end["kind"] == "end" and end["status"] == "interrupted"
+    assert "no checkpoint" not in end["reason"] and "saved" in end["reason"]
+    assert [s for s, _ in resumable_checkpoints(tmp_path / "run")] == [1]
+
+
 def test_default_run_dir_is_fresh(tmp_path):
     from tarflow_core.train import default_run_dir
 
