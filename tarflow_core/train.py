@@ -18,6 +18,7 @@ a resumed run continues bit-exactly on CPU and N processes see the same global b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -228,6 +229,8 @@ class _Trainer:
                                          flip=cfg.flip)
         except DataError as e:
             raise SetupError(str(e)) from None
+        if cfg.data != "digits":  # saved absolute, so `--resume` works from any directory
+            self.cfg = cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
         self.test_ds = None
         self.test_note = ""
         if cfg.eval_every:

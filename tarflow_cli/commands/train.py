@@ -227,7 +227,8 @@ def _resume_config(resume: Path, run_dir: Path | None, preset: str | None, given
     if not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such run directory")
     cfg = load_run_config(resume)
-    fixed = sorted(k for k, v in given.items() if k not in RESUME_CHANGEABLE and getattr(cfg, k) != v)
+    fixed = sorted(k for k, v in given.items() if k not in RESUME_CHANGEABLE and getattr(cfg, k) != v
+                   and not (k == "data" and _data_path(v) == _data_path(cfg.data)))
     if preset is not None and preset != cfg.preset:
         fixed.insert(0, "preset")
     if fixed:
@@ -236,6 +237,11 @@ def _resume_config(resume: Path, run_dir: Path | None, preset: str | None, given
         raise ConfigError(f"{names} cannot change when resuming {resume} (the run keeps its model, data and "
                           f"optimisation settings); what may change: {allowed}")
     return dataclasses.replace(_with_epochs(cfg, given).replace(**given), run_dir=str(resume))
+
+
+def _data_path(data: str | None) -> str | None:
+    """A data source as the run stores it: the embedded name, or an absolute path."""
+    return data if data in (None, "digits") else str(Path(data).expanduser().resolve())
 
 
 def _with_epochs(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:

@@ -167,3 +167,22 @@ def test_sigterm_before_the_run_takes_over_exits_130_quietly(tmp_path, where):
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip() == "interrupted" and r.stdout == ""
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_another_directory_with_relative_data(tmp_path, monkeypatch):
+    """--data given relative to where the run started: the run stores it absolute, so --resume works
+    from any directory, and naming the same data another way on resume is not a "change"."""
+    import numpy as np
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a" / "imgs.npy", rng.integers(0, 256, (64, 8, 8), dtype=np.uint8))
+    monkeypatch.chdir(tmp_path / "a")
+    r = run(*SMALL, "--data", "imgs.npy", "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data"] == str(tmp_path / "a" / "imgs.npy")
+    monkeypatch.chdir(tmp_path)
+    r = run("--resume", tmp_path / "run", "--max-steps", "3", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    r = run("--resume", tmp_path / "run", "--data", "a/imgs.npy", "--max-steps", "4", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
