@@ -50,6 +50,7 @@ from .model import TarFlow
 from .presets import ConfigError, TrainConfig
 
 TRAIN_STATE_FILE = "train_state.pt"
+LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
 STATE_FORMAT = "tarflow-train-state"
@@ -196,6 +197,7 @@ class _Trainer:
         self.cfg, self.d, self.stop, self.resume, self.batch_hook = cfg, d, stop, resume, batch_hook
         self.user_emit = emit
         self.sink: JsonlSink | None = None
+        self.lock_file = None
         self.device = d.device
         self.last_checkpoint: Path | None = None
         self.consecutive_bad = 0
@@ -318,12 +320,38 @@ class _Trainer:
                     raise SetupError(f"--run-dir {run_dir} is a checkpoint directory ({MODEL_FILE}); "
                                      f"choose another --run-dir")
                 self._probe_writable(run_dir)
+                self._lock(run_dir)
             except SetupError as e:
                 error = str(e)
         error = broadcast_object(error, d)
         if error:
             raise SetupError(error)
         return run_dir
+
+    def _lock(self, run_dir: Path) -> None:
+        """Hold the run directory for this run: a second `train` on it (say `--resume` of a run that
+        is still going) would interleave both runs' checkpoints and events."""
+        import fcntl
+
+        lock = None
+        try:
+            lock = open(run_dir / LOCK_FILE, "a+")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise SetupError(f"run directory {run_dir} is in use by another tarflow train"
+                             f"{f' (process {holder})' if holder else ''}; wait for it to end or stop it first") from None
+        except OSError:  # a file system without locks: go on unguarded
+            if lock is not None:
+                lock.close()
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self.lock_file = lock
 
     @staticmethod
     def _probe_writable(run_dir: Path) -> None:
@@ -799,6 +827,9 @@ class _Trainer:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        if self.lock_file is not None:
+            self.lock_file.close()  # releases the lock
+            self.lock_file = None
 
 
 def _is_peer_failure(e: RuntimeError) -> bool:

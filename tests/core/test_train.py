@@ -306,6 +306,27 @@ def test_leftovers_of_a_killed_save_are_cleared_by_the_next_save(tiny_run, tmp_p
     assert [s for s, _ in resumable_checkpoints(run)] == [31, 32]
 
 
+def test_a_run_directory_in_use_is_refused(tiny_run, tmp_path):
+    """`--resume` of a run that is still going (another process holds it) would interleave two
+    runs' checkpoints and events: refused while held, fine once released."""
+    import fcntl
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    cfg = load_run_config(run).replace(run_dir=str(run), max_steps=31)
+    before = (run / "events.jsonl").read_bytes()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(SetupError, match=r"in use by another tarflow train \(process 4242\)"):
+            train(cfg, resume=True)
+    assert (run / "events.jsonl").read_bytes() == before
+    assert train(cfg, resume=True).status == "finished"
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(SetupError, match="no complete checkpoint"):
         train(tiny_cfg(tmp_path / "none"), resume=True)
