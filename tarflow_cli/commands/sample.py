@@ -118,6 +118,9 @@ def _read_noise(path: Path, cfg) -> torch.Tensor:
     want = (cfg.num_patches, cfg.token_dim)
     if arr.ndim != 3 or tuple(arr.shape[1:]) != want or len(arr) == 0:
         raise InputError(f"--noise {path} has shape {tuple(arr.shape)}; this model needs (N, {want[0]}, {want[1]})")
-    if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
-        raise InputError(f"--noise {path}: expected finite floating-point values")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"--noise {path} holds {arr.dtype} values; expected floating-point noise")
+    if not np.isfinite(arr).all():
+        rows = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
+        raise InputError(f"--noise {path}: {rows} of {len(arr)} rows hold nan or inf; expected finite values")
     return torch.from_numpy(arr.astype(np.float32))

@@ -421,3 +421,12 @@ def test_labels_file_sets_the_number_of_images_like_noise_does(cond_ckpt, tmp_pa
     with np.load(tmp_path / "s.npz") as z:
         assert list(z["labels"]) == [0, 2, 1, 1, -1] and len(z["arr_0"]) == 5
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 3, "--labels", tmp_path / "y.npy"), "5 labels for 3 images")
+
+
+def test_noise_files_of_the_wrong_kind_say_what_they_hold(cond_ckpt, tmp_path):
+    np.save(tmp_path / "int.npy", np.ones((2, 4, 4), np.int64))
+    bad = np.zeros((3, 4, 4), np.float32)
+    bad[1, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "int.npy"), "int.npy", "int64", "floating-point")
+    assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "nan.npy"), "nan.npy", "1 of 3 rows")
