@@ -518,6 +518,24 @@ def test_stop_on_signals_sets_event_then_raises():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_stop_on_signals_under_torchrun_takes_the_launchers_echo_for_the_same_request(monkeypatch):
+    """Ctrl-C on `torchrun` reaches a worker from the terminal and again forwarded by the launcher:
+    that echo must not abort the step (no checkpoint would be saved); a later signal still does."""
+    from tarflow_core.train import stop_on_signals
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy
+        time.sleep(0.02)
+        assert stop.is_set()
+        time.sleep(1.0)
+        with pytest.raises(KeyboardInterrupt):  # the user insists
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+
 def test_image_that_fails_to_decode_mid_run_is_replaced_and_reported(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
