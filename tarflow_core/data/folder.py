@@ -42,6 +42,9 @@ from .base import (GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indi
                    resize_center_crop, upright)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# Photo formats tried as well: used where this Pillow reads them (AVIF, JPEG 2000), else counted
+# as unreadable like a corrupt file, never passed over without a word (iPhone HEIC, JPEG XL).
+MORE_EXTS = {".avif", ".jp2", ".heic", ".heif", ".jxl"}
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
 MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, before giving up
 
@@ -49,7 +52,7 @@ MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, befo
 def is_image_file(p: Path) -> bool:
     """An image by its name (not hidden), that is a file or a link to one; a broken link is
     listed too, so that it is counted as unreadable rather than missed without a word."""
-    return (p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    return (p.suffix.lower() in IMAGE_EXTS | MORE_EXTS and not p.name.startswith(".")
             and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
@@ -218,7 +221,7 @@ class FolderDataset(ImageDataset):
             where = ", ".join(str(d) for d in use_dirs)
             denied = (f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}"
                       if unreadable else "")
-            raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))} "
+            raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTS | MORE_EXTS))} "
                             f"files in class sub-folders or directly in the folder{denied})")
         probes = _probe_all(files)
         good = [i for i, (ok, _, _) in enumerate(probes) if ok]

@@ -424,3 +424,13 @@ def test_folder_float_tiff_in_unit_range_is_scaled(tmp_path):
     want = np.floor(ramp.astype(np.float64) * 255 + 0.5).astype(np.uint8)
     assert ds.channels == 1
     assert np.array_equal(ds[0][0].numpy()[0], want) and np.array_equal(ds[1][0].numpy()[0], want)
+
+
+def test_folder_phone_formats_pillow_cannot_read_are_counted_not_ignored(tmp_path):
+    """An iPhone folder: JPEGs and HEICs. The HEICs (no decoder) must show in the skip count."""
+    rng = np.random.default_rng(18)
+    for k in range(3):
+        _png(tmp_path / "phone" / f"IMG_{k}.png", rng)
+    (tmp_path / "phone" / "IMG_9.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(100))
+    ds = open_dataset(str(tmp_path / "phone"), "all")
+    assert len(ds) == 3 and ds.skipped == 1
