@@ -83,17 +83,32 @@ def _home(p: Path) -> Path:
 
 def find_idx_images(root: Path, depth: int = 2) -> list[Path]:
     """Images files under ``root`` (up to ``depth`` levels down), one per folder and prefix:
-    plain preferred over .gz, and a file beside its folder-per-file copy over that copy."""
+    plain preferred over .gz, and a file beside its folder-per-file copy over that copy.
+    Hidden files and folders (``._*`` from macOS, ``.git``) are passed over. Only names are
+    looked at, so a large image folder is searched quickly."""
     found: dict[tuple[Path, str], Path] = {}
-    patterns = ["*"] + ["/".join(["*"] * (k + 1)) for k in range(1, depth + 1)]
-    for pattern in patterns:
-        for p in sorted(root.glob(pattern)):
-            m = IMAGES_RE.match(p.name)
-            hidden = any(part.startswith(".") for part in p.relative_to(root).parts)  # ._* from macOS, .git
-            if m and not hidden and p.is_file():
-                key = (_home(p), m.group("prefix").lower())
-                if key not in found or (IMAGES_RE.match(found[key].name).group("gz") and not m.group("gz")):
-                    found[key] = p
+    level = [Path(root)]
+    for _ in range(depth + 1):
+        below: list[Path] = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    listed = sorted((e.name, e) for e in entries if not e.name.startswith("."))
+            except OSError:
+                continue
+            for name, entry in listed:
+                m = IMAGES_RE.match(name)
+                try:
+                    if entry.is_dir():
+                        below.append(folder / name)
+                    elif m and entry.is_file():
+                        p = folder / name
+                        key = (_home(p), m.group("prefix").lower())
+                        if key not in found or (IMAGES_RE.match(found[key].name).group("gz") and not m.group("gz")):
+                            found[key] = p
+                except OSError:
+                    continue
+        level = below
     return sorted(found.values())
 
 
