@@ -61,24 +61,37 @@ def _subdirs(d: Path) -> list[Path]:
 
 
 def _iter_images(d: Path, unreadable: list[str] | None = None) -> Iterator[Path]:
-    """Image files at any depth under ``d``. Linked folders are followed, each once, and never
-    a link back up to ``d`` or above it (which would loop, or take in other classes); hidden
-    folders are not followed; folders that cannot be listed are added to ``unreadable``."""
+    """Image files at any depth under ``d`` (as :func:`is_image_file` tells, from the directory
+    listing: no call per file). Linked folders are followed, each once, and never a link back
+    up to ``d`` or above it (which would loop, or take in other classes); hidden folders are
+    not followed; folders that cannot be listed are added to ``unreadable``."""
     seen: set[str] = set()
     base = os.path.join(os.path.realpath(d), "")
-
-    def failed(err: OSError) -> None:
-        if unreadable is not None:
-            unreadable.append(str(err.filename or d))
-
-    for top, dirs, files in os.walk(d, onerror=failed, followlinks=True):
+    exts = IMAGE_EXTS | MORE_EXTS
+    stack = [Path(d)]
+    while stack:
+        top = stack.pop()
         real = os.path.realpath(top)
         if real in seen or (seen and base.startswith(os.path.join(real, ""))):
-            dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        yield from (p for p in (Path(top, f) for f in sorted(files)) if is_image_file(p))
+        try:
+            with os.scandir(top) as it:
+                entries = sorted((e.name, e) for e in it if not e.name.startswith("."))
+        except OSError as err:
+            if unreadable is not None:
+                unreadable.append(str(err.filename or top))
+            continue
+        subdirs = []
+        for name, entry in entries:
+            try:
+                if entry.is_dir():
+                    subdirs.append(top / name)
+                elif os.path.splitext(name)[1].lower() in exts and (entry.is_file() or entry.is_symlink()):
+                    yield top / name  # a file, a link to one, or a broken link (counted as unreadable)
+            except OSError:
+                continue
+        stack.extend(reversed(subdirs))
 
 
 def _images_under(d: Path, unreadable: list[str] | None = None) -> list[Path]:
