@@ -47,7 +47,14 @@ def main() -> None:
     if signal.SIGTERM not in ignored:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         signal.signal(signal.SIGTERM, signal.SIG_DFL if command == "watch" else _interrupt)
-    run()
+    try:
+        run()
+    finally:
+        # The command is over and its output written; what is left is the interpreter's teardown
+        # (a second with torch loaded), where a signal would end the process by that signal
+        # (exit -15 / -2) instead of with the command's own code. Nothing is left to stop.
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,36 @@ def test_resume_from_another_directory_with_relative_data(tmp_path, monkeypatch)
     assert r.exit_code == 0, r.stderr
     r = run("--resume", tmp_path / "run", "--data", "a/imgs.npy", "--max-steps", "4", "--ui", "plain")
     assert r.exit_code == 0, r.stderr
+
+
+TEARDOWN_SIGNAL = """
+import atexit, os, signal, sys, time
+from tarflow_cli import entry
+
+def late_signal():  # the interpreter is tearing down (a second with torch loaded)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+
+atexit.register(late_signal)
+sys.argv = ["tarflow", "train", "--device", "cpu", "--width", "32", "--head-dim", "16", "--blocks", "1",
+            "--batch-size", "16", "--max-steps", "1", "--eval-every", "0", "--sample-every", "0",
+            "--run-dir", sys.argv[1], "--ui", "plain"]
+entry.main()
+"""
+
+
+def test_a_signal_while_the_finished_process_tears_down_keeps_its_exit_code(tmp_path):
+    """SIGTERM after the run finished and printed its directory: exit 0 as reported, not a
+    KeyboardInterrupt in the teardown or death by the signal (-15)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", TEARDOWN_SIGNAL, str(tmp_path / "run")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "run")
+    assert "KeyboardInterrupt" not in r.stderr and "Traceback" not in r.stderr
