@@ -165,12 +165,21 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
+        if resumable_checkpoints(run_dir):
+            raise SetupError(f"{run_dir} has checkpoints but no {CONFIG_FILE} (the run's settings), so it cannot "
+                             f"be resumed; its checkpoints still load with --ckpt {run_dir}")
         raise SetupError(f"{run_dir} is not a tarflow run directory (no {CONFIG_FILE})")
     try:
         raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path} is not a readable tarflow run config ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
+        raise SetupError(f"{path} is not a tarflow run config (it has no 'train' settings)")
+    try:
         return TrainConfig.from_dict(raw["train"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SetupError(f"{path} is not a readable tarflow run config ({e})") from None
+    except (ValueError, TypeError) as e:
+        why = str(e) if isinstance(e, ValueError) else f"a setting has the wrong type: {e}"
+        raise SetupError(f"{path} is not a valid tarflow run config ({why})") from None
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> dict[str, int]:

@@ -219,3 +219,13 @@ def test_a_signal_while_the_finished_process_tears_down_keeps_its_exit_code(tmp_
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "KeyboardInterrupt" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_with_a_missing_or_foreign_run_config(tmp_path):
+    r = run(*SMALL, "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    conf = tmp_path / "run" / "config.json"
+    conf.write_text("[1]\n")
+    assert_user_error(run("--resume", tmp_path / "run"), str(conf), "no 'train' settings")
+    conf.unlink()
+    assert_user_error(run("--resume", tmp_path / "run"), "has checkpoints but no config.json", "--ckpt")
