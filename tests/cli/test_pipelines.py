@@ -88,3 +88,34 @@ def test_an_unwritable_stderr_loses_the_messages_not_the_run(ckpt, tmp_path, mon
         monkeypatch.undo()
         assert e.value.code == code, args
     assert np.load(tmp_path / "s.npy").shape == (2, 1, 4, 4)
+
+
+class _ClosedPipe:
+    """The write end of a pipe whose reader has gone (`| head -c 100`)."""
+
+    def __init__(self):
+        self.buffer = self
+
+    def write(self, data):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(ckpt, tmp_path, monkeypatch, capsys):
+    """`tarflow sample --out - | head -c 100`, `tarflow score ... | head -1`: exit 0, no traceback."""
+    from tarflow_cli.main import main
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 4, 4), np.float32))
+    for args in (["sample", "-c", ckpt, "-n", 3, "--out", "-"], ["score", "-c", ckpt, tmp_path / "x.npy"]):
+        monkeypatch.setattr(sys, "argv", ["tarflow", *map(str, args)])
+        monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+        with pytest.raises(SystemExit) as e:
+            main()
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert e.value.code == 0 and "Traceback" not in err and "error" not in err, (args, err)
