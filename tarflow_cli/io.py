@@ -347,7 +347,7 @@ def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO |
         buf = io.BytesIO()
         np.save(buf, x.astype(np.float32))
         stream = stdout if stdout is not None else sys.stdout.buffer
-        stream.write(buf.getvalue())
+        _write_all(stream, buf.getvalue())
         stream.flush()
         return None
     if out.endswith(("/", "\\")) or Path(out).is_dir():
@@ -381,6 +381,16 @@ def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO |
             np.save(f, x.astype(np.float32))
         return out
     raise InputError(f"--out {out}: expected {_OUT_FORMS}")
+
+
+def _write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write every byte: with PYTHONUNBUFFERED=1 (common in containers) sys.stdout.buffer is the raw
+    file, whose write() may take only part of the data (a disk filling up, a signal) and say so in its
+    return value, which a single call would ignore, leaving a truncated array and exit 0."""
+    view = memoryview(data)
+    while len(view):
+        n = stream.write(view)
+        view = view[len(view) if n is None else n:]  # None: a stream that took everything
 
 
 def _save_png(hwc: np.ndarray, path: Path, metadata: dict | None) -> None:

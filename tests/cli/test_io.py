@@ -391,3 +391,28 @@ def test_writing_fewer_images_into_a_used_folder_says_older_ones_remain(tmp_path
     assert "remain" not in write_output(x, f"{tmp_path}/s/")
     said = write_output(x[:1], f"{tmp_path}/s/")
     assert "2 older numbered PNGs from an earlier run remain" in said
+
+
+class _ShortWrites(io.BytesIO):
+    """A raw file (stdout under PYTHONUNBUFFERED=1) that takes at most 100 bytes per call and
+    holds `room` bytes in all, after which it fails as a full disk does."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+
+    def write(self, data):
+        if self.tell() >= self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(bytes(data[:min(100, self.room - self.tell())]))
+
+
+def test_stdout_takes_every_byte_or_the_write_fails():
+    from tarflow_cli.io import WriteError
+
+    x = _model_images(n=3)
+    whole = _ShortWrites(room=10**6)
+    write_output(x, "-", stdout=whole)
+    assert np.array_equal(np.load(io.BytesIO(whole.getvalue())), x)
+    with pytest.raises(WriteError, match="No space left on device"):
+        write_output(x, "-", stdout=_ShortWrites(room=150))
