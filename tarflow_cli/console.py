@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator, NoReturn
 
@@ -68,6 +69,28 @@ def user_errors() -> Iterator[None]:
         with contextlib.suppress(Exception):
             sys.stdout = None  # type: ignore[assignment]
         raise typer.Exit(0) from None
+
+
+@contextlib.contextmanager
+def to_stdout() -> Iterator[None]:
+    """Around writes of results to stdout: a failure there (a full disk under `> FILE`, an I/O error)
+    is a run-time failure told in one line, not a traceback; a reader that went away stays quiet."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_pending_stdout()
+        raise WriteError(f"could not write the results to stdout: {e.strerror or e}") from None
+
+
+def _drop_pending_stdout() -> None:
+    """Point fd 1 at /dev/null: what is still buffered cannot be written anyway, and the interpreter's
+    final flush would fail again, print "Exception ignored" and turn the exit code into 120."""
+    with contextlib.suppress(Exception):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def stdout_is_terminal() -> bool:

@@ -10,7 +10,7 @@ import typer
 from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
 
-from ..console import info, user_errors
+from ..console import info, to_stdout, user_errors
 from ..io import check_output, read_inputs, write_output
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
                      resolve_device, resolve_labels)
@@ -61,4 +61,5 @@ def denoise(
         written = write_output(result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale})
         info(f"denoised {n} image{'s' if n != 1 else ''} (sigma {sigma}, lr scale {lr_scale})" + (f" -> {written}" if written else ""))
         if out != "-":
-            typer.echo(out)
+            with to_stdout():
+                typer.echo(out)

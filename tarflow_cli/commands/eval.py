@@ -22,7 +22,7 @@ from tarflow_core.metrics.common import ordered_batches
 from tarflow_core.metrics.inception import INPUT_SIZE, MIN_INPUT_SIZE, RESIZE_MODES, WEIGHTS_FILENAME
 from tarflow_core.sampling import resolve_precision
 
-from ..console import UsageError, info, require_stdout, user_errors
+from ..console import UsageError, info, require_stdout, to_stdout, user_errors
 from ..io import strict_json
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt, DeviceOpt,
                      CheckEveryOpt, CudaGraphsOpt, GuidanceOpt, GuideWhatOpt, PatchOpt, PrecisionOpt, SamplerOpt, SeedOpt,
@@ -89,8 +89,9 @@ def eval_cmd(
             result = _evaluate(**locals())
         except (DataError, StatsError, InceptionWeightsError, SampleCacheError) as e:
             raise UsageError(str(e)) from None
-        sys.stdout.write(strict_json(result) + "\n")
-        sys.stdout.flush()
+        with to_stdout():
+            sys.stdout.write(strict_json(result) + "\n")
+            sys.stdout.flush()
 
 
 def _evaluate(*, ckpt, data, split, metrics, num_samples, batch_size, dequant_samples, guidance, guide_what,

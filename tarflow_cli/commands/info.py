@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tarflow_core.checkpoint import read_info
 
-from ..console import out, require_stdout, user_errors
+from ..console import out, require_stdout, to_stdout, user_errors
 from .common import CkptOpt, PatchOpt, check_device_spelling
 
 
@@ -45,7 +45,8 @@ def info(
             "data": ck.data,
         }
         if as_json:
-            typer.echo(json.dumps(summary))
+            with to_stdout():
+                typer.echo(json.dumps(summary))
             return
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
@@ -66,4 +67,5 @@ def info(
             rows.append(("data", str(ck.data["source"])))
         for k, v in rows:
             table.add_row(k, v)
-        out.print(table)
+        with to_stdout():
+            out.print(table)

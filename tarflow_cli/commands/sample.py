@@ -14,7 +14,7 @@ from tarflow_core import __version__
 from tarflow_core.load_errors import describe, file_head, not_numpy
 from tarflow_core.sampling import generate
 
-from ..console import UsageError, info, user_errors
+from ..console import UsageError, info, to_stdout, user_errors
 from ..io import InputError, check_output, write_output
 from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, ClassOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt,
                      CheckEveryOpt, CudaGraphsOpt, DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, PrecisionOpt,
@@ -102,7 +102,8 @@ def sample(
         redrawn = f", {result.redrawn} redrawn after non-finite values" if result.redrawn else ""
         info(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})" + (f" -> {written}" if written else ""))
         if out != "-":
-            typer.echo(out)
+            with to_stdout():
+                typer.echo(out)
 
 
 def _read_noise(path: Path, cfg) -> torch.Tensor:

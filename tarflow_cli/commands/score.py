@@ -15,7 +15,7 @@ from tarflow_core import flow
 from tarflow_core.likelihood import classify as bayes_classify
 from tarflow_core.likelihood import nll as model_nll
 
-from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, user_errors
+from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import read_inputs, strict_json
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, load,
                      resolve_device, resolve_labels)
@@ -99,7 +99,8 @@ def score(
                         rec["log_probs"] = [float(v) for v in post[i]]
                     records.append(rec)
                 advance(stop)
-        _emit(records, fmt)
+        with to_stdout():
+            _emit(records, fmt)
         broken = sum(not math.isfinite(r["nll"]) for r in records)
         if broken:
             info(f"warning: the model gave a non-finite likelihood for {broken} of {n} images "

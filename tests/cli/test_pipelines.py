@@ -119,3 +119,27 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(ckpt, tmp_path, monkey
         monkeypatch.undo()
         err = capsys.readouterr().err
         assert e.value.code == 0 and "Traceback" not in err and "error" not in err, (args, err)
+
+
+class _FullDisk(_ClosedPipe):
+    """stdout redirected to a file on a full disk (`> /dev/full` does the same)."""
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def test_results_that_cannot_be_written_to_stdout_are_one_line_exit_1(ckpt, tmp_path, monkeypatch, capsys):
+    from tarflow_cli.main import main
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 4, 4), np.float32))
+    for args in (["score", "-c", ckpt, tmp_path / "x.npy"], ["score", "-c", ckpt, tmp_path / "x.npy", "-f", "csv"],
+                 ["info", "-c", ckpt, "--json"], ["sample", "-c", ckpt, "-n", 1, "--out", tmp_path / "s.npy"]):
+        monkeypatch.setattr(sys, "argv", ["tarflow", *map(str, args)])
+        monkeypatch.setattr(sys, "stdout", _FullDisk())
+        with pytest.raises(SystemExit) as e:
+            main()
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert e.value.code == 1, (args, err)
+        assert err.strip().splitlines()[-1] == "error: could not write the results to stdout: No space left on device", (args, err)
+        assert "Traceback" not in err
