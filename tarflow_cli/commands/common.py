@@ -65,9 +65,9 @@ def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol:
                             ("--guide-what", f" {guide_what}" if guide_what != "ab" else None),
                             ("--annealed", "" if annealed else None)):
             if given is not None:
-                raise UsageError(f"{name}{given}: it shapes the guidance pass, which runs only with --guidance W > 0 "
-                                 "(attn-temp is not a sampling temperature)" if name == "--attn-temp" else
-                                 f"{name}{given}: it shapes the guidance pass, which runs only with --guidance W > 0")
+                hint = " (it is not a sampling temperature)" if name == "--attn-temp" else ""
+                raise UsageError(f"{name}{given}: it shapes the guidance pass, which runs only with "
+                                 f"--guidance W > 0{hint}")
 
 
 def check_precision_options(precision: str, cuda_graphs: bool | None, device: torch.device) -> None:
