@@ -15,7 +15,7 @@ from ..io import check_output, read_inputs, write_output
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
                      resolve_device, resolve_labels)
 from .numbers import FINITE
-from .score import _check_shape
+from .score import _check_shape, _warn_if_not_model_space
 
 
 def denoise(
@@ -49,6 +49,7 @@ def denoise(
         sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
         data = read_inputs(inputs)
         _check_shape(data.images.shape[1:], model.config, inputs, verb="denoised")
+        _warn_if_not_model_space(data, inputs)
         n = len(data.images)
         y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
                            inputs_name=", ".join(inputs))

@@ -62,6 +62,7 @@ def score(
             raise UsageError(f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model")
         data = read_inputs(inputs)
         _check_shape(data.images.shape[1:], cfg, inputs)
+        _warn_if_not_model_space(data, inputs)
         dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
         if dequantize == "none" and dequant_samples != 1:
             raise UsageError(f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
@@ -119,6 +120,17 @@ def _check_shape(shape, cfg, inputs, verb: str = "scored") -> None:
     if tuple(shape) != want:
         raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
                          f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)")
+
+
+def _warn_if_not_model_space(data, inputs) -> None:
+    """Float inputs are taken as model-space values in [-1, 1] (samples stray a little past it); values
+    far outside, such as 0..255 pixels saved as floats, would be scored as they are, so say so."""
+    if data.is_uint8 or not len(data.images):
+        return
+    lo, hi = float(data.images.min()), float(data.images.max())
+    if max(abs(lo), abs(hi)) > 4:
+        info(f"warning: {', '.join(map(str, inputs))} holds float values from {lo:g} to {hi:g}, but float inputs are "
+             "taken as model-space values in [-1, 1]; 8-bit pixels belong in a uint8 array (or PNG files)")
 
 
 def _emit(records: list[dict], fmt: str) -> None:

@@ -430,3 +430,15 @@ def test_noise_files_of_the_wrong_kind_say_what_they_hold(cond_ckpt, tmp_path):
     np.save(tmp_path / "nan.npy", bad)
     assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "int.npy"), "int.npy", "int64", "floating-point")
     assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "nan.npy"), "nan.npy", "1 of 3 rows")
+
+
+def test_float_inputs_far_outside_model_space_are_warned_about(cond_ckpt, tmp_path):
+    """0..255 pixels saved as float32 would be scored as model-space values (a huge nll) without a word."""
+    c = load_model(cond_ckpt).config
+    np.save(tmp_path / "pixels.npy", np.full((2, c.in_channels, c.img_size, c.img_size), 200.0, np.float32))
+    np.save(tmp_path / "model.npy", np.full((2, c.in_channels, c.img_size, c.img_size), 1.5, np.float32))
+    for cmd, extra in (("score", []), ("denoise", ["--out", tmp_path / "d.npy"])):
+        r = run(cmd, "-c", cond_ckpt, tmp_path / "pixels.npy", *extra)
+        assert r.exit_code == 0 and "warning" in r.stderr and "uint8" in r.stderr, (cmd, r.stderr)
+        r = run(cmd, "-c", cond_ckpt, tmp_path / "model.npy", *extra)
+        assert r.exit_code == 0 and "warning" not in r.stderr, (cmd, r.stderr)
