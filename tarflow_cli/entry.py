@@ -19,9 +19,10 @@ EXIT_INTERRUPTED = 130
 
 
 def _quit_while_loading(signum, frame) -> None:
-    try:
-        sys.stderr.write("interrupted\n")
-        sys.stderr.flush()
+    try:  # straight to the descriptor: the signal may land while sys.stderr is mid-write (a warning)
+        os.write(2, b"interrupted\n")
+    except OSError:
+        pass
     finally:
         os._exit(EXIT_INTERRUPTED)
 

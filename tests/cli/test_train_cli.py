@@ -229,3 +229,24 @@ def test_resume_with_a_missing_or_foreign_run_config(tmp_path):
     assert_user_error(run("--resume", tmp_path / "run"), str(conf), "no 'train' settings")
     conf.unlink()
     assert_user_error(run("--resume", tmp_path / "run"), "has checkpoints but no config.json", "--ckpt")
+
+
+def test_interrupt_while_loading_is_told_even_when_stderr_is_busy():
+    """The loading-time handler runs between any two bytecodes, also while sys.stderr is in the
+    middle of writing a warning (its buffer is then locked): "interrupted" must still come out."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import signal, sys\n"
+            "from tarflow_cli import entry\n"
+            "class Busy:\n"
+            "    def write(self, s): raise RuntimeError('reentrant call inside <_io.BufferedWriter>')\n"
+            "    def flush(self): raise RuntimeError('reentrant call')\n"
+            "sys.stderr = Busy()\n"
+            "entry._quit_while_loading(signal.SIGINT, None)\n")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stderr == "interrupted\n"
