@@ -18,11 +18,11 @@ from tarflow_core.sampling import GUIDE_WHAT, PRECISIONS, SAMPLERS
 
 from ..console import UsageError
 from ..io import read_labels
-from .numbers import FINITE, finite_float
+from .numbers import FINITE, finite_float, seed_int
 
 CkptOpt = Annotated[str, typer.Option("--ckpt", "-c", help="Run directory (its latest checkpoint), native checkpoint directory, or reference .pth file.", envvar="TARFLOW_CKPT", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed and options give the same output.")]
+SeedOpt = Annotated[int, typer.Option("--seed", parser=seed_int, help="Random seed: same seed and options give the same output.")]
 PatchOpt = Annotated[Optional[int], typer.Option("--patch-size", min=1, help="Patch size of a reference .pth whose file name does not give it.", show_default=False)]
 ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Use class K for every image (class-conditional models).", show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Per-image class labels: a .npy of integers.", show_default=False)]

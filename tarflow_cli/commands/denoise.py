@@ -14,7 +14,7 @@ from ..console import info, to_stdout, user_errors
 from ..io import check_output, read_inputs, write_output
 from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
                      resolve_device, resolve_labels)
-from .numbers import FINITE
+from .numbers import FINITE, seed_int
 from .score import _check_shape, _warn_if_not_model_space
 
 
@@ -29,7 +29,7 @@ def denoise(
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; the step itself draws nothing random.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", parser=seed_int, help="Accepted like every command's; the step itself draws nothing random.")] = 0,
 ) -> None:
     """Denoise images with one step along the model's score.
 

@@ -29,3 +29,17 @@ def finite_float(minimum: float | None = None, maximum: float | None = None) -> 
 
 
 FINITE = finite_float()
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's generators take
+
+
+def seed_int(text: str) -> int:
+    """A typer `parser=` for --seed: a whole number torch can seed with (a larger one was an overflow
+    traceback deep in the sampler)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"expected a whole number, got {text!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise typer.BadParameter(f"{text} is outside the seeds torch takes, -2**63 to 2**64 - 1")
+    return value

@@ -442,3 +442,10 @@ def test_float_inputs_far_outside_model_space_are_warned_about(cond_ckpt, tmp_pa
         assert r.exit_code == 0 and "warning" in r.stderr and "uint8" in r.stderr, (cmd, r.stderr)
         r = run(cmd, "-c", cond_ckpt, tmp_path / "model.npy", *extra)
         assert r.exit_code == 0 and "warning" not in r.stderr, (cmd, r.stderr)
+
+
+@pytest.mark.parametrize("command", ["sample", "score", "denoise", "eval"])
+def test_a_seed_torch_cannot_take_is_a_usage_error(cond_ckpt, command):
+    """--seed 2**70 used to end in 'Overflow when unpacking long long' from the generator."""
+    assert_user_error(run(command, "-c", cond_ckpt, *(["-"] if command in ("score", "denoise") else []),
+                          "--seed", 2**70), "--seed", str(2**70))
