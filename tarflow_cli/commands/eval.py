@@ -250,6 +250,11 @@ def _training_data(ck) -> str:
     """The data source a checkpoint records, when it can be opened here; else ask for --data."""
     source = (ck.data or {}).get("source")
     if source is None:
+        channels = ck.config.in_channels
+        if channels != 1:
+            raise UsageError(f"--data: give the data to evaluate on (checkpoint {ck.path} does not record its "
+                             f"training data, and a model of {channels}-channel images is not one of the "
+                             "embedded grayscale digits)")
         info(f"note: checkpoint {ck.path} does not record its training data; evaluating on digits (give --data)")
         return "digits"
     if source == "digits" or Path(source).expanduser().exists():

@@ -54,7 +54,7 @@ def info(
         noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(noise.get("type"), "unknown")
         rows = [
             ("checkpoint", f"{ck.path} ({ck.kind})"),
-            ("architecture", f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} heads of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}"),
+            ("architecture", f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}"),
             ("parameters", f"{summary['parameters']:,}"),
             ("data shape", f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}"),
             ("classes", str(cfg.num_classes) if cfg.num_classes else "unconditional"),

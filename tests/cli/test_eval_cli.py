@@ -231,3 +231,11 @@ def test_default_data_is_what_the_checkpoint_was_trained_on(tmp_path):
 ])
 def test_options_the_chosen_metrics_never_read_are_refused(uncond_ckpt, args, needles):
     assert_user_error(run("--ckpt", uncond_ckpt, "--device", "cpu", *args), *needles)
+
+
+def test_a_colour_model_that_records_no_data_asks_for_data(tmp_path):
+    """The digits fallback is for grayscale models only: an RGB model (e.g. a published .pth) on
+    digits copied into three channels would print numbers that mean nothing."""
+    path = tmp_path / "rgb"
+    save_checkpoint(path, tiny_model(seed=1, dtype=torch.float32, in_channels=3), step=1)
+    assert_user_error(run("--ckpt", path, "--device", "cpu"), "--data", "does not record", "3-channel")
