@@ -36,10 +36,20 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch's generators take
 def seed_int(text: str) -> int:
     """A typer `parser=` for --seed: a whole number torch can seed with (a larger one was an overflow
     traceback deep in the sampler)."""
+    return _seed_in(text, SEED_MIN, SEED_MAX, "-2**63 to 2**64 - 1")
+
+
+def train_seed_int(text: str) -> int:
+    """`parser=` for train's --seed: training derives per-rank and per-stream seeds by adding small
+    offsets, so it keeps well inside torch's range."""
+    return _seed_in(text, -(2**62), 2**62, "-2**62 to 2**62")
+
+
+def _seed_in(text: str, lowest: int, highest: int, shown: str) -> int:
     try:
         value = int(text)
     except (TypeError, ValueError):
         raise typer.BadParameter(f"expected a whole number, got {text!r}") from None
-    if not SEED_MIN <= value <= SEED_MAX:
-        raise typer.BadParameter(f"{text} is outside the seeds torch takes, -2**63 to 2**64 - 1")
+    if not lowest <= value <= highest:
+        raise typer.BadParameter(f"{text} is outside the seeds this command takes, {shown}")
     return value

@@ -14,7 +14,7 @@ import torch
 import typer
 
 from .common import limit_cpu_threads_when_busy
-from .numbers import FINITE
+from .numbers import FINITE, train_seed_int
 from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset as get_preset
 
 UI_CHOICES = ("tui", "rich", "plain")
@@ -86,7 +86,7 @@ def train(
     num_samples: Annotated[Optional[int], _opt("Images in each sample grid.", "--num-samples")] = None,
     eval_images: Annotated[Optional[int], _opt("Held-out images per evaluation.", "--eval-images")] = None,
     workers: Annotated[Optional[int], _opt("Data loader worker processes.", "--workers")] = None,
-    seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed")] = None,
+    seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed", parser=train_seed_int)] = None,
     device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
     run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
     resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile may change.", "--resume")] = None,
@@ -195,7 +195,7 @@ def _fail(message: str, code: int) -> None:
 
 def _pick_ui(ui: str | None) -> str:
     if ui is None:  # the dashboard on an interactive terminal, plain log lines for scripts and logs
-        interactive = sys.stdin.isatty() and sys.stdout.isatty() and sys.stderr.isatty()
+        interactive = all(s is not None and s.isatty() for s in (sys.stdin, sys.stdout, sys.stderr))
         single = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
         if interactive and single:
             return "tui"

@@ -250,3 +250,15 @@ def test_interrupt_while_loading_is_told_even_when_stderr_is_busy():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stderr == "interrupted\n"
+
+
+def test_a_seed_the_run_cannot_derive_its_streams_from_is_a_usage_error(tmp_path):
+    assert_user_error(run("--seed", 2**64, "--max-steps", 1, "--run-dir", tmp_path / "r"), "--seed", "2**62")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_ui_choice_survives_closed_standard_streams(monkeypatch):
+    from tarflow_cli.commands import train as train_cmd
+
+    monkeypatch.setattr(train_cmd.sys, "stdin", None)
+    assert train_cmd._pick_ui(None) in ("rich", "plain")
