@@ -15,6 +15,17 @@ def at_least_f32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def as_number(name: str, value) -> float:
+    """An option given as a Python, numpy or one-element tensor number, as a float; TypeError naming
+    the option for anything else (strings included)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number (got {value!r})")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number (got {value!r})") from None
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, T, C*p*p): raster-order patches, each flattened channel-major."""
     B, C, H, W = x.shape

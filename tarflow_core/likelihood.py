@@ -10,8 +10,8 @@ from .model import TarFlow
 
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x) in nats per sample: prior N(0, var) of z plus every block's log-determinant."""
-    model.check_labels(y)
-    z, logdet = model(x, y)
+    x = model.images(x)
+    z, logdet = model(x, model.labels(y, x.shape[0]))
     return flow.gaussian_log_prob(flow.at_least_f32(z), model.var) + logdet
 
 
@@ -23,6 +23,9 @@ def nll(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch
 def bpd(model: TarFlow, x_uint8: torch.Tensor, y: torch.Tensor | None = None, *,
         generator: torch.Generator | None = None, samples: int = 1) -> torch.Tensor:
     """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws)."""
+    if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
+        raise TypeError(f"bpd scores 8-bit images: x_uint8 must be a uint8 tensor, got "
+                        f"{getattr(x_uint8, 'dtype', type(x_uint8).__name__)} (model-space images: use nll)")
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
     for _ in range(samples):
         x = flow.dequantize_uniform(x_uint8, generator=generator).to(model.var.dtype)
@@ -53,8 +56,12 @@ def classify(model: TarFlow, x: torch.Tensor, log_prior: torch.Tensor | None = N
 def denoise(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *,
             sigma: float, lr_scale: float = 1.0) -> torch.Tensor:
     """One score step: x + lr_scale * sigma^2 * grad_x log p(x) (Tweedie's formula at lr_scale 1)."""
+    flow.as_number("lr_scale", lr_scale)
+    if not 0 <= flow.as_number("sigma", sigma) < float("inf"):
+        raise ValueError(f"sigma must be >= 0 and finite (got {sigma})")
     with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        y = y.clone() if y is not None else None
+        xg = model.images(x).detach().clone().requires_grad_(True)
+        y = model.labels(y, xg.shape[0])
+        y = y.clone() if y is not None else None  # an inference tensor cannot enter autograd
         (grad,) = torch.autograd.grad(log_prob(model, xg, y).sum(), xg)
     return (xg + (lr_scale * sigma**2) * grad).detach()

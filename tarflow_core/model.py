@@ -159,17 +159,67 @@ class TarFlow(nn.Module):
             outputs.append(tokens)
         return tokens, logdet, outputs
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] scale -> (z (B, T, D), log|det dz/dx| (B,) in nats)."""
+    def forward(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] scale -> (z (B, T, D), log|det dz/dx| (B,) in nats).
+
+        `y`: labels as in `labels` (a tensor, list, array or one int for the whole batch); their
+        range is checked in eval mode only (a host read the training step does without)."""
+        x = self.images(x)
+        y = self.labels(y, x.shape[0], check=not self.training)
         z, logdet, _ = self.forward_tokens(self.patchify(x), y)
         return z, logdet
 
-    def sample(self, noise: torch.Tensor, y: torch.Tensor | None = None, **options) -> torch.Tensor:
+    def images(self, x) -> torch.Tensor:
+        """Check model-space images `x` against the architecture: (B, C, H, W) floating point; moved
+        to the model's device and dtype (as sampling does with its noise)."""
+        c = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor of images (B, {c.in_channels}, {c.img_size}, {c.img_size}), "
+                            f"got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be floating-point images in [-1, 1] scale, got {x.dtype} "
+                            "(8-bit images: tarflow_core.flow.uint8_to_model)")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
+            raise ValueError(f"x must have shape (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
+        return x.to(self.var.device, self.proj_dtype)
+
+    @property
+    def proj_dtype(self) -> torch.dtype:
+        """The dtype of the weights (inputs are cast to it; autocast still decides the products')."""
+        return self.blocks[0].proj_in.weight.dtype if len(self.blocks) else self.var.dtype
+
+    def sample(self, noise: torch.Tensor, y=None, **options) -> torch.Tensor:
         """Prior noise (B, T, D) -> images (B, C, H, W); options as `tarflow_core.sampling.sample`."""
         from .sampling import sample
 
-        self.check_labels(y)
         return sample(self, noise, y, **options)
+
+    def labels(self, y, batch: int, *, check: bool = True) -> torch.Tensor | None:
+        """Labels for a batch of `batch` images as a (batch,) int64 tensor on the model's device, or
+        None (no labels, or an unconditional model, which ignores them).
+
+        `y`: None, one int (the whole batch), or a tensor, list or array of integers, one per image;
+        -1 is the dropped label (the mean class embedding). `check`: also refuse values outside
+        -1..K-1 (one host read)."""
+        if y is None or self.config.num_classes == 0:
+            return None
+        if not isinstance(y, torch.Tensor):
+            try:
+                y = torch.as_tensor(y)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"labels y must be integers (a tensor, list, array or int), got {type(y).__name__} "
+                                f"({e})") from None
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"labels y must be integers, got {y.dtype}")
+        if y.dim() == 0:
+            y = y.expand(batch)
+        elif y.dim() != 1 or y.shape[0] != batch:
+            raise ValueError(f"labels y must be one label per image, shape ({batch},), or a single int; "
+                             f"got shape {tuple(y.shape)}")
+        y = y.to(self.var.device, torch.long)
+        if check:
+            self.check_labels(y)
+        return y
 
     def check_labels(self, y: torch.Tensor | None) -> None:
         """Refuse labels outside -1..K-1 (-1: no class, the mean embedding) on a conditional model
@@ -178,7 +228,7 @@ class TarFlow(nn.Module):
         if y is None or K == 0 or y.numel() == 0:
             return
         if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"labels must be integers, got {y.dtype}")
+            raise TypeError(f"labels y must be integers, got {y.dtype}")
         lo, hi = int(y.min()), int(y.max())
         if lo < -1 or hi >= K:
             raise ValueError(f"labels must be in -1..{K - 1} (-1: no class), got values from {lo} to {hi}")

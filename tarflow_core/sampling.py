@@ -17,6 +17,7 @@ import torch
 
 from .block_runner import BlockRunner
 from .cuda_graphs import Replay, graph_pool, use_graphs
+from .flow import as_number
 from .inversion import InversionStats, bucket_span, invert_segments, invert_sequential, invert_sequential_static
 from .likelihood import denoise
 from .model import FlowBlock, TarFlow
@@ -34,12 +35,13 @@ class SamplingError(RuntimeError):
 
 
 def check_options(guidance: float, guide_what: str, attn_temp: float, sampler: str) -> None:
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0 (got {guidance})")
+    guidance, attn_temp = as_number("guidance", guidance), as_number("attn_temp", attn_temp)
+    if not 0 <= guidance < float("inf"):
+        raise ValueError(f"guidance must be >= 0 and finite (got {guidance})")
     if guide_what not in GUIDE_WHAT:
         raise ValueError(f"guide_what must be one of {', '.join(GUIDE_WHAT)} (got {guide_what!r})")
-    if not attn_temp > 0:
-        raise ValueError(f"attention temperature must be > 0 (got {attn_temp})")
+    if not 0 < attn_temp < float("inf"):
+        raise ValueError(f"attn_temp (attention temperature) must be > 0 and finite (got {attn_temp})")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
 
@@ -91,9 +93,16 @@ def sample(
     CPUs, DEFAULT_CHECK_EVERY_CUDA on CUDA), so the host waits for the device only then.
     """
     check_options(guidance, guide_what, attn_temp, sampler)
+    guidance, attn_temp = float(guidance), float(attn_temp)
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0 (got {tol})")
     cfg = model.config
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a tensor of shape (N, {cfg.num_patches}, {cfg.token_dim}), "
+                        f"got {type(noise).__name__}")
     if noise.dim() != 3 or tuple(noise.shape[1:]) != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must have shape (N, {cfg.num_patches}, {cfg.token_dim}), got {tuple(noise.shape)}")
+    y = model.labels(y, noise.shape[0])
     guide = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
     device = model.var.device
     graphed = use_graphs(device, cuda_graphs)
@@ -109,12 +118,16 @@ def sample(
     # so autocast is switched off inside: nothing is cast behind its back, also under graph capture
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         x = noise.to(device, model.var.dtype) * model.var.sqrt()
+        if x.shape[0] == 0:
+            return model.unpatchify(x).clone()
         per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype)
         pool = graph_pool(graphed)
         for i, block in enumerate(reversed(model.blocks)):
             x = invert_block(block, x, y, segment=per_block[i], tol=tol, check_every=check_every,
                              stats=stats, graphed=graphed, pool=pool, dtype=dtype, **guide)
-        return model.unpatchify(x)
+        images = model.unpatchify(x)
+    # a plain tensor, not an inference tensor: callers may go on to use the images under autograd
+    return images if torch.is_inference_mode_enabled() else images.clone()
 
 
 def _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype) -> list[int]:
