@@ -183,7 +183,8 @@ class LineChart(Widget):
             return Text("\n".join(lines), style="dim", no_wrap=True, overflow="crop")
         y_lo, y_hi = y_range
         rows = [0, (h - 1) // 2, h - 1] if h >= 7 else ([0, h - 1] if h >= 2 else [0])
-        ticks = [y_hi - (y_hi - y_lo) * r / max(1, h - 1) for r in rows]
+        # measured up from the bottom, so the bottom tick is y_lo exactly (0, not -1.1e-13)
+        ticks = [y_lo + (y_hi - y_lo) * (h - 1 - r) / max(1, h - 1) for r in rows]
         labels = dict(zip(rows, axis_labels(ticks)))
         lw = max(len(s) for s in labels.values()) + 1
         pw = w - lw - 1  # plot width in cells (one column for the axis)

@@ -1,0 +1,50 @@
+"""Single charts on their own, as they are drawn: axis labels and titles."""
+
+from __future__ import annotations
+
+from textual.app import App, ComposeResult
+
+from tarflow_cli.tui.state import Series
+from tarflow_cli.tui.widgets.line_chart import Line, LineChart
+
+from .helpers import run_async, screen_text, wait_until
+
+
+class ChartApp(App[None]):
+    def __init__(self, chart: LineChart, data: dict):
+        super().__init__()
+        self.chart, self.data = chart, data
+
+    def compose(self) -> ComposeResult:
+        yield self.chart
+
+    def on_mount(self) -> None:
+        self.chart.set_data(self.data)
+
+
+def series(points) -> Series:
+    s = Series()
+    for step, value in points:
+        s.add(step, value)
+    return s
+
+
+def axis_labels_on_screen(text: str) -> list[str]:
+    return [row.split("┤")[0].strip() for row in text.splitlines() if "┤" in row]
+
+
+@run_async
+async def test_a_chart_that_starts_at_zero_labels_its_bottom_0_at_every_height():
+    # images/s of a run whose last step was cut short: the range starts at 0, and the bottom
+    # label must say 0, not a rounding residue such as -1.1e-13
+    speeds = series([(s, 940.0 - (s % 7)) for s in range(25, 700, 25)] + [(700, 33.1)])
+    app = ChartApp(LineChart("img/s", (Line("images_per_s", "", "green"),), id="c"),
+                   {"images_per_s": speeds})
+    async with app.run_test(size=(30, 24)) as pilot:
+        for height in range(2, 25):
+            await pilot.resize_terminal(30, height)
+            await wait_until(pilot, lambda: len(screen_text(app).splitlines()) == height
+                             and "┤" in screen_text(app), what=f"height {height}")
+            labels = axis_labels_on_screen(screen_text(app))
+            assert labels[-1] == "0", (height, labels)
+            assert not any("e-1" in label for label in labels), (height, labels)
