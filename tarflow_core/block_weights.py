@@ -14,8 +14,9 @@ not timed at run time, so that the same seed gives the same images in every run:
 layouts round differently (images differ by ~1e-5, enough to move some 8-bit pixels).
 
 Prepared weights are cached per block and reused while its parameters are the same tensors at
-the same version (optimizer steps, EMA updates and `load_state_dict` bump it; writes through
-`.data` do not), so a CLI run drawing many batches prepares them once. Only CPU preparations are
+the same version and storage (optimizer steps, EMA updates and `load_state_dict` bump the
+version; `vector_to_parameters` and `p.data = t` change the storage; in-place writes through
+`p.data` are the one change not seen), so a CLI run drawing many batches prepares them once. Only CPU preparations are
 cached (on GPUs the weights are views, or casts, cheap there), and not for parameters created
 under `torch.inference_mode`, which have no version counter.
 """
@@ -115,7 +116,9 @@ def _cached(block: FlowBlock, key, make: Callable):
     params = list(block.parameters())
     if any(p.is_inference() for p in params):  # made under inference_mode: no version counter to watch
         return make()
-    state = [(weakref.ref(p), p._version) for p in params]
+    # the storage address too: `vector_to_parameters` and `p.data = ...` swap a parameter's
+    # tensor without bumping its version
+    state = [(weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.shape) for p in params]
     with _LOCK:
         entries = _CACHE.setdefault(block, {})
         hit = entries.pop(key, None)
@@ -128,7 +131,7 @@ def _cached(block: FlowBlock, key, make: Callable):
 
 
 def _same_state(old: list[tuple], new: list[tuple]) -> bool:
-    return len(old) == len(new) and all(ref() is nref() and v == nv for (ref, v), (nref, nv) in zip(old, new))
+    return len(old) == len(new) and all(o[0]() is n[0]() and o[1:] == n[1:] for o, n in zip(old, new))
 
 
 def _prepare(block: FlowBlock, dtype: torch.dtype) -> BlockWeights:

@@ -162,3 +162,20 @@ def test_bpd_and_redraws_follow_the_model_dtype(monkeypatch):
     result = sampling.generate(model, 2, generator=torch.Generator().manual_seed(0),
                                noise=torch.randn(2, c.num_patches, c.token_dim, dtype=torch.float64))
     assert result.redrawn == 1 and torch.isfinite(result.images).all()
+
+
+def test_sampling_sees_weights_swapped_without_a_version_bump():
+    """The prepared-weights cache must not serve the old weights after `vector_to_parameters` or
+    `p.data = t` (neither bumps the parameters' version counters)."""
+    source, target = tiny_model(seed=1, num_classes=3), tiny_model(seed=2, num_classes=3)
+    noise, y = torch.randn(2, 4, 4, dtype=torch.float64), torch.tensor([0, 2])
+    want = sample(source, noise, y, guidance=1.0)
+    sample(target, noise, y, guidance=1.0)  # prepares and caches target's own weights
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(source.parameters()),
+                                        target.parameters())
+    assert torch.equal(sample(target, noise, y, guidance=1.0), want)
+    other = tiny_model(seed=3, num_classes=3)
+    sample(other, noise, y, guidance=1.0)
+    for p, q in zip(other.parameters(), source.parameters()):
+        p.data = q.detach().clone()
+    assert torch.equal(sample(other, noise, y, guidance=1.0), want)
