@@ -211,9 +211,10 @@ class DashboardApp(App[None]):
     def _update(self, changed: set[str]) -> None:
         state = self.state
         self.query_one(RunHeader).show(state, self.clock())
-        if "charts" in changed or not changed:
-            for chart in self.query(LineChart):
+        for chart in self.query(LineChart):
+            if "charts" in changed or not changed:
                 chart.set_data(state.series)
+            chart.set_ended(state.status in FINAL)
         view = self.query_one(SampleView)
         view.set_waiting_note(sample_note(state))  # follows the step and the run's end
         if "samples" in changed:

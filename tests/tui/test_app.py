@@ -303,3 +303,28 @@ async def test_a_run_that_failed_before_its_first_sample_read_afterwards(tmp_pat
         assert app.query_one(SampleView).waiting_note.startswith("the run failed at step 12, before its first")
         await wait_until(pilot, lambda: "the run failed at step 12" in _sample_panel(app), what="the note")
         assert "comes at step" not in screen_text(app)
+
+
+@run_async
+async def test_a_run_that_failed_before_its_first_logged_step_has_charts_that_wait_for_nothing(tmp_path):
+    # `tarflow train --lr 1e6`: five skipped steps, then `end` failed, before any `train` event
+    run = tmp_path / "diverged"
+    run.mkdir()
+    lines = [start_event(max_steps=300)]
+    lines += [{"time": T0 + s, "kind": "warning", "step": s, "reason": "nonfinite",
+               "message": f"non-finite loss or gradient at step {s}: step skipped ({s - 2} in a row)"}
+              for s in range(3, 8)]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.warnings == 5, what="the warnings")
+        await wait_until(pilot, lambda: screen_text(app).count("waiting for data") == 4, what="empty charts")
+        append(run, {"time": T0 + 9, "kind": "end", "step": 7, "status": "failed",
+                     "reason": "5 consecutive steps had non-finite loss or gradients (last at step 7)"})
+        await wait_until(pilot, lambda: app.state.status == "failed", what="the end event")
+        await wait_until(pilot, lambda: "waiting for data" not in screen_text(app), what="charts told")
+        assert screen_text(app).count("no data") == 4
+        # read again with r: waiting again until the events come back, then "no data" again
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.state.status == "failed", what="the events read again")
+        await wait_until(pilot, lambda: screen_text(app).count("no data") == 4, what="charts told again")

@@ -75,6 +75,7 @@ class LineChart(Widget):
         self.lines = tuple(lines)
         self.trim_start = trim_start
         self._data: Mapping[str, object] = {}
+        self._ended = False  # the run has ended: no data is coming any more
         self._version = 0
         self._cache: tuple[tuple, Text] | None = None
         self.border_title = title
@@ -85,6 +86,13 @@ class LineChart(Widget):
         self._version += 1
         self._update_titles()
         self.refresh()
+
+    def set_ended(self, ended: bool) -> None:
+        """Whether the run has ended (an empty chart then says "no data", not "waiting for data")."""
+        if ended != self._ended:
+            self._ended = ended
+            self._version += 1
+            self.refresh()
 
     def _series(self, key: str) -> tuple[Sequence[float], Sequence[float]]:
         s = self._data.get(key)
@@ -177,7 +185,7 @@ class LineChart(Widget):
         x_lo, x_hi = self._x_range()
         y_range = self._y_range(x_lo, x_hi)
         if y_range is None:
-            msg = "waiting for data"
+            msg = "no data" if self._ended else "waiting for data"
             pad = max(0, (w - len(msg)) // 2)
             lines = [""] * (h // 2) + [" " * pad + msg]
             return Text("\n".join(lines), style="dim", no_wrap=True, overflow="crop")
