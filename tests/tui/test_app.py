@@ -324,6 +324,9 @@ async def test_a_run_that_failed_before_its_first_logged_step_has_charts_that_wa
         await wait_until(pilot, lambda: app.state.status == "failed", what="the end event")
         await wait_until(pilot, lambda: "waiting for data" not in screen_text(app), what="charts told")
         assert screen_text(app).count("no data") == 4
+        # the header keeps the warning count in sight beside the long reason (cut short)
+        head = screen_text(app).splitlines()[1]
+        assert "warnings 5" in head and "reason 5 consecutive steps" in head, head
         # read again with r: waiting again until the events come back, then "no data" again
         await pilot.press("r")
         await wait_until(pilot, lambda: app.state.status == "failed", what="the events read again")

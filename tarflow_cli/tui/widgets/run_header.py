@@ -97,6 +97,8 @@ class RunHeader(Widget):
             two.append(value, style=style)
 
         part("elapsed", format_duration(state.elapsed(now)))
+        if state.warnings:  # before the end reason, which is cut to the width and leaves no room
+            part("warnings", str(state.warnings), "yellow")
         if state.status in ("interrupted", "failed") and state.end_reason:
             part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow", cut=True)
         if state.status == "running":
@@ -105,8 +107,6 @@ class RunHeader(Widget):
             quiet = state.quiet_for(now)
             if quiet is not None and quiet > quiet_after:
                 part("quiet", format_duration(quiet), "bold yellow")
-        if state.warnings:
-            part("warnings", str(state.warnings), "yellow")
         if state.device:
             part("device", state.device)
         if state.memory:
