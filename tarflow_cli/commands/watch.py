@@ -42,6 +42,9 @@ def watch(
     """
     if run_dir.exists() and not run_dir.is_dir() and run_dir.suffix != ".jsonl":
         fail(f"{run_dir} is a file; expected a run directory or its events.jsonl")
+    why = not_a_run(run_dir)
+    if why:
+        fail(why)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         fail("tarflow watch needs an interactive terminal; to follow a run in a script or a log, use "
              f"tail -f {run_dir / 'events.jsonl' if run_dir.suffix != '.jsonl' else run_dir}")
@@ -54,3 +57,46 @@ def watch(
     if note:
         info(f"note: {note}")
     make_app(run_dir, poll=poll, graphics=kind).run()
+
+
+# what `tarflow train` puts in a run directory (config.json comes first, events.jsonl next)
+RUN_FILES = ("events.jsonl", "config.json", "checkpoints", "samples")
+
+
+def not_a_run(path: Path) -> str | None:
+    """Why `path` can never be watched (one sentence), or None: it is a run, or may become one.
+
+    A path that does not exist yet, or an empty directory, may still become a run (the
+    dashboard waits); a folder of runs (`runs/`), a directory holding other things and none of
+    what `train` writes, or a path below a file, never will."""
+    directory = path.parent if path.suffix == ".jsonl" and not path.is_dir() else path
+    for above in (directory, *directory.parents):
+        if above.exists():
+            if not above.is_dir():
+                return f"{path} cannot be a run directory: {above} is a file"
+            break
+    if not directory.is_dir():
+        return None  # not there yet: the dashboard waits for it
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as e:
+        return f"cannot read {directory}: {e.strerror or e}"
+    names = {e.name for e in entries}
+    if names & set(RUN_FILES):
+        return None
+    runs = [e.name for e in entries if (e / "events.jsonl").is_file()]
+    if runs:
+        shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        newest = max(runs, key=lambda name: _mtime(directory / name / "events.jsonl"))
+        return (f"{directory} is a folder of runs, not a run: watch one of them, "
+                f"e.g. tarflow watch {directory / newest} (the newest; {len(runs)} there: {shown})")
+    if entries:
+        return f"{directory} is not a run directory: it has no events.jsonl (nor config.json, checkpoints/ or samples/)"
+    return None  # empty: a run may be about to start in it
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

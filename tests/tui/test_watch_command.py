@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from typer.testing import CliRunner
 
@@ -28,3 +30,42 @@ def test_a_file_that_is_not_an_events_file(tmp_path):
 def test_help_mentions_the_keys():
     result = CliRunner().invoke(app, ["watch", "--help"])
     assert result.exit_code == 0 and "q quit" in result.output
+
+
+def test_a_folder_of_runs_names_them_instead_of_waiting(tmp_path):
+    # `tarflow watch runs` (the parent folder) used to wait forever for runs/events.jsonl
+    for name, mtime in (("tiny-a", 2_000_000_000), ("tiny-b", 1_000_000_000)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "events.jsonl").write_text('{"kind": "start"}\n')
+        os.utime(tmp_path / "runs" / name / "events.jsonl", (mtime, mtime))
+    result = CliRunner().invoke(app, ["watch", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "is a folder of runs, not a run" in out and "2 there: tiny-a, tiny-b" in out
+    assert f"e.g. tarflow watch {tmp_path / 'runs' / 'tiny-a'} (the newest" in out
+    assert "interactive terminal" not in out
+
+
+def test_a_directory_that_is_not_a_run(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    result = CliRunner().invoke(app, ["watch", str(other)])
+    assert result.exit_code == 2 and "is not a run directory: it has no events.jsonl" in " ".join(result.output.split())
+
+
+def test_a_path_below_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = CliRunner().invoke(app, ["watch", str(tmp_path / "notes.txt" / "run")])
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_what_may_still_become_a_run_is_waited_for(tmp_path):
+    # not there yet, an empty directory, or one where train has written only config.json:
+    # accepted (here refused only for want of a terminal, after the checks above)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "starting").mkdir()
+    (tmp_path / "starting" / "config.json").write_text("{}")
+    for path in (tmp_path / "new", tmp_path / "empty", tmp_path / "starting", tmp_path / "new" / "events.jsonl"):
+        result = CliRunner().invoke(app, ["watch", str(path)])
+        assert result.exit_code == 2 and "interactive terminal" in result.output, (path, result.output)
