@@ -8,6 +8,7 @@ so Jacobi loses there; sequential is also exact and gives run-to-run identical i
 
 from __future__ import annotations
 
+import numbers
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -299,6 +300,18 @@ def generate(
     float32, as the published code samples) or auto (bf16 on CUDA, fp32 elsewhere)."""
     cfg = model.config
     device = model.var.device
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 0:
+        raise ValueError(f"num must be a whole number >= 0 (got {num!r})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 (got {batch_size!r})")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a tensor (N, {cfg.num_patches}, {cfg.token_dim}), got {type(noise).__name__}")
+        if noise.dim() != 3 or tuple(noise.shape) != (num, cfg.num_patches, cfg.token_dim):
+            raise ValueError(f"noise must have shape ({num}, {cfg.num_patches}, {cfg.token_dim}) for num={num}, "
+                             f"got {tuple(noise.shape)}")
+    if labels is not None and cfg.conditional:
+        labels = model.labels(labels, num).cpu()  # one per image (or one int for all), range checked
     precision = resolve_precision(precision, device)
     if precision == "bf16" and model.var.dtype != torch.float32:
         raise ValueError(f"bf16 sampling runs a float32 model under autocast; this model is {model.var.dtype}")
@@ -323,7 +336,7 @@ def generate(
             options["segments"] = calibrate_segments(model, x0, y0, tol=options.get("tol"), **guide)
     stats = InversionStats()
     options["stats"] = stats
-    for start in range(0, num, batch_size):
+    for start in range(0, int(num), int(batch_size)):
         stop = min(num, start + batch_size)
         z = noise[start:stop].clone()
         yb = labels[start:stop].to(device) if labels is not None else None

@@ -128,3 +128,29 @@ def test_denoise_options_are_checked():
     with pytest.raises(ValueError, match="sigma"):
         denoise(model, x, sigma=float("nan"))
     assert torch.equal(denoise(model, x, sigma=np.float64(0.1)), denoise(model, x, sigma=0.1))
+
+
+def test_generate_takes_labels_in_any_form_and_refuses_mismatched_counts():
+    from tarflow_core import generate
+
+    model = tiny_model(num_classes=3)
+    c = model.config
+    noise = torch.randn(3, c.num_patches, c.token_dim, dtype=torch.float64)
+
+    def run(**kw):
+        return generate(model, 3, generator=torch.Generator().manual_seed(0), batch_size=2, noise=noise, **kw)
+
+    want = run(labels=torch.tensor([0, 2, 2]))
+    for form in ([0, 2, 2], np.array([0, 2, 2])):
+        got = run(labels=form)
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    assert torch.equal(run(labels=2).labels, torch.tensor([2, 2, 2]))
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 2, 0])):  # short was an IndexError, long was kept
+        with pytest.raises(ValueError, match="labels y"):
+            run(labels=bad)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        generate(model, 2, generator=torch.Generator(), noise=noise)
+    with pytest.raises(ValueError, match="num"):
+        generate(model, -1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, 2, generator=torch.Generator(), batch_size=0)
