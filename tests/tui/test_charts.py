@@ -48,3 +48,39 @@ async def test_a_chart_that_starts_at_zero_labels_its_bottom_0_at_every_height()
             labels = axis_labels_on_screen(screen_text(app))
             assert labels[-1] == "0", (height, labels)
             assert not any("e-1" in label for label in labels), (height, labels)
+
+
+def _bpd_chart_app(width: int):
+    bpd = series([(s, 7.5 - s / 1000) for s in range(25, 400, 25)])
+    held = series([(s, 6.9 - s / 1000) for s in range(100, 400, 100)])
+    chart = LineChart("bpd", (Line("bpd", "train", "cyan"), Line("eval_bpd", "held-out", "magenta")), id="c")
+    chart.styles.width = width
+    chart.styles.border = ("round", "white")
+    return ChartApp(chart, {"bpd": bpd, "eval_bpd": held})
+
+
+@run_async
+async def test_a_narrow_bpd_chart_keeps_both_values_on_its_border():
+    # at 60x18 the dashboard's bpd chart is 18 columns wide: its title was cut to "bpd ━ train…"
+    # and the held-out value was nowhere on screen
+    for width in (18, 20, 24, 40):
+        app = _bpd_chart_app(width)
+        async with app.run_test(size=(60, 10)) as pilot:
+            await wait_until(pilot, lambda: "┤" in screen_text(app), what="the chart")
+            rows = screen_text(app).splitlines()
+            top, bottom = rows[0][:width], rows[9][:width]
+            assert "bpd" in top and "7.12" in top, (width, top)
+            assert "6.60" in top + bottom, (width, top, bottom)
+            assert "…" not in top + bottom, (width, top, bottom)
+
+
+@run_async
+async def test_a_narrow_single_line_chart_drops_the_step_range_before_its_value():
+    loss = series([(s, -0.5 - s / 1000) for s in range(25, 200_001, 25)])
+    chart = LineChart("loss", (Line("loss", "", "cyan"),), id="c")
+    chart.styles.width, chart.styles.border = 17, ("round", "white")
+    app = ChartApp(chart, {"loss": loss})
+    async with app.run_test(size=(40, 10)) as pilot:
+        await wait_until(pilot, lambda: "┤" in screen_text(app), what="the chart")
+        rows = screen_text(app).splitlines()
+        assert "loss ━ -200" in rows[0] and "…" not in rows[0] + rows[9], rows

@@ -103,7 +103,7 @@ class LineChart(Widget):
     def _update_titles(self) -> None:
         """Latest values in the title, the step range in the subtitle. When that title does not
         fit the border, the legend is split: the first line's value stays in the title and the
-        others go to the subtitle (then without labels, as a last resort)."""
+        others go to the subtitle (then without labels; last, the values all go to the subtitle)."""
         parts, bare = [], []
         for ln in self.lines:
             _, values = self._series(ln.key)
@@ -120,6 +120,13 @@ class LineChart(Widget):
             candidates += [(f"{name} {parts[0]}", f"{rest}  {steps}" if steps else rest),
                            (f"{name} {parts[0]}", rest),
                            (f"{name} " + " ".join(bare), steps)]
+            rest_bare = " ".join(bare[1:])
+            candidates += [(f"{name} {bare[0]}", f"{rest_bare}  {steps}" if steps else rest_bare),
+                           (f"{name} {bare[0]}", rest_bare)]
+        else:
+            candidates.append((candidates[0][0], ""))  # the step range is the first to go
+        # last: the name alone in the title, the values on the bottom edge
+        candidates.append((name, " ".join(bare)))
         room = self.outer_size.width - 6  # corners, a rule and a space either side
         title, subtitle = candidates[0]
         if self.outer_size.width:
