@@ -12,6 +12,7 @@ is running (to start the training and post `TrainingDone` when it returns): see 
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,19 @@ CHARTS = (
 
 # below this size the panels would not fit: only the header, a notice and the footer are drawn
 MIN_WIDTH, MIN_HEIGHT = 40, 12
+
+
+def too_small_note(width: int, height: int) -> str:
+    """The notice drawn instead of the panels: the longest wording that fits the room between
+    the header (2 rows) and the footer, in whole words."""
+    rows, cols = max(1, height - 3), max(1, width - 2)  # padding: a column either side
+    notes = (f"terminal too small ({width}x{height}): the dashboard needs at least {MIN_WIDTH}x{MIN_HEIGHT}",
+             f"too small ({width}x{height}): needs {MIN_WIDTH}x{MIN_HEIGHT}",
+             f"needs {MIN_WIDTH}x{MIN_HEIGHT}")
+    for note in notes:
+        if len(textwrap.wrap(note, cols, break_long_words=False)) <= rows:
+            return note
+    return notes[-1]
 
 
 def sample_note(state: RunState) -> str:
@@ -137,8 +151,7 @@ class DashboardApp(App[None]):
         screen.set_class(height < 18, "-no-log")
         screen.set_class(tiny, "-tiny")
         if tiny:
-            self.query_one("#too-small", Static).update(
-                f"terminal too small ({width}x{height}): the dashboard needs at least {MIN_WIDTH}x{MIN_HEIGHT}")
+            self.query_one("#too-small", Static).update(too_small_note(width, height))
 
     def on_unmount(self) -> None:
         self._follow_stop.set()

@@ -111,3 +111,19 @@ async def test_small_terminals_drop_panels_cleanly(tmp_path):
         text = check_clean(app)
         assert shown(app, app.query_one(EventLog)) and "written while hidden" in log_text(app)
         assert "written while hidden" in text and "too small" not in text
+
+
+@run_async
+async def test_the_too_small_notice_is_never_cut(tmp_path):
+    # at 20x5 the notice was cut to "terminal too small / (20x5): the", its size demand lost
+    run = make_run(tmp_path, steps=100, finished=False)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 100, what="events")
+        for size in ((39, 11), (30, 8), (20, 5), (24, 6), (14, 4), (60, 5)):
+            await pilot.resize_terminal(*size)
+            await settle(pilot, app, size)
+            text = check_clean(app)
+            middle = " ".join(" ".join(text.splitlines()[2:-1]).split())
+            assert middle.endswith(f"needs {MIN_WIDTH}x{MIN_HEIGHT}") or \
+                middle.endswith(f"needs at least {MIN_WIDTH}x{MIN_HEIGHT}"), (size, text)
