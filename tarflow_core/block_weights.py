@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .flow import at_least_f32
 from .model import FlowBlock
 
 _ENTRIES_PER_BLOCK = 6  # cached preparations per block (dtypes, packed row counts)
@@ -157,8 +158,10 @@ def _step_linears(layer) -> tuple[torch.nn.Linear, ...]:
 
 def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
     att, mlp = layer.attention, layer.mlp
-    return (att.norm.weight.detach(), att.norm.bias.detach(), *_in_out(att.qkv, dtype), *_in_out(att.proj, dtype),
-            mlp.norm.weight.detach(), mlp.norm.bias.detach(), *_in_out(mlp.main[0], dtype),
+    # norms run in float32 for half-precision activations: a half-precision model's norm weights too
+    return (at_least_f32(att.norm.weight.detach()), at_least_f32(att.norm.bias.detach()), *_in_out(att.qkv, dtype),
+            *_in_out(att.proj, dtype), at_least_f32(mlp.norm.weight.detach()), at_least_f32(mlp.norm.bias.detach()),
+            *_in_out(mlp.main[0], dtype),
             *_in_out(mlp.main[2], dtype), att.norm.eps, mlp.norm.eps)
 
 

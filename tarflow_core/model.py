@@ -19,7 +19,9 @@ from .flow import at_least_f32
 
 def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm computed in (at least) float32 whatever the autocast dtype, cast back to the input's dtype."""
-    return F.layer_norm(at_least_f32(x), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+    # a half-precision model's norm weights are cast too (float32 and float64 ones stay as they are)
+    return F.layer_norm(at_least_f32(x), norm.normalized_shape, at_least_f32(norm.weight), at_least_f32(norm.bias),
+                        norm.eps).to(x.dtype)
 
 
 class Attention(nn.Module):

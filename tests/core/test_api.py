@@ -154,3 +154,17 @@ def test_generate_takes_labels_in_any_form_and_refuses_mismatched_counts():
         generate(model, -1, generator=torch.Generator())
     with pytest.raises(ValueError, match="batch_size"):
         generate(model, 2, generator=torch.Generator(), batch_size=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_a_half_precision_model_runs_forward_sampling_and_scoring(dtype, tol):
+    """model.to(torch.bfloat16): the norms run in float32 (their weights cast too; was a dtype error)."""
+    model = tiny_model(dtype=dtype, num_classes=3, var=True)
+    x = torch.rand(3, 1, 4, 4) * 2 - 1
+    z, logdet = model(x, [0, 1, 2])
+    assert z.dtype == dtype and logdet.dtype == torch.float32
+    for sampler in ("sequential", "jacobi"):
+        back = model.sample(z.float() / model.var.float().sqrt(), [0, 1, 2], sampler=sampler)
+        assert back.dtype == dtype and (back.float() - x).abs().max() < tol
+    assert torch.isfinite(nll(model, x, [0, 1, 2])).all()
+    assert torch.isfinite(denoise(model, x, [0, 1, 2], sigma=0.1).float()).all()
