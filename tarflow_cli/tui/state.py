@@ -78,10 +78,13 @@ class SampleGrid:
     num: int | None = None  # images in the grid (the rest of its last row is empty)
 
     def candidates(self, run_dir: Path) -> list[Path]:
-        """Where the file may be: as given, relative to the run directory, or in its samples/."""
+        """Where the file may be, the run directory first: relative to it, in its samples/, then
+        as given (a copied or moved run's events still name the original's files, which may
+        exist and differ, or be gone)."""
+        inside = run_dir / "samples" / self.path.name
         if self.path.is_absolute():
-            return [self.path, run_dir / "samples" / self.path.name]
-        return [run_dir / self.path, self.path, run_dir / "samples" / self.path.name]
+            return [inside, self.path]
+        return [run_dir / self.path, inside, self.path]
 
 
 _FINITE_MAX = 1.7976931348623157e308

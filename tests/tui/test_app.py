@@ -331,3 +331,38 @@ async def test_a_run_that_failed_before_its_first_logged_step_has_charts_that_wa
         await pilot.press("r")
         await wait_until(pilot, lambda: app.state.status == "failed", what="the events read again")
         await wait_until(pilot, lambda: screen_text(app).count("no data") == 4, what="charts told again")
+
+
+def _panel_colours(view) -> set:
+    """The background colours the sample panel draws (half blocks: one pixel each)."""
+    colours = set()
+    for y in range(view.size.height):
+        for seg in view.render_line(y):
+            if seg.style and seg.style.bgcolor and seg.text.strip():
+                colours.add(seg.style.bgcolor.get_truecolor())
+    return colours
+
+
+@run_async
+async def test_a_copied_run_shows_its_own_sample_grids_not_the_originals(tmp_path):
+    # the events of a copied run name the original's PNG; the copy's own grid must be shown
+    from PIL import Image
+
+    def grid(path, rgb):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), rgb).save(path)
+        return path
+
+    original = grid(tmp_path / "orig" / "samples" / "step-000010.png", (250, 0, 0))
+    copy = tmp_path / "copy"
+    grid(copy / "samples" / "step-000010.png", (0, 250, 0))
+    (copy / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
+        start_event(), train_event(10), {"time": T0 + 1, "kind": "sample", "step": 10, "path": str(original)})))
+    app = app_for(copy)
+    async with app.run_test(size=(80, 24)) as pilot:
+        view = app.query_one(SampleView)
+        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
+                         what="the grid")
+        await pilot.pause(0.05)
+        colours = _panel_colours(view)
+        assert (0, 250, 0) in {tuple(c) for c in colours} and (250, 0, 0) not in {tuple(c) for c in colours}, colours
