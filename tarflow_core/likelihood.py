@@ -26,10 +26,12 @@ def bpd(model: TarFlow, x_uint8: torch.Tensor, y: torch.Tensor | None = None, *,
     if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
         raise TypeError(f"bpd scores 8-bit images: x_uint8 must be a uint8 tensor, got "
                         f"{getattr(x_uint8, 'dtype', type(x_uint8).__name__)} (model-space images: use nll)")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a whole number >= 1 (got {samples!r})")
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
     for _ in range(samples):
         x = flow.dequantize_uniform(x_uint8, generator=generator).to(model.var.dtype)
-        total += flow.nats_to_bpd(nll(model, x, y)).to(total.dtype)
+        total += flow.nats_to_bpd(nll(model, x, y)).to(total)  # scored on the model's device
     return total / samples
 
 

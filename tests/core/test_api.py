@@ -168,3 +168,17 @@ def test_a_half_precision_model_runs_forward_sampling_and_scoring(dtype, tol):
         assert back.dtype == dtype and (back.float() - x).abs().max() < tol
     assert torch.isfinite(nll(model, x, [0, 1, 2])).all()
     assert torch.isfinite(denoise(model, x, [0, 1, 2], sigma=0.1).float()).all()
+
+
+def test_bpd_by_hand_and_its_sample_count():
+    import math
+
+    model = tiny_model(num_classes=3, var=True)
+    x8 = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    u = torch.rand(x8.shape, generator=torch.Generator().manual_seed(3))
+    x = ((x8.double() + u.double()) / 256 * 2 - 1)
+    by_hand = (nll(model, x, [0, 1]) + math.log(128)) / math.log(2)
+    got = bpd(model, x8, [0, 1], generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(got.double(), by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="samples"):
+        bpd(model, x8, [0, 1], samples=0)  # was a division by zero: NaN scores
