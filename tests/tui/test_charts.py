@@ -84,3 +84,20 @@ async def test_a_narrow_single_line_chart_drops_the_step_range_before_its_value(
         await wait_until(pilot, lambda: "┤" in screen_text(app), what="the chart")
         rows = screen_text(app).splitlines()
         assert "loss ━ -200" in rows[0] and "…" not in rows[0] + rows[9], rows
+
+
+@run_async
+async def test_a_constant_series_is_one_flat_line():
+    # a constant learning rate was drawn with its ends a dot lower than its middle (float noise
+    # in the per-column means, on a range centred on the value)
+    lr = series([(s, 0.002) for s in range(1, 200_001)])
+    app = ChartApp(LineChart("lr", (Line("lr", "", "yellow"),), id="c"), {"lr": lr})
+    async with app.run_test(size=(22, 6)) as pilot:
+        for width, height in ((22, 6), (22, 7), (30, 5), (40, 8), (60, 12)):
+            await pilot.resize_terminal(width, height)
+            await wait_until(pilot, lambda: tuple(app.size) == (width, height)
+                             and "┤" in screen_text(app), what=f"{width}x{height}")
+            plot = [row.split("┤")[-1] if "┤" in row else row.split("│")[-1]
+                    for row in screen_text(app).splitlines()]
+            dotted = [row for row in plot if any("\u2801" <= ch <= "\u28ff" for ch in row)]
+            assert len(dotted) == 1 and len(set(dotted[0].strip())) == 1, (width, height, plot)

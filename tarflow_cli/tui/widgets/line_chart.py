@@ -230,7 +230,9 @@ class LineChart(Widget):
             sums = np.bincount(xs, weights=values, minlength=dots_w)
             cols = np.nonzero(counts)[0]
             means = sums[cols] / counts[cols]
-            frac = np.clip((means - y_lo) / (y_hi - y_lo), 0.0, 1.0)
+            # rounded: float noise in the means must not move equal values to different dots
+            # (a constant series lies exactly half-way between two dots of its centred range)
+            frac = np.clip(np.round((means - y_lo) / (y_hi - y_lo), 9), 0.0, 1.0)
             ys = np.rint((1.0 - frac) * (dots_h - 1)).astype(np.int64)
             prev = None
             for x, y in zip(cols.tolist(), ys.tolist()):
