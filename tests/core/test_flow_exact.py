@@ -179,3 +179,54 @@ def test_sampling_sees_weights_swapped_without_a_version_bump():
     for p, q in zip(other.parameters(), source.parameters()):
         p.data = q.detach().clone()
     assert torch.equal(sample(other, noise, y, guidance=1.0), want)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=IDS)
+def test_nll_and_denoise_by_hand(mode):
+    """nll = -(log N(z; 0, var) + logdet) / D, and denoise = x + lr_scale * sigma^2 * grad log p(x),
+    both from the forward pass by hand; denoising leaves no gradients on the parameters."""
+    from tarflow_core.likelihood import denoise, nll
+
+    model = tiny_model(var=True, **mode)
+    x, y = _inputs(model)
+
+    def log_p(v):
+        z, logdet = model(v, y)
+        return torch.distributions.Normal(0.0, model.var.sqrt()).log_prob(z).flatten(1).sum(1) + logdet
+
+    assert torch.allclose(nll(model, x, y), -log_p(x) / x[0].numel(), atol=1e-12, rtol=0)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(log_p(xg).sum(), xg)
+    out = denoise(model, x, y, sigma=0.3, lr_scale=0.5)
+    assert torch.allclose(out, x + 0.5 * 0.3**2 * grad, atol=1e-12, rtol=0)
+    assert not out.requires_grad and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("shape", [dict(img_size=2), dict(num_blocks=1), dict(img_size=2, num_blocks=1)],
+                         ids=["one-token", "one-block", "one-token-one-block"])
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "gs-jacobi", "auto"])
+def test_every_sampler_inverts_degenerate_shapes(shape, sampler):
+    model = tiny_model(var=True, num_classes=3, **shape)
+    x, y = _inputs(model)
+    z, _ = model(x, y)
+    extra = dict(segments=2) if sampler == "gs-jacobi" else {}
+    for opts in (dict(), dict(guidance=1.5, annealed=True, attn_temp=0.7)):
+        back = model.sample(z / model.var.sqrt(), y, sampler=sampler, **extra, **opts)
+        if not opts:
+            assert torch.allclose(back, x, atol=1e-12, rtol=0)
+        assert torch.allclose(back, model.sample(z / model.var.sqrt(), y, **opts), atol=1e-12, rtol=0)
+
+
+def test_sampling_in_train_mode_with_grad_enabled_changes_nothing():
+    model = tiny_model(num_classes=3)
+    noise, y = torch.randn(2, 4, 4, dtype=torch.float64), torch.tensor([1, -1])
+    want = model.sample(noise, y, guidance=1.0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.enable_grad():
+        got = model.sample(noise, y, guidance=1.0, sampler="jacobi", tol=0.0)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0) and not got.requires_grad
+    assert model.training and flags == [p.requires_grad for p in model.parameters()]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
