@@ -95,7 +95,7 @@ def sample(
     """
     check_options(guidance, guide_what, attn_temp, sampler)
     guidance, attn_temp = float(guidance), float(attn_temp)
-    if tol is not None and not tol >= 0:
+    if tol is not None and not as_number("tol", tol) >= 0:
         raise ValueError(f"tol must be >= 0 (got {tol})")
     cfg = model.config
     if not isinstance(noise, torch.Tensor):
@@ -109,7 +109,7 @@ def sample(
     graphed = use_graphs(device, cuda_graphs)
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
-    if check_every < 1:
+    if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
         raise ValueError(f"check_every must be >= 1 (got {check_every})")
     dtype = _compute_dtype(device, model.var.dtype)
     tol = default_tol(dtype) if tol is None else tol

@@ -84,7 +84,9 @@ def test_images_of_another_float_dtype_are_cast_to_the_models():
                                         (dict(guidance=float("inf")), ValueError),
                                         (dict(guidance="2"), TypeError),
                                         (dict(attn_temp=float("inf")), ValueError),
-                                        (dict(sampler="jacobi", tol=-1.0), ValueError)])
+                                        (dict(sampler="jacobi", tol=-1.0), ValueError),
+                                        (dict(sampler="jacobi", tol="1e-4"), TypeError),
+                                        (dict(sampler="jacobi", check_every=1.5), ValueError)])
 def test_bad_sampling_options_are_clear_errors_naming_them(bad, error):
     model = tiny_model()
     noise = torch.randn(1, 4, 4, dtype=torch.float64)
