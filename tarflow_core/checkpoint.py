@@ -185,7 +185,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         state = read_reference_state(resolved)
         info = reference_info(state, resolved, patch_size=patch_size)
         _check_finite(state, resolved)
-    return _build(info.config, state, resolved).to(device).eval(), info
+    return _build(info.config, state, resolved).to(_target(device)).eval(), info
+
+
+def _target(device: str | torch.device) -> torch.device:
+    """The device to load onto (`auto` included); one that is not here is a ValueError naming it."""
+    from .dist import DistError, resolve_device
+
+    try:
+        return resolve_device(device, option="device")
+    except DistError as e:
+        raise ValueError(str(e)) from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> TarFlow:

@@ -58,29 +58,31 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0, distributed: bool = False) -> torch.device:
-    """`auto`: cuda:LOCAL_RANK when CUDA is present, else CPU. Under DDP a bare `cuda` means cuda:LOCAL_RANK."""
+def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0, distributed: bool = False,
+                   option: str = "--device") -> torch.device:
+    """`auto`: cuda:LOCAL_RANK when CUDA is present, else CPU. Under DDP a bare `cuda` means cuda:LOCAL_RANK.
+    Errors name the device as `option` says (the CLI's option, or an API argument)."""
     spec = str(spec).strip().lower()
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise DistError(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps") from None
+        raise DistError(f"{option} {spec}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DistError(f"--device {spec}: CUDA is not available on this machine")
+            raise DistError(f"{option} {spec}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
-            raise DistError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are present")
+            raise DistError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) are present")
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DistError(f"--device {spec}: MPS is not available on this machine")
+            raise DistError(f"{option} {spec}: MPS is not available on this machine")
         if distributed:
             raise DistError("distributed training needs CUDA (NCCL) or CPU (gloo), not MPS")
     elif device.type != "cpu":
-        raise DistError(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps")
+        raise DistError(f"{option} {spec}: expected auto, cpu, cuda, cuda:N or mps")
     return device
 
 

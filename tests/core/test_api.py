@@ -184,3 +184,17 @@ def test_bpd_by_hand_and_its_sample_count():
     assert torch.allclose(got.double(), by_hand, atol=1e-5)
     with pytest.raises(ValueError, match="samples"):
         bpd(model, x8, [0, 1], samples=0)  # was a division by zero: NaN scores
+
+
+def test_load_model_places_the_model_on_auto_and_names_a_device_that_is_not_here(tmp_path):
+    from tarflow_core import load_model
+    from tarflow_core.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32), step=1)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert load_model(tmp_path / "ck", device="auto").var.device.type == expected
+    with pytest.raises(ValueError, match="device tpu: expected auto, cpu, cuda"):
+        load_model(tmp_path / "ck", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: CUDA is not available"):
+            load_model(tmp_path / "ck", device="cuda")
