@@ -178,7 +178,8 @@ class DashboardApp(App[None]):
                 if read.events or read.problems or read.reset:
                     # one batch in flight at a time, so keys are never queued behind a backlog
                     self._taken.clear()
-                    self.post_message(EventsRead(generation, read.events, read.problems, read.reset))
+                    self.post_message(EventsRead(generation, read.events, read.problems, read.reset,
+                                                 read.problems_at))
                     while not (self._taken.wait(0.1) or stop.is_set() or worker.is_cancelled):
                         pass
                 if not read.more:
@@ -208,9 +209,19 @@ class DashboardApp(App[None]):
             self._clear()
             self.state.note("warning", f"{message.reset}: reading it again from the first line")
             changed |= {"header", "charts", "samples", "log"}
-        for event in message.events:
+        # in file order: a line that is not an event is noted where it was, not after the batch
+        at = message.problems_at
+        if at is None or len(at) != len(message.problems):
+            at = [len(message.events)] * len(message.problems)
+        problems = list(zip(at, message.problems))
+        p = 0
+        for i, event in enumerate(message.events):
+            while p < len(problems) and problems[p][0] <= i:
+                self.state.note("warning", f"skipped {problems[p][1]}")
+                changed.add("log")
+                p += 1
             changed |= self.state.apply(event)
-        for problem in message.problems:
+        for _, problem in problems[p:]:
             self.state.note("warning", f"skipped {problem}")
             changed.add("log")
         self._update(changed)

@@ -21,6 +21,7 @@ class EventsRead(Message):
     events: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     reset: str | None = None  # the file was truncated or replaced: start over first
+    problems_at: list[int] | None = None  # per problem: how many `events` precede it (None: all)
 
 
 @dataclass

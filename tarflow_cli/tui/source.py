@@ -39,6 +39,7 @@ class TailRead:
 
     events: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    problems_at: list[int] = field(default_factory=list)  # per problem: how many `events` came before it
     reset: str | None = None  # why reading started over (None: it did not)
     state: str = READING
     more: bool = False  # a chunk limit was hit: poll again at once
@@ -117,6 +118,7 @@ class EventTail:
         read.reset = why
         read.events.clear()
         read.problems.clear()
+        read.problems_at.clear()
 
     def _replaced(self) -> str | None:
         """Why the open file is no longer the one at `path` (None: it still is)."""
@@ -184,6 +186,7 @@ class EventTail:
             read.events.append(event)
         elif problem:
             read.problems.append(f"{self.path.name} line {self._line_no}: {problem}")
+            read.problems_at.append(len(read.events))
 
 
 def _parse(raw: bytes) -> tuple[dict | None, str | None]:

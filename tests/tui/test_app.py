@@ -366,3 +366,20 @@ async def test_a_copied_run_shows_its_own_sample_grids_not_the_originals(tmp_pat
         await pilot.pause(0.05)
         colours = _panel_colours(view)
         assert (0, 250, 0) in {tuple(c) for c in colours} and (250, 0, 0) not in {tuple(c) for c in colours}, colours
+
+
+@run_async
+async def test_a_bad_line_is_logged_where_it_was_in_the_file(tmp_path):
+    # a finished run read in one go: the note about line 3 came after "run finished"
+    run = tmp_path / "garbled"
+    run.mkdir()
+    lines = [json.dumps(start_event()), json.dumps(train_event(10)), "this is not an event",
+             json.dumps({"time": T0 + 5, "kind": "checkpoint", "step": 10, "path": "checkpoints/step-10"}),
+             json.dumps({"time": T0 + 6, "kind": "end", "step": 10, "status": "finished", "reason": "reached step 10"})]
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n")
+    app = app_for(run)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_until(pilot, lambda: "run finished" in log_text(app), what="the end")
+        text = log_text(app)
+        assert text.index("run started") < text.index("skipped events.jsonl line 3") \
+            < text.index("checkpoint saved") < text.index("run finished"), text
