@@ -383,3 +383,18 @@ async def test_a_bad_line_is_logged_where_it_was_in_the_file(tmp_path):
         text = log_text(app)
         assert text.index("run started") < text.index("skipped events.jsonl line 3") \
             < text.index("checkpoint saved") < text.index("run finished"), text
+
+
+@run_async
+async def test_a_deleted_sample_grid_is_named_on_one_line(tmp_path, monkeypatch):
+    # the panel said "runs/r/samples/step-00000700.p" / "ng: not found": the trainer's path, cut
+    monkeypatch.setattr(SampleView, "RETRY_DELAYS", (0.01,))
+    run = make_run(tmp_path, steps=200, finished=True)
+    for png in (run / "samples").glob("*.png"):
+        png.unlink()
+    app = app_for(run)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: "not found" in _sample_panel(app), what="the note")
+        rows = [row[46:] for row in screen_text(app).splitlines()[3:17] if "not found" in row]
+        assert rows and "step000200.png: not found" in rows[0], rows
+        assert "samples/" not in _sample_panel(app)

@@ -174,6 +174,9 @@ class SampleView(Widget, can_focus=False):
     SampleView { height: 1fr; }
     """
 
+    # seconds between tries at a grid that is missing or unreadable (it may be being written)
+    RETRY_DELAYS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
     def __init__(self, *, graphics: str = "halfblock", name: str | None = None, id: str | None = None,
                  classes: str | None = None):
         super().__init__(name=name, id=id, classes=classes)
@@ -315,8 +318,8 @@ class SampleView(Widget, can_focus=False):
         from PIL import Image
 
         worker = get_current_worker()
-        error = "not found"
-        for attempt in range(6):
+        error = "not found (deleted?)"
+        for delay in self.RETRY_DELAYS:
             if worker.is_cancelled:
                 return
             for p in candidates:
@@ -330,9 +333,10 @@ class SampleView(Widget, can_focus=False):
                 except FileNotFoundError:
                     continue
                 except Exception as e:  # unreadable or half-written: say so, maybe retry
-                    error = f"cannot read {p.name}: {e}"
-            time.sleep(0.25 * (attempt + 1))
-        self.post_message(SampleLoaded(grid.path, None, f"{grid.path}: {error}"))
+                    error = f"unreadable: {e}"
+            time.sleep(delay)
+        # the name only: the path as the event gave it is the trainer's, and wraps badly
+        self.post_message(SampleLoaded(grid.path, None, f"{grid.path.name}: {error}"))
 
     def on_sample_loaded(self, message: SampleLoaded) -> None:
         message.stop()
