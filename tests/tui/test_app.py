@@ -398,3 +398,25 @@ async def test_a_deleted_sample_grid_is_named_on_one_line(tmp_path, monkeypatch)
         rows = [row[46:] for row in screen_text(app).splitlines()[3:17] if "not found" in row]
         assert rows and "step000200.png: not found" in rows[0], rows
         assert "samples/" not in _sample_panel(app)
+
+
+@run_async
+async def test_help_on_a_small_terminal_lists_every_key(tmp_path):
+    # at 40x12 the help box was cut off after "s  stop and checkpoint:" (r, [ ], z never shown)
+    run = make_run(tmp_path, steps=100)
+    app = app_for(run)
+    async with app.run_test(size=(40, 12)) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 100, what="events")
+        await pilot.press("question_mark")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
+        await pilot.pause(0.05)
+        text = screen_text(app)
+        for words in ("q  quit (the run keeps going)", "s  stop: only in train --ui tui", "ctrl+c  quit",
+                      "r  reload events.jsonl", "[ ]  older / newer grid", "z  sample zoom"):
+            assert words in text, (words, text)
+        # grown to 80x24: the whole help again
+        await pilot.resize_terminal(80, 24)
+        await wait_until(pilot, lambda: "Charts: train and held-out bpd" in screen_text(app), what="full help")
+        assert "r        reload: read events.jsonl again from the first line" in screen_text(app)
+        await pilot.press("x")
+        assert not isinstance(app.screen, HelpScreen)
