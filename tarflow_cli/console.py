@@ -11,10 +11,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tarflow_core.checkpoint import CheckpointError
-from tarflow_core.sampling import SamplingError
-
-from .io import InputError, WriteError
 
 # emoji off: a path or value like `cuda:x:` or `a:smile:.png` must print as typed, not as an emoji;
 # markup off on stdout: table cells hold file names, which may contain [brackets]
@@ -28,6 +24,33 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(Exception):
     """Bad usage or bad input: reported as one sentence, exit code 2."""
+
+
+class InputError(Exception):
+    """A user input (file, folder, array or option) is missing or malformed."""
+
+
+class WriteError(Exception):
+    """Writing an output failed at run time (e.g. the disk filled up)."""
+
+
+# The library's error types, by module: looked up only once their module is loaded (an error of a
+# module never imported cannot have been raised), so this module and `watch` load without torch.
+_CORE_ERRORS = (("tarflow_core.checkpoint", "CheckpointError", EXIT_USAGE),
+                ("tarflow_core.sampling", "SamplingError", EXIT_FAILURE))
+
+
+def _exit_code(e: Exception) -> int | None:
+    """The exit code of an error the user is told in one sentence; None for anything else."""
+    if isinstance(e, (UsageError, InputError)):
+        return EXIT_USAGE
+    if isinstance(e, WriteError):
+        return EXIT_FAILURE
+    for module, name, code in _CORE_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return code
+    return None
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -58,10 +81,6 @@ def user_errors() -> Iterator[None]:
     """Map known error types to exit codes; no traceback for anything the user can fix."""
     try:
         yield
-    except (UsageError, InputError, CheckpointError) as e:
-        fail(str(e), EXIT_USAGE)
-    except (SamplingError, WriteError) as e:
-        fail(str(e), EXIT_FAILURE)
     except KeyboardInterrupt:
         info("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -69,6 +88,11 @@ def user_errors() -> Iterator[None]:
         with contextlib.suppress(Exception):
             sys.stdout = None  # type: ignore[assignment]
         raise typer.Exit(0) from None
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        fail(str(e), code)
 
 
 @contextlib.contextmanager

@@ -38,8 +38,7 @@ def main() -> None:
             signal.signal(s, _quit_while_loading)
     import typer.main
 
-    from .main import app
-
+    app = _watch_app() if sys.argv[1:2] == ["watch"] else _full_app()
     # typer turns every command's annotations into options here (compiling them: a signal raised
     # inside that surfaces as a SyntaxError), so it is still part of loading
     run = typer.main.get_command(app)
@@ -56,6 +55,28 @@ def main() -> None:
         # (exit -15 / -2) instead of with the command's own code. Nothing is left to stop.
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+
+
+def _full_app():
+    from .main import app
+
+    return app
+
+
+def _watch_app():
+    """`tarflow watch` alone: the dashboard needs neither torch nor the other commands, whose
+    imports take seconds before the first frame. Same group, same command, same errors."""
+    from .commands.watch import watch
+    from .group import new_app
+
+    app = new_app()
+    app.callback()(_group)  # a group with one command: `watch` stays a sub-command
+    app.command("watch")(watch)
+    return app
+
+
+def _group() -> None:
+    """Train, sample, score and denoise TarFlow normalizing flows."""
 
 
 if __name__ == "__main__":

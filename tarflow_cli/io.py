@@ -25,6 +25,8 @@ from tarflow_core.data.base import eight_bit
 from tarflow_core.data.folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
 from tarflow_core.load_errors import describe, file_head, not_numpy
 
+from .console import InputError, WriteError  # noqa: F401 - raised here, caught by console.user_errors
+
 _COMMON_EXTS = (".png", ".jpg", ".jpeg")
 IMAGE_EXTS = _COMMON_EXTS + tuple(sorted(FOLDER_IMAGE_EXTS - set(_COMMON_EXTS)))
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -33,10 +35,6 @@ NPZ_META_KEY = "tarflow_meta"
 # the keys `--data` reads, our own `arr_0` first
 _NPZ_IMAGE_KEYS = ("arr_0",) + tuple(k for k in DATA_IMAGE_KEYS if k != "arr_0")
 _OUT_FORMS = "a .png, .npz, .npy path, a folder ending in /, or -"
-
-
-class InputError(Exception):
-    """A user input (file, folder, array or option) is missing or malformed."""
 
 
 @dataclass
@@ -321,10 +319,6 @@ def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
             pass
     except OSError as e:
         raise InputError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
-
-
-class WriteError(Exception):
-    """Writing an output failed at run time (e.g. the disk filled up)."""
 
 
 def write_output(x, out: str, labels=None, metadata: dict | None = None, stdout: BinaryIO | None = None) -> str | None:

@@ -69,3 +69,20 @@ def test_what_may_still_become_a_run_is_waited_for(tmp_path):
     for path in (tmp_path / "new", tmp_path / "empty", tmp_path / "starting", tmp_path / "new" / "events.jsonl"):
         result = CliRunner().invoke(app, ["watch", str(path)])
         assert result.exit_code == 2 and "interactive terminal" in result.output, (path, result.output)
+
+
+def test_watch_starts_without_loading_torch():
+    """`tarflow watch` draws its first frame without the seconds torch takes to import: the
+    console entry builds a group holding only `watch`, and its error handling looks the library's
+    error types up only once loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['tarflow', 'watch', '--help']\n"
+            "from tarflow_cli.entry import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Follow a training run" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "False False"
