@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -175,7 +176,8 @@ def train(
             elif result.status == "interrupted":
                 typer.echo(f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
                            err=True)
-            typer.echo(str(result.run_dir))
+            with contextlib.suppress(OSError, ValueError):  # nobody is reading any more (`| head`)
+                typer.echo(str(result.run_dir))
         if result.exit_code:
             raise typer.Exit(result.exit_code)
     except KeyboardInterrupt:
@@ -291,10 +293,19 @@ def _train_line(e: dict) -> str:
 
 
 class _PlainView:
+    """One line per event on stderr. A reader that goes away (`tarflow train ... 2>&1 | head`) ends
+    the lines, not the run: the events file still has everything."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
     def handle(self, e: dict) -> None:
         line = _train_line(e) if e["kind"] == "train" else _describe(e)
-        if line:
-            typer.echo(line, err=True)
+        if line and not self.gone:
+            try:
+                typer.echo(line, err=True)
+            except (OSError, ValueError):  # BrokenPipeError, a closed stream
+                self.gone = True
 
     def close(self) -> None:
         pass

@@ -262,3 +262,20 @@ def test_the_ui_choice_survives_closed_standard_streams(monkeypatch):
 
     monkeypatch.setattr(train_cmd.sys, "stdin", None)
     assert train_cmd._pick_ui(None) in ("rich", "plain")
+
+
+def test_a_log_reader_that_goes_away_ends_the_lines_not_the_run(tmp_path):
+    """`tarflow train ... 2>&1 | head -2`: the run finishes (status, checkpoint, exit 0) though
+    nobody reads its log lines any more; it used to end 'failed' with a BrokenPipeError."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, "-m", "tarflow_cli", "train", "--max-steps", "12", "--log-every", "1", "--ui", "plain",
+           "--eval-every", "0", "--sample-every", "0", "--run-dir", str(run_dir)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p.stdout.readline()
+    p.stdout.close()  # the reader is gone after the first line
+    assert p.wait(timeout=240) == 0
+    end = [e for e in read_events(run_dir / "events.jsonl") if e["kind"] == "end"][-1]
+    assert end["status"] == "finished", end
