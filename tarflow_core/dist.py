@@ -118,9 +118,17 @@ def distributed(device: str | torch.device = "auto", timeout_minutes: float = 30
         tdist.init_process_group(backend, timeout=timeout)
     try:
         yield DistInfo(rank, world, local, dev, backend)
-    finally:
+    except BaseException:
         with contextlib.suppress(Exception):
             tdist.destroy_process_group()
+        raise
+    with contextlib.suppress(Exception):
+        if backend == "gloo":  # every rank's collectives finished before any tears down: a gloo
+            # thread still holding a pending one aborts the process at exit (seen once, exit -6
+            # after a finished run); bounded, and quick to fail when a peer is gone
+            tdist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    with contextlib.suppress(Exception):
+        tdist.destroy_process_group()
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
