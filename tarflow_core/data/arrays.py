@@ -223,9 +223,8 @@ def _batch_dirs(root: Path) -> list[Path]:
 
 
 def is_imagenet_batch_folder(path: Path) -> bool:
-    dirs = _batch_dirs(path)
-    return bool(dirs) and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file()
-                           or len(dirs) > 1)
+    return path.is_dir() and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file()
+                              or len(_batch_dirs(path)) > 1)
 
 
 def _batch_number(p: Path) -> int:

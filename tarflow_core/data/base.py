@@ -214,12 +214,10 @@ def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     _, a, b, c = images.shape
     if c in chan and a not in chan:
         return images.transpose(0, 3, 1, 2)
-    if a in chan and c in chan and a != c and b == a and b != c:
+    if a in chan and c in chan and b == a != c:
         return images.transpose(0, 3, 1, 2)  # (N, 4, 4, 3): square 4x4 RGB, not 4 channels of 4x3
     if a in chan:  # NCHW, also when the shape cannot tell (N, 3, 3, 3)
         return images
-    if images.shape[-1] in chan:
-        return images.transpose(0, 3, 1, 2)
     raise DataError(f"{source}: cannot find a channel axis of size 1, 3 or 4 in image shape {images.shape}")
 
 

@@ -45,6 +45,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 # Photo formats tried as well: used where this Pillow reads them (AVIF, JPEG 2000), else counted
 # as unreadable like a corrupt file, never passed over without a word (iPhone HEIC, JPEG XL).
 MORE_EXTS = {".avif", ".jp2", ".heic", ".heif", ".jxl"}
+ALL_EXTS = IMAGE_EXTS | MORE_EXTS
 TEST_DIR_NAMES = ("val", "test", "valid", "validation")
 MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, before giving up
 
@@ -52,7 +53,7 @@ MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, befo
 def is_image_file(p: Path) -> bool:
     """An image by its name (not hidden), that is a file or a link to one; a broken link is
     listed too, so that it is counted as unreadable rather than missed without a word."""
-    return (p.suffix.lower() in IMAGE_EXTS | MORE_EXTS and not p.name.startswith(".")
+    return (p.suffix.lower() in ALL_EXTS and not p.name.startswith(".")
             and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
@@ -67,7 +68,6 @@ def _iter_images(d: Path, unreadable: list[str] | None = None) -> Iterator[Path]
     not followed; folders that cannot be listed are added to ``unreadable``."""
     seen: set[str] = set()
     base = os.path.join(os.path.realpath(d), "")
-    exts = IMAGE_EXTS | MORE_EXTS
     stack = [Path(d)]
     while stack:
         top = stack.pop()
@@ -87,7 +87,7 @@ def _iter_images(d: Path, unreadable: list[str] | None = None) -> Iterator[Path]
             try:
                 if entry.is_dir():
                     subdirs.append(top / name)
-                elif os.path.splitext(name)[1].lower() in exts and (entry.is_file() or entry.is_symlink()):
+                elif os.path.splitext(name)[1].lower() in ALL_EXTS and (entry.is_file() or entry.is_symlink()):
                     yield top / name  # a file, a link to one, or a broken link (counted as unreadable)
             except OSError:
                 continue
@@ -234,7 +234,7 @@ class FolderDataset(ImageDataset):
             where = ", ".join(str(d) for d in use_dirs)
             denied = (f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}"
                       if unreadable else "")
-            raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTS | MORE_EXTS))} "
+            raise DataError(f"{where}: no images found (looked for {', '.join(sorted(ALL_EXTS))} "
                             f"files in class sub-folders or directly in the folder{denied})")
         probes = _probe_all(files)
         good = [i for i, (ok, _, _) in enumerate(probes) if ok]

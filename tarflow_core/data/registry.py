@@ -60,8 +60,9 @@ OTHER_VERSIONS = (  # (a file that shows it, what it is, what to get instead)
 def _refuse_other_versions(path: Path) -> None:
     """For a folder without images: formats of the public data sets that are not read, named
     with what to use instead (rather than "no images found")."""
+    places = (path, *(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")))
     for name, what, instead in OTHER_VERSIONS:
-        for place in (path, *(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))):
+        for place in places:
             if (place / name).is_file():
                 raise DataError(f"{place / name} is {what}, which is not read; use {instead}")
 
