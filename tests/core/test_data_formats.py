@@ -8,7 +8,7 @@ import torch
 
 from tarflow_core.data import DataError, detect_kind, open_dataset
 
-from .test_data import all_items, rand_u8, write_idx
+from .test_data import all_items, rand_u8, save_png, write_idx
 
 
 # ---------------------------------------------------------------- MNIST-format IDX
@@ -188,10 +188,7 @@ def test_npz_label_errors_name_the_labels(tmp_path):
 
 
 def _png(path, rng, side=8):
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rand_u8(rng, side, side, 3)).save(path)
+    save_png(path, rand_u8(rng, side, side, 3))
 
 
 def test_folder_links_followed_broken_links_counted_hidden_folders_ignored(tmp_path):
