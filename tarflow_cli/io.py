@@ -58,8 +58,9 @@ class _Chunk:
 
 def read_inputs(paths: list[str], stdin: BinaryIO | None = None) -> Inputs:
     """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order."""
-    if sum(str(p) == "-" for p in paths) > 1:
-        raise InputError(f"- (stdin) is given {sum(str(p) == '-' for p in paths)} times; stdin can be read only once")
+    dashes = sum(str(p) == "-" for p in paths)
+    if dashes > 1:
+        raise InputError(f"- (stdin) is given {dashes} times; stdin can be read only once")
     chunks: list[_Chunk] = []
     for p in paths:
         chunks.extend(_read_one(str(p), stdin))

@@ -16,7 +16,7 @@ from tarflow_core.dist import resolve_device as resolve_torch_device
 from tarflow_core.model import TarFlow
 from tarflow_core.sampling import GUIDE_WHAT, PRECISIONS, SAMPLERS
 
-from ..console import UsageError
+from ..console import UsageError, info
 from ..io import read_labels
 from .numbers import FINITE, finite_float, seed_int
 
@@ -171,6 +171,21 @@ def load(ckpt: str, device: torch.device, patch_size: int | None) -> tuple[TarFl
     if patch_size is not None and patch_size < 1:
         raise UsageError(f"--patch-size {patch_size}: expected a positive integer")
     return load_checkpoint(ckpt, device, patch_size=patch_size)
+
+
+def check_model_inputs(data, cfg, inputs: list[str], verb: str = "scored") -> None:
+    """Images read for `score`/`denoise` must have the model's shape (they are used as they are);
+    float ones far outside model space (0..255 pixels saved as floats) get a warning."""
+    shape, want = tuple(data.images.shape[1:]), (cfg.in_channels, cfg.img_size, cfg.img_size)
+    if shape != want:
+        raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
+                         f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)")
+    if data.is_uint8 or not len(data.images):
+        return
+    lo, hi = float(data.images.min()), float(data.images.max())
+    if max(abs(lo), abs(hi)) > 4:  # samples stray a little past [-1, 1]; pixels do not
+        info(f"warning: {', '.join(map(str, inputs))} holds float values from {lo:g} to {hi:g}, but float inputs are "
+             "taken as model-space values in [-1, 1]; 8-bit pixels belong in a uint8 array (or PNG files)")
 
 
 def resolve_labels(info: CheckpointInfo, num: int | None, *, class_: int | None, labels_path: Path | None,

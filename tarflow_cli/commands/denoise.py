@@ -12,10 +12,9 @@ from tarflow_core.likelihood import denoise as denoise_step
 
 from ..console import info, to_stdout, user_errors
 from ..io import check_output, read_inputs, write_output
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, denoise_sigma, load,
-                     resolve_device, resolve_labels)
+from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, check_model_inputs,
+                     denoise_sigma, load, resolve_device, resolve_labels)
 from .numbers import FINITE, seed_int
-from .score import _check_shape, _warn_if_not_model_space
 
 
 def denoise(
@@ -48,8 +47,7 @@ def denoise(
         model, ck = load(ckpt, dev, patch_size)
         sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
         data = read_inputs(inputs)
-        _check_shape(data.images.shape[1:], model.config, inputs, verb="denoised")
-        _warn_if_not_model_space(data, inputs)
+        check_model_inputs(data, model.config, inputs, verb="denoised")
         n = len(data.images)
         y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
                            inputs_name=", ".join(inputs))

@@ -17,7 +17,7 @@ from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import read_inputs, strict_json
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, load,
+from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, check_model_inputs, load,
                      resolve_device, resolve_labels)
 from .progress import progress_bar
 
@@ -61,8 +61,7 @@ def score(
         if classify and not cfg.conditional:
             raise UsageError(f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model")
         data = read_inputs(inputs)
-        _check_shape(data.images.shape[1:], cfg, inputs)
-        _warn_if_not_model_space(data, inputs)
+        check_model_inputs(data, cfg, inputs)
         dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
         if dequantize == "none" and dequant_samples != 1:
             raise UsageError(f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
@@ -113,24 +112,6 @@ def score(
             extra = f", accuracy {acc:.3f} against the given labels"
         info(f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
              f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{f' x{dequant_samples}' if dequantize == 'uniform' else ''}){extra}")
-
-
-def _check_shape(shape, cfg, inputs, verb: str = "scored") -> None:
-    want = (cfg.in_channels, cfg.img_size, cfg.img_size)
-    if tuple(shape) != want:
-        raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
-                         f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)")
-
-
-def _warn_if_not_model_space(data, inputs) -> None:
-    """Float inputs are taken as model-space values in [-1, 1] (samples stray a little past it); values
-    far outside, such as 0..255 pixels saved as floats, would be scored as they are, so say so."""
-    if data.is_uint8 or not len(data.images):
-        return
-    lo, hi = float(data.images.min()), float(data.images.max())
-    if max(abs(lo), abs(hi)) > 4:
-        info(f"warning: {', '.join(map(str, inputs))} holds float values from {lo:g} to {hi:g}, but float inputs are "
-             "taken as model-space values in [-1, 1]; 8-bit pixels belong in a uint8 array (or PNG files)")
 
 
 def _emit(records: list[dict], fmt: str) -> None:
