@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +239,7 @@ def _find_batches(root: Path) -> tuple[list[Path], list[Path]]:
     train = sorted((f for d in dirs for f in d.glob(IMAGENET_TRAIN_GLOB) if f.is_file()),
                    key=lambda f: (_batch_number(f), str(f)))
     val = [d / IMAGENET_VAL_NAME for d in dirs if (d / IMAGENET_VAL_NAME).is_file()]
-    names = [f.name for f in train]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = {n for n, k in Counter(f.name for f in train).items() if k > 1}
     if twice or len(val) > 1:
         dup = [str(f.relative_to(root)) for f in train if f.name in twice] or [str(f.relative_to(root)) for f in val]
         raise DataError(f"{root}: cannot tell which batches to use: {', '.join(dup)} appear more than once "
