@@ -35,7 +35,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
-RESUME_STATE_FILE = "train_state.pt"  # written beside a run's checkpoints by train.py
+RESUME_STATE_FILE = "train_state.pt"  # written beside a run's checkpoints by train.py (its TRAIN_STATE_FILE)
 # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}.pth`, also as the
 # copies downloads make of it: `... (1).pth`, `...-1.pth` (browsers) and `.pth.1` (wget)
 REFERENCE_NAME = re.compile(
@@ -317,7 +317,7 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _strip_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """Tensor names without DDP/compile wrapper prefixes, less the causal masks."""
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not _is_state_dict(obj):
         raise CheckpointError(f"{path} is not a TarFlow state dict (expected a dict of tensors)")
     state = {}
     for k, v in obj.items():

@@ -11,7 +11,8 @@ from .model import TarFlow
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x) in nats per sample: prior N(0, var) of z plus every block's log-determinant."""
     x = model.images(x)
-    z, logdet = model(x, model.labels(y, x.shape[0]))
+    # checked here once (labels in every mode): forward would check them again
+    z, logdet, _ = model.forward_tokens(model.patchify(x), model.labels(y, x.shape[0]))
     return flow.gaussian_log_prob(flow.at_least_f32(z), model.var) + logdet
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import math
 import os
 import re
@@ -40,7 +41,7 @@ from safetensors import SafetensorError
 
 from . import __version__, flow
 from .atomic import atomic_path, atomic_write_text
-from .checkpoint import CHECKPOINTS_DIR, MODEL_FILE, EMA_FILE, list_checkpoints, save_checkpoint
+from .checkpoint import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, RESUME_STATE_FILE, list_checkpoints, save_checkpoint
 from .data import DataError, open_dataset, make_loader
 from .dist import (DistError, DistInfo, all_reduce_mean, all_reduce_sum, any_flag, broadcast_object,
                    distributed)
@@ -49,7 +50,7 @@ from .events import EVENTS_FILE, JsonlSink, dumps, make_event, stopped
 from .model import TarFlow
 from .presets import ConfigError, TrainConfig
 
-TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_STATE_FILE = RESUME_STATE_FILE
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
@@ -161,8 +162,6 @@ def resumable_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The `TrainConfig` saved in a run directory's `config.json`."""
-    import json
-
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         if resumable_checkpoints(run_dir):
@@ -470,8 +469,6 @@ class _Trainer:
                                   f"-> {self._lr_now(self.total_steps):.3g} at step {self.step}), so the run does "
                                   "not continue exactly as it would have")
         try:
-            import json
-
             saved_cfg = json.loads((ckpt / CONFIG_FILE).read_text()).get("training") or {}
         except (OSError, ValueError, AttributeError):
             saved_cfg = {}
@@ -691,8 +688,6 @@ class _Trainer:
     def write_config(self) -> None:
         if not self.d.is_main:
             return
-        import json
-
         doc = {"format": "tarflow-run", "tarflow_version": __version__, "train": self.cfg.to_dict(),
                "model": self.model_cfg.to_dict(), "data": self.data_info, "noise": self.cfg.noise_spec,
                "world_size": self.d.world_size, "steps_per_epoch": self.steps_per_epoch,
