@@ -64,7 +64,7 @@ def denoise(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *,
         raise ValueError(f"sigma must be >= 0 and finite (got {sigma})")
     with torch.inference_mode(False), torch.enable_grad():
         xg = model.images(x).detach().clone().requires_grad_(True)
-        y = model.labels(y, xg.shape[0])
+        y = model.labels(y, xg.shape[0], check=False)  # log_prob checks the range
         y = y.clone() if y is not None else None  # an inference tensor cannot enter autograd
         (grad,) = torch.autograd.grad(log_prob(model, xg, y).sum(), xg)
     return (xg + (lr_scale * sigma**2) * grad).detach()
