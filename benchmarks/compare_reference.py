@@ -47,8 +47,12 @@ from trained_weights import trained_model  # noqa: E402
 FORWARD_TOL = 1e-4  # forward z and per-dim log-determinant
 SAMPLE_TOL = 1e-3  # images after inverting every block
 GUIDANCES = (0.0, 2.0)
-SAMPLERS = {"sequential": "sequential", "jacobi": "jacobi", "gs-jacobi": "gs-jacobi (calibrated)",
-            "auto": "auto (default)"}
+SAMPLERS = {
+    "sequential": "sequential",
+    "jacobi": "jacobi",
+    "gs-jacobi": "gs-jacobi (calibrated)",
+    "auto": "auto (default)",
+}
 DEFAULT = "auto"
 TRAIN_TARGET = 1.0  # min reference / ours for a training step
 DEFAULT_SPEEDUP = {"cpu": {0.0: 1.5, 2.0: 2.5}, "cuda": {0.0: 10.0, 2.0: 10.0}}  # min reference / default
@@ -56,21 +60,46 @@ DEFAULT_MAX_DIFF = 1e-3  # the default sampler's images vs our sequential ones
 NOT_SLOWER = 1.05  # the default may take at most this times the sequential sampler's median (noise)
 
 PRESETS = {
-    "cpu": dict(device="cpu", image_size=32, patch=4, width=256, blocks=4, layers=2, batch=16, bf16=False,
-                repeats=5, weights="both"),
-    "gpu": dict(device="cuda", image_size=64, patch=2, width=768, blocks=8, layers=8, batch=64, bf16=True,
-                repeats=3, weights="random"),  # training an 8x8x768 model here is out of scope
+    "cpu": dict(
+        device="cpu",
+        image_size=32,
+        patch=4,
+        width=256,
+        blocks=4,
+        layers=2,
+        batch=16,
+        bf16=False,
+        repeats=5,
+        weights="both",
+    ),
+    "gpu": dict(
+        device="cuda",
+        image_size=64,
+        patch=2,
+        width=768,
+        blocks=8,
+        layers=8,
+        batch=64,
+        bf16=True,
+        repeats=3,
+        weights="random",
+    ),  # training an 8x8x768 model here is out of scope
 }
 
 
 # ------------------------------------------------------------------------------------ options
 
+
 def default_cache_dir() -> Path:
     """runs/bench-cache in this checkout when git ignores it, else a folder under the temp dir."""
     candidate = REPO / "runs" / "bench-cache"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if subprocess.run(["git", "check-ignore", "-q", str(candidate)], cwd=REPO,
-                          capture_output=True, timeout=10).returncode == 0:
+        if (
+            subprocess.run(
+                ["git", "check-ignore", "-q", str(candidate)], cwd=REPO, capture_output=True, timeout=10
+            ).returncode
+            == 0
+        ):
             return candidate
     return Path(tempfile.gettempdir()) / "tarflow-bench-cache"
 
@@ -78,9 +107,13 @@ def default_cache_dir() -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", required=True, type=Path, help="folder holding the published transformer_flow.py")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: 3x32x32, 4-256-4-2, batch 16 (default); gpu: 3x64x64, 2-768-8-8, batch 64, bf16, "
-                        "cuda, 3 repeats, random weights only. Explicit options below override it")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu: 3x32x32, 4-256-4-2, batch 16 (default); gpu: 3x64x64, 2-768-8-8, batch 64, bf16, "
+        "cuda, 3 repeats, random weights only. Explicit options below override it",
+    )
     p.add_argument("--device", help="cpu or cuda[:N] (preset)")
     p.add_argument("--batch", type=int)
     p.add_argument("--image-size", type=int)
@@ -90,17 +123,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="transformer layers per flow block")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--repeats", type=int, help="timed runs per case after one warm-up (preset: cpu 5, gpu 3)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="time under bfloat16 autocast (preset: gpu only)")
-    p.add_argument("--weights", choices=("random", "trained", "both"),
-                   help="random (proj_out randomised), trained on the digits, or both (preset: cpu both, gpu random)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time under bfloat16 autocast (preset: gpu only)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("random", "trained", "both"),
+        help="random (proj_out randomised), trained on the digits, or both (preset: cpu both, gpu random)",
+    )
     p.add_argument("--train-steps", type=int, default=300, help="training steps of the trained weights")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where trained weights are cached (default runs/bench-cache when git-ignored, "
-                        "else <tmp>/tarflow-bench-cache)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where trained weights are cached (default runs/bench-cache when git-ignored, "
+        "else <tmp>/tarflow-bench-cache)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--clock", choices=("wall", "process"), default="wall",
-                   help="process: this process's CPU time, steadier on a busy machine (use with --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="process: this process's CPU time, steadier on a busy machine (use with --threads 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -116,14 +164,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------- models
 
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(in_channels=3, img_size=args.image_size, patch_size=args.patch, width=args.width,
-                       num_blocks=args.blocks, layers_per_block=args.layers, nvp=True, num_classes=args.classes)
+    return ModelConfig(
+        in_channels=3,
+        img_size=args.image_size,
+        patch_size=args.patch,
+        width=args.width,
+        num_blocks=args.blocks,
+        layers_per_block=args.layers,
+        nvp=True,
+        num_classes=args.classes,
+    )
 
 
 def reference_model(ref_module, cfg: ModelConfig):
-    return ref_module.Model(cfg.in_channels, cfg.img_size, cfg.patch_size, cfg.width, cfg.num_blocks,
-                            cfg.layers_per_block, nvp=cfg.nvp, num_classes=cfg.num_classes)
+    return ref_module.Model(
+        cfg.in_channels,
+        cfg.img_size,
+        cfg.patch_size,
+        cfg.width,
+        cfg.num_blocks,
+        cfg.layers_per_block,
+        nvp=cfg.nvp,
+        num_classes=cfg.num_classes,
+    )
 
 
 def random_pair(ref_module, cfg: ModelConfig, seed: int):
@@ -159,6 +224,7 @@ def build_pair(name: str, args, ref_module, cfg: ModelConfig, device: torch.devi
 
 
 # ---------------------------------------------------------------------------------- agreement
+
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
@@ -207,6 +273,7 @@ def report_agreement(diffs: dict[str, float]) -> bool:
 
 
 # ------------------------------------------------------------------------------------- timing
+
 
 def timed(fn, device: torch.device, clock) -> float:
     if device.type == "cuda":
@@ -258,8 +325,15 @@ class OurSampler:
         stats = InversionStats()
         start = time.perf_counter()
         with torch.inference_mode(), self.autocast:
-            self.out = sample(self.model, self.noise, self.y, guidance=self.guidance, sampler=self.sampler,
-                              segments=self.segments, stats=stats)
+            self.out = sample(
+                self.model,
+                self.noise,
+                self.y,
+                guidance=self.guidance,
+                sampler=self.sampler,
+                segments=self.segments,
+                stats=stats,
+            )
         if self.first_s is None:
             self.first_s = time.perf_counter() - start  # includes the calibration
             if self.sampler in ("gs-jacobi", "auto"):
@@ -276,15 +350,25 @@ def time_training(ref, ours, cfg, x, y, args, device, clock, autocast) -> dict:
             with autocast:
                 loss = loss_fn()
             loss.backward()
+
         return run
 
-    t = median_times({"reference": step(ref, lambda: ref_loss(ref, x, y)),
-                      "ours": step(ours, lambda: our_loss(ours, x, y, td))}, args.repeats, device, clock)
+    t = median_times(
+        {"reference": step(ref, lambda: ref_loss(ref, x, y)), "ours": step(ours, lambda: our_loss(ours, x, y, td))},
+        args.repeats,
+        device,
+        clock,
+    )
     ref.zero_grad(set_to_none=True)
     ours.zero_grad(set_to_none=True)
     speedup = t["reference"] / t["ours"]
-    return {"reference_s": t["reference"], "ours_s": t["ours"], "speedup": speedup, "target": TRAIN_TARGET,
-            "pass": speedup >= TRAIN_TARGET}
+    return {
+        "reference_s": t["reference"],
+        "ours_s": t["ours"],
+        "speedup": speedup,
+        "target": TRAIN_TARGET,
+        "pass": speedup >= TRAIN_TARGET,
+    }
 
 
 def time_sampling(ref, ours, cfg, noise, y, g: float, floor: dict, args, device, clock, autocast) -> list[dict]:
@@ -301,15 +385,27 @@ def time_sampling(ref, ours, cfg, noise, y, g: float, floor: dict, args, device,
         else:
             passes, segments, fallbacks = fn.stats.iterations, fn.stats.segments, fn.stats.fallbacks
             first_s = fn.first_s
-        rows.append({"guidance": g, "sampler": SAMPLERS.get(name, "reference"), "key": name,
-                     "seconds": seconds, "speedup": medians["reference"] / seconds,
-                     "max_abs_diff_vs_sequential": max_diff(fn.out, sequential), "segments": segments,
-                     "passes_per_block": passes, "mean_passes": statistics.mean(passes), "fallbacks": fallbacks,
-                     "first_run_s": first_s, "floor_ratio": seconds / floor["floor_s"]})
+        rows.append(
+            {
+                "guidance": g,
+                "sampler": SAMPLERS.get(name, "reference"),
+                "key": name,
+                "seconds": seconds,
+                "speedup": medians["reference"] / seconds,
+                "max_abs_diff_vs_sequential": max_diff(fn.out, sequential),
+                "segments": segments,
+                "passes_per_block": passes,
+                "mean_passes": statistics.mean(passes),
+                "fallbacks": fallbacks,
+                "first_run_s": first_s,
+                "floor_ratio": seconds / floor["floor_s"],
+            }
+        )
     return rows
 
 
 # -------------------------------------------------------------------------------------- targets
+
 
 def check_targets(rows: list[dict], device: torch.device) -> list[dict]:
     """The default sampler's targets at each guidance: speed-up, agreement, not slower than sequential."""
@@ -320,12 +416,24 @@ def check_targets(rows: list[dict], device: torch.device) -> list[dict]:
         default, sequential = by_key[DEFAULT], by_key["sequential"]
         ratio = default["seconds"] / sequential["seconds"]
         targets += [
-            {"name": f"g{g:g} default speed-up vs reference", "value": f"{default['speedup']:.2f}x",
-             "target": f">= {speedups[g]:g}x", "pass": default["speedup"] >= speedups[g]},
-            {"name": f"g{g:g} default max abs diff vs sequential", "value": f"{default['max_abs_diff_vs_sequential']:.1e}",
-             "target": f"<= {DEFAULT_MAX_DIFF:.0e}", "pass": default["max_abs_diff_vs_sequential"] <= DEFAULT_MAX_DIFF},
-            {"name": f"g{g:g} default / sequential seconds", "value": f"{ratio:.2f}",
-             "target": f"<= {NOT_SLOWER:.2f}", "pass": ratio <= NOT_SLOWER},
+            {
+                "name": f"g{g:g} default speed-up vs reference",
+                "value": f"{default['speedup']:.2f}x",
+                "target": f">= {speedups[g]:g}x",
+                "pass": default["speedup"] >= speedups[g],
+            },
+            {
+                "name": f"g{g:g} default max abs diff vs sequential",
+                "value": f"{default['max_abs_diff_vs_sequential']:.1e}",
+                "target": f"<= {DEFAULT_MAX_DIFF:.0e}",
+                "pass": default["max_abs_diff_vs_sequential"] <= DEFAULT_MAX_DIFF,
+            },
+            {
+                "name": f"g{g:g} default / sequential seconds",
+                "value": f"{ratio:.2f}",
+                "target": f"<= {NOT_SLOWER:.2f}",
+                "pass": ratio <= NOT_SLOWER,
+            },
         ]
     return targets
 
@@ -337,21 +445,29 @@ def floor_ratios(rows: list[dict]) -> dict:
         at_g = [r for r in rows if r["guidance"] == g]
         fastest = min((r for r in at_g if r["key"] != "reference"), key=lambda r: r["seconds"])
         by_key = {r["key"]: r for r in at_g}
-        out[f"{g:g}"] = {"reference": by_key["reference"]["floor_ratio"],
-                         "sequential": by_key["sequential"]["floor_ratio"],
-                         "fastest": fastest["floor_ratio"], "fastest_sampler": fastest["sampler"]}
+        out[f"{g:g}"] = {
+            "reference": by_key["reference"]["floor_ratio"],
+            "sequential": by_key["sequential"]["floor_ratio"],
+            "fastest": fastest["floor_ratio"],
+            "fastest_sampler": fastest["sampler"],
+        }
     return out
 
 
 # ------------------------------------------------------------------------------------- tables
+
 
 def markdown_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
     """The first `left` columns left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -364,34 +480,82 @@ def per_block(values) -> str:
 
 
 def training_table(t: dict) -> str:
-    return markdown_table(["case", "reference s", "ours s", "speed-up", "target", "result"],
-                          [["train fwd+bwd", f"{t['reference_s']:.4f}", f"{t['ours_s']:.4f}", f"{t['speedup']:.2f}x",
-                            f">= {t['target']:.1f}x", verdict(t["pass"])]])
+    return markdown_table(
+        ["case", "reference s", "ours s", "speed-up", "target", "result"],
+        [
+            [
+                "train fwd+bwd",
+                f"{t['reference_s']:.4f}",
+                f"{t['ours_s']:.4f}",
+                f"{t['speedup']:.2f}x",
+                f">= {t['target']:.1f}x",
+                verdict(t["pass"]),
+            ]
+        ],
+    )
 
 
 def floor_table(floors: dict) -> str:
     return markdown_table(
         ["guidance", "rows", "GFLOP", "compute s", "KV MB", "KV read s", "floor s", "weights/token s"],
-        [[f"{g}", str(f["rows"]), f"{f['flops'] / 1e9:.3g}", f"{f['compute_s']:.4f}", f"{f['kv_bytes'] / 1e6:.1f}",
-          f"{f['kv_read_s']:.4f}", f"{f['floor_s']:.4f}", f"{f['weights_once_per_token_s']:.4f}"]
-         for g, f in floors.items()])
+        [
+            [
+                f"{g}",
+                str(f["rows"]),
+                f"{f['flops'] / 1e9:.3g}",
+                f"{f['compute_s']:.4f}",
+                f"{f['kv_bytes'] / 1e6:.1f}",
+                f"{f['kv_read_s']:.4f}",
+                f"{f['floor_s']:.4f}",
+                f"{f['weights_once_per_token_s']:.4f}",
+            ]
+            for g, f in floors.items()
+        ],
+    )
 
 
 def sampling_table(rows: list[dict]) -> str:
     return markdown_table(
-        ["g", "sampler", "segments", "median s", "vs ref", "max abs diff vs seq", "passes/block", "mean", "fallbacks",
-         "x floor"],
-        [[f"{r['guidance']:g}", r["sampler"], per_block(r["segments"]), f"{r['seconds']:.4f}", f"{r['speedup']:.2f}x",
-          f"{r['max_abs_diff_vs_sequential']:.1e}", per_block(r["passes_per_block"]), f"{r['mean_passes']:.1f}",
-          str(r["fallbacks"]), f"{r['floor_ratio']:.1f}"] for r in rows], left=2)
+        [
+            "g",
+            "sampler",
+            "segments",
+            "median s",
+            "vs ref",
+            "max abs diff vs seq",
+            "passes/block",
+            "mean",
+            "fallbacks",
+            "x floor",
+        ],
+        [
+            [
+                f"{r['guidance']:g}",
+                r["sampler"],
+                per_block(r["segments"]),
+                f"{r['seconds']:.4f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['max_abs_diff_vs_sequential']:.1e}",
+                per_block(r["passes_per_block"]),
+                f"{r['mean_passes']:.1f}",
+                str(r["fallbacks"]),
+                f"{r['floor_ratio']:.1f}",
+            ]
+            for r in rows
+        ],
+        left=2,
+    )
 
 
 def targets_table(targets: list[dict]) -> str:
-    return markdown_table(["target", "value", "needed", "result"],
-                          [[t["name"], t["value"], t["target"], verdict(t["pass"])] for t in targets])
+    return markdown_table(
+        ["target", "value", "needed", "result"],
+        [[t["name"], t["value"], t["target"], verdict(t["pass"])] for t in targets],
+    )
 
 
 # --------------------------------------------------------------------------------------- main
+
 
 def weight_sets(choice: str) -> list[str]:
     return ["random", "trained"] if choice == "both" else [choice]
@@ -414,22 +578,40 @@ def main(argv: list[str] | None = None) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     load_before = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average {load_before:.2f}, {args.clock} clock")
-    print(f"preset {args.preset}: model {cfg.img_size}x{cfg.img_size} {cfg.short_name()} "
-          f"({cfg.num_parameters() / 1e6:.2f}M params, {cfg.num_patches} tokens), batch {B}, "
-          f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.repeats} repeats, weights {args.weights}"
-          + (" (the gpu preset times random weights unless --weights asks for more)"
-             if args.preset == "gpu" and args.weights == "random" else ""))
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load average {load_before:.2f}, {args.clock} clock"
+    )
+    print(
+        f"preset {args.preset}: model {cfg.img_size}x{cfg.img_size} {cfg.short_name()} "
+        f"({cfg.num_parameters() / 1e6:.2f}M params, {cfg.num_patches} tokens), batch {B}, "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.repeats} repeats, weights {args.weights}"
+        + (
+            " (the gpu preset times random weights unless --weights asks for more)"
+            if args.preset == "gpu" and args.weights == "random"
+            else ""
+        )
+    )
     rates = measure_rates(device, dtype)
     floors = {f"{g:g}": sampling_floor(cfg, B * (2 if g > 0 else 1), dtype, rates) for g in GUIDANCES}
     print(f"cost floor: {rates.describe()}")
     print(floor_table(floors))
 
-    summary = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-               "clock": args.clock, "preset": args.preset, "bf16": args.bf16, "batch": B, "repeats": args.repeats,
-               "seed": args.seed, "config": cfg.to_dict(), "rates": rates.to_dict(), "floors": floors,
-               "weights": {}}
+    summary = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "preset": args.preset,
+        "bf16": args.bf16,
+        "batch": B,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "config": cfg.to_dict(),
+        "rates": rates.to_dict(),
+        "floors": floors,
+        "weights": {},
+    }
     agree, training_timing = True, None
     for name in weight_sets(args.weights):
         print(f"\n## {name} weights")
@@ -445,12 +627,19 @@ def main(argv: list[str] | None = None) -> int:
         print(sampling_table(rows))
         ratios = floor_ratios(rows)
         for g, r in ratios.items():
-            print(f"  x floor at guidance {g}: reference {r['reference']:.1f}, our sequential {r['sequential']:.1f}, "
-                  f"our fastest ({r['fastest_sampler']}) {r['fastest']:.1f}")
+            print(
+                f"  x floor at guidance {g}: reference {r['reference']:.1f}, our sequential {r['sequential']:.1f}, "
+                f"our fastest ({r['fastest_sampler']}) {r['fastest']:.1f}"
+            )
         targets = check_targets(rows, device)
         print(targets_table(targets))
-        summary["weights"][name] = {"training": training, "agreement": diffs, "samplers": rows,
-                                    "floor_ratios": ratios, "targets": targets}
+        summary["weights"][name] = {
+            "training": training,
+            "agreement": diffs,
+            "samplers": rows,
+            "floor_ratios": ratios,
+            "targets": targets,
+        }
 
     load_after = os.getloadavg()[0]
     print(f"\nload average after timing: {load_after:.2f}")

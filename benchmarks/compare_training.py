@@ -59,9 +59,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--ref-head-dim", type=int, default=None,
-                   help="attention head size of the reference (default: the preset's; the published Model "
-                        "always uses 64, so it is passed to its MetaBlock)")
+    p.add_argument(
+        "--ref-head-dim",
+        type=int,
+        default=None,
+        help="attention head size of the reference (default: the preset's; the published Model "
+        "always uses 64, so it is passed to its MetaBlock)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args()
 
@@ -81,7 +85,14 @@ class WarmupCosine:
     min_lr to max_lr over the warm-up count, then cosine down to min_lr at total_steps."""
 
     def __init__(self, optimizer, warmup_steps: int, total_steps: int, min_lr: float, max_lr: float):
-        self.opt, self.warmup, self.total, self.lo, self.hi, self.count = optimizer, warmup_steps, total_steps, min_lr, max_lr, 0
+        self.opt, self.warmup, self.total, self.lo, self.hi, self.count = (
+            optimizer,
+            warmup_steps,
+            total_steps,
+            min_lr,
+            max_lr,
+            0,
+        )
         self._set(min_lr)
 
     def _set(self, lr: float) -> None:
@@ -106,16 +117,27 @@ class ReferenceRun:
         tf.MetaBlock = functools.partial(tf.MetaBlock, head_dim=head_dim)  # Model does not pass it on
         with torch.random.fork_rng():  # seeded as our trainer seeds its model; its RNG is left alone
             torch.manual_seed(cfg.seed)
-            self.model = tf.Model(mc.in_channels, mc.img_size, mc.patch_size, mc.width, mc.num_blocks,
-                                  mc.layers_per_block, nvp=mc.nvp, num_classes=mc.num_classes)
+            self.model = tf.Model(
+                mc.in_channels,
+                mc.img_size,
+                mc.patch_size,
+                mc.width,
+                mc.num_blocks,
+                mc.layers_per_block,
+                nvp=mc.nvp,
+                num_classes=mc.num_classes,
+            )
             torch.manual_seed(cfg.seed)
             twin = TarFlow(dataclasses.replace(mc, head_dim=head_dim)).state_dict()
         self.same_init = all(torch.equal(v, twin[k]) for k, v in self.model.state_dict().items() if k in twin)
-        self.opt = torch.optim.AdamW(self.model.parameters(), betas=(cfg.beta1, cfg.beta2), lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), betas=(cfg.beta1, cfg.beta2), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         self.schedule = Schedule(self.opt, warmup, total, cfg.min_lr, cfg.lr)
         ds = open_dataset(cfg.data, "train")
-        self.x = torch.stack([ds[i][0] for i in range(len(ds))]).float().div(255).sub(0.5).div(0.5)  # ToTensor+Normalize
+        self.x = (
+            torch.stack([ds[i][0] for i in range(len(ds))]).float().div(255).sub(0.5).div(0.5)
+        )  # ToTensor+Normalize
         self.y = torch.tensor([ds[i][1] for i in range(len(ds))])
         self.cfg, self.mc, self.gen = cfg, mc, torch.Generator().manual_seed(cfg.seed)
         self.batches: list[torch.Tensor] = []
@@ -186,9 +208,16 @@ def main() -> int:
     tf, Schedule = import_reference_with_schedule(args.ref)
     base = preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="compare-training-") as tmp:
-        cfg = base.replace(max_steps=args.steps or base.max_steps, eval_every=args.eval_every or base.eval_every,
-                           seed=args.seed, device="cpu", precision="fp32", sample_every=0, checkpoint_every=0,
-                           run_dir=f"{tmp}/run")
+        cfg = base.replace(
+            max_steps=args.steps or base.max_steps,
+            eval_every=args.eval_every or base.eval_every,
+            seed=args.seed,
+            device="cpu",
+            precision="fp32",
+            sample_every=0,
+            checkpoint_every=0,
+            run_dir=f"{tmp}/run",
+        )
         batches = eval_batches(cfg)
         ours: dict[int, float] = {}
         theirs: dict[int, float] = {}
@@ -198,8 +227,15 @@ def main() -> int:
         def on_event(e: dict) -> None:
             if e["kind"] == "start":
                 state["mc"] = ModelConfig.from_dict(e["model"])
-                state["ref"] = ReferenceRun(tf, Schedule, cfg, state["mc"], e["warmup_steps"], e["total_steps"],
-                                            args.ref_head_dim or cfg.head_dim)
+                state["ref"] = ReferenceRun(
+                    tf,
+                    Schedule,
+                    cfg,
+                    state["mc"],
+                    e["warmup_steps"],
+                    e["total_steps"],
+                    args.ref_head_dim or cfg.head_dim,
+                )
                 state["start"] = e
                 state["last"] = 0
             elif e["kind"] == "train":
@@ -228,33 +264,54 @@ def main() -> int:
 
     steps = sorted(ours)
     final = steps[-1]
-    print(f"preset {cfg.preset}: {mc.num_blocks} blocks x {mc.layers_per_block} layers, width {mc.width}, "
-          f"patch {mc.patch_size}, {'conditional' if mc.num_classes else 'unconditional'}; batch {cfg.batch_size}, "
-          f"lr {cfg.lr:g}, warm-up {state['start']['warmup_steps']}, noise {cfg.noise_label}, label drop {cfg.label_drop}, "
-          f"{cfg.max_steps} steps, seed {cfg.seed}, {torch.get_num_threads()} threads; held-out: {sum(len(b[0]) for b in batches)} "
-          f"test images; reference head dim {args.ref_head_dim or cfg.head_dim}, same initial weights: "
-          f"{'yes' if ref.same_init else 'NO'}")
+    print(
+        f"preset {cfg.preset}: {mc.num_blocks} blocks x {mc.layers_per_block} layers, width {mc.width}, "
+        f"patch {mc.patch_size}, {'conditional' if mc.num_classes else 'unconditional'}; batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g}, warm-up {state['start']['warmup_steps']}, noise {cfg.noise_label}, label drop {cfg.label_drop}, "
+        f"{cfg.max_steps} steps, seed {cfg.seed}, {torch.get_num_threads()} threads; held-out: {sum(len(b[0]) for b in batches)} "
+        f"test images; reference head dim {args.ref_head_dim or cfg.head_dim}, same initial weights: "
+        f"{'yes' if ref.same_init else 'NO'}"
+    )
     print(f"{'step':>6} | {'ours bpd':>9} | {'reference bpd':>13}")
     for s in steps:
         print(f"{s:>6} | {ours[s]:>9.4f} | {theirs[s]:>13.4f}")
     ratio = ours[final] / theirs[final]
     print(f"final ratio ours/reference: {ratio:.4f} ({ours[final] - theirs[final]:+.4f} bpd)")
-    print(f"wall (incl. evaluation): ours {ours_wall:.1f} s, reference {ref.train_s + ref.eval_s:.1f} s; "
-          f"training images/s: ours {cfg.max_steps * cfg.batch_size / ours_train_s:.0f}, "
-          f"reference {cfg.max_steps * cfg.batch_size / ref.train_s:.0f}")
+    print(
+        f"wall (incl. evaluation): ours {ours_wall:.1f} s, reference {ref.train_s + ref.eval_s:.1f} s; "
+        f"training images/s: ours {cfg.max_steps * cfg.batch_size / ours_train_s:.0f}, "
+        f"reference {cfg.max_steps * cfg.batch_size / ref.train_s:.0f}"
+    )
     checks_ok = abs(rescored_ours - ours[final]) < CHECK_TOL and abs(rescored_ref - theirs[final]) < CHECK_TOL
-    print(f"protocol checks: our checkpoint re-scored {rescored_ours:.4f} (logged {ours[final]:.4f}); reference weights "
-          f"in TarFlow {rescored_ref:.4f} (own forward {theirs[final]:.4f}): {'ok' if checks_ok else 'MISMATCH'}")
+    print(
+        f"protocol checks: our checkpoint re-scored {rescored_ours:.4f} (logged {ours[final]:.4f}); reference weights "
+        f"in TarFlow {rescored_ref:.4f} (own forward {theirs[final]:.4f}): {'ok' if checks_ok else 'MISMATCH'}"
+    )
     verdict = "PASS" if ours[final] < theirs[final] else "FAIL"
     print(f"{verdict}: ours {'below' if verdict == 'PASS' else 'not below'} the reference at step {final}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "preset": cfg.preset, "steps": cfg.max_steps, "seed": cfg.seed, "threads": torch.get_num_threads(),
-            "ours": {str(s): ours[s] for s in steps}, "reference": {str(s): theirs[s] for s in steps},
-            "ours_wall_s": ours_wall, "reference_wall_s": ref.train_s + ref.eval_s,
-            "ours_images_per_s": cfg.max_steps * cfg.batch_size / ours_train_s,
-            "reference_images_per_s": cfg.max_steps * cfg.batch_size / ref.train_s,
-            "ratio": ratio, "verdict": verdict, "checks_ok": checks_ok, "same_init": ref.same_init}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "preset": cfg.preset,
+                    "steps": cfg.max_steps,
+                    "seed": cfg.seed,
+                    "threads": torch.get_num_threads(),
+                    "ours": {str(s): ours[s] for s in steps},
+                    "reference": {str(s): theirs[s] for s in steps},
+                    "ours_wall_s": ours_wall,
+                    "reference_wall_s": ref.train_s + ref.eval_s,
+                    "ours_images_per_s": cfg.max_steps * cfg.batch_size / ours_train_s,
+                    "reference_images_per_s": cfg.max_steps * cfg.batch_size / ref.train_s,
+                    "ratio": ratio,
+                    "verdict": verdict,
+                    "checks_ok": checks_ok,
+                    "same_init": ref.same_init,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if checks_ok else 1
 
 

@@ -40,8 +40,10 @@ class DeviceRates:
     dtype: str
 
     def describe(self) -> str:
-        return (f"peak matmul {self.peak_flops / 1e9:.1f} GFLOP/s ({self.matmul_n}x{self.matmul_n}, {self.dtype}), "
-                f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s ({self.bandwidth_bytes / 2**20:.0f} MiB)")
+        return (
+            f"peak matmul {self.peak_flops / 1e9:.1f} GFLOP/s ({self.matmul_n}x{self.matmul_n}, {self.dtype}), "
+            f"memory bandwidth {self.bandwidth / 1e9:.1f} GB/s ({self.bandwidth_bytes / 2**20:.0f} MiB)"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +97,13 @@ def sampling_floor(cfg: ModelConfig, rows: int, dtype: torch.dtype, rates: Devic
     per_token_params = cfg.num_parameters() - N * (T + cfg.num_classes) * W  # no position/class tables
     weight_bytes = T * per_token_params * item
     compute_s, kv_s = flops / rates.peak_flops, kv_bytes / rates.bandwidth
-    return {"rows": rows, "flops": flops, "kv_bytes": kv_bytes, "compute_s": compute_s, "kv_read_s": kv_s,
-            "floor_s": compute_s + kv_s, "weight_bytes": weight_bytes,
-            "weights_once_per_token_s": weight_bytes / rates.bandwidth}
+    return {
+        "rows": rows,
+        "flops": flops,
+        "kv_bytes": kv_bytes,
+        "compute_s": compute_s,
+        "kv_read_s": kv_s,
+        "floor_s": compute_s + kv_s,
+        "weight_bytes": weight_bytes,
+        "weights_once_per_token_s": weight_bytes / rates.bandwidth,
+    }

@@ -25,10 +25,13 @@ from tarflow_core.train import objective, train
 def bare_loop(cfg, model_cfg, steps: int, device: str) -> float:
     torch.manual_seed(0)
     model = TarFlow(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     x = torch.rand(cfg.batch_size, model_cfg.in_channels, model_cfg.img_size, model_cfg.img_size, device=device) * 2 - 1
-    y = torch.randint(max(1, model_cfg.num_classes), (cfg.batch_size,), device=device) if model_cfg.num_classes else None
+    y = (
+        torch.randint(max(1, model_cfg.num_classes), (cfg.batch_size,), device=device)
+        if model_cfg.num_classes
+        else None
+    )
     warm = min(20, steps // 5)
     for i in range(steps + warm):
         if i == warm:
@@ -48,8 +51,14 @@ def bare_loop(cfg, model_cfg, steps: int, device: str) -> float:
 def trainer(cfg, steps: int) -> tuple[float, object]:
     seen = []
     with tempfile.TemporaryDirectory() as d:
-        c = cfg.replace(run_dir=f"{d}/run", max_steps=steps, log_every=max(1, steps // 5), eval_every=0,
-                        sample_every=0, checkpoint_every=0)
+        c = cfg.replace(
+            run_dir=f"{d}/run",
+            max_steps=steps,
+            log_every=max(1, steps // 5),
+            eval_every=0,
+            sample_every=0,
+            checkpoint_every=0,
+        )
         train(c, emit=seen.append)
     start = next(e for e in seen if e["kind"] == "start")
     rates = [e["images_per_s"] for e in seen if e["kind"] == "train"][1:]  # first interval: warm-up
@@ -77,13 +86,17 @@ def main() -> None:
         t_rates.append(rate)
         b_rates.append(bare_loop(cfg, model_cfg, args.steps, args.device))
     t, b = max(t_rates), max(b_rates)
-    print(f"model {model_cfg.short_name()} ({TarFlow(model_cfg).num_parameters():,} params), batch {cfg.batch_size}, "
-          f"device {args.device}, threads {torch.get_num_threads()}")
+    print(
+        f"model {model_cfg.short_name()} ({TarFlow(model_cfg).num_parameters():,} params), batch {cfg.batch_size}, "
+        f"device {args.device}, threads {torch.get_num_threads()}"
+    )
     print(f"bare loop : {b:8.1f} images/s  (rounds: {', '.join(f'{r:.0f}' for r in b_rates)})")
     print(f"trainer   : {t:8.1f} images/s  (rounds: {', '.join(f'{r:.0f}' for r in t_rates)})")
     ratios = sorted(bb / tt for bb, tt in zip(b_rates, t_rates))
-    print(f"overhead  : {100 * (b / t - 1):.1f}% more time per image in the trainer (best vs best); "
-          f"median of paired rounds {100 * (ratios[len(ratios) // 2] - 1):.1f}%")
+    print(
+        f"overhead  : {100 * (b / t - 1):.1f}% more time per image in the trainer (best vs best); "
+        f"median of paired rounds {100 * (ratios[len(ratios) // 2] - 1):.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ from tarflow_core.data import open_digits
 from tarflow_core.model import TarFlow
 from tarflow_core.train import lr_at, objective
 
-TRAIN = {"data": "digits train split, bilinear resize", "batch": 32, "lr": 1e-3, "min_lr": 1e-5,
-         "weight_decay": 1e-4, "warmup_fraction": 0.1, "noise_std": 0.05, "label_drop": 0.1}
+TRAIN = {
+    "data": "digits train split, bilinear resize",
+    "batch": 32,
+    "lr": 1e-3,
+    "min_lr": 1e-5,
+    "weight_decay": 1e-4,
+    "warmup_fraction": 0.1,
+    "noise_std": 0.05,
+    "label_drop": 0.1,
+}
 
 
 def digits_tensors(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,31 +64,42 @@ def digits_tensors(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def cache_path(cache_dir: Path, cfg: ModelConfig, steps: int, seed: int) -> Path:
     key = json.dumps({"model": cfg.to_dict(), "steps": steps, "seed": seed, "train": TRAIN}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return cache_dir / (f"digits-{cfg.in_channels}x{cfg.img_size}-{cfg.short_name()}-c{cfg.num_classes}"
-                        f"-{steps}steps-seed{seed}-{digest}")
+    return cache_dir / (
+        f"digits-{cfg.in_channels}x{cfg.img_size}-{cfg.short_name()}-c{cfg.num_classes}"
+        f"-{steps}steps-seed{seed}-{digest}"
+    )
 
 
-def trained_model(cfg: ModelConfig, steps: int, seed: int, cache_dir: Path, device: torch.device,
-                  autocast_dtype: torch.dtype | None = None, log=print) -> tuple[TarFlow, dict]:
+def trained_model(
+    cfg: ModelConfig,
+    steps: int,
+    seed: int,
+    cache_dir: Path,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    log=print,
+) -> tuple[TarFlow, dict]:
     """Our TarFlow trained `steps` steps on the digits (loaded from the cache when there) and a
     summary of its training: final bits per dimension, seconds, whether it came from the cache."""
     path = cache_path(cache_dir, cfg, steps, seed)
     if path.is_dir():
         model, info = load_checkpoint(path, device)
         summary = {**info.training, "cached": True, "path": str(path)}
-        log(f"trained weights loaded from {path} (trained {summary['steps']} steps in "
-            f"{summary['train_seconds']:.0f} s, final training bpd {summary['final_bpd']:.3f})")
+        log(
+            f"trained weights loaded from {path} (trained {summary['steps']} steps in "
+            f"{summary['train_seconds']:.0f} s, final training bpd {summary['final_bpd']:.3f})"
+        )
         return model.eval(), summary
     log(f"training {cfg.short_name()} on the digits for {steps} steps (cached as {path}) ...")
     model, summary = train_on_digits(cfg, steps, seed, device, autocast_dtype, log)
-    save_checkpoint(path, model, noise={"type": "gaussian", "std": TRAIN["noise_std"]}, step=steps,
-                    training=summary)
+    save_checkpoint(path, model, noise={"type": "gaussian", "std": TRAIN["noise_std"]}, step=steps, training=summary)
     log(f"trained in {summary['train_seconds']:.0f} s, final training bpd {summary['final_bpd']:.3f}")
     return model.eval(), {**summary, "cached": False, "path": str(path)}
 
 
-def train_on_digits(cfg: ModelConfig, steps: int, seed: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None = None, log=print) -> tuple[TarFlow, dict]:
+def train_on_digits(
+    cfg: ModelConfig, steps: int, seed: int, device: torch.device, autocast_dtype: torch.dtype | None = None, log=print
+) -> tuple[TarFlow, dict]:
     """The training loop described in the module docstring."""
     images, labels = digits_tensors(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -88,14 +107,16 @@ def train_on_digits(cfg: ModelConfig, steps: int, seed: int, device: torch.devic
     model = TarFlow(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
     warmup = max(1, round(TRAIN["warmup_fraction"] * steps))
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
     bpds = []
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(images), (TRAIN["batch"],), generator=gen)
         x = flow.uint8_to_model(images[idx]) + TRAIN["noise_std"] * torch.randn(
-            (TRAIN["batch"], *images.shape[1:]), generator=gen)
+            (TRAIN["batch"], *images.shape[1:]), generator=gen
+        )
         y = labels[idx]
         if cfg.conditional:
             y = torch.where(torch.rand(len(y), generator=gen) < TRAIN["label_drop"], torch.full_like(y, -1), y)
@@ -115,7 +136,12 @@ def train_on_digits(cfg: ModelConfig, steps: int, seed: int, device: torch.devic
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"  step {step + 1}/{steps}: training bpd {bpds[-1]:.3f} ({time.perf_counter() - start:.0f} s)")
     seconds = time.perf_counter() - start
-    tail = bpds[-max(1, steps // 10):]
-    return model.eval(), {"steps": steps, "seed": seed, "train_seconds": seconds,
-                          "final_bpd": sum(tail) / len(tail), "first_bpd": bpds[0] if bpds else None,
-                          "settings": TRAIN}
+    tail = bpds[-max(1, steps // 10) :]
+    return model.eval(), {
+        "steps": steps,
+        "seed": seed,
+        "train_seconds": seconds,
+        "final_bpd": sum(tail) / len(tail),
+        "first_bpd": bpds[0] if bpds else None,
+        "settings": TRAIN,
+    }

@@ -36,8 +36,10 @@ class WriteError(Exception):
 
 # The library's error types, by module: looked up only once their module is loaded (an error of a
 # module never imported cannot have been raised), so this module and `watch` load without torch.
-_CORE_ERRORS = (("tarflow_core.checkpoint", "CheckpointError", EXIT_USAGE),
-                ("tarflow_core.sampling", "SamplingError", EXIT_FAILURE))
+_CORE_ERRORS = (
+    ("tarflow_core.checkpoint", "CheckpointError", EXIT_USAGE),
+    ("tarflow_core.sampling", "SamplingError", EXIT_FAILURE),
+)
 
 
 def _exit_code(e: Exception) -> int | None:
@@ -125,8 +127,10 @@ def require_stdout(command: str) -> None:
     """Refuse, before any work, to run a command whose results go to stdout when stdout is closed
     (`tarflow score ... >&-`: Python then has no sys.stdout at all)."""
     if sys.stdout is None:
-        raise UsageError(f"stdout is closed, and {command} writes its results there; "
-                         "redirect it to a file (> FILE) or to /dev/null instead")
+        raise UsageError(
+            f"stdout is closed, and {command} writes its results there; "
+            "redirect it to a file (> FILE) or to /dev/null instead"
+        )
 
 
 def stderr_is_terminal() -> bool:

@@ -117,8 +117,10 @@ def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
             if sys.stdin is None:  # `<&-`
                 raise InputError("stdin (-) is closed; expected .npy bytes, e.g. from `tarflow sample --out -`")
             if sys.stdin.isatty():  # reading would wait for typing that never comes
-                raise InputError("stdin (-) is a terminal; pipe .npy bytes into it (e.g. from `tarflow sample "
-                                 "--out -`) or give a file")
+                raise InputError(
+                    "stdin (-) is a terminal; pipe .npy bytes into it (e.g. from `tarflow sample "
+                    "--out -`) or give a file"
+                )
             stdin = sys.stdin.buffer
         data = stdin.read()
         if not data:
@@ -128,8 +130,13 @@ def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
     if not p.exists():
         raise InputError(f"input {path} does not exist; expected an image file, a folder, a .npz, a .npy or -")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in IMAGE_EXTS
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             looked = ", ".join("*" + e for e in IMAGE_EXTS)
             raise InputError(f"folder {path} holds no image files (looked for {looked})")
@@ -172,8 +179,10 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
             if key is None:
                 rest = [k for k in loaded.files if k not in (label_key, NPZ_META_KEY)]
                 if len(rest) != 1:
-                    raise InputError(f"{name} holds arrays {loaded.files or 'none'}; expected one named "
-                                     f"{', '.join(_NPZ_IMAGE_KEYS)} (labels optional: {', '.join(LABEL_KEYS)})")
+                    raise InputError(
+                        f"{name} holds arrays {loaded.files or 'none'}; expected one named "
+                        f"{', '.join(_NPZ_IMAGE_KEYS)} (labels optional: {', '.join(LABEL_KEYS)})"
+                    )
                 key = rest[0]
             arr = loaded[key]
             if label_key is not None:
@@ -210,7 +219,9 @@ def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
             raise InputError(bad + "float model-space images as NCHW (C = 1 or 3) or NHW")
         if not np.isfinite(arr).all():
             bad_images = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
-            raise InputError(f"{name}: {bad_images} of {len(arr)} images hold nan or inf; expected finite model-space values")
+            raise InputError(
+                f"{name}: {bad_images} of {len(arr)} images hold nan or inf; expected finite model-space values"
+            )
         return np.ascontiguousarray(arr, dtype=np.float32)
     if arr.dtype != np.uint8:
         raise InputError(bad + "uint8 images (NHWC, NCHW or NHW) or float NCHW model-space values")
@@ -301,8 +312,9 @@ def check_output(out: str, stdout_is_tty: bool | None = None) -> None:
         if sys.stdout is None and stdout_is_tty is None:  # `... --out - >&-`
             raise InputError("--out -: stdout is closed; give a file, or pipe stdout into a command")
         if stdout_is_tty if stdout_is_tty is not None else sys.stdout.isatty():
-            raise InputError("--out -: stdout is a terminal; pipe it into a command (e.g. `| tarflow score ... -`) "
-                             "or give a file")
+            raise InputError(
+                "--out -: stdout is a terminal; pipe it into a command (e.g. `| tarflow score ... -`) or give a file"
+            )
         return
     path = Path(out)
     folder_form = out.endswith(("/", "\\")) or path.is_dir()
@@ -329,8 +341,10 @@ def write_output(x, out: str, labels=None, metadata: dict | None = None, stdout:
     except BrokenPipeError:
         raise
     except OSError as e:
-        raise WriteError(f"could not write --out {out}: {e.strerror or e}"
-                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
+        raise WriteError(
+            f"could not write --out {out}: {e.strerror or e}"
+            f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}"
+        ) from None
 
 
 def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO | None) -> str | None:
@@ -353,7 +367,11 @@ def _write_output(x, out: str, labels, metadata: dict | None, stdout: BinaryIO |
         # numbered PNGs past the ones just written are left from an earlier, longer run: anything that
         # reads the folder (score, an FID tool) would take them too, so say so
         older = sum(1 for f in folder.glob("*.png") if f.stem.isdigit() and len(f.stem) == 6 and int(f.stem) >= len(x))
-        note = f" (note: {older} older numbered PNG{'s' if older != 1 else ''} from an earlier run remain there)" if older else ""
+        note = (
+            f" (note: {older} older numbered PNG{'s' if older != 1 else ''} from an earlier run remain there)"
+            if older
+            else ""
+        )
         return f"{len(x)} PNG files in {folder}/{note}"
     suffix = Path(out).suffix.lower()
     if suffix == ".png":
@@ -385,7 +403,7 @@ def _write_all(stream: BinaryIO, data: bytes) -> None:
     view = memoryview(data)
     while len(view):
         n = stream.write(view)
-        view = view[len(view) if n is None else n:]  # None: a stream that took everything
+        view = view[len(view) if n is None else n :]  # None: a stream that took everything
 
 
 def _save_png(hwc: np.ndarray, path: Path, metadata: dict | None) -> None:

@@ -12,9 +12,15 @@ Names are resolved on first use, so `import tarflow_core` stays cheap.
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "TarFlow": "model", "ModelConfig": "config",
-    "nll": "likelihood", "log_prob": "likelihood", "bpd": "likelihood", "denoise": "likelihood",
+    "load_model": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "TarFlow": "model",
+    "ModelConfig": "config",
+    "nll": "likelihood",
+    "log_prob": "likelihood",
+    "bpd": "likelihood",
+    "denoise": "likelihood",
     "generate": "sampling",
 }
 __all__ = ["__version__", *_API]

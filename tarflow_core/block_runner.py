@@ -25,9 +25,20 @@ class BlockRunner:
     needs them, so a runner that only runs Jacobi passes (`params`) never packs.
     """
 
-    def __init__(self, block: FlowBlock, batch: int, y: torch.Tensor | None, *, guidance: float = 0.0,
-                 guide_what: str = "ab", attn_temp: float = 1.0, annealed: bool = False,
-                 device: torch.device, dtype: torch.dtype, packed: bool | None = None):
+    def __init__(
+        self,
+        block: FlowBlock,
+        batch: int,
+        y: torch.Tensor | None,
+        *,
+        guidance: float = 0.0,
+        guide_what: str = "ab",
+        attn_temp: float = 1.0,
+        annealed: bool = False,
+        device: torch.device,
+        dtype: torch.dtype,
+        packed: bool | None = None,
+    ):
         B = batch
         self.block = block
         self.guided = guidance > 0
@@ -49,7 +60,9 @@ class BlockRunner:
         if self.guided and attn_temp != 1.0:
             scale = torch.tensor([1.0, 1.0 / attn_temp], device=device, dtype=dtype).repeat_interleave(B)
             self.q_scale = scale.view(self.rows, 1, 1, 1)
-        self.cache = KVCache(len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device)
+        self.cache = KVCache(
+            len(block.attn_blocks), self.rows, self.heads, T, self.head_dim, dtype=dtype, device=device
+        )
         self.dtype, self.device, self._use_packed, self._packed = dtype, device, packed, _NOT_YET
         weights = block_weights(block, dtype, device)
         self.layers = weights.layers
@@ -72,11 +85,14 @@ class BlockRunner:
         if self._packed is _NOT_YET:
             use = prefers_packed(self.block, self.rows) if self._use_packed is None else self._use_packed
             use = use and can_pack(self.dtype, self.device)
-            self._packed = block_weights(self.block, self.dtype, self.device, packed_rows=self.rows).packed if use else None
+            self._packed = (
+                block_weights(self.block, self.dtype, self.device, packed_rows=self.rows).packed if use else None
+            )
         return self._packed
 
-    def step(self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
-             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def step(
+        self, x: torch.Tensor, t: int | torch.Tensor, span: int | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One token: input at position t (B, D) -> guided (a, b) for position t + 1, each (B, D).
 
         The sequential sampler's inner loop, so it is written for few rows: 2-D activations,

@@ -55,8 +55,9 @@ class BlockWeights:
     packed: list[tuple] | None = None
 
 
-def block_weights(block: FlowBlock, dtype: torch.dtype, device: torch.device | str,
-                  packed_rows: int | None = None) -> BlockWeights:
+def block_weights(
+    block: FlowBlock, dtype: torch.dtype, device: torch.device | str, packed_rows: int | None = None
+) -> BlockWeights:
     """The block's weights for products in `dtype`, with the per-token products also in oneDNN's
     layout (packed for `packed_rows` rows) when `packed_rows` is given and they can be packed."""
     if torch.device(device).type != "cpu":
@@ -88,9 +89,14 @@ def prefers_packed(block: FlowBlock, rows: int) -> bool:
 def can_pack(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether products in `dtype` on `device` can use oneDNN's packed layout here: float32 on an
     x86-64 CPU (where it was measured), with oneDNN built in and not switched off by the user."""
-    return (dtype == torch.float32 and torch.device(device).type == "cpu" and _X86_64
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        dtype == torch.float32
+        and torch.device(device).type == "cpu"
+        and _X86_64
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 _X86_64 = platform.machine().lower() in ("x86_64", "amd64")
@@ -145,8 +151,12 @@ def _packed_layers(block: FlowBlock, rows: int) -> list[tuple] | None:
     """Every layer's (qkv, proj, fc1, fc2) weights in oneDNN's layout, or None where this build
     cannot pack them (the plain products are used then)."""
     try:
-        return [tuple(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-                      for linear in _step_linears(layer)) for layer in block.attn_blocks]
+        return [
+            tuple(
+                torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows) for linear in _step_linears(layer)
+            )
+            for layer in block.attn_blocks
+        ]
     except (RuntimeError, NotImplementedError):
         return None
 
@@ -159,10 +169,18 @@ def _step_linears(layer) -> tuple[torch.nn.Linear, ...]:
 def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
     att, mlp = layer.attention, layer.mlp
     # norms run in float32 for half-precision activations: a half-precision model's norm weights too
-    return (at_least_f32(att.norm.weight.detach()), at_least_f32(att.norm.bias.detach()), *_in_out(att.qkv, dtype),
-            *_in_out(att.proj, dtype), at_least_f32(mlp.norm.weight.detach()), at_least_f32(mlp.norm.bias.detach()),
-            *_in_out(mlp.main[0], dtype),
-            *_in_out(mlp.main[2], dtype), att.norm.eps, mlp.norm.eps)
+    return (
+        at_least_f32(att.norm.weight.detach()),
+        at_least_f32(att.norm.bias.detach()),
+        *_in_out(att.qkv, dtype),
+        *_in_out(att.proj, dtype),
+        at_least_f32(mlp.norm.weight.detach()),
+        at_least_f32(mlp.norm.bias.detach()),
+        *_in_out(mlp.main[0], dtype),
+        *_in_out(mlp.main[2], dtype),
+        att.norm.eps,
+        mlp.norm.eps,
+    )
 
 
 def _in_out(linear: torch.nn.Linear, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:

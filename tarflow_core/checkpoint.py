@@ -67,22 +67,43 @@ class CheckpointInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "tarflow_version": self.tarflow_version or __version__,
-            "model": self.config.to_dict(), "data": self.data, "noise": self.noise,
-            "step": self.step, "training": self.training, "ema": self.has_ema,
+            "model": self.config.to_dict(),
+            "data": self.data,
+            "noise": self.noise,
+            "step": self.step,
+            "training": self.training,
+            "ema": self.has_ema,
         }
 
 
 # ---------------------------------------------------------------------------------------- saving
 
-def save_checkpoint(path: str | os.PathLike, model: TarFlow, *, noise: dict | None = None,
-                    step: int | None = None, data: dict | None = None, training: dict | None = None,
-                    ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: TarFlow,
+    *,
+    noise: dict | None = None,
+    step: int | None = None,
+    data: dict | None = None,
+    training: dict | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a native checkpoint directory atomically (a crash leaves any previous one intact)."""
     target = Path(path)
-    info = CheckpointInfo(str(target), "native", model.config, noise or {"type": None, "std": None},
-                          step, data or _data_from_config(model.config), training or {}, ema_state is not None)
+    info = CheckpointInfo(
+        str(target),
+        "native",
+        model.config,
+        noise or {"type": None, "std": None},
+        step,
+        data or _data_from_config(model.config),
+        training or {},
+        ema_state is not None,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -111,8 +132,7 @@ def save_checkpoint(path: str | os.PathLike, model: TarFlow, *, noise: dict | No
 
 
 def _write_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
-              metadata={"format": FORMAT})
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata={"format": FORMAT})
 
 
 def _data_from_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -120,6 +140,7 @@ def _data_from_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- finding
+
 
 def list_checkpoints(run_dir: str | os.PathLike, extra_files: tuple[str, ...] = ()) -> list[tuple[int, Path]]:
     """Complete checkpoints under `run_dir/checkpoints/` as (step, folder), oldest first: each
@@ -167,13 +188,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     hint = f"; it holds {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}: give the file" if weights else ""
     raise CheckpointError(
         f"{p} is not a checkpoint: expected a run directory (with {CHECKPOINTS_DIR}/), a checkpoint "
-        f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file{hint}")
+        f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file{hint}"
+    )
 
 
 # --------------------------------------------------------------------------------------- loading
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                    patch_size: int | None = None, ema: bool = True) -> tuple[TarFlow, CheckpointInfo]:
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, patch_size: int | None = None, ema: bool = True
+) -> tuple[TarFlow, CheckpointInfo]:
     """Build the model described by any `--ckpt` form and load its weights (EMA weights when present
     and `ema` is true). `patch_size` only matters for reference files whose name does not give it."""
     resolved = resolve_checkpoint(path)
@@ -218,8 +242,10 @@ def _native_info(folder: Path, patch_size: int | None) -> CheckpointInfo:
     """A native checkpoint's description; a patch size asked for must be the one it records."""
     info = read_native_info(folder)
     if patch_size is not None and patch_size != info.config.patch_size:
-        raise CheckpointError(f"{folder} records patch size {info.config.patch_size}, not the {patch_size} asked for "
-                              "(the patch size is only needed for reference .pth files whose name does not give it)")
+        raise CheckpointError(
+            f"{folder} records patch size {info.config.patch_size}, not the {patch_size} asked for "
+            "(the patch size is only needed for reference .pth files whose name does not give it)"
+        )
     return info
 
 
@@ -236,9 +262,17 @@ def read_native_info(folder: Path) -> CheckpointInfo:
         cfg = ModelConfig.from_dict(raw["model"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{cfg_path} is not a valid tarflow checkpoint config ({e})") from None
-    return CheckpointInfo(str(folder), "native", cfg, raw.get("noise") or {"type": None, "std": None},
-                          raw.get("step"), raw.get("data") or {}, raw.get("training") or {},
-                          bool(raw.get("ema")), raw.get("tarflow_version"))
+    return CheckpointInfo(
+        str(folder),
+        "native",
+        cfg,
+        raw.get("noise") or {"type": None, "std": None},
+        raw.get("step"),
+        raw.get("data") or {},
+        raw.get("training") or {},
+        bool(raw.get("ema")),
+        raw.get("tarflow_version"),
+    )
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -265,8 +299,10 @@ def _check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
     are clean unless edited, and then load and score as null with a warning)."""
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
-        raise CheckpointError(f"weights in {source} hold NaN or infinite values ({', '.join(broken[:3])}"
-                              f"{' ...' if len(broken) > 3 else ''}): the training diverged before they were saved")
+        raise CheckpointError(
+            f"weights in {source} hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{' ...' if len(broken) > 3 else ''}): the training diverged before they were saved"
+        )
     if "var" in state and not bool((state["var"] > 0).all()):
         raise CheckpointError(f"{source}: the prior variance 'var' holds values <= 0 (expected positive variances)")
 
@@ -308,7 +344,8 @@ def read_reference_state(path: Path) -> dict[str, torch.Tensor]:
             # torch refused to import a Python object the file names: nothing was run
             raise CheckpointError(
                 f"{path} holds pickled Python objects, not a plain tensor state dict; refusing to load it "
-                "(unpickling could run code)") from None
+                "(unpickling could run code)"
+            ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch state dict (not a torch.save file)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
         raise CheckpointError(f"{path} is not a readable PyTorch state dict ({describe(e)})") from None
@@ -339,21 +376,26 @@ def _unwrap(obj: Any, path: Path) -> Any:
         return obj
     if "optimizer" in obj and "lr_schedule" in obj:
         model_file = path.name.replace("_opt_", "_model_") if "_opt_" in path.name else "{dataset}_model_....pth"
-        raise CheckpointError(f"{path} holds the published trainer's optimizer state, not model weights; "
-                              f"give its model file ({model_file})")
+        raise CheckpointError(
+            f"{path} holds the published trainer's optimizer state, not model weights; "
+            f"give its model file ({model_file})"
+        )
     inner = {k: v for k, v in obj.items() if _is_state_dict(v)}
     flows = {k: v for k, v in inner.items() if any(str(n).endswith("proj_in.weight") for n in v)}
     found = flows or inner
     if len(found) == 1:
         return next(iter(found.values()))
     if len(found) > 1:
-        raise CheckpointError(f"{path} holds several state dicts ({', '.join(map(str, found))}); "
-                              "expected one (save the one to use on its own)")
+        raise CheckpointError(
+            f"{path} holds several state dicts ({', '.join(map(str, found))}); "
+            "expected one (save the one to use on its own)"
+        )
     return obj
 
 
 def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: int | None = None) -> CheckpointInfo:
     """Read the architecture off tensor shapes and the reference file name."""
+
     def need(key: str) -> torch.Tensor:
         if key not in state:
             raise CheckpointError(f"{path} is not a TarFlow state dict (no tensor {key!r})")
@@ -381,36 +423,55 @@ def reference_info(state: dict[str, torch.Tensor], path: Path, *, patch_size: in
         elif patch_size != int(name["patch"]):  # another patch size would silently change the image shape
             raise CheckpointError(
                 f"{path.name}: its name gives patch size {name['patch']}, not the {patch_size} asked for "
-                "(the patch size is only needed for files whose name does not give it)")
+                "(the patch size is only needed for files whose name does not give it)"
+            )
         if name["dataset"]:
             data["source"] = name["dataset"]
         if (int(name["width"]), int(name["blocks"]), int(name["layers"])) != (width, blocks, layers):
             raise CheckpointError(
                 f"{path.name} names width {name['width']}, {_count(int(name['blocks']), 'block')}, "
                 f"{_count(int(name['layers']), 'layer')} per block but its tensors hold width {width}, "
-                f"{_count(blocks, 'block')}, {_count(layers, 'layer')} per block")
+                f"{_count(blocks, 'block')}, {_count(layers, 'layer')} per block"
+            )
     if patch_size is not None:
         if patch_size < 1:
             raise CheckpointError(f"patch size {patch_size}: expected a positive integer")
         if token_dim % (patch_size**2):
-            raise CheckpointError(f"{path}: token size {token_dim} is not channels x {patch_size}^2 (patch size {patch_size})")
+            raise CheckpointError(
+                f"{path}: token size {token_dim} is not channels x {patch_size}^2 (patch size {patch_size})"
+            )
         channels = token_dim // patch_size**2
     else:
         guess = guess_channels_and_patch(token_dim)
         if guess is None:
-            raise CheckpointError(f"{path}: cannot tell channels and patch size from token size {token_dim}; give the patch size")
+            raise CheckpointError(
+                f"{path}: cannot tell channels and patch size from token size {token_dim}; give the patch size"
+            )
         channels, patch_size = guess
     side = round(tokens**0.5)
     if side * side != tokens:
         raise CheckpointError(f"{path}: {tokens} tokens do not form a square image")
     if out_dim not in (token_dim, 2 * token_dim):
-        raise CheckpointError(f"{path}: proj_out has {out_dim} outputs, expected {token_dim} (VP) or {2 * token_dim} (NVP)")
+        raise CheckpointError(
+            f"{path}: proj_out has {out_dim} outputs, expected {token_dim} (VP) or {2 * token_dim} (NVP)"
+        )
     if width % REFERENCE_HEAD_DIM:
-        raise CheckpointError(f"{path}: width {width} is not a multiple of the reference head size {REFERENCE_HEAD_DIM}")
+        raise CheckpointError(
+            f"{path}: width {width} is not a multiple of the reference head size {REFERENCE_HEAD_DIM}"
+        )
     try:
-        cfg = ModelConfig(in_channels=channels, img_size=patch_size * side, patch_size=patch_size, width=width,
-                          num_blocks=blocks, layers_per_block=layers, head_dim=REFERENCE_HEAD_DIM,
-                          expansion=hidden // width, nvp=out_dim == 2 * token_dim, num_classes=num_classes)
+        cfg = ModelConfig(
+            in_channels=channels,
+            img_size=patch_size * side,
+            patch_size=patch_size,
+            width=width,
+            num_blocks=blocks,
+            layers_per_block=layers,
+            head_dim=REFERENCE_HEAD_DIM,
+            expansion=hidden // width,
+            nvp=out_dim == 2 * token_dim,
+            num_classes=num_classes,
+        )
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     data = {**_data_from_config(cfg), **data}
@@ -424,5 +485,6 @@ def _count(n: int, noun: str) -> str:
 def convert_reference(pth: str | os.PathLike, out_dir: str | os.PathLike, *, patch_size: int | None = None) -> Path:
     """Write a reference `.pth` as a native checkpoint directory computing the same function."""
     model, info = load_checkpoint(pth, patch_size=patch_size)
-    return save_checkpoint(out_dir, model, noise=info.noise, step=info.step, data=info.data,
-                           training={"converted_from": Path(pth).name})
+    return save_checkpoint(
+        out_dir, model, noise=info.noise, step=info.step, data=info.data, training={"converted_from": Path(pth).name}
+    )

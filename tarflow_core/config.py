@@ -25,8 +25,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("in_channels", "img_size", "patch_size", "width", "num_blocks",
-                     "layers_per_block", "head_dim", "expansion"):
+        for name in (
+            "in_channels",
+            "img_size",
+            "patch_size",
+            "width",
+            "num_blocks",
+            "layers_per_block",
+            "head_dim",
+            "expansion",
+        ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be a positive integer (got {getattr(self, name)})")
         if self.num_classes < 0:

@@ -43,6 +43,7 @@ class DistInfo:
 
 def env_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment variables (0, 1, 0 if unset)."""
+
     def get(name: str, default: int) -> int:
         value = os.environ.get(name, "")
         try:
@@ -58,8 +59,9 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def resolve_device(spec: str | torch.device = "auto", local_rank: int = 0, distributed: bool = False,
-                   option: str = "--device") -> torch.device:
+def resolve_device(
+    spec: str | torch.device = "auto", local_rank: int = 0, distributed: bool = False, option: str = "--device"
+) -> torch.device:
     """`auto`: cuda:LOCAL_RANK when CUDA is present, else CPU. Under DDP a bare `cuda` means cuda:LOCAL_RANK.
     Errors name the device as `option` says (the CLI's option, or an API argument)."""
     spec = str(spec).strip().lower()
@@ -161,4 +163,3 @@ def any_flag(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1 if flag else 0], device=info.device if info.backend == "nccl" else "cpu")
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
-

@@ -118,9 +118,14 @@ def stopped(stop: threading.Event | Callable[[], bool] | None) -> bool:
     return bool(stop())
 
 
-def read_events(path: str | os.PathLike, follow: bool = False, *, poll: float = 0.2,
-                stop: threading.Event | Callable[[], bool] | None = None,
-                until_end: bool = True) -> Iterator[dict]:
+def read_events(
+    path: str | os.PathLike,
+    follow: bool = False,
+    *,
+    poll: float = 0.2,
+    stop: threading.Event | Callable[[], bool] | None = None,
+    until_end: bool = True,
+) -> Iterator[dict]:
     """Yield the events of a `.jsonl` file in order.
 
     Lines that are not valid JSON objects are skipped. A last line without its newline is a

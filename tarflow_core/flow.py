@@ -58,7 +58,6 @@ def affine_inverse(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return z * at_least_f32(a).exp().to(a.dtype) + b
 
 
-
 def guide(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
     """Classifier-free guidance extrapolation: c + w * (c - u)."""
     return cond + weight * (cond - uncond)

@@ -53,8 +53,9 @@ def bucket_span(t: int, length: int, buckets: int = SPAN_BUCKETS) -> int:
     return min(length, (t // size + 1) * size)
 
 
-def invert_sequential_static(runner: BlockRunner, xo: torch.Tensor, *, graphed: bool, buckets: int = SPAN_BUCKETS,
-                             pool=None) -> None:
+def invert_sequential_static(
+    runner: BlockRunner, xo: torch.Tensor, *, graphed: bool, buckets: int = SPAN_BUCKETS, pool=None
+) -> None:
     """Solve positions 1..T-1 in place like `invert_sequential`, with every shape fixed per bucket.
 
     The position lives in a device tensor and attention reads a fixed span of the cache (the
@@ -81,9 +82,18 @@ def _advance(runner: BlockRunner, xo: torch.Tensor, pos: torch.Tensor, span: int
     pos.add_(1)
 
 
-def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol: float,
-                    check_every: int = 1, stats: InversionStats | None = None,
-                    max_passes: int | None = None, graphed: bool = False, pool=None) -> int | None:
+def invert_segments(
+    runner: BlockRunner,
+    xo: torch.Tensor,
+    segment: int,
+    *,
+    tol: float,
+    check_every: int = 1,
+    stats: InversionStats | None = None,
+    max_passes: int | None = None,
+    graphed: bool = False,
+    pool=None,
+) -> int | None:
     """Gauss-Seidel-Jacobi in place: segments of `segment` unknown tokens in order, Jacobi inside.
 
     `xo` holds z (this block's order) on entry and x on exit. Returns the forward passes used,
@@ -101,8 +111,9 @@ def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol:
             return None
         p1 = min(T, p0 + segment)
         one_pass = Replay(lambda p0=p0, p1=p1: _jacobi_pass(runner, xo, z, p0, p1, delta), graphed=graphed, pool=pool)
-        used, ok = _jacobi_segment(runner, xo, one_pass, delta, p0, p1, tol=tol, check_every=check_every,
-                                   refresh=p1 < T)
+        used, ok = _jacobi_segment(
+            runner, xo, one_pass, delta, p0, p1, tol=tol, check_every=check_every, refresh=p1 < T
+        )
         passes += used
         if not ok:
             xo[:, p0:p1] = z[:, p0:p1]
@@ -117,15 +128,25 @@ def invert_segments(runner: BlockRunner, xo: torch.Tensor, segment: int, *, tol:
 def _jacobi_pass(runner: BlockRunner, xo: torch.Tensor, z: torch.Tensor, p0: int, p1: int, delta: torch.Tensor) -> None:
     """One Jacobi update of unknowns p0..p1-1 from inputs p0-1..p1-2, in place; the largest change
     goes to `delta` (non-finite when the update is)."""
-    a, b = runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
+    a, b = runner.params(xo[:, p0 - 1 : p1 - 1], p0 - 1)
     new = inverse_update(z[:, p0:p1], a, b)
     current = xo[:, p0:p1]
     delta.copy_((new - current).abs().amax())
     current.copy_(new)
 
 
-def _jacobi_segment(runner: BlockRunner, xo: torch.Tensor, one_pass: Replay, delta: torch.Tensor, p0: int, p1: int,
-                    *, tol: float, check_every: int, refresh: bool) -> tuple[int, bool]:
+def _jacobi_segment(
+    runner: BlockRunner,
+    xo: torch.Tensor,
+    one_pass: Replay,
+    delta: torch.Tensor,
+    p0: int,
+    p1: int,
+    *,
+    tol: float,
+    check_every: int,
+    refresh: bool,
+) -> tuple[int, bool]:
     """Iterate unknowns p0..p1-1; exact after p1-p0 passes. Returns (passes, finite and contracting)."""
     length = p1 - p0
     first_delta = None
@@ -146,6 +167,6 @@ def _jacobi_segment(runner: BlockRunner, xo: torch.Tensor, one_pass: Replay, del
             if not refresh:
                 return it, True
             # later segments read this one's keys/values: recompute them from the final x
-            runner.params(xo[:, p0 - 1:p1 - 1], p0 - 1)
+            runner.params(xo[:, p0 - 1 : p1 - 1], p0 - 1)
             return it + 1, True
     return length, True

@@ -17,8 +17,17 @@ class KVCache:
     kind; attention reads `keys(layer, stop)`, a (row, head, position, dim) view.
     """
 
-    def __init__(self, layers: int, rows: int, heads: int, length: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        layers: int,
+        rows: int,
+        heads: int,
+        length: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         # zeros, not garbage: graph-captured steps read masked positions, and 0 * NaN is NaN
         self.kv = torch.zeros(layers, 2, rows, length, heads, head_dim, dtype=dtype, device=device)
         self.length = length

@@ -21,12 +21,20 @@ def nll(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch
     return -log_prob(model, x, y) / model.config.data_dim
 
 
-def bpd(model: TarFlow, x_uint8: torch.Tensor, y: torch.Tensor | None = None, *,
-        generator: torch.Generator | None = None, samples: int = 1) -> torch.Tensor:
+def bpd(
+    model: TarFlow,
+    x_uint8: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    samples: int = 1,
+) -> torch.Tensor:
     """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws)."""
     if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
-        raise TypeError(f"bpd scores 8-bit images: x_uint8 must be a uint8 tensor, got "
-                        f"{getattr(x_uint8, 'dtype', type(x_uint8).__name__)} (model-space images: use nll)")
+        raise TypeError(
+            f"bpd scores 8-bit images: x_uint8 must be a uint8 tensor, got "
+            f"{getattr(x_uint8, 'dtype', type(x_uint8).__name__)} (model-space images: use nll)"
+        )
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a whole number >= 1 (got {samples!r})")
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
@@ -44,7 +52,7 @@ def class_log_likelihoods(model: TarFlow, x: torch.Tensor, chunk: int = 4096) ->
     B = x.shape[0]
     xs = x.unsqueeze(0).expand(K, *x.shape).reshape(K * B, *x.shape[1:])
     ys = torch.arange(K, device=x.device).repeat_interleave(B)
-    parts = [log_prob(model, xs[i:i + chunk], ys[i:i + chunk]) for i in range(0, K * B, chunk)]
+    parts = [log_prob(model, xs[i : i + chunk], ys[i : i + chunk]) for i in range(0, K * B, chunk)]
     return torch.cat(parts).view(K, B).t()
 
 
@@ -56,8 +64,9 @@ def classify(model: TarFlow, x: torch.Tensor, log_prior: torch.Tensor | None = N
     return torch.log_softmax(ll, dim=1)
 
 
-def denoise(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *,
-            sigma: float, lr_scale: float = 1.0) -> torch.Tensor:
+def denoise(
+    model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *, sigma: float, lr_scale: float = 1.0
+) -> torch.Tensor:
     """One score step: x + lr_scale * sigma^2 * grad_x log p(x) (Tweedie's formula at lr_scale 1)."""
     flow.as_number("lr_scale", lr_scale)
     if not 0 <= flow.as_number("sigma", sigma) < float("inf"):

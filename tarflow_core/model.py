@@ -20,8 +20,9 @@ from .flow import at_least_f32
 def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm computed in (at least) float32 whatever the autocast dtype, cast back to the input's dtype."""
     # a half-precision model's norm weights are cast too (float32 and float64 ones stay as they are)
-    return F.layer_norm(at_least_f32(x), norm.normalized_shape, at_least_f32(norm.weight), at_least_f32(norm.bias),
-                        norm.eps).to(x.dtype)
+    return F.layer_norm(
+        at_least_f32(x), norm.normalized_shape, at_least_f32(norm.weight), at_least_f32(norm.bias), norm.eps
+    ).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -176,13 +177,18 @@ class TarFlow(nn.Module):
         to the model's device and dtype (as sampling does with its noise)."""
         c = self.config
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor of images (B, {c.in_channels}, {c.img_size}, {c.img_size}), "
-                            f"got {type(x).__name__}")
+            raise TypeError(
+                f"x must be a tensor of images (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {type(x).__name__}"
+            )
         if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be floating-point images in [-1, 1] scale, got {x.dtype} "
-                            "(8-bit images: tarflow_core.flow.uint8_to_model)")
+            raise TypeError(
+                f"x must be floating-point images in [-1, 1] scale, got {x.dtype} "
+                "(8-bit images: tarflow_core.flow.uint8_to_model)"
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
-            raise ValueError(f"x must have shape (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}"
+            )
         return x.to(self.var.device, self.proj_dtype)
 
     @property
@@ -209,15 +215,17 @@ class TarFlow(nn.Module):
             try:
                 y = torch.as_tensor(y)
             except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(f"labels y must be integers (a tensor, list, array or int), got {type(y).__name__} "
-                                f"({e})") from None
+                raise TypeError(
+                    f"labels y must be integers (a tensor, list, array or int), got {type(y).__name__} ({e})"
+                ) from None
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise TypeError(f"labels y must be integers, got {y.dtype}")
         if y.dim() == 0:
             y = y.expand(batch)
         elif y.dim() != 1 or y.shape[0] != batch:
-            raise ValueError(f"labels y must be one label per image, shape ({batch},), or a single int; "
-                             f"got shape {tuple(y.shape)}")
+            raise ValueError(
+                f"labels y must be one label per image, shape ({batch},), or a single int; got shape {tuple(y.shape)}"
+            )
         y = y.to(self.var.device, torch.long)
         if check:
             self.check_labels(y)
@@ -236,9 +244,14 @@ class TarFlow(nn.Module):
             raise ValueError(f"labels must be in -1..{K - 1} (-1: no class), got values from {lo} to {hi}")
 
     @torch.no_grad()
-    def update_prior(self, z: torch.Tensor, rate: float = 0.1, *,
-                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     gate: torch.Tensor | None = None) -> None:
+    def update_prior(
+        self,
+        z: torch.Tensor,
+        rate: float = 0.1,
+        *,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gate: torch.Tensor | None = None,
+    ) -> None:
         """VP models: move `var` towards the batch's mean z^2 per token and dimension (the reference's EMA).
 
         `reduce` (e.g. an all-reduce mean over ranks) is applied to the batch mean first; `gate`
@@ -272,10 +285,22 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[b + "class_embed"] = (K, 1, W)
         for j in range(cfg.layers_per_block):
             a, m = f"{b}attn_blocks.{j}.attention.", f"{b}attn_blocks.{j}.mlp."
-            shapes.update({a + "norm.weight": (W,), a + "norm.bias": (W,), a + "qkv.weight": (3 * W, W),
-                           a + "qkv.bias": (3 * W,), a + "proj.weight": (W, W), a + "proj.bias": (W,),
-                           m + "norm.weight": (W,), m + "norm.bias": (W,), m + "main.0.weight": (E, W),
-                           m + "main.0.bias": (E,), m + "main.2.weight": (W, E), m + "main.2.bias": (W,)})
+            shapes.update(
+                {
+                    a + "norm.weight": (W,),
+                    a + "norm.bias": (W,),
+                    a + "qkv.weight": (3 * W, W),
+                    a + "qkv.bias": (3 * W,),
+                    a + "proj.weight": (W, W),
+                    a + "proj.bias": (W,),
+                    m + "norm.weight": (W,),
+                    m + "norm.bias": (W,),
+                    m + "main.0.weight": (E, W),
+                    m + "main.0.bias": (E,),
+                    m + "main.2.weight": (W, E),
+                    m + "main.2.bias": (W,),
+                }
+            )
         shapes.update({b + "proj_out.weight": (out, W), b + "proj_out.bias": (out,)})
     shapes["var"] = (T, D)
     return shapes

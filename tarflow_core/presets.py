@@ -89,11 +89,30 @@ class TrainConfig:
             if v is not None and v < 1:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer (got {v})")
 
-        for name in ("patch_size", "width", "blocks", "layers_per_block", "head_dim", "expansion",
-                     "batch_size", "image_size", "max_steps", "num_samples", "eval_images", "max_bad_steps"):
+        for name in (
+            "patch_size",
+            "width",
+            "blocks",
+            "layers_per_block",
+            "head_dim",
+            "expansion",
+            "batch_size",
+            "image_size",
+            "max_steps",
+            "num_samples",
+            "eval_images",
+            "max_bad_steps",
+        ):
             positive(name)
-        for name in ("log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                     "workers", "warmup_steps"):
+        for name in (
+            "log_every",
+            "eval_every",
+            "sample_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "workers",
+            "warmup_steps",
+        ):
             v = getattr(self, name)
             if v is not None and v < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
@@ -135,7 +154,9 @@ class TrainConfig:
     @property
     def noise_spec(self) -> dict[str, Any]:
         """The checkpoint's `noise` entry: {"type", "std"}."""
-        return {"type": "uniform", "std": None} if self.noise == "uniform" else {"type": "gaussian", "std": self.noise_std}
+        return (
+            {"type": "uniform", "std": None} if self.noise == "uniform" else {"type": "gaussian", "std": self.noise_std}
+        )
 
     @property
     def noise_label(self) -> str:
@@ -155,13 +176,23 @@ class TrainConfig:
         if conditional and num_classes == 0:
             raise ConfigError(f"--conditional needs labelled data, but {self.data} has no labels")
         if image_size % self.patch_size:  # the size may come from the data, so validate() cannot see it
-            raise ConfigError(f"image size {image_size} (--image-size) is not a multiple of patch size "
-                              f"{self.patch_size} (--patch-size)")
+            raise ConfigError(
+                f"image size {image_size} (--image-size) is not a multiple of patch size "
+                f"{self.patch_size} (--patch-size)"
+            )
         try:
-            return ModelConfig(in_channels=channels, img_size=image_size, patch_size=self.patch_size,
-                               width=self.width, num_blocks=self.blocks, layers_per_block=self.layers_per_block,
-                               head_dim=self.head_dim, expansion=self.expansion, nvp=self.nvp,
-                               num_classes=num_classes if conditional else 0)
+            return ModelConfig(
+                in_channels=channels,
+                img_size=image_size,
+                patch_size=self.patch_size,
+                width=self.width,
+                num_blocks=self.blocks,
+                layers_per_block=self.layers_per_block,
+                head_dim=self.head_dim,
+                expansion=self.expansion,
+                nvp=self.nvp,
+                num_classes=num_classes if conditional else 0,
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -193,7 +224,7 @@ def parse_noise(text: str) -> tuple[str, float | None]:
         return "uniform", None
     for sep in (":", "="):
         if t.startswith("gaussian" + sep):
-            t = t[len("gaussian") + 1:]
+            t = t[len("gaussian") + 1 :]
             break
     try:
         std = float(t)
@@ -208,33 +239,126 @@ def parse_noise(text: str) -> tuple[str, float | None]:
 # Published settings (docs/reference-notes.md "Published configurations"): AdamW (0.9, 0.95),
 # weight decay 1e-4, one epoch of linear warm-up then cosine to 1e-6, label drop 0.1 for
 # conditional runs, bf16 for Gaussian-noise runs and fp32 for the likelihood run.
-_PUBLISHED = dict(head_dim=64, expansion=4, lr=1e-4, min_lr=1e-6, warmup_steps=None, weight_decay=1e-4,
-                  max_steps=None, precision="auto", log_every=100, eval_every=5000, sample_every=5000,
-                  checkpoint_every=5000, num_samples=64, eval_images=10000, workers=8)
+_PUBLISHED = dict(
+    head_dim=64,
+    expansion=4,
+    lr=1e-4,
+    min_lr=1e-6,
+    warmup_steps=None,
+    weight_decay=1e-4,
+    max_steps=None,
+    precision="auto",
+    log_every=100,
+    eval_every=5000,
+    sample_every=5000,
+    checkpoint_every=5000,
+    num_samples=64,
+    eval_images=10000,
+    workers=8,
+)
 
 PRESETS: dict[str, TrainConfig] = {
     # The CPU demo: 8x8 digits, recognisable samples within minutes on two cores.
     "tiny": TrainConfig(),
     # MNIST toy from the reference notebook: 4-128-4-4, noise 0.1, batch 256, 100 epochs, lr 2e-3.
-    "mnist": TrainConfig(preset="mnist", data=None, patch_size=4, width=128, blocks=4, layers_per_block=4,
-                         head_dim=64, noise="gaussian", noise_std=0.1, batch_size=256, lr=2e-3, max_steps=None,
-                         epochs=100, log_every=50, eval_every=1000, sample_every=1000, checkpoint_every=1000,
-                         num_samples=100, eval_images=10000, workers=2),
+    "mnist": TrainConfig(
+        preset="mnist",
+        data=None,
+        patch_size=4,
+        width=128,
+        blocks=4,
+        layers_per_block=4,
+        head_dim=64,
+        noise="gaussian",
+        noise_std=0.1,
+        batch_size=256,
+        lr=2e-3,
+        max_steps=None,
+        epochs=100,
+        log_every=50,
+        eval_every=1000,
+        sample_every=1000,
+        checkpoint_every=1000,
+        num_samples=100,
+        eval_images=10000,
+        workers=2,
+    ),
     # CIFAR-10 is not in the published table: the ImageNet 64 recipe at 32x32 (patch 2, 256 tokens).
-    "cifar10": TrainConfig(preset="cifar10", data=None, image_size=32, patch_size=2, width=768, blocks=8, layers_per_block=8,
-                           noise="gaussian", noise_std=0.05, batch_size=256, epochs=200, flip=True, **_PUBLISHED),
-    "imagenet64": TrainConfig(preset="imagenet64", data=None, image_size=64, patch_size=2, width=768, blocks=8,
-                              layers_per_block=8, conditional=False, noise="uniform", batch_size=256, epochs=100,
-                              **_PUBLISHED),
-    "imagenet64-cond": TrainConfig(preset="imagenet64-cond", data=None, image_size=64, patch_size=2, width=768, blocks=8,
-                                   layers_per_block=8, conditional=True, noise="gaussian", noise_std=0.05,
-                                   batch_size=256, epochs=200, **_PUBLISHED),
-    "imagenet128-cond": TrainConfig(preset="imagenet128-cond", data=None, image_size=128, patch_size=4, width=1024, blocks=8,
-                                    layers_per_block=8, conditional=True, noise="gaussian", noise_std=0.15,
-                                    batch_size=768, epochs=320, **_PUBLISHED),
-    "afhq256": TrainConfig(preset="afhq256", data=None, image_size=256, patch_size=8, width=768, blocks=8,
-                           layers_per_block=8, conditional=True, noise="gaussian", noise_std=0.07,
-                           batch_size=256, epochs=4000, flip=True, **_PUBLISHED),
+    "cifar10": TrainConfig(
+        preset="cifar10",
+        data=None,
+        image_size=32,
+        patch_size=2,
+        width=768,
+        blocks=8,
+        layers_per_block=8,
+        noise="gaussian",
+        noise_std=0.05,
+        batch_size=256,
+        epochs=200,
+        flip=True,
+        **_PUBLISHED,
+    ),
+    "imagenet64": TrainConfig(
+        preset="imagenet64",
+        data=None,
+        image_size=64,
+        patch_size=2,
+        width=768,
+        blocks=8,
+        layers_per_block=8,
+        conditional=False,
+        noise="uniform",
+        batch_size=256,
+        epochs=100,
+        **_PUBLISHED,
+    ),
+    "imagenet64-cond": TrainConfig(
+        preset="imagenet64-cond",
+        data=None,
+        image_size=64,
+        patch_size=2,
+        width=768,
+        blocks=8,
+        layers_per_block=8,
+        conditional=True,
+        noise="gaussian",
+        noise_std=0.05,
+        batch_size=256,
+        epochs=200,
+        **_PUBLISHED,
+    ),
+    "imagenet128-cond": TrainConfig(
+        preset="imagenet128-cond",
+        data=None,
+        image_size=128,
+        patch_size=4,
+        width=1024,
+        blocks=8,
+        layers_per_block=8,
+        conditional=True,
+        noise="gaussian",
+        noise_std=0.15,
+        batch_size=768,
+        epochs=320,
+        **_PUBLISHED,
+    ),
+    "afhq256": TrainConfig(
+        preset="afhq256",
+        data=None,
+        image_size=256,
+        patch_size=8,
+        width=768,
+        blocks=8,
+        layers_per_block=8,
+        conditional=True,
+        noise="gaussian",
+        noise_std=0.07,
+        batch_size=256,
+        epochs=4000,
+        flip=True,
+        **_PUBLISHED,
+    ),
 }
 
 PRESET_DATA_HINTS = {

@@ -99,8 +99,9 @@ def sample(
         raise ValueError(f"tol must be >= 0 (got {tol})")
     cfg = model.config
     if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"noise must be a tensor of shape (N, {cfg.num_patches}, {cfg.token_dim}), "
-                        f"got {type(noise).__name__}")
+        raise TypeError(
+            f"noise must be a tensor of shape (N, {cfg.num_patches}, {cfg.token_dim}), got {type(noise).__name__}"
+        )
     if noise.dim() != 3 or tuple(noise.shape[1:]) != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must have shape (N, {cfg.num_patches}, {cfg.token_dim}), got {tuple(noise.shape)}")
     y = model.labels(y, noise.shape[0])
@@ -124,8 +125,19 @@ def sample(
         per_block = _segments_per_block(model, x, y, sampler, segments, tol, guide, dtype)
         pool = graph_pool(graphed)
         for i, block in enumerate(reversed(model.blocks)):
-            x = invert_block(block, x, y, segment=per_block[i], tol=tol, check_every=check_every,
-                             stats=stats, graphed=graphed, pool=pool, dtype=dtype, **guide)
+            x = invert_block(
+                block,
+                x,
+                y,
+                segment=per_block[i],
+                tol=tol,
+                check_every=check_every,
+                stats=stats,
+                graphed=graphed,
+                pool=pool,
+                dtype=dtype,
+                **guide,
+            )
         images = model.unpatchify(x)
     # a plain tensor, not an inference tensor: callers may go on to use the images under autograd
     return images if torch.is_inference_mode_enabled() else images.clone()
@@ -176,16 +188,25 @@ def invert_block(
             invert_sequential(runner, xo)
         passes = x.shape[1] - 1
     else:
-        passes = invert_segments(runner, xo, segment, tol=tol, check_every=check_every, stats=stats,
-                                 graphed=graphed, pool=pool)
+        passes = invert_segments(
+            runner, xo, segment, tol=tol, check_every=check_every, stats=stats, graphed=graphed, pool=pool
+        )
     if stats is not None:
         stats.iterations.append(passes)
         stats.segments.append(segment)
     return block.order(xo)
 
 
-def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float | None = None,
-                       probe: int = 4, dtype: torch.dtype | None = None, **guide) -> list[int]:
+def calibrate_segments(
+    model: TarFlow,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    tol: float | None = None,
+    probe: int = 4,
+    dtype: torch.dtype | None = None,
+    **guide,
+) -> list[int]:
     """Choose each block's segment length (1 = sequential) from measurement.
 
     The cost of one pass over a window of S tokens is timed at the real batch size; the number
@@ -198,11 +219,14 @@ def calibrate_segments(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, 
         return _calibrate(model, x, y, tol=tol, probe=probe, dtype=dtype, **guide)
 
 
-def _calibrate(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float, probe: int, dtype,
-               **guide) -> list[int]:
+def _calibrate(
+    model: TarFlow, x: torch.Tensor, y: torch.Tensor | None, *, tol: float, probe: int, dtype, **guide
+) -> list[int]:
     B, T, D = x.shape
     blocks = list(reversed(model.blocks))
-    candidates = sorted({s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True)
+    candidates = sorted(
+        {s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True
+    )
     cost = {s: _time_pass(blocks[0], x, y, s, dtype, guide) for s in [1, *candidates]}
     # a segment needs at least two passes to see convergence: drop lengths that cannot beat sequential
     candidates = [s for s in candidates if 2 * -(-(T - 1) // s) * cost[s] < (T - 1) * cost[1]]
@@ -306,10 +330,14 @@ def generate(
         raise ValueError(f"batch_size must be a whole number >= 1 (got {batch_size!r})")
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"noise must be a tensor (N, {cfg.num_patches}, {cfg.token_dim}), got {type(noise).__name__}")
+            raise TypeError(
+                f"noise must be a tensor (N, {cfg.num_patches}, {cfg.token_dim}), got {type(noise).__name__}"
+            )
         if noise.dim() != 3 or tuple(noise.shape) != (num, cfg.num_patches, cfg.token_dim):
-            raise ValueError(f"noise must have shape ({num}, {cfg.num_patches}, {cfg.token_dim}) for num={num}, "
-                             f"got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have shape ({num}, {cfg.num_patches}, {cfg.token_dim}) for num={num}, "
+                f"got {tuple(noise.shape)}"
+            )
     if labels is not None and cfg.conditional:
         labels = model.labels(labels, num).cpu()  # one per image (or one int for all), range checked
     precision = resolve_precision(precision, device)
@@ -370,11 +398,22 @@ def _settings(options: dict, stats: InversionStats, blocks: int, tokens: int) ->
     used = requested
     if requested == "auto":  # name the method auto chose
         per_block = segments if isinstance(segments, (list, tuple)) else [segments]
-        used = ("sequential" if all(s is not None and s <= 1 for s in per_block) else
-                "jacobi" if all(s is not None and s >= tokens - 1 for s in per_block) else "gs-jacobi")
+        used = (
+            "sequential"
+            if all(s is not None and s <= 1 for s in per_block)
+            else "jacobi"
+            if all(s is not None and s >= tokens - 1 for s in per_block)
+            else "gs-jacobi"
+        )
     passes = [stats.iterations[i::blocks] for i in range(blocks)] if stats.iterations else []
     mean_passes = [round(sum(p) / len(p), 2) for p in passes if p]
-    return {"sampler": used, "requested": requested, "segments": segments,
-            "tol": None if used == "sequential" else stats.tol,
-            "passes_per_block": mean_passes, "sequential_fallbacks": stats.fallbacks,
-            "check_every": stats.check_every, "cuda_graphs": stats.cuda_graphs}
+    return {
+        "sampler": used,
+        "requested": requested,
+        "segments": segments,
+        "tol": None if used == "sequential" else stats.tol,
+        "passes_per_block": mean_passes,
+        "sequential_fallbacks": stats.fallbacks,
+        "check_every": stats.check_every,
+        "cuda_graphs": stats.cuda_graphs,
+    }

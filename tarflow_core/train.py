@@ -43,8 +43,7 @@ from . import __version__, flow
 from .atomic import atomic_path, atomic_write_text
 from .checkpoint import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, RESUME_STATE_FILE, list_checkpoints, save_checkpoint
 from .data import DataError, open_dataset, make_loader
-from .dist import (DistError, DistInfo, all_reduce_mean, all_reduce_sum, any_flag, broadcast_object,
-                   distributed)
+from .dist import DistError, DistInfo, all_reduce_mean, all_reduce_sum, any_flag, broadcast_object, distributed
 from .ema import EMA
 from .events import EVENTS_FILE, JsonlSink, dumps, make_event, stopped
 from .model import TarFlow
@@ -90,6 +89,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------- small pieces
 
+
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate for the step with 0-based index `step`: linear warm-up from `min_lr`
     over `warmup_steps`, then cosine decay to `min_lr` at `total_steps` (the reference schedule)."""
@@ -105,8 +105,9 @@ def objective(z: torch.Tensor, logdet: torch.Tensor, data_dim: int) -> torch.Ten
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
-                    echo_window: float | None = None) -> Iterator[threading.Event]:
+def stop_on_signals(
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), echo_window: float | None = None
+) -> Iterator[threading.Event]:
     """An Event set by the first SIGINT/SIGTERM (the run then finishes its step, checkpoints and
     ends); a second one raises KeyboardInterrupt. Outside the main thread it only yields an Event.
 
@@ -165,8 +166,10 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         if resumable_checkpoints(run_dir):
-            raise SetupError(f"{run_dir} has checkpoints but no {CONFIG_FILE} (the run's settings), so it cannot "
-                             f"be resumed; its checkpoints still load with --ckpt {run_dir}")
+            raise SetupError(
+                f"{run_dir} has checkpoints but no {CONFIG_FILE} (the run's settings), so it cannot "
+                f"be resumed; its checkpoints still load with --ckpt {run_dir}"
+            )
         raise SetupError(f"{run_dir} is not a tarflow run directory (no {CONFIG_FILE})")
     try:
         raw = json.loads(path.read_text())
@@ -195,7 +198,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> dict
     grid = np.zeros((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), np.uint8)
     for i in range(n):
         top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
-        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+        grid[top : top + h, left : left + w] = x[i].transpose(1, 2, 0)
     img = Image.fromarray(grid[:, :, 0] if c == 1 else grid, "L" if c == 1 else "RGB")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
@@ -210,11 +213,11 @@ def memory_mb(device: torch.device) -> float:
 
 # ------------------------------------------------------------------------------------ trainer
 
+
 class _Trainer:
     """One run's state. `train()` builds it, calls `run()`, and always closes the event file."""
 
-    def __init__(self, cfg: TrainConfig, d: DistInfo, emit, stop: StopLike, resume: bool,
-                 batch_hook: BatchHook | None):
+    def __init__(self, cfg: TrainConfig, d: DistInfo, emit, stop: StopLike, resume: bool, batch_hook: BatchHook | None):
         self.cfg, self.d, self.stop, self.resume, self.batch_hook = cfg, d, stop, resume, batch_hook
         self.user_emit = emit
         self.sink: JsonlSink | None = None
@@ -243,13 +246,15 @@ class _Trainer:
         if cfg.data is None:
             raise SetupError(f"preset {cfg.preset} needs --data: give the path of the training data")
         if cfg.batch_size % d.world_size:
-            raise SetupError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the "
-                             f"number of processes ({d.world_size})")
+            raise SetupError(
+                f"--batch-size {cfg.batch_size} (global) must be a multiple of the number of processes ({d.world_size})"
+            )
         self.local_batch = cfg.batch_size // d.world_size
 
         try:
-            self.train_ds = open_dataset(cfg.data, "train", image_size=cfg.image_size, channels=cfg.channels,
-                                         flip=cfg.flip)
+            self.train_ds = open_dataset(
+                cfg.data, "train", image_size=cfg.image_size, channels=cfg.channels, flip=cfg.flip
+            )
         except DataError as e:
             raise SetupError(str(e)) from None
         if cfg.data != "digits":  # saved absolute, so `--resume` works from any directory
@@ -258,21 +263,26 @@ class _Trainer:
         self.test_note = ""
         if cfg.eval_every:
             try:
-                self.test_ds = open_dataset(cfg.data, "test", image_size=self.train_ds.image_size,
-                                            channels=self.train_ds.channels)
+                self.test_ds = open_dataset(
+                    cfg.data, "test", image_size=self.train_ds.image_size, channels=self.train_ds.channels
+                )
             except DataError as e:
                 self.test_note = f"no held-out split for evaluation ({e})"
         ds = self.train_ds
         self.model_cfg = cfg.model_config(ds.channels, ds.image_size, ds.num_classes)
-        self.data_info = {"channels": ds.channels, "image_size": ds.image_size,
-                          "num_classes": self.model_cfg.num_classes,
-                          "class_names": list(ds.class_names) if self.model_cfg.num_classes else [],
-                          "source": str(cfg.data)}
+        self.data_info = {
+            "channels": ds.channels,
+            "image_size": ds.image_size,
+            "num_classes": self.model_cfg.num_classes,
+            "class_names": list(ds.class_names) if self.model_cfg.num_classes else [],
+            "source": str(cfg.data),
+        }
         self.run_dir = self._prepare_run_dir()
 
         try:
-            self.loader = make_loader(ds, self.local_batch, cfg.seed, d.rank, d.world_size, cfg.workers,
-                                      self.device, drop_last=True)
+            self.loader = make_loader(
+                ds, self.local_batch, cfg.seed, d.rank, d.world_size, cfg.workers, self.device, drop_last=True
+            )
         except DataError as e:
             raise SetupError(str(e)) from None
         self.steps_per_epoch = len(self.loader)
@@ -288,8 +298,13 @@ class _Trainer:
         torch.manual_seed(cfg.seed + d.rank)  # anything else random differs per rank
         fused = self.device.type == "cuda"
         self.fused = fused or bool(os.environ.get("TARFLOW_FUSED_ADAMW"))  # env: test hook for the CPU
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.min_lr, betas=(cfg.beta1, cfg.beta2),
-                                           weight_decay=cfg.weight_decay, fused=self.fused or None)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.min_lr,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+            fused=self.fused or None,
+        )
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + NOISE_SEED_OFFSET)
         self.step = 0
@@ -308,11 +323,14 @@ class _Trainer:
 
             # `var` is updated identically on every rank: no buffer sync in forward (the flag was
             # renamed in torch 2.13; the old name warns there)
-            no_sync = ({"forward_sync_buffers": False}
-                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                       else {"broadcast_buffers": False})
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                               **no_sync)
+            no_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync
+            )
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
 
         g = torch.Generator().manual_seed(cfg.seed + SAMPLE_SEED_OFFSET)
@@ -331,15 +349,24 @@ class _Trainer:
             try:
                 if self.resume:
                     if not resumable_checkpoints(run_dir):
-                        raise SetupError(f"--resume {run_dir}: no complete checkpoint with {TRAIN_STATE_FILE} "
-                                         f"under {run_dir / CHECKPOINTS_DIR}")
-                elif ((run_dir / EVENTS_FILE).exists() or any((run_dir / CHECKPOINTS_DIR).glob("step-*"))
-                      or (run_dir / CONFIG_FILE).exists() and not (run_dir / MODEL_FILE).exists()):
-                    raise SetupError(f"run directory {run_dir} already holds a run; continue it with "
-                                     f"--resume {run_dir} or choose another --run-dir")
+                        raise SetupError(
+                            f"--resume {run_dir}: no complete checkpoint with {TRAIN_STATE_FILE} "
+                            f"under {run_dir / CHECKPOINTS_DIR}"
+                        )
+                elif (
+                    (run_dir / EVENTS_FILE).exists()
+                    or any((run_dir / CHECKPOINTS_DIR).glob("step-*"))
+                    or (run_dir / CONFIG_FILE).exists()
+                    and not (run_dir / MODEL_FILE).exists()
+                ):
+                    raise SetupError(
+                        f"run directory {run_dir} already holds a run; continue it with "
+                        f"--resume {run_dir} or choose another --run-dir"
+                    )
                 elif (run_dir / MODEL_FILE).exists():  # its config.json would be overwritten
-                    raise SetupError(f"--run-dir {run_dir} is a checkpoint directory ({MODEL_FILE}); "
-                                     f"choose another --run-dir")
+                    raise SetupError(
+                        f"--run-dir {run_dir} is a checkpoint directory ({MODEL_FILE}); choose another --run-dir"
+                    )
                 self._probe_writable(run_dir)
                 self._lock(run_dir)
             except SetupError as e:
@@ -362,8 +389,10 @@ class _Trainer:
             lock.seek(0)
             holder = lock.read().strip()
             lock.close()
-            raise SetupError(f"run directory {run_dir} is in use by another tarflow train"
-                             f"{f' (process {holder})' if holder else ''}; wait for it to end or stop it first") from None
+            raise SetupError(
+                f"run directory {run_dir} is in use by another tarflow train"
+                f"{f' (process {holder})' if holder else ''}; wait for it to end or stop it first"
+            ) from None
         except OSError:  # a file system without locks: go on unguarded
             if lock is not None:
                 lock.close()
@@ -385,8 +414,9 @@ class _Trainer:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise SetupError(f"cannot write to run directory {run_dir} ({e.strerror or e}); "
-                             f"choose a writable --run-dir") from None
+            raise SetupError(
+                f"cannot write to run directory {run_dir} ({e.strerror or e}); choose a writable --run-dir"
+            ) from None
 
     def _check_disk(self) -> None:
         """Refuse to start when the run directory's disk cannot hold two checkpoints."""
@@ -396,17 +426,22 @@ class _Trainer:
         per_ckpt = 4 * n * (1 + 2 + (1 if self.ema else 0)) + (1 << 20)
         free = shutil.disk_usage(self.run_dir).free
         if free < 2 * per_ckpt:
-            raise TrainError(f"not enough free disk space in {self.run_dir}: {free / 2**20:.0f} MiB free, "
-                             f"about {2 * per_ckpt / 2**20:.0f} MiB needed for checkpoints")
+            raise TrainError(
+                f"not enough free disk space in {self.run_dir}: {free / 2**20:.0f} MiB free, "
+                f"about {2 * per_ckpt / 2**20:.0f} MiB needed for checkpoints"
+            )
 
     def _load_state(self) -> None:
         found = resumable_checkpoints(self.run_dir)
         step, ckpt = found[-1]
-        hint = (f"; remove {ckpt} to resume from the checkpoint at step {found[-2][0]}" if len(found) > 1 else "")
+        hint = f"; remove {ckpt} to resume from the checkpoint at step {found[-2][0]}" if len(found) > 1 else ""
 
         def damaged(name: str, e: BaseException) -> SetupError:
-            why = (f"cannot be read ({e.strerror})" if isinstance(e, OSError) and e.strerror
-                   else "is damaged or not from a tarflow run")
+            why = (
+                f"cannot be read ({e.strerror})"
+                if isinstance(e, OSError) and e.strerror
+                else "is damaged or not from a tarflow run"
+            )
             return SetupError(f"cannot resume from {ckpt}: {name} {why}{hint}")
 
         import warnings
@@ -433,8 +468,10 @@ class _Trainer:
         try:
             self.model.load_state_dict(tensors[MODEL_FILE])
         except RuntimeError as e:
-            raise SetupError(f"cannot resume from {ckpt}: {MODEL_FILE} does not match the architecture in "
-                             f"{self.run_dir / CONFIG_FILE}{hint}") from None
+            raise SetupError(
+                f"cannot resume from {ckpt}: {MODEL_FILE} does not match the architecture in "
+                f"{self.run_dir / CONFIG_FILE}{hint}"
+            ) from None
         try:
             self.loader.load_state_dict(state["data"])
         except DataError as e:  # the data changed under the run (a folder that grew, another file)
@@ -464,31 +501,43 @@ class _Trainer:
         schedule = state.get("schedule") if isinstance(state.get("schedule"), dict) else {}
         saved_total = schedule.get("total_steps")
         if saved_total is not None and int(saved_total) != self.total_steps:
-            self.schedule_note = (f"the run length changed from {int(saved_total)} to {self.total_steps} steps: the "
-                                  f"learning-rate schedule is recomputed for the new length (lr {self._lr_now(saved_total):.3g} "
-                                  f"-> {self._lr_now(self.total_steps):.3g} at step {self.step}), so the run does "
-                                  "not continue exactly as it would have")
+            self.schedule_note = (
+                f"the run length changed from {int(saved_total)} to {self.total_steps} steps: the "
+                f"learning-rate schedule is recomputed for the new length (lr {self._lr_now(saved_total):.3g} "
+                f"-> {self._lr_now(self.total_steps):.3g} at step {self.step}), so the run does "
+                "not continue exactly as it would have"
+            )
         try:
             saved_cfg = json.loads((ckpt / CONFIG_FILE).read_text()).get("training") or {}
         except (OSError, ValueError, AttributeError):
             saved_cfg = {}
-        changed = [f"--{k.replace('_', '-')} {saved_cfg[k]} -> {getattr(self.cfg, k)}"
-                   for k in ("lr", "min_lr", "grad_clip") if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        changed = [
+            f"--{k.replace('_', '-')} {saved_cfg[k]} -> {getattr(self.cfg, k)}"
+            for k in ("lr", "min_lr", "grad_clip")
+            if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)
+        ]
         if changed:
-            self.settings_note = (f"resumed with changed optimisation settings ({', '.join(changed)}): the run does "
-                                  "not continue exactly as it would have")
+            self.settings_note = (
+                f"resumed with changed optimisation settings ({', '.join(changed)}): the run does "
+                "not continue exactly as it would have"
+            )
         saved_world = int(state.get("world_size", self.d.world_size))
         if saved_world != self.d.world_size:
-            self.resume_note = (f"resumed with {self.d.world_size} process(es) where the run used {saved_world}: "
-                                "the data continue from the same global position, but per-process batches "
-                                "differ, so the weights will not match an uninterrupted run exactly")
+            self.resume_note = (
+                f"resumed with {self.d.world_size} process(es) where the run used {saved_world}: "
+                "the data continue from the same global position, but per-process batches "
+                "differ, so the weights will not match an uninterrupted run exactly"
+            )
 
     def _lr_now(self, total_steps: int) -> float:
         """The learning rate of the next step in a run of `total_steps` (warm-up as that run's)."""
-        warmup = min(self.steps_per_epoch if self.cfg.warmup_steps is None else int(self.cfg.warmup_steps),
-                     max(0, int(total_steps) - 1))
-        return lr_at(self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=warmup,
-                     total_steps=int(total_steps))
+        warmup = min(
+            self.steps_per_epoch if self.cfg.warmup_steps is None else int(self.cfg.warmup_steps),
+            max(0, int(total_steps) - 1),
+        )
+        return lr_at(
+            self.step, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_steps=warmup, total_steps=int(total_steps)
+        )
 
     # --------------------------------------------------------------------------------- steps
     def _augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -518,13 +567,15 @@ class _Trainer:
         x, labels = self._augment(x_u8, y)
         if self.batch_hook is not None:
             x, labels = self.batch_hook(self.step, x, labels)
-        lr = lr_at(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
-                   total_steps=self.total_steps)
+        lr = lr_at(
+            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.lr = lr
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             z, logdet = self.forward(x, labels)
         z = z.float()
         loss = objective(z, logdet, mc.data_dim)
@@ -547,8 +598,7 @@ class _Trainer:
         elif ok_host:
             self.optimizer.step()
         if not mc.nvp:
-            self.model.update_prior(z, reduce=lambda t: all_reduce_mean(t, self.d),
-                                    gate=None if ok_host else ok)
+            self.model.update_prior(z, reduce=lambda t: all_reduce_mean(t, self.d), gate=None if ok_host else ok)
         if self.ema is not None:
             if self.fused:
                 self.ema.update(self.model, gate=ok)
@@ -561,10 +611,15 @@ class _Trainer:
                 nll = loss + 0.5 * flow.LOG_2PI
             else:
                 var = self.model.var
-                nll = (0.5 * (z.detach().pow(2) / var).mean() + 0.5 * torch.log(var).mean()
-                       + 0.5 * flow.LOG_2PI - logdet_pd)
-            vals = torch.stack([loss.detach(), nll.detach(), logdet_pd, grad_norm.detach().float(),
-                                torch.ones((), device=loss.device)])
+                nll = (
+                    0.5 * (z.detach().pow(2) / var).mean()
+                    + 0.5 * torch.log(var).mean()
+                    + 0.5 * flow.LOG_2PI
+                    - logdet_pd
+                )
+            vals = torch.stack(
+                [loss.detach(), nll.detach(), logdet_pd, grad_norm.detach().float(), torch.ones((), device=loss.device)]
+            )
             self.acc += torch.where(ok, vals, torch.zeros_like(vals)).nan_to_num(0.0)
             bad = (~ok).float()
             self.bad_in_interval += bad
@@ -597,7 +652,7 @@ class _Trainer:
         was_training = model.training
         model.eval()
         for s in range(0, len(idx), bs):
-            items = [ds[i] for i in idx[s:s + bs]]
+            items = [ds[i] for i in idx[s : s + bs]]
             x = torch.stack([it[0] for it in items]).to(self.device)
             y = torch.tensor([it[1] for it in items], device=self.device) if self.model_cfg.conditional else None
             b = bpd_fn(model, x, y, generator=gen).double()
@@ -618,19 +673,36 @@ class _Trainer:
         model, which = self._eval_model()
         cfg = self.cfg
         sigma = cfg.noise_std if cfg.noise == "gaussian" else None
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
-            res = generate(model, cfg.num_samples, generator=torch.Generator().manual_seed(cfg.seed + 1),
-                           batch_size=min(cfg.num_samples, 256), labels=self.sample_labels,
-                           noise=self.sample_noise, denoise_sigma=sigma,
-                           cuda_graphs=False)  # previews are short and run beside DDP's threads: no capture
+            res = generate(
+                model,
+                cfg.num_samples,
+                generator=torch.Generator().manual_seed(cfg.seed + 1),
+                batch_size=min(cfg.num_samples, 256),
+                labels=self.sample_labels,
+                noise=self.sample_noise,
+                denoise_sigma=sigma,
+                cuda_graphs=False,
+            )  # previews are short and run beside DDP's threads: no capture
         k = self.model_cfg.num_classes
         nrow = k if k and cfg.num_samples % k == 0 and k <= 32 else None
         path = self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
         layout = save_grid(res.images, path, nrow=nrow)
-        self.emit("sample", self.step, path=str(path), num=cfg.num_samples, **layout, weights=which,
-                  denoised=sigma is not None, redrawn=res.redrawn)
+        self.emit(
+            "sample",
+            self.step,
+            path=str(path),
+            num=cfg.num_samples,
+            **layout,
+            weights=which,
+            denoised=sigma is not None,
+            redrawn=res.redrawn,
+        )
 
     def save(self) -> Path | None:
         """Checkpoint (rank 0 writes; every rank learns whether it worked)."""
@@ -650,19 +722,45 @@ class _Trainer:
 
     def _write_checkpoint(self, target: Path) -> None:
         cfg = self.cfg
-        training = {**cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                    "world_size": self.d.world_size, "precision": self.precision}
+        training = {
+            **cfg.to_dict(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "world_size": self.d.world_size,
+            "precision": self.precision,
+        }
         ema_state = self.ema.state_dict() if self.ema is not None else None
-        save_checkpoint(target, self.model, noise=cfg.noise_spec, step=self.step, data=self.data_info,
-                        training=training, ema_state=ema_state)
-        rng = {"noise": self.noise_gen.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        state = {"format": STATE_FORMAT, "version": 1, "step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "schedule": {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": self.warmup_steps,
-                              "total_steps": self.total_steps},
-                 "data": self.loader.state_dict(), "rng": rng,
-                 "ema_updates": self.ema.updates if self.ema is not None else 0,
-                 "bad_steps": self.consecutive_bad, "world_size": self.d.world_size}
+        save_checkpoint(
+            target,
+            self.model,
+            noise=cfg.noise_spec,
+            step=self.step,
+            data=self.data_info,
+            training=training,
+            ema_state=ema_state,
+        )
+        rng = {
+            "noise": self.noise_gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        state = {
+            "format": STATE_FORMAT,
+            "version": 1,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {
+                "lr": cfg.lr,
+                "min_lr": cfg.min_lr,
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
+            },
+            "data": self.loader.state_dict(),
+            "rng": rng,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "bad_steps": self.consecutive_bad,
+            "world_size": self.d.world_size,
+        }
         with atomic_path(target / TRAIN_STATE_FILE) as tmp:
             torch.save(state, tmp)
         self._prune()
@@ -688,10 +786,18 @@ class _Trainer:
     def write_config(self) -> None:
         if not self.d.is_main:
             return
-        doc = {"format": "tarflow-run", "tarflow_version": __version__, "train": self.cfg.to_dict(),
-               "model": self.model_cfg.to_dict(), "data": self.data_info, "noise": self.cfg.noise_spec,
-               "world_size": self.d.world_size, "steps_per_epoch": self.steps_per_epoch,
-               "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        doc = {
+            "format": "tarflow-run",
+            "tarflow_version": __version__,
+            "train": self.cfg.to_dict(),
+            "model": self.model_cfg.to_dict(),
+            "data": self.data_info,
+            "noise": self.cfg.noise_spec,
+            "world_size": self.d.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
         atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(doc, indent=2, default=str) + "\n")
 
     # ---------------------------------------------------------------------------------- loop
@@ -706,10 +812,21 @@ class _Trainer:
             bpd = flow.nats_to_bpd(nll)
         else:
             loss = nll = logdet = gnorm = bpd = float("nan")
-        self.emit("train", self.step, loss=loss, nll=nll, bpd=bpd, logdet=logdet, lr=self.lr, grad_norm=gnorm,
-                  images_per_s=ips, tflops=3 * self.model_cfg.flops_per_image() * ips / 1e12,
-                  memory_mb=memory_mb(self.device), epoch=self.step / self.steps_per_epoch,
-                  total_steps=self.total_steps)
+        self.emit(
+            "train",
+            self.step,
+            loss=loss,
+            nll=nll,
+            bpd=bpd,
+            logdet=logdet,
+            lr=self.lr,
+            grad_norm=gnorm,
+            images_per_s=ips,
+            tflops=3 * self.model_cfg.flops_per_image() * ips / 1e12,
+            memory_mb=memory_mb(self.device),
+            epoch=self.step / self.steps_per_epoch,
+            total_steps=self.total_steps,
+        )
 
     def _due(self, every: int) -> bool:
         return bool(every) and self.step % every == 0
@@ -717,15 +834,30 @@ class _Trainer:
     def run(self) -> TrainResult:
         cfg, d = self.cfg, self.d
         self.write_config()
-        self.emit("start", self.step, config=cfg.to_dict(), model=self.model_cfg.to_dict(),
-                  parameters=self.model.num_parameters(), data={**self.data_info, "train": self.train_ds.description,
-                                                                "test": self.test_ds.description if self.test_ds else None,
-                                                                "train_images": len(self.train_ds),
-                                                                "skipped": int(getattr(self.train_ds, "skipped", 0))},
-                  world_size=d.world_size, device=str(self.device), precision=self.precision,
-                  global_batch=cfg.batch_size, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                  warmup_steps=self.warmup_steps, run_dir=str(self.run_dir), resumed_from=self.resumed_from,
-                  tarflow_version=__version__)
+        self.emit(
+            "start",
+            self.step,
+            config=cfg.to_dict(),
+            model=self.model_cfg.to_dict(),
+            parameters=self.model.num_parameters(),
+            data={
+                **self.data_info,
+                "train": self.train_ds.description,
+                "test": self.test_ds.description if self.test_ds else None,
+                "train_images": len(self.train_ds),
+                "skipped": int(getattr(self.train_ds, "skipped", 0)),
+            },
+            world_size=d.world_size,
+            device=str(self.device),
+            precision=self.precision,
+            global_batch=cfg.batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            run_dir=str(self.run_dir),
+            resumed_from=self.resumed_from,
+            tarflow_version=__version__,
+        )
         if self.train_ds.skipped:
             self.emit("warning", self.step, message=f"{self.train_ds.skipped} unreadable files skipped in {cfg.data}")
         if self.test_note:
@@ -756,23 +888,34 @@ class _Trainer:
                         self.consecutive_bad = 0
                     else:
                         self.consecutive_bad += 1
-                        self.emit("warning", self.step, message=f"non-finite loss or gradient at step {self.step}: "
-                                  f"step skipped ({self.consecutive_bad} in a row)", reason="nonfinite")
+                        self.emit(
+                            "warning",
+                            self.step,
+                            message=f"non-finite loss or gradient at step {self.step}: "
+                            f"step skipped ({self.consecutive_bad} in a row)",
+                            reason="nonfinite",
+                        )
                 last = self.step >= self.total_steps
                 if self.step % log_every == 0 or last:
                     if self.fused:
                         bad_now, run_now = int(self.bad_in_interval.item()), int(self.bad_run.item())
                         self.consecutive_bad = run_now
                         if bad_now:
-                            self.emit("warning", self.step, reason="nonfinite",
-                                      message=f"{bad_now} step(s) with non-finite loss or gradient skipped "
-                                              f"({run_now} in a row at step {self.step})")
+                            self.emit(
+                                "warning",
+                                self.step,
+                                reason="nonfinite",
+                                message=f"{bad_now} step(s) with non-finite loss or gradient skipped "
+                                f"({run_now} in a row at step {self.step})",
+                            )
                     self.log(self.step - steps_mark, time.perf_counter() - t_mark - side_time)
                     self._report_late_skips()
                     t_mark, steps_mark, side_time = time.perf_counter(), self.step, 0.0
                 if self.consecutive_bad >= cfg.max_bad_steps:
-                    reason = (f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
-                              f"(last at step {self.step}); {self._after_divergence()}")
+                    reason = (
+                        f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
+                        f"(last at step {self.step}); {self._after_divergence()}"
+                    )
                     return self._finish("failed", reason, save=False)
                 t0 = time.perf_counter()
                 if self._due(cfg.eval_every) or (last and cfg.eval_every):
@@ -801,10 +944,12 @@ class _Trainer:
         step, path = saved[-1]
         first_bad = self.step - self.consecutive_bad + 1
         if step == first_bad - 1:  # its weights are the ones every later step failed on
-            older = (f"remove {path} to resume from step {saved[-2][0]}" if len(saved) > 1
-                     else "no earlier checkpoint is left: start again")
-            return (f"the newest checkpoint (step {step}) holds the weights those steps failed on; "
-                    f"{older} with {remedy}")
+            older = (
+                f"remove {path} to resume from step {saved[-2][0]}"
+                if len(saved) > 1
+                else "no earlier checkpoint is left: start again"
+            )
+            return f"the newest checkpoint (step {step}) holds the weights those steps failed on; {older} with {remedy}"
         return f"the last good checkpoint (step {step}) is kept: resume with --resume {self.run_dir} and {remedy}"
 
     def _report_late_skips(self) -> None:
@@ -813,8 +958,13 @@ class _Trainer:
         worker processes print a Python warning instead."""
         late = int(getattr(self.train_ds, "late_skipped", 0))
         if late > self.late_skips_reported:
-            self.emit("warning", self.step, message=f"{late - self.late_skips_reported} image read(s) from {self.cfg.data} "
-                      "failed to decode and were replaced by the next image", reason="unreadable")
+            self.emit(
+                "warning",
+                self.step,
+                message=f"{late - self.late_skips_reported} image read(s) from {self.cfg.data} "
+                "failed to decode and were replaced by the next image",
+                reason="unreadable",
+            )
             self.late_skips_reported = late
 
     def rescue(self) -> bool:
@@ -838,8 +988,13 @@ class _Trainer:
         return TrainResult(status, self.step, self.run_dir, reason, self.last_checkpoint)
 
     def emit_end(self, status: str, reason: str) -> None:
-        self.emit("end", self.step, status=status, reason=reason,
-                  checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+        self.emit(
+            "end",
+            self.step,
+            status=status,
+            reason=reason,
+            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+        )
 
     def close(self) -> None:
         if self.sink is not None:
@@ -858,8 +1013,14 @@ def _is_peer_failure(e: RuntimeError) -> bool:
     return re.search(r"gloo|nccl|connection (reset|closed|refused)|peer|timed out", str(e), re.I) is not None
 
 
-def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: StopLike = None, *,
-          resume: bool = False, batch_hook: BatchHook | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    emit: Callable[[dict], None] | None = None,
+    stop: StopLike = None,
+    *,
+    resume: bool = False,
+    batch_hook: BatchHook | None = None,
+) -> TrainResult:
     """Run (or with `resume`, continue) the training run `cfg` describes.
 
     `emit(event)` receives every event also written to `events.jsonl` (rank 0 only). `stop` (an
@@ -899,8 +1060,12 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
                 trainer.emit_end("failed", reason)
             return TrainResult("failed", trainer.step, trainer.run_dir, reason, trainer.last_checkpoint)
         except KeyboardInterrupt:
-            trainer.emit_end("interrupted", f"aborted at step {trainer.step}; its checkpoint was saved"
-                             if trainer._saved_this_step() else "aborted mid-step (no checkpoint saved)")
+            trainer.emit_end(
+                "interrupted",
+                f"aborted at step {trainer.step}; its checkpoint was saved"
+                if trainer._saved_this_step()
+                else "aborted mid-step (no checkpoint saved)",
+            )
             raise
         except RuntimeError as e:
             if not (d.distributed and _is_peer_failure(e)):
@@ -910,8 +1075,10 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
             first = first.split(". ")[0][:160]
             last = trainer.last_checkpoint
             kept = f"the last checkpoint ({last.name}) is kept" if last is not None else "no checkpoint was saved"
-            reason = (f"another process of the distributed run failed or lost its connection at step "
-                      f"{trainer.step} ({first}); {kept}")
+            reason = (
+                f"another process of the distributed run failed or lost its connection at step "
+                f"{trainer.step} ({first}); {kept}"
+            )
             with contextlib.suppress(OSError):
                 trainer.emit_end("failed", reason)
             return TrainResult("failed", trainer.step, trainer.run_dir, reason, trainer.last_checkpoint)
@@ -920,5 +1087,16 @@ def train(cfg: TrainConfig, emit: Callable[[dict], None] | None = None, stop: St
             raise
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainError", "SetupError", "train", "lr_at", "objective",
-           "stop_on_signals", "load_run_config", "resumable_checkpoints", "dumps"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainError",
+    "SetupError",
+    "train",
+    "lr_at",
+    "objective",
+    "stop_on_signals",
+    "load_run_config",
+    "resumable_checkpoints",
+    "dumps",
+]

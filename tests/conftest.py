@@ -21,8 +21,18 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mltarf
 
 def tiny_config(**overrides) -> ModelConfig:
     """A model of a few thousand parameters: 1x4x4 images, patch 2 (4 tokens of 4), width 16."""
-    base = dict(in_channels=1, img_size=4, patch_size=2, width=16, num_blocks=2, layers_per_block=1,
-                head_dim=8, expansion=2, nvp=True, num_classes=0)
+    base = dict(
+        in_channels=1,
+        img_size=4,
+        patch_size=2,
+        width=16,
+        num_blocks=2,
+        layers_per_block=1,
+        head_dim=8,
+        expansion=2,
+        nvp=True,
+        num_classes=0,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -65,62 +65,134 @@ HEAD_DIM = 64  # the published code's (fixed) head size
 MODELS = [
     dict(  # unconditional NVP, uniform dequantization (likelihood run), guidance through attn_temp
         file="cifar10_model_2_64_2_1_uniform.pth",
-        arch=dict(in_channels=3, img_size=8, patch_size=2, channels=64, num_blocks=2, layers_per_block=1,
-                  nvp=True, num_classes=0),
-        modes={"g0": {}, "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
-               "g1_b_temp13_annealed": dict(guidance=1.0, guide_what="b", attn_temp=1.3, annealed=True),
-               "g2_a_temp07": dict(guidance=2.0, guide_what="a", attn_temp=0.7)},
-        sigma=None),
+        arch=dict(
+            in_channels=3,
+            img_size=8,
+            patch_size=2,
+            channels=64,
+            num_blocks=2,
+            layers_per_block=1,
+            nvp=True,
+            num_classes=0,
+        ),
+        modes={
+            "g0": {},
+            "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
+            "g1_b_temp13_annealed": dict(guidance=1.0, guide_what="b", attn_temp=1.3, annealed=True),
+            "g2_a_temp07": dict(guidance=2.0, guide_what="a", attn_temp=0.7),
+        },
+        sigma=None,
+    ),
     dict(  # VP (shift only, learned var), 1 channel, 9 tokens, 3 blocks (odd), 10 classes
         file="mnist_model_4_64_3_1_0.10.pth",
-        arch=dict(in_channels=1, img_size=12, patch_size=4, channels=64, num_blocks=3, layers_per_block=1,
-                  nvp=False, num_classes=10),
+        arch=dict(
+            in_channels=1,
+            img_size=12,
+            patch_size=4,
+            channels=64,
+            num_blocks=3,
+            layers_per_block=1,
+            nvp=False,
+            num_classes=10,
+        ),
         labels=[0, 9, 3],
-        modes={"g0": {}, "g0_nolabel": dict(no_labels=True), "g2_ab": dict(guidance=2.0),
-               "g15_a": dict(guidance=1.5, guide_what="a"),
-               "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
-               "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
-               "g15_temp05_annealed": dict(guidance=1.5, attn_temp=0.5, annealed=True)},
-        sigma=0.10),
+        modes={
+            "g0": {},
+            "g0_nolabel": dict(no_labels=True),
+            "g2_ab": dict(guidance=2.0),
+            "g15_a": dict(guidance=1.5, guide_what="a"),
+            "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
+            "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
+            "g15_temp05_annealed": dict(guidance=1.5, attn_temp=0.5, annealed=True),
+        },
+        sigma=0.10,
+    ),
     dict(  # no recognisable name, .pt; patch 1 (D = 3), 1000 classes, one block of 2 layers
         file="my_flow.pt",
-        arch=dict(in_channels=3, img_size=4, patch_size=1, channels=64, num_blocks=1, layers_per_block=2,
-                  nvp=True, num_classes=1000),
+        arch=dict(
+            in_channels=3,
+            img_size=4,
+            patch_size=1,
+            channels=64,
+            num_blocks=1,
+            layers_per_block=2,
+            nvp=True,
+            num_classes=1000,
+        ),
         labels=[0, 999, 500],
-        modes={"g0": {}, "g2_ab": dict(guidance=2.0),
-               "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
-               "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
-               "g15_temp05_nolabel": dict(guidance=1.5, attn_temp=0.5, no_labels=True)},
-        sigma=None),
+        modes={
+            "g0": {},
+            "g2_ab": dict(guidance=2.0),
+            "g1_b_annealed": dict(guidance=1.0, guide_what="b", annealed=True),
+            "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
+            "g15_temp05_nolabel": dict(guidance=1.5, attn_temp=0.5, no_labels=True),
+        },
+        sigma=None,
+    ),
     dict(  # patch 8, 1 channel (D = 64), 2 heads (width 128), 4 tokens, one block
         file="afhq_model_8_128_1_1_0.07.pth",
-        arch=dict(in_channels=1, img_size=16, patch_size=8, channels=128, num_blocks=1, layers_per_block=1,
-                  nvp=True, num_classes=3),
+        arch=dict(
+            in_channels=1,
+            img_size=16,
+            patch_size=8,
+            channels=128,
+            num_blocks=1,
+            layers_per_block=1,
+            nvp=True,
+            num_classes=3,
+        ),
         labels=[2, 0, 1],
-        modes={"g0": {}, "g15_a_annealed": dict(guidance=1.5, guide_what="a", annealed=True),
-               "g15_temp05": dict(guidance=1.5, attn_temp=0.5)},
-        sigma=0.07),
+        modes={
+            "g0": {},
+            "g15_a_annealed": dict(guidance=1.5, guide_what="a", annealed=True),
+            "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
+        },
+        sigma=0.07,
+    ),
     dict(  # VP unconditional, D = 48 (3 x 4 x 4, also 12 x 2 x 2 and 48 x 1 x 1), learned var
         file="imagenet_model_4_64_2_1_0.15.pth",
-        arch=dict(in_channels=3, img_size=8, patch_size=4, channels=64, num_blocks=2, layers_per_block=1,
-                  nvp=False, num_classes=0),
-        modes={"g0": {}, "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
-               "g1_temp13_annealed": dict(guidance=1.0, attn_temp=1.3, annealed=True)},
-        sigma=0.15),
+        arch=dict(
+            in_channels=3,
+            img_size=8,
+            patch_size=4,
+            channels=64,
+            num_blocks=2,
+            layers_per_block=1,
+            nvp=False,
+            num_classes=0,
+        ),
+        modes={
+            "g0": {},
+            "g15_temp05": dict(guidance=1.5, attn_temp=0.5),
+            "g1_temp13_annealed": dict(guidance=1.0, attn_temp=1.3, annealed=True),
+        },
+        sigma=0.15,
+    ),
     dict(  # 1 channel, patch 2 (D = 4), no pattern in the name, 2 layers per block
         file="gray.pth",
-        arch=dict(in_channels=1, img_size=8, patch_size=2, channels=64, num_blocks=2, layers_per_block=2,
-                  nvp=True, num_classes=0),
+        arch=dict(
+            in_channels=1,
+            img_size=8,
+            patch_size=2,
+            channels=64,
+            num_blocks=2,
+            layers_per_block=2,
+            nvp=True,
+            num_classes=0,
+        ),
         modes={"g0": {}, "g15_temp05": dict(guidance=1.5, attn_temp=0.5)},
-        sigma=None),
+        sigma=None,
+    ),
 ]
 
 
 def load_reference(ref_dir: Path):
     path = ref_dir / "transformer_flow.py"
     if not path.is_file():
-        sys.exit(f"{path} not found: recreate it with\n  mkdir -p ref && git -C /work/.mirror/apple+ml-tarflow/repo "
-                 "show HEAD:transformer_flow.py > ref/transformer_flow.py")
+        sys.exit(
+            f"{path} not found: recreate it with\n  mkdir -p ref && git -C /work/.mirror/apple+ml-tarflow/repo "
+            "show HEAD:transformer_flow.py > ref/transformer_flow.py"
+        )
     spec = importlib.util.spec_from_file_location("reference_transformer_flow", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -191,9 +263,13 @@ def outputs(model, spec: dict, x: torch.Tensor, y, y_dropped, noise: torch.Tenso
             out.update(z_nolabel=z, logdets_nolabel=logdets)
         for mode, opts in spec["modes"].items():
             out[f"sample/{mode}"] = model.reverse(
-                noise.clone(), None if opts.get("no_labels") else y, guidance=opts.get("guidance", 0.0),
-                guide_what=opts.get("guide_what", "ab"), attn_temp=opts.get("attn_temp", 1.0),
-                annealed_guidance=opts.get("annealed", False))
+                noise.clone(),
+                None if opts.get("no_labels") else y,
+                guidance=opts.get("guidance", 0.0),
+                guide_what=opts.get("guide_what", "ab"),
+                attn_temp=opts.get("attn_temp", 1.0),
+                annealed_guidance=opts.get("annealed", False),
+            )
     xs = out["sample/g0"].clone().requires_grad_(True)
     sigma = spec["sigma"] or 0.1
     (grad,) = torch.autograd.grad(log_prob(model, xs, y)[0].sum(), xs)
@@ -202,9 +278,18 @@ def outputs(model, spec: dict, x: torch.Tensor, y, y_dropped, noise: torch.Tenso
 
 
 def tarflow_config(arch: dict) -> dict:
-    return dict(in_channels=arch["in_channels"], img_size=arch["img_size"], patch_size=arch["patch_size"],
-                width=arch["channels"], num_blocks=arch["num_blocks"], layers_per_block=arch["layers_per_block"],
-                head_dim=HEAD_DIM, expansion=4, nvp=arch["nvp"], num_classes=arch["num_classes"])
+    return dict(
+        in_channels=arch["in_channels"],
+        img_size=arch["img_size"],
+        patch_size=arch["patch_size"],
+        width=arch["channels"],
+        num_blocks=arch["num_blocks"],
+        layers_per_block=arch["layers_per_block"],
+        head_dim=HEAD_DIM,
+        expansion=4,
+        nvp=arch["nvp"],
+        num_classes=arch["num_classes"],
+    )
 
 
 def name_noise(file: str) -> dict:
@@ -248,9 +333,15 @@ def make(tf, spec: dict, out_dir: Path, seed: int) -> dict:
     buf = io.BytesIO()
     torch.save(expected, buf)
     write(out_dir / f"{spec['file']}.expected.pt", buf.getvalue())
-    return dict(file=spec["file"], config=tarflow_config(arch), noise=name_noise(spec["file"]),
-                modes=spec["modes"], sigma=spec["sigma"] or 0.1, labels=spec.get("labels"),
-                parameters=sum(p.numel() for p in model.parameters()))
+    return dict(
+        file=spec["file"],
+        config=tarflow_config(arch),
+        noise=name_noise(spec["file"]),
+        modes=spec["modes"],
+        sigma=spec["sigma"] or 0.1,
+        labels=spec.get("labels"),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def write(path: Path, data: bytes) -> None:
@@ -262,8 +353,9 @@ def write(path: Path, data: bytes) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ref", type=Path, default=ROOT / "ref",
-                        help="folder holding the published transformer_flow.py")
+    parser.add_argument(
+        "--ref", type=Path, default=ROOT / "ref", help="folder holding the published transformer_flow.py"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the fixtures go")
     parser.add_argument("--seed", type=int, default=20250101)
     args = parser.parse_args()

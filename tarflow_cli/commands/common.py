@@ -20,32 +20,134 @@ from ..console import UsageError, info
 from ..io import read_labels
 from .numbers import FINITE, finite_float, seed_int
 
-CkptOpt = Annotated[str, typer.Option("--ckpt", "-c", help="Run directory (its latest checkpoint), native checkpoint directory, or reference .pth file.", envvar="TARFLOW_CKPT", show_default=False)]
+CkptOpt = Annotated[
+    str,
+    typer.Option(
+        "--ckpt",
+        "-c",
+        help="Run directory (its latest checkpoint), native checkpoint directory, or reference .pth file.",
+        envvar="TARFLOW_CKPT",
+        show_default=False,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-SeedOpt = Annotated[int, typer.Option("--seed", parser=seed_int, help="Random seed: same seed and options give the same output.")]
-PatchOpt = Annotated[Optional[int], typer.Option("--patch-size", min=1, help="Patch size of a reference .pth whose file name does not give it.", show_default=False)]
-ClassOpt = Annotated[Optional[int], typer.Option("--class", help="Use class K for every image (class-conditional models).", show_default=False)]
-LabelsOpt = Annotated[Optional[Path], typer.Option("--labels", help="Per-image class labels: a .npy of integers.", show_default=False)]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", parser=seed_int, help="Random seed: same seed and options give the same output.")
+]
+PatchOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--patch-size",
+        min=1,
+        help="Patch size of a reference .pth whose file name does not give it.",
+        show_default=False,
+    ),
+]
+ClassOpt = Annotated[
+    Optional[int],
+    typer.Option("--class", help="Use class K for every image (class-conditional models).", show_default=False),
+]
+LabelsOpt = Annotated[
+    Optional[Path], typer.Option("--labels", help="Per-image class labels: a .npy of integers.", show_default=False)
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 
 # sampling options shared by `sample` and `eval`
-GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", parser=finite_float(minimum=0.0), help="Classifier-free guidance weight w (0: none).")]
-GuideWhatOpt = Annotated[str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")]
-AttnTempOpt = Annotated[float, typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass.")]
-AnnealedOpt = Annotated[bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")]
-DenoiseOpt = Annotated[Optional[bool], typer.Option("--denoise/--no-denoise", help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian noise, or when --denoise-sigma is given].", show_default=False)]
-DenoiseSigmaOpt = Annotated[Optional[float], typer.Option("--denoise-sigma", parser=FINITE, help="Noise std for denoising (turns the step on) \\[default: the checkpoint's].", show_default=False)]
-DenoiseLrOpt = Annotated[float, typer.Option("--denoise-lr-scale", parser=FINITE, help="Multiplier on the denoising step.")]
-SamplerOpt = Annotated[str, typer.Option("--sampler", help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).")]
-SegmentsOpt = Annotated[Optional[str], typer.Option("--segments", help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) \\[default: measured].", show_default=False)]
-TolOpt = Annotated[Optional[float], typer.Option("--tol", parser=FINITE, help="Jacobi samplers: stop iterating when no value changes by more than this \\[default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].", show_default=False)]
-CheckEveryOpt = Annotated[Optional[int], typer.Option("--check-every", min=1, help="Jacobi samplers: passes between convergence checks (each one waits for the device) \\[default: 1 on CPUs, 4 on CUDA].", show_default=False)]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="Sampling arithmetic: fp32, bf16 (transformer in bfloat16, as the published code samples), or auto (bf16 on CUDA, fp32 elsewhere).")]
-CudaGraphsOpt = Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the fixed-shape sampling steps as CUDA graphs \\[default: on with CUDA].", show_default=False)]
+GuidanceOpt = Annotated[
+    float,
+    typer.Option(
+        "--guidance", "-g", parser=finite_float(minimum=0.0), help="Classifier-free guidance weight w (0: none)."
+    ),
+]
+GuideWhatOpt = Annotated[
+    str, typer.Option("--guide-what", help="Guide the log-scale a, the shift b, or both: a, b, ab.")
+]
+AttnTempOpt = Annotated[
+    float, typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass.")
+]
+AnnealedOpt = Annotated[
+    bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")
+]
+DenoiseOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--denoise/--no-denoise",
+        help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian noise, or when --denoise-sigma is given].",
+        show_default=False,
+    ),
+]
+DenoiseSigmaOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--denoise-sigma",
+        parser=FINITE,
+        help="Noise std for denoising (turns the step on) \\[default: the checkpoint's].",
+        show_default=False,
+    ),
+]
+DenoiseLrOpt = Annotated[
+    float, typer.Option("--denoise-lr-scale", parser=FINITE, help="Multiplier on the denoising step.")
+]
+SamplerOpt = Annotated[
+    str,
+    typer.Option(
+        "--sampler",
+        help="Inversion method: sequential (token by token), jacobi (parallel fixed-point iteration), gs-jacobi (segments in order, Jacobi inside), or auto (on CUDA: gs-jacobi with per-block settings measured on a few samples, sequential where that is faster; elsewhere sequential, which measures fastest on CPUs).",
+    ),
+]
+SegmentsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--segments",
+        help="gs-jacobi segment length: one number, or one per block in inversion order (comma-separated; 1 = sequential) \\[default: measured].",
+        show_default=False,
+    ),
+]
+TolOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--tol",
+        parser=FINITE,
+        help="Jacobi samplers: stop iterating when no value changes by more than this \\[default: 1e-4, or 1e-2 in bf16, whose rounding keeps iterates moving by about that much].",
+        show_default=False,
+    ),
+]
+CheckEveryOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--check-every",
+        min=1,
+        help="Jacobi samplers: passes between convergence checks (each one waits for the device) \\[default: 1 on CPUs, 4 on CUDA].",
+        show_default=False,
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Sampling arithmetic: fp32, bf16 (transformer in bfloat16, as the published code samples), or auto (bf16 on CUDA, fp32 elsewhere).",
+    ),
+]
+CudaGraphsOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay the fixed-shape sampling steps as CUDA graphs \\[default: on with CUDA].",
+        show_default=False,
+    ),
+]
 
 
-def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol: float | None, *,
-                           guidance: float = 0.0, annealed: bool = False, check_every: int | None = None) -> None:
+def check_sampling_options(
+    guide_what: str,
+    attn_temp: float,
+    sampler: str,
+    tol: float | None,
+    *,
+    guidance: float = 0.0,
+    annealed: bool = False,
+    check_every: int | None = None,
+) -> None:
     if guide_what not in GUIDE_WHAT:
         raise UsageError(f"--guide-what {guide_what}: expected one of {', '.join(GUIDE_WHAT)}")
     if not attn_temp > 0:
@@ -58,16 +160,21 @@ def check_sampling_options(guide_what: str, attn_temp: float, sampler: str, tol:
     if sampler == "sequential":
         for name, value in (("--tol", tol), ("--check-every", check_every)):
             if value is not None:
-                raise UsageError(f"{name} {value}: only the Jacobi samplers (jacobi, gs-jacobi, auto) take it, "
-                                 "not --sampler sequential")
+                raise UsageError(
+                    f"{name} {value}: only the Jacobi samplers (jacobi, gs-jacobi, auto) take it, "
+                    "not --sampler sequential"
+                )
     if guidance == 0:
-        for name, given in (("--attn-temp", f" {attn_temp}" if attn_temp != 1.0 else None),
-                            ("--guide-what", f" {guide_what}" if guide_what != "ab" else None),
-                            ("--annealed", "" if annealed else None)):
+        for name, given in (
+            ("--attn-temp", f" {attn_temp}" if attn_temp != 1.0 else None),
+            ("--guide-what", f" {guide_what}" if guide_what != "ab" else None),
+            ("--annealed", "" if annealed else None),
+        ):
             if given is not None:
                 hint = " (it is not a sampling temperature)" if name == "--attn-temp" else ""
-                raise UsageError(f"{name}{given}: it shapes the guidance pass, which runs only with "
-                                 f"--guidance W > 0{hint}")
+                raise UsageError(
+                    f"{name}{given}: it shapes the guidance pass, which runs only with --guidance W > 0{hint}"
+                )
 
 
 def check_precision_options(precision: str, cuda_graphs: bool | None, device: torch.device) -> None:
@@ -89,16 +196,27 @@ def parse_segments(text: str | None, blocks: int, tokens: int, sampler: str) -> 
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values) or len(values) not in (1, blocks):
-        raise UsageError(f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)")
+        raise UsageError(
+            f"--segments {text}: expected a positive integer or {blocks} comma-separated ones (one per block)"
+        )
     if max(values) > tokens - 1:
-        raise UsageError(f"--segments {text}: a segment holds at most {tokens - 1} tokens (the unknowns of a "
-                         f"{tokens}-token block; that length is plain Jacobi)")
+        raise UsageError(
+            f"--segments {text}: a segment holds at most {tokens - 1} tokens (the unknowns of a "
+            f"{tokens}-token block; that length is plain Jacobi)"
+        )
     return values[0] if len(values) == 1 else values
 
 
-def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | None, *, flag: str = "--denoise",
-                  option: str = "--denoise-sigma", lr_scale: float = 1.0,
-                  lr_option: str = "--denoise-lr-scale") -> float | None:
+def denoise_sigma(
+    info: CheckpointInfo,
+    denoise: bool | None,
+    sigma: float | None,
+    *,
+    flag: str = "--denoise",
+    option: str = "--denoise-sigma",
+    lr_scale: float = 1.0,
+    lr_option: str = "--denoise-lr-scale",
+) -> float | None:
     """The denoising step's sigma, or None for no denoising (default: on for Gaussian-noise checkpoints,
     and whenever a sigma is given). `flag` and `option` name the command's switch and sigma option in
     messages; a sigma or step scale given with the step off is refused rather than ignored."""
@@ -109,9 +227,12 @@ def denoise_sigma(info: CheckpointInfo, denoise: bool | None, sigma: float | Non
         if sigma is not None:
             raise UsageError(f"{option} {sigma}: given with --no-{flag.lstrip('-')}; drop one of them")
         if lr_scale != 1.0:
-            raise UsageError(f"{lr_option} {lr_scale}: given with --no-{flag.lstrip('-')}; drop one of them" if explicit_off
-                             else f"{lr_option} {lr_scale}: checkpoint {info.path} was not trained with Gaussian noise, "
-                                  f"so sampling does not denoise; give {option} SIGMA to add the step")
+            raise UsageError(
+                f"{lr_option} {lr_scale}: given with --no-{flag.lstrip('-')}; drop one of them"
+                if explicit_off
+                else f"{lr_option} {lr_scale}: checkpoint {info.path} was not trained with Gaussian noise, "
+                f"so sampling does not denoise; give {option} SIGMA to add the step"
+            )
         return None
     sigma = sigma if sigma is not None else info.noise_std
     if sigma is None:
@@ -158,8 +279,12 @@ def check_device_spelling(spec: str) -> None:
 
 def _resolve_device(spec: str) -> torch.device:
     spec = spec.strip().lower()
-    if spec == "auto" and not torch.cuda.is_available() and getattr(torch.backends, "mps", None) \
-            and torch.backends.mps.is_available():
+    if (
+        spec == "auto"
+        and not torch.cuda.is_available()
+        and getattr(torch.backends, "mps", None)
+        and torch.backends.mps.is_available()
+    ):
         return torch.device("mps")
     try:
         return resolve_torch_device(spec)
@@ -178,18 +303,29 @@ def check_model_inputs(data, cfg, inputs: list[str], verb: str = "scored") -> No
     float ones far outside model space (0..255 pixels saved as floats) get a warning."""
     shape, want = tuple(data.images.shape[1:]), (cfg.in_channels, cfg.img_size, cfg.img_size)
     if shape != want:
-        raise UsageError(f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
-                         f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)")
+        raise UsageError(
+            f"{', '.join(inputs)}: images are {'x'.join(map(str, shape))} (CxHxW) but the model expects {'x'.join(map(str, want))} "
+            f"(images are {verb} as they are, not resized; `tarflow eval --data` resizes and center-crops)"
+        )
     if data.is_uint8 or not len(data.images):
         return
     lo, hi = float(data.images.min()), float(data.images.max())
     if max(abs(lo), abs(hi)) > 4:  # samples stray a little past [-1, 1]; pixels do not
-        info(f"warning: {', '.join(map(str, inputs))} holds float values from {lo:g} to {hi:g}, but float inputs are "
-             "taken as model-space values in [-1, 1]; 8-bit pixels belong in a uint8 array (or PNG files)")
+        info(
+            f"warning: {', '.join(map(str, inputs))} holds float values from {lo:g} to {hi:g}, but float inputs are "
+            "taken as model-space values in [-1, 1]; 8-bit pixels belong in a uint8 array (or PNG files)"
+        )
 
 
-def resolve_labels(info: CheckpointInfo, num: int | None, *, class_: int | None, labels_path: Path | None,
-                   from_inputs: np.ndarray | None = None, inputs_name: str = "the inputs") -> torch.Tensor | None:
+def resolve_labels(
+    info: CheckpointInfo,
+    num: int | None,
+    *,
+    class_: int | None,
+    labels_path: Path | None,
+    from_inputs: np.ndarray | None = None,
+    inputs_name: str = "the inputs",
+) -> torch.Tensor | None:
     """Labels for `num` images from --class, --labels or the inputs (named `inputs_name` in
     messages); validated against the model. `num` None: as many as the labels file holds."""
     k = info.config.num_classes

@@ -12,23 +12,56 @@ from tarflow_core.likelihood import denoise as denoise_step
 
 from ..console import info, to_stdout, user_errors
 from ..io import check_output, read_inputs, write_output
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, batches, check_model_inputs,
-                     denoise_sigma, load, resolve_device, resolve_labels)
+from .common import (
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DeviceOpt,
+    LabelsOpt,
+    PatchOpt,
+    batches,
+    check_model_inputs,
+    denoise_sigma,
+    load,
+    resolve_device,
+    resolve_labels,
+)
 from .numbers import FINITE, seed_int
 
 
 def denoise(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin (several are read in order).", show_default=False)],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT",
+            help="Image files, folders, .npz, .npy, or - for a .npy on stdin (several are read in order).",
+            show_default=False,
+        ),
+    ],
     ckpt: CkptOpt,
-    sigma: Annotated[Optional[float], typer.Option("--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False)] = None,
-    lr_scale: Annotated[float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")] = 1.0,
+    sigma: Annotated[
+        Optional[float],
+        typer.Option(
+            "--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False
+        ),
+    ] = None,
+    lr_scale: Annotated[
+        float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")
+    ] = 1.0,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")] = "denoised.png",
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")
+    ] = "denoised.png",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
-    seed: Annotated[int, typer.Option("--seed", parser=seed_int, help="Accepted like every command's; the step itself draws nothing random.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", parser=seed_int, help="Accepted like every command's; the step itself draws nothing random."
+        ),
+    ] = 0,
 ) -> None:
     """Denoise images with one step along the model's score.
 
@@ -49,16 +82,22 @@ def denoise(
         data = read_inputs(inputs)
         check_model_inputs(data, model.config, inputs, verb="denoised")
         n = len(data.images)
-        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
-                           inputs_name=", ".join(inputs))
+        y = resolve_labels(
+            ck, n, class_=class_, labels_path=labels, from_inputs=data.labels, inputs_name=", ".join(inputs)
+        )
         images = torch.from_numpy(data.images)
         x = flow.uint8_to_model(images) if data.is_uint8 else images
         result = torch.empty_like(x)
         for start, stop in batches(n, batch_size):
             yb = y[start:stop].to(dev) if y is not None else None
             result[start:stop] = denoise_step(model, x[start:stop].to(dev), yb, sigma=sigma, lr_scale=lr_scale).cpu()
-        written = write_output(result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale})
-        info(f"denoised {n} image{'s' if n != 1 else ''} (sigma {sigma}, lr scale {lr_scale})" + (f" -> {written}" if written else ""))
+        written = write_output(
+            result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale}
+        )
+        info(
+            f"denoised {n} image{'s' if n != 1 else ''} (sigma {sigma}, lr scale {lr_scale})"
+            + (f" -> {written}" if written else "")
+        )
         if out != "-":
             with to_stdout():
                 typer.echo(out)

@@ -18,7 +18,13 @@ def info(
     ckpt: CkptOpt,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     patch_size: PatchOpt = None,
-    device: Annotated[str, typer.Option("--device", help="Accepted like every command's (checked for spelling); info reads no tensors onto a device.")] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Accepted like every command's (checked for spelling); info reads no tensors onto a device.",
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; info draws nothing random.")] = 0,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
@@ -36,12 +42,20 @@ def info(
         cfg = ck.config
         noise = ck.noise or {}
         summary = {
-            "path": ck.path, "kind": ck.kind,
-            "architecture": cfg.short_name(), "mode": "NVP (affine)" if cfg.nvp else "VP (shift only)",
-            "model": cfg.to_dict(), "parameters": cfg.num_parameters(),
-            "data_shape": [cfg.in_channels, cfg.img_size, cfg.img_size], "tokens": [cfg.num_patches, cfg.token_dim],
-            "classes": cfg.num_classes, "class_names": (ck.data or {}).get("class_names"),
-            "noise": noise, "step": ck.step, "ema": ck.has_ema, "tarflow_version": ck.tarflow_version,
+            "path": ck.path,
+            "kind": ck.kind,
+            "architecture": cfg.short_name(),
+            "mode": "NVP (affine)" if cfg.nvp else "VP (shift only)",
+            "model": cfg.to_dict(),
+            "parameters": cfg.num_parameters(),
+            "data_shape": [cfg.in_channels, cfg.img_size, cfg.img_size],
+            "tokens": [cfg.num_patches, cfg.token_dim],
+            "classes": cfg.num_classes,
+            "class_names": (ck.data or {}).get("class_names"),
+            "noise": noise,
+            "step": ck.step,
+            "ema": ck.has_ema,
+            "tarflow_version": ck.tarflow_version,
             "data": ck.data,
         }
         if as_json:
@@ -51,12 +65,20 @@ def info(
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column()
-        noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(noise.get("type"), "unknown")
+        noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(
+            noise.get("type"), "unknown"
+        )
         rows = [
             ("checkpoint", f"{ck.path} ({ck.kind})"),
-            ("architecture", f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}"),
+            (
+                "architecture",
+                f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}",
+            ),
             ("parameters", f"{summary['parameters']:,}"),
-            ("data shape", f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}"),
+            (
+                "data shape",
+                f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}",
+            ),
             ("classes", str(cfg.num_classes) if cfg.num_classes else "unconditional"),
             ("noise", noise_text),
             ("step", str(ck.step) if ck.step is not None else "unknown"),

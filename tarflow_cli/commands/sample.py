@@ -16,17 +16,50 @@ from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, to_stdout, user_errors
 from ..io import InputError, check_output, write_output
-from .common import (AnnealedOpt, AttnTempOpt, BatchOpt, CkptOpt, ClassOpt, DenoiseLrOpt, DenoiseOpt, DenoiseSigmaOpt,
-                     CheckEveryOpt, CudaGraphsOpt, DeviceOpt, GuidanceOpt, GuideWhatOpt, LabelsOpt, PatchOpt, PrecisionOpt,
-                     SamplerOpt, SeedOpt, SegmentsOpt, TolOpt, check_precision_options, check_sampling_options, load,
-                     parse_segments, resolve_device, resolve_labels)
+from .common import (
+    AnnealedOpt,
+    AttnTempOpt,
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DenoiseLrOpt,
+    DenoiseOpt,
+    DenoiseSigmaOpt,
+    CheckEveryOpt,
+    CudaGraphsOpt,
+    DeviceOpt,
+    GuidanceOpt,
+    GuideWhatOpt,
+    LabelsOpt,
+    PatchOpt,
+    PrecisionOpt,
+    SamplerOpt,
+    SeedOpt,
+    SegmentsOpt,
+    TolOpt,
+    check_precision_options,
+    check_sampling_options,
+    load,
+    parse_segments,
+    resolve_device,
+    resolve_labels,
+)
 from .common import denoise_sigma as resolve_denoise_sigma
 from .progress import progress_bar
 
 
 def sample(
     ckpt: CkptOpt,
-    num: Annotated[Optional[int], typer.Option("--num", "-n", min=1, help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].", show_default=False)] = None,
+    num: Annotated[
+        Optional[int],
+        typer.Option(
+            "--num",
+            "-n",
+            min=1,
+            help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: BatchOpt = 64,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
@@ -43,9 +76,19 @@ def sample(
     check_every: CheckEveryOpt = None,
     precision: PrecisionOpt = "auto",
     cuda_graphs: CudaGraphsOpt = None,
-    noise: Annotated[Optional[Path], typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False)] = None,
+    noise: Annotated[
+        Optional[Path],
+        typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False),
+    ] = None,
     seed: SeedOpt = 0,
-    out: Annotated[str, typer.Option("--out", "-o", help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).")] = "samples.png",
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).",
+        ),
+    ] = "samples.png",
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print the settings used.")] = False,
@@ -61,8 +104,9 @@ def sample(
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny -
     """
     with user_errors():
-        check_sampling_options(guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed,
-                               check_every=check_every)
+        check_sampling_options(
+            guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed, check_every=check_every
+        )
         check_output(out)
         dev = resolve_device(device)
         check_precision_options(precision, cuda_graphs, dev)
@@ -82,25 +126,52 @@ def sample(
         sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma, lr_scale=denoise_lr_scale)
         settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
         if verbose:
-            info(f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
-                 f"{cfg.num_classes} classes; device {dev}; seed {seed}; {settings}; denoise sigma {sigma}")
+            info(
+                f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
+                f"{cfg.num_classes} classes; device {dev}; seed {seed}; {settings}; denoise sigma {sigma}"
+            )
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         with progress_bar("sampling", n) as advance:
-            result = generate(model, n, generator=generator, batch_size=batch_size, labels=y, noise=prior_noise,
-                              denoise_sigma=sigma, denoise_lr_scale=denoise_lr_scale,
-                              on_batch=lambda done, total: advance(done), sampler=sampler, segments=segs, tol=tol,
-                              check_every=check_every, precision=precision, cuda_graphs=cuda_graphs, **settings)
+            result = generate(
+                model,
+                n,
+                generator=generator,
+                batch_size=batch_size,
+                labels=y,
+                noise=prior_noise,
+                denoise_sigma=sigma,
+                denoise_lr_scale=denoise_lr_scale,
+                on_batch=lambda done, total: advance(done),
+                sampler=sampler,
+                segments=segs,
+                tol=tol,
+                check_every=check_every,
+                precision=precision,
+                cuda_graphs=cuda_graphs,
+                **settings,
+            )
         seconds = time.perf_counter() - start
         if verbose:
             info(f"sampler: {result.settings}")
-        meta = {"tarflow_version": __version__, "checkpoint": str(ck.path), "seed": seed, "num": n, **settings,
-                "sampling": result.settings,
-                "denoise_sigma": sigma, "denoise_lr_scale": denoise_lr_scale if sigma else None,
-                "noise_file": str(noise) if noise else None, "redrawn": result.redrawn}
+        meta = {
+            "tarflow_version": __version__,
+            "checkpoint": str(ck.path),
+            "seed": seed,
+            "num": n,
+            **settings,
+            "sampling": result.settings,
+            "denoise_sigma": sigma,
+            "denoise_lr_scale": denoise_lr_scale if sigma else None,
+            "noise_file": str(noise) if noise else None,
+            "redrawn": result.redrawn,
+        }
         written = write_output(result.images, out, labels=result.labels, metadata=meta)
         redrawn = f", {result.redrawn} redrawn after non-finite values" if result.redrawn else ""
-        info(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})" + (f" -> {written}" if written else ""))
+        info(
+            f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})"
+            + (f" -> {written}" if written else "")
+        )
         if out != "-":
             with to_stdout():
                 typer.echo(out)

@@ -17,22 +17,58 @@ from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import read_inputs, strict_json
-from .common import (BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, batches, check_model_inputs, load,
-                     resolve_device, resolve_labels)
+from .common import (
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DeviceOpt,
+    LabelsOpt,
+    PatchOpt,
+    SeedOpt,
+    batches,
+    check_model_inputs,
+    load,
+    resolve_device,
+    resolve_labels,
+)
 from .progress import progress_bar
 
 FORMATS = ("jsonl", "csv", "table")
 
 
 def score(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin.", show_default=False)],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin.", show_default=False
+        ),
+    ],
     ckpt: CkptOpt,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    classify: Annotated[bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")] = False,
-    dequantize: Annotated[Optional[str], typer.Option("--dequantize", help="uniform or none \\[default: uniform for 8-bit inputs, none for float .npy].", show_default=False)] = None,
-    dequant_samples: Annotated[int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")] = 1,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="jsonl, csv or table \\[default: table on a terminal, else jsonl].", show_default=False)] = None,
+    classify: Annotated[
+        bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")
+    ] = False,
+    dequantize: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dequantize",
+            help="uniform or none \\[default: uniform for 8-bit inputs, none for float .npy].",
+            show_default=False,
+        ),
+    ] = None,
+    dequant_samples: Annotated[
+        int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")
+    ] = 1,
+    fmt: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format",
+            "-f",
+            help="jsonl, csv or table \\[default: table on a terminal, else jsonl].",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -59,18 +95,25 @@ def score(
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
         if classify and not cfg.conditional:
-            raise UsageError(f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model")
+            raise UsageError(
+                f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model"
+            )
         data = read_inputs(inputs)
         check_model_inputs(data, cfg, inputs)
         dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
         if dequantize == "none" and dequant_samples != 1:
-            raise UsageError(f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
-                             f"scored {'as given' if not data.is_uint8 else 'without dequantization'})")
+            raise UsageError(
+                f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
+                f"scored {'as given' if not data.is_uint8 else 'without dequantization'})"
+            )
         if dequantize == "uniform" and not data.is_uint8:
-            raise UsageError(f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; use --dequantize none")
+            raise UsageError(
+                f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; use --dequantize none"
+            )
         n = len(data.images)
-        y = resolve_labels(ck, n, class_=class_, labels_path=labels, from_inputs=data.labels,
-                           inputs_name=", ".join(map(str, inputs)))
+        y = resolve_labels(
+            ck, n, class_=class_, labels_path=labels, from_inputs=data.labels, inputs_name=", ".join(map(str, inputs))
+        )
         generator = torch.Generator().manual_seed(seed)
         images = torch.from_numpy(data.images)
         records = []
@@ -92,8 +135,12 @@ def score(
                 nll = total / draws
                 post = bayes_classify(model, x).cpu() if classify else None
                 for i in range(stop - start):
-                    rec = {"index": start + i, "source": data.sources[start + i], "nll": float(nll[i]),
-                           "bpd": float(flow.nats_to_bpd(nll[i]))}
+                    rec = {
+                        "index": start + i,
+                        "source": data.sources[start + i],
+                        "nll": float(nll[i]),
+                        "bpd": float(flow.nats_to_bpd(nll[i])),
+                    }
                     if post is not None:
                         rec["pred"] = int(post[i].argmax())
                         rec["log_probs"] = [float(v) for v in post[i]]
@@ -103,15 +150,19 @@ def score(
             _emit(records, fmt)
         broken = sum(not math.isfinite(r["nll"]) for r in records)
         if broken:
-            info(f"warning: the model gave a non-finite likelihood for {broken} of {n} images "
-                 f"({'null in JSON' if fmt == 'jsonl' else 'nan'}); its weights may hold nan or inf")
+            info(
+                f"warning: the model gave a non-finite likelihood for {broken} of {n} images "
+                f"({'null in JSON' if fmt == 'jsonl' else 'nan'}); its weights may hold nan or inf"
+            )
         mean_bpd = sum(r["bpd"] for r in records) / n
         extra = ""
         if classify and y is not None:
             acc = sum(int(r["pred"] == int(t)) for r, t in zip(records, y)) / n
             extra = f", accuracy {acc:.3f} against the given labels"
-        info(f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
-             f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{f' x{dequant_samples}' if dequantize == 'uniform' else ''}){extra}")
+        info(
+            f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
+            f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{f' x{dequant_samples}' if dequantize == 'uniform' else ''}){extra}"
+        )
 
 
 def _emit(records: list[dict], fmt: str) -> None:
@@ -123,8 +174,10 @@ def _emit(records: list[dict], fmt: str) -> None:
         k = len(records[0].get("log_probs", [])) if records else 0
         w.writerow(["index", "source", "nll", "bpd"] + (["pred"] + [f"log_prob_{c}" for c in range(k)] if k else []))
         for r in records:
-            w.writerow([r["index"], r["source"], f"{r['nll']:.6f}", f"{r['bpd']:.6f}"]
-                       + ([r["pred"]] + [f"{v:.6f}" for v in r["log_probs"]] if k else []))
+            w.writerow(
+                [r["index"], r["source"], f"{r['nll']:.6f}", f"{r['bpd']:.6f}"]
+                + ([r["pred"]] + [f"{v:.6f}" for v in r["log_probs"]] if k else [])
+            )
     else:
         table = Table("index", Column("source", overflow="fold"), "nll", "bpd")  # fold: a path stays whole
         has_pred = bool(records) and "pred" in records[0]

@@ -21,9 +21,25 @@ from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise,
 UI_CHOICES = ("tui", "rich", "plain")
 # Settings that may change when a run is resumed (the rest would change the model or the data order).
 # The learning rate and clipping may change too: the remedy when a run stopped on non-finite steps.
-RESUME_CHANGEABLE = {"max_steps", "epochs", "log_every", "eval_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints", "num_samples", "eval_images", "max_bad_steps", "device", "workers",
-                     "compile", "precision", "lr", "min_lr", "grad_clip"}
+RESUME_CHANGEABLE = {
+    "max_steps",
+    "epochs",
+    "log_every",
+    "eval_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_samples",
+    "eval_images",
+    "max_bad_steps",
+    "device",
+    "workers",
+    "compile",
+    "precision",
+    "lr",
+    "min_lr",
+    "grad_clip",
+}
 
 EXAMPLES = """
 Examples:
@@ -50,9 +66,23 @@ def _num(help: str, *names: str) -> Any:  # noqa: A002
 
 
 def train(
-    data: Annotated[Optional[str], _opt("Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.", "--data", "-d")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)} (default: tiny).", show_default=False)] = None,
-    image_size: Annotated[Optional[int], _opt("Image size in pixels (default: read off the data).", "--image-size")] = None,
+    data: Annotated[
+        Optional[str],
+        _opt(
+            "Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.",
+            "--data",
+            "-d",
+        ),
+    ] = None,
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)} (default: tiny).", show_default=False
+        ),
+    ] = None,
+    image_size: Annotated[
+        Optional[int], _opt("Image size in pixels (default: read off the data).", "--image-size")
+    ] = None,
     channels: Annotated[Optional[int], _opt("Channels, 1 or 3 (default: read off the data).", "--channels")] = None,
     flip: Annotated[Optional[bool], _opt("Random horizontal flips.", "--flip/--no-flip")] = None,
     patch_size: Annotated[Optional[int], _opt("Patch size p (tokens are p x p patches).", "--patch-size")] = None,
@@ -61,13 +91,25 @@ def train(
     layers_per_block: Annotated[Optional[int], _opt("Transformer layers per flow block.", "--layers-per-block")] = None,
     head_dim: Annotated[Optional[int], _opt("Attention head size.", "--head-dim")] = None,
     expansion: Annotated[Optional[int], _opt("MLP hidden size as a multiple of the width.", "--expansion")] = None,
-    nvp: Annotated[Optional[bool], _opt("Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")] = None,
-    conditional: Annotated[Optional[bool], _opt("Class conditioning (default: when the data has labels).", "--conditional/--unconditional")] = None,
-    label_drop: Annotated[Optional[float], _num("Fraction of labels dropped (conditional runs).", "--label-drop")] = None,
-    noise: Annotated[Optional[str], _opt("'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.", "--noise")] = None,
-    batch_size: Annotated[Optional[int], _opt("Global batch size (per process x processes).", "--batch-size", "-b")] = None,
+    nvp: Annotated[
+        Optional[bool], _opt("Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")
+    ] = None,
+    conditional: Annotated[
+        Optional[bool], _opt("Class conditioning (default: when the data has labels).", "--conditional/--unconditional")
+    ] = None,
+    label_drop: Annotated[
+        Optional[float], _num("Fraction of labels dropped (conditional runs).", "--label-drop")
+    ] = None,
+    noise: Annotated[
+        Optional[str], _opt("'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.", "--noise")
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], _opt("Global batch size (per process x processes).", "--batch-size", "-b")
+    ] = None,
     lr: Annotated[Optional[float], _num("Peak learning rate.", "--lr")] = None,
-    min_lr: Annotated[Optional[float], _num("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")] = None,
+    min_lr: Annotated[
+        Optional[float], _num("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")
+    ] = None,
     warmup_steps: Annotated[Optional[int], _opt("Linear warm-up steps (default: one epoch).", "--warmup-steps")] = None,
     weight_decay: Annotated[Optional[float], _num("AdamW weight decay.", "--weight-decay")] = None,
     beta1: Annotated[Optional[float], _num("AdamW beta1.", "--beta1")] = None,
@@ -75,23 +117,51 @@ def train(
     grad_clip: Annotated[Optional[float], _num("Clip the global gradient norm (0: off).", "--grad-clip")] = None,
     ema: Annotated[Optional[float], _num("EMA decay of the weights, e.g. 0.9999 (0: off).", "--ema")] = None,
     max_steps: Annotated[Optional[int], _opt("Run length in steps.", "--max-steps")] = None,
-    epochs: Annotated[Optional[float], _num("Run length in epochs (used when --max-steps is not given).", "--epochs")] = None,
-    precision: Annotated[Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")] = None,
+    epochs: Annotated[
+        Optional[float], _num("Run length in epochs (used when --max-steps is not given).", "--epochs")
+    ] = None,
+    precision: Annotated[
+        Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")
+    ] = None,
     compile: Annotated[Optional[bool], _opt("torch.compile the model.", "--compile/--no-compile")] = None,  # noqa: A002
     sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: never).", "--sample-every")] = None,
-    eval_every: Annotated[Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")] = None,
-    checkpoint_every: Annotated[Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")] = None,
-    log_every: Annotated[Optional[int], _opt("Steps between training log lines (0: about 100 per run).", "--log-every")] = None,
-    keep_checkpoints: Annotated[Optional[int], _opt("Newest checkpoints kept (0: keep all).", "--keep-checkpoints")] = None,
-    max_bad_steps: Annotated[Optional[int], _opt("Consecutive non-finite steps before the run stops.", "--max-bad-steps")] = None,
+    eval_every: Annotated[
+        Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")
+    ] = None,
+    checkpoint_every: Annotated[
+        Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")
+    ] = None,
+    log_every: Annotated[
+        Optional[int], _opt("Steps between training log lines (0: about 100 per run).", "--log-every")
+    ] = None,
+    keep_checkpoints: Annotated[
+        Optional[int], _opt("Newest checkpoints kept (0: keep all).", "--keep-checkpoints")
+    ] = None,
+    max_bad_steps: Annotated[
+        Optional[int], _opt("Consecutive non-finite steps before the run stops.", "--max-bad-steps")
+    ] = None,
     num_samples: Annotated[Optional[int], _opt("Images in each sample grid.", "--num-samples")] = None,
     eval_images: Annotated[Optional[int], _opt("Held-out images per evaluation.", "--eval-images")] = None,
     workers: Annotated[Optional[int], _opt("Data loader worker processes.", "--workers")] = None,
-    seed: Annotated[Optional[int], _opt("Random seed (model init, data order, noise).", "--seed", parser=train_seed_int)] = None,
+    seed: Annotated[
+        Optional[int], _opt("Random seed (model init, data order, noise).", "--seed", parser=train_seed_int)
+    ] = None,
     device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
     run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
-    resume: Annotated[Optional[Path], _opt("Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile may change.", "--resume")] = None,
-    ui: Annotated[Optional[str], _opt("tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).", "--ui")] = None,
+    resume: Annotated[
+        Optional[Path],
+        _opt(
+            "Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile may change.",
+            "--resume",
+        ),
+    ] = None,
+    ui: Annotated[
+        Optional[str],
+        _opt(
+            "tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).",
+            "--ui",
+        ),
+    ] = None,
 ) -> None:
     """Train a TarFlow model; prints the run directory on stdout when done.
 
@@ -104,19 +174,50 @@ def train(
         from tarflow_core.train import train as core_train
 
         is_main = int(os.environ.get("RANK", "0") or 0) == 0
-        if (device or "auto").lower() == "cpu" or ((device or "auto").lower() == "auto" and not torch.cuda.is_available()):
+        if (device or "auto").lower() == "cpu" or (
+            (device or "auto").lower() == "auto" and not torch.cuda.is_available()
+        ):
             limit_cpu_threads_when_busy()
         ui_mode = _pick_ui(ui)
         changes: dict[str, Any] = dict(
-            data=data, image_size=image_size, channels=channels, flip=flip, patch_size=patch_size, width=width,
-            blocks=blocks, layers_per_block=layers_per_block, head_dim=head_dim, expansion=expansion, nvp=nvp,
-            conditional=conditional, beta1=beta1, beta2=beta2, keep_checkpoints=keep_checkpoints,
+            data=data,
+            image_size=image_size,
+            channels=channels,
+            flip=flip,
+            patch_size=patch_size,
+            width=width,
+            blocks=blocks,
+            layers_per_block=layers_per_block,
+            head_dim=head_dim,
+            expansion=expansion,
+            nvp=nvp,
+            conditional=conditional,
+            beta1=beta1,
+            beta2=beta2,
+            keep_checkpoints=keep_checkpoints,
             max_bad_steps=max_bad_steps,
-            label_drop=label_drop, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, max_steps=max_steps, epochs=epochs,
-            precision=precision.lower() if precision else None, compile=compile, sample_every=sample_every,
-            eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_samples=num_samples,
-            eval_images=eval_images, workers=workers, seed=seed, device=device)
+            label_drop=label_drop,
+            batch_size=batch_size,
+            lr=lr,
+            min_lr=min_lr,
+            warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            ema=ema,
+            max_steps=max_steps,
+            epochs=epochs,
+            precision=precision.lower() if precision else None,
+            compile=compile,
+            sample_every=sample_every,
+            eval_every=eval_every,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            num_samples=num_samples,
+            eval_images=eval_images,
+            workers=workers,
+            seed=seed,
+            device=device,
+        )
         try:
             if noise is not None:
                 kind, std = parse_noise(noise)
@@ -151,8 +252,9 @@ def train(
                 view = _make_view(ui_mode) if is_main else None
                 with stop_on_signals() as stop:
                     try:
-                        result = core_train(cfg, emit=view.handle if view else None, stop=stop,
-                                            resume=resume is not None)
+                        result = core_train(
+                            cfg, emit=view.handle if view else None, stop=stop, resume=resume is not None
+                        )
                     finally:
                         if view is not None:
                             view.close()
@@ -174,8 +276,10 @@ def train(
             if result.status == "failed":
                 typer.echo(f"error: training failed: {result.reason}", err=True)
             elif result.status == "interrupted":
-                typer.echo(f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
-                           err=True)
+                typer.echo(
+                    f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
+                    err=True,
+                )
             with contextlib.suppress(OSError, ValueError):  # nobody is reading any more (`| head`)
                 typer.echo(str(result.run_dir))
         if result.exit_code:
@@ -222,22 +326,30 @@ def _dashboard():
     return run_training_dashboard, None
 
 
-def _resume_config(resume: Path, run_dir: Path | None, preset: str | None, given: dict[str, Any],
-                   load_run_config) -> TrainConfig:
+def _resume_config(
+    resume: Path, run_dir: Path | None, preset: str | None, given: dict[str, Any], load_run_config
+) -> TrainConfig:
     if run_dir is not None and Path(run_dir).resolve() != Path(resume).resolve():
         raise ConfigError(f"--run-dir {run_dir} differs from --resume {resume}; a resumed run stays in its directory")
     if not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such run directory")
     cfg = load_run_config(resume)
-    fixed = sorted(k for k, v in given.items() if k not in RESUME_CHANGEABLE and getattr(cfg, k) != v
-                   and not (k == "data" and _data_path(v) == _data_path(cfg.data)))
+    fixed = sorted(
+        k
+        for k, v in given.items()
+        if k not in RESUME_CHANGEABLE
+        and getattr(cfg, k) != v
+        and not (k == "data" and _data_path(v) == _data_path(cfg.data))
+    )
     if preset is not None and preset != cfg.preset:
         fixed.insert(0, "preset")
     if fixed:
         names = ", ".join("--" + k.replace("_", "-") for k in fixed)
         allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_CHANGEABLE))
-        raise ConfigError(f"{names} cannot change when resuming {resume} (the run keeps its model, data and "
-                          f"optimisation settings); what may change: {allowed}")
+        raise ConfigError(
+            f"{names} cannot change when resuming {resume} (the run keeps its model, data and "
+            f"optimisation settings); what may change: {allowed}"
+        )
     return dataclasses.replace(_with_epochs(cfg, given).replace(**given), run_dir=str(resume))
 
 
@@ -257,6 +369,7 @@ def _with_epochs(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
 
 # ---------------------------------------------------------------------------------- views
 
+
 def _fmt(v: Any, spec: str = ".4g") -> str:
     if isinstance(v, (int, float)) and math.isfinite(v):
         return format(v, spec)
@@ -269,9 +382,11 @@ def _describe(e: dict) -> str | None:
     if k == "start":
         d = e.get("data", {})
         resumed = f", resumed from step {step}" if e.get("resumed_from") else ""
-        return (f"training {e.get('parameters', 0):,} parameters on {d.get('train', d.get('source'))} "
-                f"({e.get('device')}, {e.get('precision')}, {e.get('world_size')} process(es), global batch "
-                f"{e.get('global_batch')}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}")
+        return (
+            f"training {e.get('parameters', 0):,} parameters on {d.get('train', d.get('source'))} "
+            f"({e.get('device')}, {e.get('precision')}, {e.get('world_size')} process(es), global batch "
+            f"{e.get('global_batch')}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}"
+        )
     if k == "eval":
         return f"step {step}: held-out {_fmt(e.get('bpd'), '.4f')} bits/dim ({e.get('images')} images)"
     if k == "sample":
@@ -287,9 +402,11 @@ def _describe(e: dict) -> str | None:
 
 def _train_line(e: dict) -> str:
     total = e.get("total_steps")
-    return (f"step {e['step']}{'/' + str(total) if total else ''}  loss {_fmt(e.get('loss'))}  "
-            f"bpd {_fmt(e.get('bpd'), '.4f')}  lr {_fmt(e.get('lr'), '.2e')}  grad {_fmt(e.get('grad_norm'), '.3g')}  "
-            f"{_fmt(e.get('images_per_s'), '.0f')} img/s")
+    return (
+        f"step {e['step']}{'/' + str(total) if total else ''}  loss {_fmt(e.get('loss'))}  "
+        f"bpd {_fmt(e.get('bpd'), '.4f')}  lr {_fmt(e.get('lr'), '.2e')}  grad {_fmt(e.get('grad_norm'), '.3g')}  "
+        f"{_fmt(e.get('images_per_s'), '.0f')} img/s"
+    )
 
 
 class _PlainView:
@@ -314,13 +431,26 @@ class _PlainView:
 class _RichView:
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(stderr=True, highlight=False)
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console,
-                                 transient=False)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=self.console,
+            transient=False,
+        )
         self.task = None
 
     def handle(self, e: dict) -> None:
@@ -329,8 +459,9 @@ class _RichView:
             self.progress.start()
             self.task = self.progress.add_task("train", total=e.get("total_steps"), completed=e["step"], stats="")
         if kind == "train" and self.task is not None:
-            stats = (f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} "
-                     f"{_fmt(e.get('images_per_s'), '.0f')} img/s")
+            stats = (
+                f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} {_fmt(e.get('images_per_s'), '.0f')} img/s"
+            )
             self.progress.update(self.task, completed=e["step"], stats=stats)
             return
         line = _describe(e)

@@ -13,17 +13,34 @@ from .numbers import finite_float
 
 
 def watch(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
-        help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
-        show_default=False)],
-    poll: Annotated[float, typer.Option(
-        "--poll", parser=finite_float(minimum=0.05, maximum=60.0), help="Seconds between reads of events.jsonl.")] = 0.25,
-    graphics: Annotated[str, typer.Option(
-        "--graphics", envvar="TARFLOW_GRAPHICS",
-        help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).")]
-    = "auto",
-    device: Annotated[str, typer.Option("--device", help="Accepted like every command's; watching computes nothing.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; watching draws nothing random.")] = 0,
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
+            show_default=False,
+        ),
+    ],
+    poll: Annotated[
+        float,
+        typer.Option(
+            "--poll", parser=finite_float(minimum=0.05, maximum=60.0), help="Seconds between reads of events.jsonl."
+        ),
+    ] = 0.25,
+    graphics: Annotated[
+        str,
+        typer.Option(
+            "--graphics",
+            envvar="TARFLOW_GRAPHICS",
+            help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).",
+        ),
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="Accepted like every command's; watching computes nothing.")
+    ] = "auto",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Accepted like every command's; watching draws nothing random.")
+    ] = 0,
 ) -> None:
     """Follow a training run, live or finished, in a terminal dashboard.
 
@@ -46,8 +63,10 @@ def watch(
     if why:
         fail(why)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        fail("tarflow watch needs an interactive terminal; to follow a run in a script or a log, use "
-             f"tail -f {run_dir / 'events.jsonl' if run_dir.suffix != '.jsonl' else run_dir}")
+        fail(
+            "tarflow watch needs an interactive terminal; to follow a run in a script or a log, use "
+            f"tail -f {run_dir / 'events.jsonl' if run_dir.suffix != '.jsonl' else run_dir}"
+        )
     from ..tui.app import make_app
     from ..tui.graphics import CHOICES, pick_graphics
 
@@ -88,8 +107,10 @@ def not_a_run(path: Path) -> str | None:
     if runs:
         shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
         newest = max(runs, key=lambda name: _mtime(directory / name / "events.jsonl"))
-        return (f"{directory} is a folder of runs, not a run: watch one of them, "
-                f"e.g. tarflow watch {directory / newest} (the newest; {len(runs)} there: {shown})")
+        return (
+            f"{directory} is a folder of runs, not a run: watch one of them, "
+            f"e.g. tarflow watch {directory / newest} (the newest; {len(runs)} there: {shown})"
+        )
     if entries:
         return f"{directory} is not a run directory: it has no events.jsonl (nor config.json, checkpoints/ or samples/)"
     return None  # empty: a run may be about to start in it

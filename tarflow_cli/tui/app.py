@@ -51,9 +51,11 @@ def too_small_note(width: int, height: int) -> str:
     """The notice drawn instead of the panels: the longest wording that fits the room between
     the header (2 rows) and the footer, in whole words."""
     rows, cols = max(1, height - 3), max(1, width - 2)  # padding: a column either side
-    notes = (f"terminal too small ({width}x{height}): the dashboard needs at least {MIN_WIDTH}x{MIN_HEIGHT}",
-             f"too small ({width}x{height}): needs {MIN_WIDTH}x{MIN_HEIGHT}",
-             f"needs {MIN_WIDTH}x{MIN_HEIGHT}")
+    notes = (
+        f"terminal too small ({width}x{height}): the dashboard needs at least {MIN_WIDTH}x{MIN_HEIGHT}",
+        f"too small ({width}x{height}): needs {MIN_WIDTH}x{MIN_HEIGHT}",
+        f"needs {MIN_WIDTH}x{MIN_HEIGHT}",
+    )
     for note in notes:
         if len(textwrap.wrap(note, cols, break_long_words=False)) <= rows:
             return note
@@ -96,8 +98,16 @@ class DashboardApp(App[None]):
         Binding("ctrl+c", "interrupt", "stop", show=False, priority=True),
     ]
 
-    def __init__(self, run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
-                 clock: Callable[[], float] = time.time, tick: float | None = 1.0, graphics: str = "halfblock"):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        owner: Any = None,
+        poll: float = 0.25,
+        clock: Callable[[], float] = time.time,
+        tick: float | None = 1.0,
+        graphics: str = "halfblock",
+    ):
         super().__init__()
         self.graphics = graphics
         self.run_dir, self.events_path = resolve_events_path(run_dir)
@@ -178,8 +188,7 @@ class DashboardApp(App[None]):
                 if read.events or read.problems or read.reset:
                     # one batch in flight at a time, so keys are never queued behind a backlog
                     self._taken.clear()
-                    self.post_message(EventsRead(generation, read.events, read.problems, read.reset,
-                                                 read.problems_at))
+                    self.post_message(EventsRead(generation, read.events, read.problems, read.reset, read.problems_at))
                     while not (self._taken.wait(0.1) or stop.is_set() or worker.is_cancelled):
                         pass
                 if not read.more:
@@ -301,16 +310,20 @@ class DashboardApp(App[None]):
                 self._quit_when_done = True
                 self._request_stop("stopping the run (saving a checkpoint), then quitting; q again quits now")
 
-        self.push_screen(ConfirmScreen("The run is training in this process.\n"
-                                       "Stop it (a checkpoint is saved) and quit?"), answer)
+        self.push_screen(
+            ConfirmScreen("The run is training in this process.\nStop it (a checkpoint is saved) and quit?"), answer
+        )
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(str(self.events_path), self.owns_run))
 
     def action_stop_run(self) -> None:
         if not self.owns_run:
-            self.notify("This viewer does not own the run: stop it where it runs "
-                        "(ctrl+c in its terminal).", title="not stopped", severity="warning")
+            self.notify(
+                "This viewer does not own the run: stop it where it runs (ctrl+c in its terminal).",
+                title="not stopped",
+                severity="warning",
+            )
             return
         if not self.run_active:
             self.notify("The run has already ended.")
@@ -348,9 +361,15 @@ class DashboardApp(App[None]):
         self.notify("samples: whole grid" if mode == "whole" else "samples: legible detail")
 
 
-def make_app(run_dir: str | Path, *, owner: Any = None, poll: float = 0.25,
-             clock: Callable[[], float] = time.time, tick: float | None = 1.0,
-             graphics: str = "halfblock") -> DashboardApp:
+def make_app(
+    run_dir: str | Path,
+    *,
+    owner: Any = None,
+    poll: float = 0.25,
+    clock: Callable[[], float] = time.time,
+    tick: float | None = 1.0,
+    graphics: str = "halfblock",
+) -> DashboardApp:
     """The dashboard for `run_dir` (a run directory, or its events `.jsonl` file).
 
     `owner`: an object with `request_stop()` when this process runs the training (`s` then

@@ -28,8 +28,9 @@ def pick_graphics(choice: str = "auto") -> tuple[str, str | None]:
         return "halfblock", None
     asked = choice
     if choice == "auto":
-        in_multiplexer = bool(os.environ.get("TMUX") or os.environ.get("STY")
-                              or os.environ.get("TERM", "").startswith(("screen", "tmux")))
+        in_multiplexer = bool(
+            os.environ.get("TMUX") or os.environ.get("STY") or os.environ.get("TERM", "").startswith(("screen", "tmux"))
+        )
         is_kitty = os.environ.get("TERM") == "xterm-kitty" or bool(os.environ.get("KITTY_WINDOW_ID"))
         if in_multiplexer or not is_kitty:
             return "halfblock", None
@@ -39,7 +40,10 @@ def pick_graphics(choice: str = "auto") -> tuple[str, str | None]:
     except ImportError:
         if asked == "auto":
             return "halfblock", None
-        return "halfblock", f"{choice} graphics need the textual-image package (pip install textual-image); using half blocks"
+        return (
+            "halfblock",
+            f"{choice} graphics need the textual-image package (pip install textual-image); using half blocks",
+        )
     except Exception as e:  # a terminal that does not answer, a closed stdout, ...
         return "halfblock", f"terminal graphics unavailable ({e}); using half blocks"
     return choice, None

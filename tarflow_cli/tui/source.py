@@ -56,8 +56,14 @@ def resolve_events_path(run: str | os.PathLike) -> tuple[Path, Path]:
 class EventTail:
     """Reads `events.jsonl` incrementally; call `poll()` repeatedly (one thread at a time)."""
 
-    def __init__(self, path: str | os.PathLike, *, chunk: int = 1 << 20, settle: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        chunk: int = 1 << 20,
+        settle: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.path = Path(path)
         self.chunk = chunk
         self.settle = settle

@@ -48,11 +48,11 @@ class Series:
         n = len(self.steps)
         if n > self._buf.shape[1]:
             grown = np.empty((2, max(n, 2 * self._buf.shape[1], 1024)))
-            grown[:, :self._synced] = self._buf[:, :self._synced]
+            grown[:, : self._synced] = self._buf[:, : self._synced]
             self._buf = grown
         if self._synced < n:
-            self._buf[0, self._synced:n] = self.steps[self._synced:]
-            self._buf[1, self._synced:n] = self.values[self._synced:]
+            self._buf[0, self._synced : n] = self.steps[self._synced :]
+            self._buf[1, self._synced : n] = self.values[self._synced :]
             self._synced = n
         return self._buf[0, :n], self._buf[1, :n]
 
@@ -194,8 +194,14 @@ class RunState:
         data = e.get("data")
         if isinstance(data, dict):
             name = _first(data, "name", "source", "path") or ""
-            n_train = next((number(data[k]) for k in ("train_images", "num_train", "train_size", "n_train", "train")
-                            if number(data.get(k)) is not None), None)
+            n_train = next(
+                (
+                    number(data[k])
+                    for k in ("train_images", "num_train", "train_size", "n_train", "train")
+                    if number(data.get(k)) is not None
+                ),
+                None,
+            )
             shape = _first(data, "shape")
             if not isinstance(shape, (list, tuple)) and number(data.get("image_size")):
                 c = number(data.get("channels"))
@@ -233,8 +239,16 @@ class RunState:
         if name:
             self.name = str(name)
         what = f"resumed at step {step:,}" if resumed and step else "started"
-        bits = [b for b in (self.preset and f"preset {self.preset}", self.data,
-                            self.params and f"{self.params:,} parameters", self.device) if b]
+        bits = [
+            b
+            for b in (
+                self.preset and f"preset {self.preset}",
+                self.data,
+                self.params and f"{self.params:,} parameters",
+                self.device,
+            )
+            if b
+        ]
         self._log("event", f"run {what}" + (f": {', '.join(bits)}" if bits else ""), step, t)
         return {"charts", "samples", "log"}
 
@@ -292,8 +306,14 @@ class RunState:
         tile = number(_first(e, "tile", "tile_size"))
         pad = number(_first(e, "padding"))
         num = number(_first(e, "num", "count", "num_images"))
-        grid = SampleGrid(step or 0, grid_path, int(nrow) if nrow else None, int(tile) if tile else None,
-                          int(pad) if pad is not None else None, int(num) if num else None)
+        grid = SampleGrid(
+            step or 0,
+            grid_path,
+            int(nrow) if nrow else None,
+            int(tile) if tile else None,
+            int(pad) if pad is not None else None,
+            int(num) if num else None,
+        )
         self.samples = [g for g in self.samples if g.path != grid_path] + [grid]
         return {"samples"}
 
@@ -373,8 +393,12 @@ class RunState:
         return max(0.0, now - self.last_time)
 
 
-_TRAIN_SERIES = (("loss", ("loss",)), ("bpd", ("bpd", "train_bpd")), ("lr", ("lr", "learning_rate")),
-                 ("images_per_s", ("images_per_s", "img_per_s", "images_per_sec", "throughput")))
+_TRAIN_SERIES = (
+    ("loss", ("loss",)),
+    ("bpd", ("bpd", "train_bpd")),
+    ("lr", ("lr", "learning_rate")),
+    ("images_per_s", ("images_per_s", "img_per_s", "images_per_sec", "throughput")),
+)
 _TRAIN_LATEST = ("nll", "logdet", "grad_norm", "tflops", "mfu")
 _MEMORY_FIELDS = ("memory_mb", "memory", "mem", "max_memory", "memory_bytes")
 

@@ -105,8 +105,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def run_training_dashboard(run_dir: str | Path, start_training: Callable[[threading.Event], T], *,
-                           poll: float = 0.25, app_factory: Callable[..., Any] | None = None) -> T:
+def run_training_dashboard(
+    run_dir: str | Path,
+    start_training: Callable[[threading.Event], T],
+    *,
+    poll: float = 0.25,
+    app_factory: Callable[..., Any] | None = None,
+) -> T:
     """Run `start_training(stop_event)` in a worker thread with the dashboard for `run_dir` in front.
 
     `run_dir` must be the directory the training writes `events.jsonl` to (resolve the default
@@ -133,8 +138,12 @@ def run_training_dashboard(run_dir: str | Path, start_training: Callable[[thread
             owner.attach(None)
         if not owner.done.is_set():
             owner.request_stop()
-            print(f"stopping the run in {run_dir}: finishing the step and saving a checkpoint "
-                  "(ctrl+c again to abandon it)", file=sys.stderr, flush=True)
+            print(
+                f"stopping the run in {run_dir}: finishing the step and saving a checkpoint "
+                "(ctrl+c again to abandon it)",
+                file=sys.stderr,
+                flush=True,
+            )
         owner.wait()
     finally:
         if old_term is not None:

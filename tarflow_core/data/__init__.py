@@ -8,8 +8,7 @@ python batches, plus a deterministic, resumable, shardable loader.
 """
 
 from .arrays import open_array_file, open_imagenet_batches
-from .base import (ArrayDataset, DataError, ImageDataset, held_out_indices, normalize_split,
-                   resize_center_crop)
+from .base import ArrayDataset, DataError, ImageDataset, held_out_indices, normalize_split, resize_center_crop
 from .cifar import SafeUnpickler, open_cifar, safe_load_pickle
 from .digits import load_digits_arrays, open_digits
 from .folder import IMAGE_EXTS, FolderDataset
@@ -18,9 +17,27 @@ from .loader import ResumableLoader, ResumableSampler, make_loader, seed_worker
 from .registry import detect_kind, open_dataset
 
 __all__ = [
-    "ArrayDataset", "DataError", "FolderDataset", "IMAGE_EXTS", "ImageDataset", "ResumableLoader",
-    "ResumableSampler", "SafeUnpickler", "detect_kind", "held_out_indices", "load_digits_arrays",
-    "make_loader", "normalize_split", "open_array_file", "open_cifar", "open_dataset",
-    "open_digits", "open_idx", "open_imagenet_batches", "read_idx", "resize_center_crop",
-    "safe_load_pickle", "seed_worker",
+    "ArrayDataset",
+    "DataError",
+    "FolderDataset",
+    "IMAGE_EXTS",
+    "ImageDataset",
+    "ResumableLoader",
+    "ResumableSampler",
+    "SafeUnpickler",
+    "detect_kind",
+    "held_out_indices",
+    "load_digits_arrays",
+    "make_loader",
+    "normalize_split",
+    "open_array_file",
+    "open_cifar",
+    "open_dataset",
+    "open_digits",
+    "open_idx",
+    "open_imagenet_batches",
+    "read_idx",
+    "resize_center_crop",
+    "safe_load_pickle",
+    "seed_worker",
 ]

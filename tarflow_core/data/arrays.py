@@ -56,8 +56,11 @@ def rows_to_nchw(rows: np.ndarray, source: str) -> np.ndarray:
 
 SPLIT_KEYS = (  # arrays saved with their own split: split -> (images key, labels key)
     {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")},
-    {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels"),
-     "val": ("val_images", "val_labels")},
+    {
+        "train": ("train_images", "train_labels"),
+        "test": ("test_images", "test_labels"),
+        "val": ("val_images", "val_labels"),
+    },
 )
 
 
@@ -80,8 +83,9 @@ def _open_npy(path: Path, mapped: bool = False):
     except ValueError as exc:
         if "pickle" not in str(exc):
             raise DataError(f"{path}: not a readable .npy/.npz file ({exc})") from None
-        raise DataError(f"{path}: cannot read the array without unpickling objects; expected "
-                        f"plain uint8 arrays ({exc})") from None
+        raise DataError(
+            f"{path}: cannot read the array without unpickling objects; expected plain uint8 arrays ({exc})"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npy/.npz file ({describe(exc)})") from None
 
@@ -98,8 +102,9 @@ def _mapped_member(path: Path, key: str) -> np.ndarray | None:
                 version = np.lib.format.read_magic(f)
                 if version not in ((1, 0), (2, 0)):
                     return None
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
                 header = f.tell()
         with open(path, "rb") as fh:  # the member's data starts after its local header
@@ -120,8 +125,9 @@ def _member(z, path: Path, key: str, what: str) -> np.ndarray:
     try:
         return z[key]
     except ValueError:
-        raise DataError(f"{path}: array {key!r} holds Python objects (it cannot be read without unpickling "
-                        f"them); expected {what}") from None
+        raise DataError(
+            f"{path}: array {key!r} holds Python objects (it cannot be read without unpickling them); expected {what}"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: array {key!r} cannot be read ({describe(exc)})") from None
 
@@ -148,9 +154,11 @@ def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.nda
             return (*_own_split_arrays(z, path, layout, split), False, True)
         key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
-            raise DataError(f"{path}: no image array found (expected one of the keys "
-                            f"{', '.join(IMAGE_KEYS)}, or x_train / train_images; "
-                            f"the file has {', '.join(keys) or 'none'})")
+            raise DataError(
+                f"{path}: no image array found (expected one of the keys "
+                f"{', '.join(IMAGE_KEYS)}, or x_train / train_images; "
+                f"the file has {', '.join(keys) or 'none'})"
+            )
         lkey = next((k for k in LABEL_KEYS if k in keys), None)
         images = _mapped_member(path, key)
         if images is None:
@@ -196,8 +204,13 @@ def _fix_one_based(labels: np.ndarray | None, rows: bool) -> np.ndarray | None:
     return labels.astype(np.int64) - 1 if labels.min() >= 1 else labels
 
 
-def open_array_file(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
-                    channels: int | None = None, flip: bool = False) -> ArrayDataset:
+def open_array_file(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    flip: bool = False,
+) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
     images, labels, rows, own_split = _load_file(path, split)
@@ -206,9 +219,17 @@ def open_array_file(path: str | os.PathLike, split: str = "train", image_size: i
     if n == 0:
         raise DataError(f"{path}: the array holds no images")
     num_classes = _class_count(path) if own_split and labels is not None else None
-    return ArrayDataset(images, labels, name=str(path), split=split,
-                        indices=None if own_split else held_out_indices(n, split), image_size=image_size,
-                        channels=channels, flip=flip, num_classes=num_classes)
+    return ArrayDataset(
+        images,
+        labels,
+        name=str(path),
+        split=split,
+        indices=None if own_split else held_out_indices(n, split),
+        image_size=image_size,
+        channels=channels,
+        flip=flip,
+        num_classes=num_classes,
+    )
 
 
 IMAGENET_PROBE_NAMES = (IMAGENET_VAL_NAME,) + tuple(f"train_data_batch_{k}.npz" for k in range(1, 11))
@@ -224,8 +245,9 @@ def _batch_dirs(root: Path) -> list[Path]:
 
 
 def is_imagenet_batch_folder(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file()
-                              or len(_batch_dirs(path)) > 1)
+    return path.is_dir() and (
+        any(path.glob(IMAGENET_TRAIN_GLOB)) or (path / IMAGENET_VAL_NAME).is_file() or len(_batch_dirs(path)) > 1
+    )
 
 
 def _batch_number(p: Path) -> int:
@@ -236,19 +258,27 @@ def _batch_number(p: Path) -> int:
 def _find_batches(root: Path) -> tuple[list[Path], list[Path]]:
     """The train batches (in batch order) and the val file under ``root`` (see the module doc)."""
     dirs = _batch_dirs(root)
-    train = sorted((f for d in dirs for f in d.glob(IMAGENET_TRAIN_GLOB) if f.is_file()),
-                   key=lambda f: (_batch_number(f), str(f)))
+    train = sorted(
+        (f for d in dirs for f in d.glob(IMAGENET_TRAIN_GLOB) if f.is_file()), key=lambda f: (_batch_number(f), str(f))
+    )
     val = [d / IMAGENET_VAL_NAME for d in dirs if (d / IMAGENET_VAL_NAME).is_file()]
     twice = {n for n, k in Counter(f.name for f in train).items() if k > 1}
     if twice or len(val) > 1:
         dup = [str(f.relative_to(root)) for f in train if f.name in twice] or [str(f.relative_to(root)) for f in val]
-        raise DataError(f"{root}: cannot tell which batches to use: {', '.join(dup)} appear more than once "
-                        "(two data sets in one folder?); pass the folder of one data set")
+        raise DataError(
+            f"{root}: cannot tell which batches to use: {', '.join(dup)} appear more than once "
+            "(two data sets in one folder?); pass the folder of one data set"
+        )
     return train, val
 
 
-def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_size: int | None = None,
-                          channels: int | None = None, flip: bool = False) -> ArrayDataset:
+def open_imagenet_batches(
+    root: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    flip: bool = False,
+) -> ArrayDataset:
     """A folder of downsampled-ImageNet batches: ``train_data_batch_*.npz`` / ``val_data.npz``."""
     root = Path(root)
     split = normalize_split(split)
@@ -269,12 +299,23 @@ def open_imagenet_batches(root: str | os.PathLike, split: str = "train", image_s
         labels = _fix_one_based(np.concatenate([p[1] for p in parts]), rows)
         # the class count of the whole source, so both splits agree (labels only: cheap to read)
         others = [f for f in train + val if f not in files]
-        top = max([int(labels.max()) if len(labels) else -1]
-                  + [int(lab.max()) for lab in (_labels_of(f, rows) for f in others) if lab is not None and len(lab)])
+        top = max(
+            [int(labels.max()) if len(labels) else -1]
+            + [int(lab.max()) for lab in (_labels_of(f, rows) for f in others) if lab is not None and len(lab)]
+        )
         num_classes = top + 1
     indices = held_out_indices(len(images), split) if held_out else None
-    return ArrayDataset(images, labels, name=str(root), split=split, image_size=image_size, indices=indices,
-                        channels=channels, flip=flip, num_classes=num_classes)
+    return ArrayDataset(
+        images,
+        labels,
+        name=str(root),
+        split=split,
+        image_size=image_size,
+        indices=indices,
+        channels=channels,
+        flip=flip,
+        num_classes=num_classes,
+    )
 
 
 def _labels_of(path: Path, rows: bool) -> np.ndarray | None:

@@ -50,7 +50,7 @@ def held_out_indices(n: int, split: str, n_test: int | None = None) -> np.ndarra
     if n_test is None:
         n_test = max(1, int(math.ceil(n * HELD_OUT_FRACTION))) if n >= 2 else 0
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    chosen = perm[n - n_test:] if split == "test" else perm[: n - n_test]
+    chosen = perm[n - n_test :] if split == "test" else perm[: n - n_test]
     return np.sort(chosen)
 
 
@@ -191,8 +191,10 @@ class ImageDataset(Dataset):
     @property
     def description(self) -> str:
         classes = f"{self.num_classes} classes" if self.num_classes else "unlabelled"
-        text = (f"{self.name} ({len(self)} {self.split} images, "
-                f"{self.channels}x{self.image_size}x{self.image_size}, {classes}")
+        text = (
+            f"{self.name} ({len(self)} {self.split} images, "
+            f"{self.channels}x{self.image_size}x{self.image_size}, {classes}"
+        )
         if self.skipped:
             text += f", {self.skipped} unreadable files skipped"
         return text + ")"
@@ -204,9 +206,11 @@ class ImageDataset(Dataset):
 def _layout_to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     if images.ndim == 3:
         if images.shape[-1] in (3, 4) and images.shape[1] > 4 * images.shape[-1]:
-            raise DataError(f"{source}: shape {images.shape} looks like one {images.shape[0]}x{images.shape[1]} "
-                            f"image with {images.shape[-1]} channels, not {images.shape[0]} grayscale images; "
-                            "expected a stack of images, NHWC, NCHW or NHW (add the first axis: x[None])")
+            raise DataError(
+                f"{source}: shape {images.shape} looks like one {images.shape[0]}x{images.shape[1]} "
+                f"image with {images.shape[-1]} channels, not {images.shape[0]} grayscale images; "
+                "expected a stack of images, NHWC, NCHW or NHW (add the first axis: x[None])"
+            )
         return images[:, None]
     if images.ndim != 4:
         raise DataError(f"{source}: expected images shaped NHWC, NCHW or NHW, got shape {images.shape}")
@@ -253,17 +257,29 @@ class ArrayDataset(ImageDataset):
     applied per image when it is read: gray <-> RGB, resize shorter side + center crop.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, *, name: str,
-                 split: str = "train", indices: np.ndarray | None = None,
-                 class_names: Sequence[str] | None = None, num_classes: int | None = None,
-                 image_size: int | None = None, channels: int | None = None,
-                 flip: bool = False, skipped: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None,
+        *,
+        name: str,
+        split: str = "train",
+        indices: np.ndarray | None = None,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+        flip: bool = False,
+        skipped: int = 0,
+    ):
         if not isinstance(images, (np.ndarray, ConcatImages)) or images.dtype != np.uint8:
             dtype = getattr(images, "dtype", type(images).__name__)
             kind = getattr(dtype, "kind", "")
-            hint = {"f": "; floats in [0, 1]? save (x * 255).round().astype(np.uint8)",
-                    "i": "; whole numbers in 0..255? save x.astype(np.uint8)",
-                    "u": "; 16-bit? save (x / 257).round().astype(np.uint8)"}.get(kind, "")
+            hint = {
+                "f": "; floats in [0, 1]? save (x * 255).round().astype(np.uint8)",
+                "i": "; whole numbers in 0..255? save x.astype(np.uint8)",
+                "u": "; 16-bit? save (x / 257).round().astype(np.uint8)",
+            }.get(kind, "")
             raise DataError(f"{name}: expected uint8 images (0..255), got dtype {dtype}{hint}")
         self.images = _layout_to_nchw(images, name)
         if labels is not None:
@@ -281,10 +297,12 @@ class ArrayDataset(ImageDataset):
         if labels is None:
             self.num_classes, self.class_names = 0, []
         else:
-            self.num_classes = int(num_classes if num_classes is not None
-                                   else (int(labels.max()) + 1 if len(labels) else 0))
-            self.class_names = list(class_names) if class_names is not None else [
-                str(k) for k in range(self.num_classes)]
+            self.num_classes = int(
+                num_classes if num_classes is not None else (int(labels.max()) + 1 if len(labels) else 0)
+            )
+            self.class_names = (
+                list(class_names) if class_names is not None else [str(k) for k in range(self.num_classes)]
+            )
         if len(self.indices) == 0:
             raise DataError(f"{name}: the {split} split has no images")
 
@@ -303,8 +321,11 @@ def check_labels(labels, n: int, source: str) -> np.ndarray:
     """Validate a label vector: integer, one per image, non-negative."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != n:
-        hint = ("; one-hot or multi-label rows? give one class index per image (e.g. their argmax)"
-                if labels.ndim == 2 and len(labels) == n else "")
+        hint = (
+            "; one-hot or multi-label rows? give one class index per image (e.g. their argmax)"
+            if labels.ndim == 2 and len(labels) == n
+            else ""
+        )
         raise DataError(f"{source}: expected one label per image ({n}), got labels shaped {labels.shape}{hint}")
     if labels.dtype.kind not in "iu":
         raise DataError(f"{source}: expected integer labels, got dtype {labels.dtype}")

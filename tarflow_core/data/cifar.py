@@ -57,11 +57,24 @@ ALLOWED_GLOBALS = {
     ("_codecs", "encode"): _latin1_encode,
 }
 
-CIFAR10 = {"dir": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
-           "test": ["test_batch"], "meta": "batches.meta", "names": "label_names",
-           "labels": "labels", "classes": 10}
-CIFAR100 = {"dir": "cifar-100-python", "train": ["train"], "test": ["test"], "meta": "meta",
-            "names": "fine_label_names", "labels": "fine_labels", "classes": 100}
+CIFAR10 = {
+    "dir": "cifar-10-batches-py",
+    "train": [f"data_batch_{i}" for i in range(1, 6)],
+    "test": ["test_batch"],
+    "meta": "batches.meta",
+    "names": "label_names",
+    "labels": "labels",
+    "classes": 10,
+}
+CIFAR100 = {
+    "dir": "cifar-100-python",
+    "train": ["train"],
+    "test": ["test"],
+    "meta": "meta",
+    "names": "fine_label_names",
+    "labels": "fine_labels",
+    "classes": 100,
+}
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -84,8 +97,9 @@ def safe_load_pickle(path: str | os.PathLike) -> dict[str, object]:
         with open(path, "rb") as fh:
             obj = SafeUnpickler(fh, encoding="bytes").load()
     except pickle.UnpicklingError as exc:
-        raise DataError(f"{path}: refused to load this pickle ({exc}); CIFAR batches hold only "
-                        "dicts, lists, bytes and numpy arrays") from None
+        raise DataError(
+            f"{path}: refused to load this pickle ({exc}); CIFAR batches hold only dicts, lists, bytes and numpy arrays"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - truncated or not a pickle at all
         raise DataError(f"{path}: not a readable CIFAR python batch ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
@@ -111,8 +125,10 @@ def find_cifar(path: Path) -> tuple[Path, dict] | None:
         return path, layout
     found = [(path / lay["dir"], lay) for lay in (CIFAR10, CIFAR100) if _layout_at(path / lay["dir"]) is lay]
     if len(found) > 1:
-        raise DataError(f"{path} holds both {CIFAR10['dir']} and {CIFAR100['dir']}; give the one to use "
-                        f"(--data {found[0][0]} or --data {found[1][0]})")
+        raise DataError(
+            f"{path} holds both {CIFAR10['dir']} and {CIFAR100['dir']}; give the one to use "
+            f"(--data {found[0][0]} or --data {found[1][0]})"
+        )
     return found[0] if found else None
 
 
@@ -120,8 +136,10 @@ def _read_batch(path: Path, layout: dict) -> tuple[np.ndarray, np.ndarray]:
     batch = safe_load_pickle(path)
     data = batch.get("data")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (2, 4):
-        raise DataError(f"{path}: expected 'data' to be a uint8 array of rows (N, 3072), "
-                        f"got {type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}")
+        raise DataError(
+            f"{path}: expected 'data' to be a uint8 array of rows (N, 3072), "
+            f"got {type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}"
+        )
     images = rows_to_nchw(data, str(path)) if data.ndim == 2 else data
     key = layout["labels"]
     if key not in batch:
@@ -141,14 +159,21 @@ def _class_names(root: Path, layout: dict) -> list[str]:
     return [str(k) for k in range(layout["classes"])]
 
 
-def open_cifar(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
-               channels: int | None = None, flip: bool = False) -> ArrayDataset:
+def open_cifar(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    flip: bool = False,
+) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
     found = find_cifar(path)
     if found is None:
-        raise DataError(f"{path}: not a CIFAR python-batches folder (looked for data_batch_1..5 / "
-                        "test_batch, or train / test / meta)")
+        raise DataError(
+            f"{path}: not a CIFAR python-batches folder (looked for data_batch_1..5 / "
+            "test_batch, or train / test / meta)"
+        )
     root, layout = found
     wanted = layout["train"] + layout["test"] if split == "all" else layout[split]
     files = [root / f for f in wanted if (root / f).is_file()]
@@ -162,5 +187,14 @@ def open_cifar(path: str | os.PathLike, split: str = "train", image_size: int | 
     names = _class_names(root, layout)
     if len(labels) and labels.max() >= len(names):
         raise DataError(f"{root}: label {labels.max()} is out of range for {len(names)} classes")
-    return ArrayDataset(images, labels, name=str(root), split=split, class_names=names,
-                        num_classes=len(names), image_size=image_size, channels=channels, flip=flip)
+    return ArrayDataset(
+        images,
+        labels,
+        name=str(root),
+        split=split,
+        class_names=names,
+        num_classes=len(names),
+        image_size=image_size,
+        channels=channels,
+        flip=flip,
+    )

@@ -23,15 +23,25 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         with np.load(DIGITS_FILE, allow_pickle=False) as z:
             return z["images"], z["labels"]
     except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"the embedded digits file {DIGITS_FILE} is missing or damaged "
-                        f"(reinstall tarflow): {exc}") from None
+        raise DataError(
+            f"the embedded digits file {DIGITS_FILE} is missing or damaged (reinstall tarflow): {exc}"
+        ) from None
 
 
-def open_digits(split: str = "train", image_size: int | None = None,
-                channels: int | None = None, flip: bool = False) -> ArrayDataset:
+def open_digits(
+    split: str = "train", image_size: int | None = None, channels: int | None = None, flip: bool = False
+) -> ArrayDataset:
     split = normalize_split(split)
     images, labels = load_digits_arrays()
-    return ArrayDataset(images, labels, name="digits", split=split,
-                        indices=held_out_indices(len(images), split, DIGITS_TEST),
-                        class_names=[str(k) for k in range(10)], num_classes=10,
-                        image_size=image_size, channels=channels, flip=flip)
+    return ArrayDataset(
+        images,
+        labels,
+        name="digits",
+        split=split,
+        indices=held_out_indices(len(images), split, DIGITS_TEST),
+        class_names=[str(k) for k in range(10)],
+        num_classes=10,
+        image_size=image_size,
+        channels=channels,
+        flip=flip,
+    )

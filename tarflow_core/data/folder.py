@@ -38,8 +38,16 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import (GRAY_MODES, DataError, ImageDataset, eight_bit, held_out_indices, normalize_split,
-                   resize_center_crop, upright)
+from .base import (
+    GRAY_MODES,
+    DataError,
+    ImageDataset,
+    eight_bit,
+    held_out_indices,
+    normalize_split,
+    resize_center_crop,
+    upright,
+)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 # Photo formats tried as well: used where this Pillow reads them (AVIF, JPEG 2000), else counted
@@ -53,8 +61,11 @@ MAX_REPLACEMENTS = 16  # images tried in place of one that fails to decode, befo
 def is_image_file(p: Path) -> bool:
     """An image by its name (not hidden), that is a file or a link to one; a broken link is
     listed too, so that it is counted as unreadable rather than missed without a word."""
-    return (p.suffix.lower() in ALL_EXTS and not p.name.startswith(".")
-            and (p.is_file() or (p.is_symlink() and not p.exists())))
+    return (
+        p.suffix.lower() in ALL_EXTS
+        and not p.name.startswith(".")
+        and (p.is_file() or (p.is_symlink() and not p.exists()))
+    )
 
 
 def _subdirs(d: Path) -> list[Path]:
@@ -115,6 +126,7 @@ def own_split_dirs(root: Path) -> dict[str, Path | None] | None:
 def _class_names(d: Path) -> list[str]:
     """Sorted names of the sub-folders of ``d`` that hold at least one image (any depth), or
     that cannot be listed (a class all the same: its images are counted as unreadable)."""
+
     def is_class(sub: Path) -> bool:
         denied: list[str] = []
         return next(_iter_images(sub, denied), None) is not None or bool(denied)
@@ -178,9 +190,12 @@ def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
         return [(bool(o), (int(w), int(h)), m) for o, (w, h), m in zip(ok, sizes, modes)]
     probes = _probe_files(files)
     _LAST_PROBED.clear()
-    _LAST_PROBED.update(key=key, ok=np.array([p[0] for p in probes], bool),
-                        sizes=np.array([p[1] for p in probes], np.int64).reshape(-1, 2),
-                        modes=[sys.intern(p[2]) for p in probes])
+    _LAST_PROBED.update(
+        key=key,
+        ok=np.array([p[0] for p in probes], bool),
+        sizes=np.array([p[1] for p in probes], np.int64).reshape(-1, 2),
+        modes=[sys.intern(p[2]) for p in probes],
+    )
     return probes
 
 
@@ -194,8 +209,14 @@ def _probe_files(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
 class FolderDataset(ImageDataset):
     """Image files loaded lazily from a folder (see the module docstring for layouts)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int | None = None,
-                 channels: int | None = None, flip: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        image_size: int | None = None,
+        channels: int | None = None,
+        flip: bool = False,
+    ):
         root = Path(root)
         self.name, self.split, self.flip = str(root), normalize_split(split), flip
         split_dirs = own_split_dirs(root)
@@ -210,10 +231,12 @@ class FolderDataset(ImageDataset):
             train_dir, test_dir = split_dirs["train"], split_dirs["test"]
             if not (self.split == "train" and class_names[train_dir]):
                 flat, other = (test_dir, train_dir) if class_names[train_dir] else (train_dir, test_dir)
-                raise DataError(f"{root}: {flat.name}/ holds images without class sub-folders but "
-                                f"{other.name}/ has them, so {flat.name}/'s images have no labels; sort them "
-                                f"into class folders, or give --data {train_dir} alone (a fixed fraction of "
-                                "it is then held out for testing)")
+                raise DataError(
+                    f"{root}: {flat.name}/ holds images without class sub-folders but "
+                    f"{other.name}/ has them, so {flat.name}/'s images have no labels; sort them "
+                    f"into class folders, or give --data {train_dir} alone (a fixed fraction of "
+                    "it is then held out for testing)"
+                )
             all_dirs = use_dirs = [train_dir]
             class_names = {train_dir: class_names[train_dir]}
         files: list[Path] = []
@@ -232,17 +255,21 @@ class FolderDataset(ImageDataset):
             labels = [-1] * len(files)
         if not files:
             where = ", ".join(str(d) for d in use_dirs)
-            denied = (f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}"
-                      if unreadable else "")
-            raise DataError(f"{where}: no images found (looked for {', '.join(sorted(ALL_EXTS))} "
-                            f"files in class sub-folders or directly in the folder{denied})")
+            denied = (
+                f"; {len(unreadable)} folder(s) could not be read: {', '.join(unreadable[:3])}" if unreadable else ""
+            )
+            raise DataError(
+                f"{where}: no images found (looked for {', '.join(sorted(ALL_EXTS))} "
+                f"files in class sub-folders or directly in the folder{denied})"
+            )
         probes = _probe_all(files)
         good = [i for i, (ok, _, _) in enumerate(probes) if ok]
         self.skipped = len(files) - len(good) + len(unreadable)
         self.unreadable_dirs = unreadable
         if not good:
-            raise DataError(f"{root}: none of the {len(files)} image files could be read "
-                            f"(the first, {files[0]}: {probes[0][2]})")
+            raise DataError(
+                f"{root}: none of the {len(files)} image files could be read (the first, {files[0]}: {probes[0][2]})"
+            )
         self.files = [files[i] for i in good]
         self.labels = np.asarray([labels[i] for i in good], dtype=np.int64)
         self.num_classes = len(self.class_names)
@@ -270,10 +297,15 @@ class FolderDataset(ImageDataset):
                 return self._decode(self.files[j]), int(self.labels[j])
             except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
                 self.late_skipped += 1
-                warnings.warn(f"{self.files[j]}: cannot decode image ({exc}); using the next image instead",
-                              RuntimeWarning, stacklevel=2)
-        raise DataError(f"{self.name}: {tries} {self.split} images in a row could not be read "
-                        f"(the last: {self.files[j]}); has the data moved?")
+                warnings.warn(
+                    f"{self.files[j]}: cannot decode image ({exc}); using the next image instead",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        raise DataError(
+            f"{self.name}: {tries} {self.split} images in a row could not be read "
+            f"(the last: {self.files[j]}); has the data moved?"
+        )
 
     def _decode(self, path: Path) -> np.ndarray:
         with Image.open(path) as im:
@@ -284,4 +316,3 @@ class FolderDataset(ImageDataset):
             im = im.convert("RGB")
         arr = np.asarray(resize_center_crop(im, self.image_size))
         return arr[None] if self.channels == 1 else arr.transpose(2, 0, 1)
-

@@ -52,8 +52,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dtype = np.dtype(IDX_DTYPES[raw[2]])
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DataError(f"{path}: IDX header says {dims} values of {dtype} ({expected} bytes) "
-                        f"but the file holds {len(raw) - header} bytes of data")
+        raise DataError(
+            f"{path}: IDX header says {dims} values of {dtype} ({expected} bytes) "
+            f"but the file holds {len(raw) - header} bytes of data"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
@@ -75,6 +77,7 @@ def _label_file(images_file: Path) -> Path | None:
 def _home(p: Path) -> Path:
     """The folder an IDX file belongs to: its own, or the one above when that is a folder named
     after the file (Kaggle's MNIST: ``train-images-idx3-ubyte/train-images-idx3-ubyte``)."""
+
     def bare(name: str) -> str:
         return name[:-3].lower() if name.lower().endswith(".gz") else name.lower()
 
@@ -115,8 +118,7 @@ def find_idx_images(root: Path, depth: int = 2) -> list[Path]:
 def _load_pair(images_file: Path) -> tuple[np.ndarray, np.ndarray | None]:
     images = read_idx(images_file)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_file}: expected uint8 images of shape (N, H, W), "
-                        f"got {images.dtype} {images.shape}")
+        raise DataError(f"{images_file}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
     lf = _label_file(images_file)
     labels = None
     if lf is not None:
@@ -134,8 +136,13 @@ def _split_of(images_file: Path) -> str | None:
     return None if train == test else ("train" if train else "test")
 
 
-def open_idx(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
-             channels: int | None = None, flip: bool = False) -> ArrayDataset:
+def open_idx(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    flip: bool = False,
+) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
     kwargs = dict(name=str(path), split=split, image_size=image_size, channels=channels, flip=flip)
@@ -145,15 +152,16 @@ def open_idx(path: str | os.PathLike, split: str = "train", image_size: int | No
     files = find_idx_images(path)
     if not files:
         raise DataError(f"{path}: no IDX images found (looked for *-images-idx3-ubyte[.gz])")
-    own = {"train": [f for f in files if _split_of(f) == "train"],
-           "test": [f for f in files if _split_of(f) == "test"]}
+    own = {"train": [f for f in files if _split_of(f) == "train"], "test": [f for f in files if _split_of(f) == "test"]}
     if len(files) == 1 and not own["test"]:  # one file of its own: no split of its own either
         images, labels = _load_pair(files[0])
         return ArrayDataset(images, labels, indices=held_out_indices(len(images), split), **kwargs)
     if len(own["train"]) > 1 or len(own["test"]) > 1 or len(own["train"]) + len(own["test"]) != len(files):
         names = ", ".join(str(f.relative_to(path)) for f in files)
-        raise DataError(f"{path}: cannot tell which IDX files to use among {names} (expected one "
-                        "train-* and one t10k-*/test-* images file); pass a narrower folder or one file")
+        raise DataError(
+            f"{path}: cannot tell which IDX files to use among {names} (expected one "
+            "train-* and one t10k-*/test-* images file); pass a narrower folder or one file"
+        )
     chosen = own["train"] + own["test"] if split == "all" else own[split]
     if not chosen:
         wanted = "train-*" if split == "train" else "t10k-* or test-*"

@@ -62,8 +62,17 @@ class ResumableSampler(Sampler):
     does not advance (the :class:`ResumableLoader` does, as batches are delivered).
     """
 
-    def __init__(self, data: int | Sized, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, flip: bool = False, epoch: int = 0, index: int = 0):
+    def __init__(
+        self,
+        data: int | Sized,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        flip: bool = False,
+        epoch: int = 0,
+        index: int = 0,
+    ):
         self.size = int(data) if isinstance(data, int) else len(data)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
@@ -84,10 +93,10 @@ class ResumableSampler(Sampler):
         total = self.num_samples * self.world_size
         if total > self.size:  # pad by wrapping around so every rank gets the same count
             order = np.resize(order, total)
-        return order[self.rank:total:self.world_size]
+        return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator:
-        idx = self.epoch_indices()[self.index:]
+        idx = self.epoch_indices()[self.index :]
         if not self.flip:
             return iter(idx.tolist())
         flips = flip_decisions(self.size, self.seed, self.epoch)[idx]
@@ -97,15 +106,21 @@ class ResumableSampler(Sampler):
         return self.num_samples - self.index
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "world_size": self.world_size, "size": self.size}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "size": self.size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``. A different world size keeps the global position
         (samples consumed across all ranks); a different data size is refused."""
         if int(state.get("size", self.size)) != self.size:
-            raise DataError(f"cannot resume: the data now has {self.size} images but the saved "
-                            f"position was for {state['size']}")
+            raise DataError(
+                f"cannot resume: the data now has {self.size} images but the saved position was for {state['size']}"
+            )
         self.seed = int(state.get("seed", self.seed))
         index = int(state["index"])
         old_world = int(state.get("world_size", self.world_size))
@@ -155,9 +170,19 @@ class ResumableLoader(DataLoader):
         self._before = None
 
 
-def make_loader(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                workers: int = 0, device: str | torch.device = "cpu", drop_last: bool = True,
-                start_epoch: int = 0, start_index: int = 0, shuffle: bool = True) -> ResumableLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    drop_last: bool = True,
+    start_epoch: int = 0,
+    start_index: int = 0,
+    shuffle: bool = True,
+) -> ResumableLoader:
     """A deterministic loader: same seed -> same batches, whatever ``workers`` is.
 
     ``pin_memory`` only when ``device`` is CUDA; ``persistent_workers`` when ``workers`` > 0.
@@ -166,16 +191,31 @@ def make_loader(dataset, batch_size: int, seed: int, rank: int = 0, world_size: 
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    sampler = ResumableSampler(dataset, seed=seed, rank=rank, world_size=world_size,
-                               shuffle=shuffle, flip=bool(getattr(dataset, "flip", False)),
-                               epoch=start_epoch, index=start_index)
+    sampler = ResumableSampler(
+        dataset,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
+        flip=bool(getattr(dataset, "flip", False)),
+        epoch=start_epoch,
+        index=start_index,
+    )
     if sampler.num_samples == 0 or (drop_last and sampler.num_samples < batch_size):
         name = getattr(dataset, "description", type(dataset).__name__)
-        raise DataError(f"{name} gives {sampler.num_samples} images per process, fewer than "
-                        f"one batch of {batch_size}; lower --batch-size")
+        raise DataError(
+            f"{name} gives {sampler.num_samples} images per process, fewer than "
+            f"one batch of {batch_size}; lower --batch-size"
+        )
     workers = max(0, int(workers))
     return ResumableLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=workers, pin_memory=str(device).startswith("cuda"),
-        persistent_workers=workers > 0, worker_init_fn=seed_worker if workers > 0 else None,
-        generator=torch.Generator().manual_seed(_seed_words(seed) % 2**63))
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=str(device).startswith("cuda"),
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(_seed_words(seed) % 2**63),
+    )

@@ -16,8 +16,7 @@ from .digits import open_digits
 from .folder import FolderDataset
 from .idx import IMAGES_RE, find_idx_images, open_idx
 
-EXPECTED = ("`digits`, an image folder, .npz/.npy, MNIST IDX files, "
-            "or a CIFAR python-batches folder")
+EXPECTED = "`digits`, an image folder, .npz/.npy, MNIST IDX files, or a CIFAR python-batches folder"
 
 
 def detect_kind(spec: str) -> str:
@@ -43,16 +42,20 @@ def detect_kind(spec: str) -> str:
     if IMAGES_RE.match(path.name):
         return "idx"
     if "idx1-ubyte" in name:
-        raise DataError(f"data source {spec} is an IDX labels file; give the images file "
-                        "(*-images-idx3-ubyte[.gz]) or its folder")
+        raise DataError(
+            f"data source {spec} is an IDX labels file; give the images file (*-images-idx3-ubyte[.gz]) or its folder"
+        )
     raise DataError(f"data source {spec} is not a recognised file type (expected {EXPECTED})")
 
 
 OTHER_VERSIONS = (  # (a file that shows it, what it is, what to get instead)
     ("data_batch_1.bin", "the binary version of CIFAR-10", "the python version (cifar-10-python.tar.gz)"),
     ("train.bin", "the binary version of CIFAR-100", "the python version (cifar-100-python.tar.gz)"),
-    ("train_data_batch_1", "the pickled version of downsampled ImageNet",
-     "its npz version (Imagenet32_train_npz.zip, ...)"),
+    (
+        "train_data_batch_1",
+        "the pickled version of downsampled ImageNet",
+        "its npz version (Imagenet32_train_npz.zip, ...)",
+    ),
     ("val_data", "the pickled version of downsampled ImageNet", "its npz version (Imagenet32_val_npz.zip, ...)"),
 )
 
@@ -67,8 +70,13 @@ def _refuse_other_versions(path: Path) -> None:
                 raise DataError(f"{place / name} is {what}, which is not read; use {instead}")
 
 
-def open_dataset(spec: str = "digits", split: str = "train", image_size: int | None = None,
-                 channels: int | None = None, flip: bool = False) -> ImageDataset:
+def open_dataset(
+    spec: str = "digits",
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    flip: bool = False,
+) -> ImageDataset:
     """Open a data source (see ``SPEC.md`` "Data sources") as an :class:`ImageDataset`.
 
     ``split``: ``train``, ``test`` (alias ``val``) or ``all``. ``image_size`` / ``channels``
@@ -87,8 +95,13 @@ def open_dataset(spec: str = "digits", split: str = "train", image_size: int | N
         if kind == "digits":
             return open_digits(**kwargs)
         path = Path(spec).expanduser()
-        opener = {"cifar": open_cifar, "imagenet-npz": open_imagenet_batches, "idx": open_idx,
-                  "folder": FolderDataset, "array": open_array_file}[kind]
+        opener = {
+            "cifar": open_cifar,
+            "imagenet-npz": open_imagenet_batches,
+            "idx": open_idx,
+            "folder": FolderDataset,
+            "array": open_array_file,
+        }[kind]
         try:
             return opener(path, **kwargs)
         except DataError:

@@ -25,13 +25,19 @@ class AccuracyResult:
 
     @property
     def per_class(self) -> dict[int, float]:
-        return {int(k): float((self.predictions[self.labels == k] == k).mean())
-                for k in np.unique(self.labels)}
+        return {int(k): float((self.predictions[self.labels == k] == k).mean()) for k in np.unique(self.labels)}
 
 
-def bayes_accuracy(model, dataset: Dataset, *, batch_size: int = 256, generator: torch.Generator | None = None,
-                   dequantize: bool = True, device: torch.device | str | None = None,
-                   on_batch: Callable[[int, int], None] | None = None) -> AccuracyResult:
+def bayes_accuracy(
+    model,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    dequantize: bool = True,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> AccuracyResult:
     """Accuracy of Bayes-rule predictions on ``dataset`` (which must carry labels 0..K-1).
 
     Images are dequantized uniformly from ``generator`` (the likelihood protocol; with the
@@ -60,5 +66,6 @@ def bayes_accuracy(model, dataset: Dataset, *, batch_size: int = 256, generator:
     p = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
     t = torch.cat(truth).numpy() if truth else np.zeros(0, np.int64)
     correct = int((p == t).sum())
-    return AccuracyResult(accuracy=correct / len(t) if len(t) else float("nan"), correct=correct,
-                          count=len(t), predictions=p, labels=t)
+    return AccuracyResult(
+        accuracy=correct / len(t) if len(t) else float("nan"), correct=correct, count=len(t), predictions=p, labels=t
+    )

@@ -31,9 +31,16 @@ class BpdResult:
         return float(self.per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def dataset_bpd(model, dataset: Dataset, *, batch_size: int = 256, generator: torch.Generator | None = None,
-                samples: int = 1, device: torch.device | str | None = None,
-                on_batch: Callable[[int, int], None] | None = None) -> BpdResult:
+def dataset_bpd(
+    model,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    samples: int = 1,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> BpdResult:
     """Mean bpd of ``dataset`` (uint8 images) under ``model``.
 
     Per batch, in dataset order: ``samples`` draws x = ((x_int + u) / 256) * 2 - 1 with u from
@@ -62,6 +69,10 @@ def dataset_bpd(model, dataset: Dataset, *, batch_size: int = 256, generator: to
                 on_batch(done, n)
     nll = torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)
     per_image = flow.nats_to_bpd(nll).numpy()
-    return BpdResult(bpd=float(per_image.mean()) if len(per_image) else float("nan"),
-                     nll=float(nll.mean()) if len(nll) else float("nan"),
-                     count=len(per_image), per_image=per_image, conditioned=conditioned)
+    return BpdResult(
+        bpd=float(per_image.mean()) if len(per_image) else float("nan"),
+        nll=float(nll.mean()) if len(nll) else float("nan"),
+        count=len(per_image),
+        per_image=per_image,
+        conditioned=conditioned,
+    )

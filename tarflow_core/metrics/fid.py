@@ -32,6 +32,7 @@ class StatsError(ValueError):
 
 # ----------------------------------------------------------------------------- running moments
 
+
 class RunningStats:
     """Mean and covariance of feature vectors accumulated batch by batch in float64.
 
@@ -115,6 +116,7 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------- distance
 
+
 def _sym(a: np.ndarray) -> np.ndarray:
     return (a + a.T) / 2
 
@@ -154,8 +156,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(value, 0.0)  # a squared distance; only round-off can push it below zero
 
 
-def fid_from_stats(a: "RunningStats | tuple[np.ndarray, np.ndarray]",
-                   b: "RunningStats | tuple[np.ndarray, np.ndarray]") -> float:
+def fid_from_stats(
+    a: "RunningStats | tuple[np.ndarray, np.ndarray]", b: "RunningStats | tuple[np.ndarray, np.ndarray]"
+) -> float:
     """FID between two sets of statistics, each a :class:`RunningStats` or ``(mu, sigma)``.
 
     When a side has fewer samples than dimensions and kept its features, its covariance is
@@ -192,14 +195,19 @@ def _pair(x) -> tuple[np.ndarray, np.ndarray]:
 
 # -------------------------------------------------------------------------------- stats files
 
+
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
     """Write ``mu``/``sigma`` (float64) atomically; extra scalar/str entries ride along
     (ignored by other tools). The file is named exactly ``path`` (no ``.npz`` appended)."""
     target = Path(path)
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                     **{k: np.asarray(v) for k, v in extra.items()})
+            np.savez(
+                f,
+                mu=np.asarray(mu, np.float64),
+                sigma=np.asarray(sigma, np.float64),
+                **{k: np.asarray(v) for k, v in extra.items()},
+            )
     return target
 
 
@@ -213,8 +221,9 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
             if not {"mu", "sigma"} <= keys:
-                raise StatsError(f"FID statistics {p}: expected arrays 'mu' and 'sigma', found "
-                                 f"{', '.join(sorted(keys)) or 'none'}")
+                raise StatsError(
+                    f"FID statistics {p}: expected arrays 'mu' and 'sigma', found {', '.join(sorted(keys)) or 'none'}"
+                )
             mu, sigma = z["mu"], z["sigma"]
     except StatsError:
         raise
@@ -223,8 +232,10 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
     except Exception as e:
         raise StatsError(f"FID statistics {p}: not a readable .npz file ({describe(e)})") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise StatsError(f"FID statistics {p}: mu has shape {mu.shape} and sigma {sigma.shape}; "
-                         f"expected ({dim},) and ({dim}, {dim}) (2048-d Inception pool features)")
+        raise StatsError(
+            f"FID statistics {p}: mu has shape {mu.shape} and sigma {sigma.shape}; "
+            f"expected ({dim},) and ({dim}, {dim}) (2048-d Inception pool features)"
+        )
     if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
         raise StatsError(f"FID statistics {p}: expected floating-point mu and sigma, got {mu.dtype} and {sigma.dtype}")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
@@ -238,8 +249,15 @@ def load_stats(path: str | os.PathLike, dim: int = FEATURE_DIM) -> tuple[np.ndar
 
 # ------------------------------------------------------------------------ features of images
 
-def image_stats(inception, batches: Iterable[torch.Tensor], *, total: int | None = None,
-                on_batch: Callable[[int, int | None], None] | None = None, keep: int = FEATURE_DIM) -> RunningStats:
+
+def image_stats(
+    inception,
+    batches: Iterable[torch.Tensor],
+    *,
+    total: int | None = None,
+    on_batch: Callable[[int, int | None], None] | None = None,
+    keep: int = FEATURE_DIM,
+) -> RunningStats:
     """Stream uint8 image batches (B, 1|3, H, W) through the network into running statistics
     (keeping the raw features while there are at most ``keep``, for :func:`fid_from_stats`)."""
     stats = RunningStats(FEATURE_DIM, keep=keep)

@@ -40,8 +40,7 @@ from ..atomic import atomic_path
 from ..load_errors import describe, file_head, not_torch
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               + WEIGHTS_FILENAME)
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 WEIGHTS_SHA256_PREFIX = "6726825d"  # the published checksum: the sha256 prefix in the file name
 OTHER_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth",)  # torch-fidelity's copy
 ENV_VAR = "TARFLOW_INCEPTION"
@@ -56,6 +55,7 @@ class InceptionWeightsError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------- network
+
 
 class ConvBN(nn.Module):
     """Conv (no bias) -> batch norm (eps 1e-3) -> ReLU; names `conv` and `bn` as in the weight file."""
@@ -235,8 +235,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
-                     "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6a",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7a",
+            "Mixed_7b",
+            "Mixed_7c",
+        ):
             x = getattr(self, name)(x)
         return x.mean(dim=(2, 3))
 
@@ -245,8 +256,14 @@ class FIDInceptionV3(nn.Module):
             return self.features(self.preprocess(images)).float()
 
 
-def preprocess(images: torch.Tensor, *, resize: str = "tf", size: int = INPUT_SIZE,
-               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def preprocess(
+    images: torch.Tensor,
+    *,
+    resize: str = "tf",
+    size: int = INPUT_SIZE,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """0..255 images (B, 1|3, H, W) -> Inception input (B, 3, size, size) in [-1, 1]: grayscale
     repeated to RGB; ``tf``: TF 1.x bilinear resize then (x - 128) / 128; ``pytorch``: x / 255,
     PyTorch bilinear (half-pixel centres), then 2x - 1."""
@@ -305,6 +322,7 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- weights on disk
 
+
 def expected_state_shapes(model: FIDInceptionV3 | None = None) -> dict[str, tuple[int, ...]]:
     """Every key of the standard weight file and its tensor shape."""
     if model is None:
@@ -337,8 +355,9 @@ def candidate_paths() -> list[Path]:
     return paths
 
 
-def find_weights(explicit: str | os.PathLike | None = None, *, download: bool = True,
-                 log: Callable[[str], None] | None = None) -> Path:
+def find_weights(
+    explicit: str | os.PathLike | None = None, *, download: bool = True, log: Callable[[str], None] | None = None
+) -> Path:
     """The weight file to use: ``explicit``, else ``$TARFLOW_INCEPTION``, else a known cache
     path, else a download (checksum verified) to :func:`default_weights_path`.
 
@@ -347,15 +366,17 @@ def find_weights(explicit: str | os.PathLike | None = None, *, download: bool = 
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise InceptionWeightsError(f"--inception-weights {explicit}: no such file "
-                                        f"(expected {WEIGHTS_FILENAME} from {WEIGHTS_URL})")
+            raise InceptionWeightsError(
+                f"--inception-weights {explicit}: no such file (expected {WEIGHTS_FILENAME} from {WEIGHTS_URL})"
+            )
         return path
     env = os.environ.get(ENV_VAR)
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise InceptionWeightsError(f"${ENV_VAR}={env}: no such file "
-                                        f"(expected {WEIGHTS_FILENAME} from {WEIGHTS_URL})")
+            raise InceptionWeightsError(
+                f"${ENV_VAR}={env}: no such file (expected {WEIGHTS_FILENAME} from {WEIGHTS_URL})"
+            )
         return path
     for path in candidate_paths():
         if path.is_file():
@@ -373,16 +394,19 @@ def find_weights(explicit: str | os.PathLike | None = None, *, download: bool = 
 
 
 def _not_found_message(target: Path) -> str:
-    return (f"Inception weights not found; download {WEIGHTS_URL} to {target} or pass "
-            f"--inception-weights FILE (or set ${ENV_VAR})")
+    return (
+        f"Inception weights not found; download {WEIGHTS_URL} to {target} or pass "
+        f"--inception-weights FILE (or set ${ENV_VAR})"
+    )
 
 
 def _reason(e: BaseException) -> str:
     return str(getattr(e, "reason", None) or e) or type(e).__name__
 
 
-def download_weights(target: Path, url: str = WEIGHTS_URL, sha256_prefix: str = WEIGHTS_SHA256_PREFIX,
-                     timeout: float = 60.0) -> Path:
+def download_weights(
+    target: Path, url: str = WEIGHTS_URL, sha256_prefix: str = WEIGHTS_SHA256_PREFIX, timeout: float = 60.0
+) -> Path:
     """Stream ``url`` to ``target`` atomically; refuse it unless its sha256 starts with the prefix."""
     digest = hashlib.sha256()
     with atomic_path(target) as tmp:
@@ -392,8 +416,10 @@ def download_weights(target: Path, url: str = WEIGHTS_URL, sha256_prefix: str = 
                 f.write(chunk)
         got = digest.hexdigest()
         if not got.startswith(sha256_prefix):
-            raise InceptionWeightsError(f"the file downloaded from {url} has sha256 {got[:16]}..., "
-                                        f"expected a hash starting {sha256_prefix}; not using it")
+            raise InceptionWeightsError(
+                f"the file downloaded from {url} has sha256 {got[:16]}..., "
+                f"expected a hash starting {sha256_prefix}; not using it"
+            )
     return target
 
 
@@ -413,7 +439,9 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InceptionWeightsError(f"Inception weights {path}: not a readable PyTorch state dict ({describe(e)})") from None
+        raise InceptionWeightsError(
+            f"Inception weights {path}: not a readable PyTorch state dict ({describe(e)})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -427,8 +455,11 @@ def load_weights(model: FIDInceptionV3, state: dict[str, torch.Tensor], source: 
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in want]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
-             for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in want
+        if k in state and tuple(state[k].shape) != tuple(want[k].shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -437,8 +468,9 @@ def load_weights(model: FIDInceptionV3, state: dict[str, torch.Tensor], source: 
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if wrong:
             parts.append(f"{len(wrong)} wrong shapes (e.g. {wrong[0]})")
-        raise InceptionWeightsError(f"Inception weights {source}: not the FID Inception-v3 layout "
-                                    f"({WEIGHTS_FILENAME}): {'; '.join(parts)}")
+        raise InceptionWeightsError(
+            f"Inception weights {source}: not the FID Inception-v3 layout ({WEIGHTS_FILENAME}): {'; '.join(parts)}"
+        )
     full = {k: (state[k] if k in state else torch.zeros_like(want[k])) for k in want}
     model.load_state_dict(full, strict=True)
 
@@ -465,9 +497,15 @@ def random_init(model: FIDInceptionV3, seed: int = 0) -> FIDInceptionV3:
     return model
 
 
-def load_inception(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
-                   resize: str = "tf", size: int = INPUT_SIZE, download: bool = True,
-                   log: Callable[[str], None] | None = None) -> tuple[FIDInceptionV3, str]:
+def load_inception(
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    resize: str = "tf",
+    size: int = INPUT_SIZE,
+    download: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[FIDInceptionV3, str]:
     """Build the network with weights from ``weights`` (a path; ``"random"`` or ``"random:SEED"``
     for a plumbing check) or the usual places (see :func:`find_weights`).
 
@@ -482,7 +520,9 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
         try:
             seed_value = int(seed or 0)
         except ValueError:
-            raise InceptionWeightsError(f"--inception-weights {weights}: expected a file, random or random:SEED") from None
+            raise InceptionWeightsError(
+                f"--inception-weights {weights}: expected a file, random or random:SEED"
+            ) from None
         random_init(model, seed_value)
         tag = source = f"random-{seed_value}"
     else:

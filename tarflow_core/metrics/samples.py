@@ -35,7 +35,9 @@ class SampleCacheError(ValueError):
 
 def shard_seed(seed: int, index: int) -> int:
     """A 63-bit seed for shard ``index`` derived from the run's seed (SeedSequence mixing)."""
-    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index), _SHARD_STREAM]).generate_state(2, np.uint32)
+    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(index), _SHARD_STREAM]).generate_state(
+        2, np.uint32
+    )
     return (int(words[0]) << 31) ^ int(words[1])
 
 
@@ -80,14 +82,17 @@ class SampleCache:
                 keys = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
                 raise SampleCacheError(
                     f"--sample-cache {self.folder} holds samples drawn with different settings "
-                    f"({', '.join(keys)}); use another folder or delete this one")
+                    f"({', '.join(keys)}); use another folder or delete this one"
+                )
         else:
             if self.folder.exists() and any(self.folder.glob("shard-*.npz")):
-                raise SampleCacheError(f"--sample-cache {self.folder}: has shards but no {MANIFEST}; "
-                                       "use another folder or delete this one")
+                raise SampleCacheError(
+                    f"--sample-cache {self.folder}: has shards but no {MANIFEST}; use another folder or delete this one"
+                )
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(manifest, json.dumps({"format": CACHE_FORMAT, "version": 1,
-                                                    "settings": self.settings}, indent=2) + "\n")
+            atomic_write_text(
+                manifest, json.dumps({"format": CACHE_FORMAT, "version": 1, "settings": self.settings}, indent=2) + "\n"
+            )
 
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:06d}.npz"
@@ -110,8 +115,7 @@ class SampleCache:
         return Shard(index, nchw, torch.from_numpy(labels).long() if labels is not None else None, True, redrawn)
 
     def write(self, shard: Shard) -> None:
-        arrays = {"arr_0": shard.images.permute(0, 2, 3, 1).contiguous().numpy(),
-                  "redrawn": np.asarray(shard.redrawn)}
+        arrays = {"arr_0": shard.images.permute(0, 2, 3, 1).contiguous().numpy(), "redrawn": np.asarray(shard.redrawn)}
         if shard.labels is not None:
             arrays["labels"] = shard.labels.numpy().astype(np.int64)
         with atomic_path(self.path(shard.index)) as tmp:
@@ -119,10 +123,19 @@ class SampleCache:
                 np.savez(f, **arrays)
 
 
-def sample_shards(model, num: int, *, seed: int, batch_size: int = 64, shard_size: int = SHARD_SIZE,
-                  cache: SampleCache | None = None, denoise_sigma: float | None = None,
-                  denoise_lr_scale: float = 1.0, on_progress: Callable[[int, int], None] | None = None,
-                  **options) -> Iterator[Shard]:
+def sample_shards(
+    model,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    shard_size: int = SHARD_SIZE,
+    cache: SampleCache | None = None,
+    denoise_sigma: float | None = None,
+    denoise_lr_scale: float = 1.0,
+    on_progress: Callable[[int, int], None] | None = None,
+    **options,
+) -> Iterator[Shard]:
     """Yield ``num`` samples as uint8 shards, reading complete shards from ``cache`` and
     drawing (and caching) the rest. ``options``: those of :func:`~tarflow_core.sampling.generate`
     (guidance, guide_what, attn_temp, annealed, sampler, segments, tol). A measured sampler
@@ -140,9 +153,16 @@ def sample_shards(model, num: int, *, seed: int, batch_size: int = 64, shard_siz
                 if on_progress is not None:
                     on_progress(base + d, num)
 
-            result = generate(model, stop - start, generator=g, batch_size=batch_size,
-                              denoise_sigma=denoise_sigma, denoise_lr_scale=denoise_lr_scale,
-                              on_batch=advance, **options)
+            result = generate(
+                model,
+                stop - start,
+                generator=g,
+                batch_size=batch_size,
+                denoise_sigma=denoise_sigma,
+                denoise_lr_scale=denoise_lr_scale,
+                on_batch=advance,
+                **options,
+            )
             shard = Shard(index, to_uint8(result.images), result.labels, False, result.redrawn)
             if options.get("sampler") in ("auto", "gs-jacobi") and options.get("segments") is None:
                 options["segments"] = result.settings.get("segments")

@@ -18,8 +18,9 @@ def data_slug(spec: str) -> str:
     return f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def default_stats_path(spec: str, split: str, channels: int, image_size: int, weights_tag: str,
-                       resize: str = "tf", size: int = INPUT_SIZE) -> Path:
+def default_stats_path(
+    spec: str, split: str, channels: int, image_size: int, weights_tag: str, resize: str = "tf", size: int = INPUT_SIZE
+) -> Path:
     """``<cache>/fid-stats/<source>-<split>-<C>x<S>-<resize>[<size>]-<weights>.npz``: keyed by
     everything that changes the statistics (data source, split, image shape, preprocessing,
     and the weight file's sha256 prefix or ``random-SEED``)."""

@@ -39,39 +39,73 @@ def assert_user_error(result, *needles):
 def cond_ckpt(tmp_path_factory):
     """A tiny class-conditional model trained (so it says) with Gaussian noise 0.1."""
     path = tmp_path_factory.mktemp("ck") / "cond"
-    save_checkpoint(path, tiny_model(seed=3, dtype=torch.float32, num_classes=3),
-                    noise={"type": "gaussian", "std": 0.1}, step=7)
+    save_checkpoint(
+        path, tiny_model(seed=3, dtype=torch.float32, num_classes=3), noise={"type": "gaussian", "std": 0.1}, step=7
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def uncond_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ck") / "uncond"
-    save_checkpoint(path, tiny_model(seed=4, dtype=torch.float32, nvp=False, var=True),
-                    noise={"type": "uniform", "std": None}, step=9)
+    save_checkpoint(
+        path,
+        tiny_model(seed=4, dtype=torch.float32, nvp=False, var=True),
+        noise={"type": "uniform", "std": None},
+        step=9,
+    )
     return path
 
 
 # ------------------------------------------------------------------------- the reference fixture
 
+
 def test_cli_reproduces_reference_samples_scores_and_denoising(fixtures_dir, expected, tmp_path):
     ckpt = fixtures_dir / "cond_nvp.pth"
     np.save(tmp_path / "noise.npy", expected["noise"].numpy())
     np.save(tmp_path / "y.npy", expected["y"].numpy())
-    cases = {"sample_g0": [], "sample_g2_ab": ["--guidance", 2.0],
-             "sample_g1_b_annealed": ["--guidance", 1.0, "--guide-what", "b", "--annealed"],
-             "sample_g15_temp05": ["--guidance", 1.5, "--attn-temp", 0.5],
-             "sample_g15_temp05_annealed": ["--guidance", 1.5, "--attn-temp", 0.5, "--annealed"]}
+    cases = {
+        "sample_g0": [],
+        "sample_g2_ab": ["--guidance", 2.0],
+        "sample_g1_b_annealed": ["--guidance", 1.0, "--guide-what", "b", "--annealed"],
+        "sample_g15_temp05": ["--guidance", 1.5, "--attn-temp", 0.5],
+        "sample_g15_temp05_annealed": ["--guidance", 1.5, "--attn-temp", 0.5, "--annealed"],
+    }
     for key, opts in cases.items():
         out = tmp_path / f"{key}.npy"
-        r = run("sample", "--ckpt", ckpt, "--noise", tmp_path / "noise.npy", "--labels", tmp_path / "y.npy",
-                "--no-denoise", "--out", out, "--device", "cpu", "--sampler", "sequential", *opts)
+        r = run(
+            "sample",
+            "--ckpt",
+            ckpt,
+            "--noise",
+            tmp_path / "noise.npy",
+            "--labels",
+            tmp_path / "y.npy",
+            "--no-denoise",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--sampler",
+            "sequential",
+            *opts,
+        )
         assert r.exit_code == 0, r.stderr
         assert np.abs(np.load(out) - expected[key].numpy()).max() < 1e-4, key
 
     np.save(tmp_path / "x.npy", expected["x"].numpy())
-    r = run("score", "--ckpt", ckpt, tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "--dequantize", "none",
-            "--format", "jsonl")
+    r = run(
+        "score",
+        "--ckpt",
+        ckpt,
+        tmp_path / "x.npy",
+        "--labels",
+        tmp_path / "y.npy",
+        "--dequantize",
+        "none",
+        "--format",
+        "jsonl",
+    )
     assert r.exit_code == 0, r.stderr
     records = [json.loads(l) for l in r.stdout.splitlines()]
     z, logdet = expected["z"], expected["logdets"]  # reference log-det is per dimension
@@ -82,13 +116,24 @@ def test_cli_reproduces_reference_samples_scores_and_denoising(fixtures_dir, exp
     assert all(abs(r["bpd"] - (r["nll"] + np.log(128)) / np.log(2)) < 1e-9 for r in records)
 
     np.save(tmp_path / "s.npy", expected["sample_g0"].numpy())
-    r = run("denoise", "--ckpt", ckpt, tmp_path / "s.npy", "--sigma", float(expected["denoise_sigma"]),
-            "--labels", tmp_path / "y.npy", "--out", tmp_path / "d.npy")
+    r = run(
+        "denoise",
+        "--ckpt",
+        ckpt,
+        tmp_path / "s.npy",
+        "--sigma",
+        float(expected["denoise_sigma"]),
+        "--labels",
+        tmp_path / "y.npy",
+        "--out",
+        tmp_path / "d.npy",
+    )
     assert r.exit_code == 0, r.stderr
     assert np.abs(np.load(tmp_path / "d.npy") - expected["denoised_g0"].numpy()).max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------ behaviour
+
 
 def test_same_seed_same_images_and_every_out_form(cond_ckpt, tmp_path):
     a, b, c = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"
@@ -142,7 +187,7 @@ def test_score_matches_the_library_and_classifies(cond_ckpt, tmp_path):
 
 
 def test_score_dequantizes_8bit_images_reproducibly(uncond_ckpt, tmp_path):
-    img = (np.arange(16, dtype=np.uint8).reshape(4, 4) * 15)
+    img = np.arange(16, dtype=np.uint8).reshape(4, 4) * 15
     Image.fromarray(img, "L").save(tmp_path / "a.png")
     first = run("score", "-c", uncond_ckpt, tmp_path / "a.png", "-f", "jsonl", "--seed", 1)
     again = run("score", "-c", uncond_ckpt, tmp_path / "a.png", "-f", "jsonl", "--seed", 1)
@@ -166,19 +211,24 @@ def test_info_shows_what_the_checkpoint_holds(cond_ckpt):
 def test_sample_pipes_into_score_and_denoise(cond_ckpt):
     """`tarflow sample --out - | tarflow score -` through real pipes."""
     cli = [sys.executable, "-m", "tarflow_cli"]
-    sample = subprocess.run(cli + ["sample", "-c", str(cond_ckpt), "-n", "4", "--out", "-"], capture_output=True, check=True)
+    sample = subprocess.run(
+        cli + ["sample", "-c", str(cond_ckpt), "-n", "4", "--out", "-"], capture_output=True, check=True
+    )
     arr = np.load(io.BytesIO(sample.stdout))
     assert arr.shape == (4, 1, 4, 4) and arr.dtype == np.float32
     score = subprocess.run(cli + ["score", "-c", str(cond_ckpt), "-"], input=sample.stdout, capture_output=True)
     assert score.returncode == 0, score.stderr
     recs = [json.loads(l) for l in score.stdout.decode().splitlines()]
     assert [r["source"] for r in recs] == ["-[0]", "-[1]", "-[2]", "-[3]"]
-    den = subprocess.run(cli + ["denoise", "-c", str(cond_ckpt), "-", "--out", "-"], input=sample.stdout, capture_output=True)
+    den = subprocess.run(
+        cli + ["denoise", "-c", str(cond_ckpt), "-", "--out", "-"], input=sample.stdout, capture_output=True
+    )
     assert den.returncode == 0, den.stderr
     assert np.load(io.BytesIO(den.stdout)).shape == (4, 1, 4, 4)
 
 
 # ------------------------------------------------------------------------------------ bad input
+
 
 def test_missing_checkpoint(tmp_path):
     assert_user_error(run("sample", "--ckpt", tmp_path / "nope"), "nope", "does not exist")
@@ -186,14 +236,17 @@ def test_missing_checkpoint(tmp_path):
     assert_user_error(run("sample", "--ckpt", tmp_path / "run[1]" / "[/b]"), "run[1]/[/b]", "does not exist")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["sample", "-c", "x", "-n", "0"], ["--num", "greater than or equal to 1", "tarflow sample -h"]),
-    (["sample", "-c", "x", "--check-every", "0"], ["--check-every"]),
-    (["sample", "--bogus"], ["--bogus"]),
-    (["sample"], ["--ckpt"]),
-    (["score", "-c", "x", "-b", "many"], ["--batch-size", "valid integer"]),
-    (["nosuch"], ["nosuch", "tarflow -h"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["sample", "-c", "x", "-n", "0"], ["--num", "greater than or equal to 1", "tarflow sample -h"]),
+        (["sample", "-c", "x", "--check-every", "0"], ["--check-every"]),
+        (["sample", "--bogus"], ["--bogus"]),
+        (["sample"], ["--ckpt"]),
+        (["score", "-c", "x", "-b", "many"], ["--batch-size", "valid integer"]),
+        (["nosuch"], ["nosuch", "tarflow -h"]),
+    ],
+)
 def test_parser_errors_are_one_line_like_every_user_error(args, needles):
     """Unknown options, bad or missing values: one line naming the option, exit 2, no usage panel."""
     assert_user_error(run(*args), *needles)
@@ -227,7 +280,9 @@ def test_noise_of_the_wrong_shape(cond_ckpt, tmp_path):
 def test_labels_for_an_unconditional_model(uncond_ckpt, tmp_path):
     assert_user_error(run("sample", "-c", uncond_ckpt, "--class", 1), "--class", "unconditional")
     np.save(tmp_path / "y.npy", np.zeros(3, np.int64))
-    assert_user_error(run("sample", "-c", uncond_ckpt, "-n", 3, "--labels", tmp_path / "y.npy"), "--labels", "unconditional")
+    assert_user_error(
+        run("sample", "-c", uncond_ckpt, "-n", 3, "--labels", tmp_path / "y.npy"), "--labels", "unconditional"
+    )
 
 
 def test_class_out_of_range(cond_ckpt, tmp_path):
@@ -266,17 +321,38 @@ def test_bad_out_and_device(cond_ckpt, tmp_path):
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", "x.txt"), "x.txt")
     (tmp_path / "afile").write_text("x")
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--out", f"{tmp_path}/afile/"), "is a file, not a folder")
-    assert_user_error(run("denoise", "-c", cond_ckpt, "-", "--out", f"{tmp_path}/afile/x.png"), "nothing can be written")
+    assert_user_error(
+        run("denoise", "-c", cond_ckpt, "-", "--out", f"{tmp_path}/afile/x.png"), "nothing can be written"
+    )
     assert_user_error(run("sample", "-c", cond_ckpt, "--device", "tpu"), "--device tpu")
 
 
 def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
     out = tmp_path / "s.npz"
-    r = run("sample", "-c", cond_ckpt, "-n", 3, "--sampler", "gs-jacobi", "--segments", 3, "--check-every", 2,
-            "--precision", "auto", "--guidance", 1, "--out", out, "-v")
+    r = run(
+        "sample",
+        "-c",
+        cond_ckpt,
+        "-n",
+        3,
+        "--sampler",
+        "gs-jacobi",
+        "--segments",
+        3,
+        "--check-every",
+        2,
+        "--precision",
+        "auto",
+        "--guidance",
+        1,
+        "--out",
+        out,
+        "-v",
+    )
     assert r.exit_code == 0, r.stderr
     with np.load(out) as z:
         from tarflow_cli.io import NPZ_META_KEY
+
         meta = json.loads(str(z[NPZ_META_KEY]))
     s = meta["sampling"]
     assert s["sampler"] == "gs-jacobi" and s["segments"] == 3 and s["check_every"] == 2
@@ -286,6 +362,7 @@ def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
     r = run("sample", "-c", cond_ckpt, "-n", 2, "--out", auto, "-v")  # the default sampler: auto
     assert r.exit_code == 0, r.stderr
     from tarflow_cli.io import read_png_metadata
+
     recorded = read_png_metadata(auto)["sampling"]
     assert recorded["sampler"] == "sequential" and recorded["requested"] == "auto"  # what auto chose on a CPU
     assert "'sampler': 'sequential'" in r.stderr
@@ -300,8 +377,11 @@ def test_interrupt_while_loading_or_sampling_exits_130_without_traceback(cond_ck
     import time
 
     out = tmp_path / "never.png"
-    proc = subprocess.Popen([sys.executable, "-m", "tarflow_cli", "sample", "-c", str(cond_ckpt), "-n", "100000",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tarflow_cli", "sample", "-c", str(cond_ckpt), "-n", "100000", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(delay)
     proc.send_signal(getattr(signal, sig))
     _, stderr = proc.communicate(timeout=120)
@@ -328,6 +408,7 @@ def test_non_finite_inputs_options_and_scores(cond_ckpt, tmp_path):
     np.save(tmp_path / "u8.npy", np.zeros((2, c.in_channels, c.img_size, c.img_size), np.uint8))
     r = run("score", "-c", broken, tmp_path / "u8.npy", "--format", "jsonl", "--classify")
     assert r.exit_code == 0, r.stderr
+
     def no_constants(name):
         raise AssertionError(f"{name} is not JSON")
 
@@ -336,8 +417,14 @@ def test_non_finite_inputs_options_and_scores(cond_ckpt, tmp_path):
 
 
 def test_options_that_would_be_ignored_are_refused(cond_ckpt, tmp_path):
-    assert_user_error(run("sample", "-c", cond_ckpt, "--sampler", "sequential", "--segments", 4), "--segments 4", "gs-jacobi")
-    assert_user_error(run("sample", "-c", cond_ckpt, "--sampler", "gs-jacobi", "--segments", 100), "--segments 100", "at most 3 tokens")
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "--sampler", "sequential", "--segments", 4), "--segments 4", "gs-jacobi"
+    )
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "--sampler", "gs-jacobi", "--segments", 100),
+        "--segments 100",
+        "at most 3 tokens",
+    )
     c = load_model(cond_ckpt).config
     np.save(tmp_path / "f.npy", np.zeros((1, c.in_channels, c.img_size, c.img_size), np.float32))
     assert_user_error(run("score", "-c", cond_ckpt, tmp_path / "f.npy", "--dequant-samples", 3), "--dequant-samples 3")
@@ -355,7 +442,9 @@ def test_every_command_takes_device_and_seed():
 
 def test_messages_and_tables_print_names_as_typed(cond_ckpt, tmp_path):
     """Rich would turn `:x:` into an emoji and `[b]` into markup; names must come out verbatim."""
-    assert_user_error(run("sample", "-c", cond_ckpt, "--device", "cuda:x:", "--out", tmp_path / "o.png"), "--device cuda:x:")
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "--device", "cuda:x:", "--out", tmp_path / "o.png"), "--device cuda:x:"
+    )
     assert_user_error(run("info", "-c", tmp_path / "run:smile:"), "run:smile:")
     c = load_model(cond_ckpt).config
     name = tmp_path / "a:smile:[b].png"
@@ -369,14 +458,24 @@ def test_a_denoise_sigma_turns_the_step_on_and_is_never_ignored(uncond_ckpt, con
     """A uniform-noise checkpoint does not denoise by default; --denoise-sigma used to be dropped silently."""
     noise = torch.randn(3, 4, 4)
     np.save(tmp_path / "n.npy", noise.numpy())
-    r = run("sample", "-c", uncond_ckpt, "--noise", tmp_path / "n.npy", "--denoise-sigma", 0.2, "--out", tmp_path / "d.npy")
+    r = run(
+        "sample", "-c", uncond_ckpt, "--noise", tmp_path / "n.npy", "--denoise-sigma", 0.2, "--out", tmp_path / "d.npy"
+    )
     assert r.exit_code == 0, r.stderr
     model = load_model(uncond_ckpt)
     want = denoise(model, model.sample(noise), None, sigma=0.2)
     assert np.allclose(np.load(tmp_path / "d.npy"), want.numpy(), atol=1e-5)
-    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-sigma", 0.2), "--denoise-sigma 0.2", "--no-denoise")
-    assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-lr-scale", 2), "--denoise-lr-scale 2")
-    assert_user_error(run("sample", "-c", uncond_ckpt, "-n", 1, "--denoise-lr-scale", 2), "--denoise-lr-scale 2", "--denoise-sigma")
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-sigma", 0.2),
+        "--denoise-sigma 0.2",
+        "--no-denoise",
+    )
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "-n", 1, "--no-denoise", "--denoise-lr-scale", 2), "--denoise-lr-scale 2"
+    )
+    assert_user_error(
+        run("sample", "-c", uncond_ckpt, "-n", 1, "--denoise-lr-scale", 2), "--denoise-lr-scale 2", "--denoise-sigma"
+    )
 
 
 def test_sampling_options_that_would_change_nothing_are_refused(cond_ckpt):
@@ -397,7 +496,9 @@ def test_denoise_takes_several_inputs_in_order_like_score(cond_ckpt, tmp_path):
     arrays = [rng.integers(0, 256, (c.img_size, c.img_size), dtype=np.uint8) for _ in range(2)]
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(tmp_path / f"n{i}.png")
-    r = run("denoise", "-c", cond_ckpt, tmp_path / "n1.png", tmp_path / "n0.png", "--class", 1, "--out", tmp_path / "d.npy")
+    r = run(
+        "denoise", "-c", cond_ckpt, tmp_path / "n1.png", tmp_path / "n0.png", "--class", 1, "--out", tmp_path / "d.npy"
+    )
     assert r.exit_code == 0, r.stderr
     model = load_model(cond_ckpt)
     x = torch.from_numpy(np.stack([arrays[1], arrays[0]])[:, None]).float() / 127.5 - 1
@@ -428,7 +529,9 @@ def test_noise_files_of_the_wrong_kind_say_what_they_hold(cond_ckpt, tmp_path):
     bad = np.zeros((3, 4, 4), np.float32)
     bad[1, 0, 0] = np.nan
     np.save(tmp_path / "nan.npy", bad)
-    assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "int.npy"), "int.npy", "int64", "floating-point")
+    assert_user_error(
+        run("sample", "-c", cond_ckpt, "--noise", tmp_path / "int.npy"), "int.npy", "int64", "floating-point"
+    )
     assert_user_error(run("sample", "-c", cond_ckpt, "--noise", tmp_path / "nan.npy"), "nan.npy", "1 of 3 rows")
 
 
@@ -447,5 +550,8 @@ def test_float_inputs_far_outside_model_space_are_warned_about(cond_ckpt, tmp_pa
 @pytest.mark.parametrize("command", ["sample", "score", "denoise", "eval"])
 def test_a_seed_torch_cannot_take_is_a_usage_error(cond_ckpt, command):
     """--seed 2**70 used to end in 'Overflow when unpacking long long' from the generator."""
-    assert_user_error(run(command, "-c", cond_ckpt, *(["-"] if command in ("score", "denoise") else []),
-                          "--seed", 2**70), "--seed", str(2**70))
+    assert_user_error(
+        run(command, "-c", cond_ckpt, *(["-"] if command in ("score", "denoise") else []), "--seed", 2**70),
+        "--seed",
+        str(2**70),
+    )

@@ -86,8 +86,24 @@ def small_data(tmp_path_factory):
 
 def test_bpd_and_accuracy_of_the_trained_digits_model(tmp_path):
     ckpt = trained_checkpoint()
-    out = ok_json(run("--ckpt", ckpt, "--data", "digits", "--split", "test", "--metrics", "bpd,accuracy",
-                      "--batch-size", 64, "--seed", 3, "--device", "cpu"))
+    out = ok_json(
+        run(
+            "--ckpt",
+            ckpt,
+            "--data",
+            "digits",
+            "--split",
+            "test",
+            "--metrics",
+            "bpd,accuracy",
+            "--batch-size",
+            64,
+            "--seed",
+            3,
+            "--device",
+            "cpu",
+        )
+    )
     assert set(out) >= {"metrics", "settings", "num_samples", "num_images", "checkpoint"}
     assert out["num_images"] == 297 and out["num_samples"] == 0 and out["checkpoint"] == str(ckpt)
     m = out["metrics"]
@@ -100,18 +116,54 @@ def test_bpd_and_accuracy_of_the_trained_digits_model(tmp_path):
     from tarflow_core.data import open_dataset
 
     test = open_dataset("digits", "test")
-    np.savez(tmp_path / "test.npz", arr_0=np.stack([test[i][0].numpy() for i in range(297)]).transpose(0, 2, 3, 1),
-             labels=np.array([test[i][1] for i in range(297)]))
-    r = runner.invoke(full_app, ["score", "--ckpt", str(ckpt), str(tmp_path / "test.npz"), "--format", "jsonl",
-                                 "--seed", "3", "--batch-size", "64", "--device", "cpu"])
+    np.savez(
+        tmp_path / "test.npz",
+        arr_0=np.stack([test[i][0].numpy() for i in range(297)]).transpose(0, 2, 3, 1),
+        labels=np.array([test[i][1] for i in range(297)]),
+    )
+    r = runner.invoke(
+        full_app,
+        [
+            "score",
+            "--ckpt",
+            str(ckpt),
+            str(tmp_path / "test.npz"),
+            "--format",
+            "jsonl",
+            "--seed",
+            "3",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert np.mean([json.loads(line)["bpd"] for line in r.stdout.splitlines()]) == pytest.approx(m["bpd"], abs=1e-6)
 
     # deterministic with --seed; more dequantization draws change it only a little
-    assert ok_json(run("--ckpt", ckpt, "--metrics", "bpd", "--batch-size", 64, "--seed", 3,
-                       "--device", "cpu"))["metrics"]["bpd"] == m["bpd"]
-    k2 = ok_json(run("--ckpt", ckpt, "--metrics", "bpd", "--batch-size", 64, "--seed", 3, "--dequant-samples", 2,
-                     "--device", "cpu"))
+    assert (
+        ok_json(run("--ckpt", ckpt, "--metrics", "bpd", "--batch-size", 64, "--seed", 3, "--device", "cpu"))["metrics"][
+            "bpd"
+        ]
+        == m["bpd"]
+    )
+    k2 = ok_json(
+        run(
+            "--ckpt",
+            ckpt,
+            "--metrics",
+            "bpd",
+            "--batch-size",
+            64,
+            "--seed",
+            3,
+            "--dequant-samples",
+            2,
+            "--device",
+            "cpu",
+        )
+    )
     assert abs(k2["metrics"]["bpd"] - m["bpd"]) < 0.05 and k2["settings"]["dequant_samples"] == 2
 
 
@@ -123,9 +175,34 @@ def test_default_metrics_follow_the_model(uncond_ckpt):
 def test_fid_plumbing_with_random_inception_weights_and_caches(uncond_ckpt, small_data, tmp_path, isolated_caches):
     stats = tmp_path / "ref.npz"
     cache = tmp_path / "samples"
-    args = ["--ckpt", uncond_ckpt, "--data", small_data, "--split", "all", "--metrics", "fid", "--num-samples", 12,
-            "--batch-size", 5, "--inception-weights", "random", "--inception-size", 75, "--fid-batch-size", 12,
-            "--fid-stats", stats, "--sample-cache", cache, "--seed", 1, "--device", "cpu"]
+    args = [
+        "--ckpt",
+        uncond_ckpt,
+        "--data",
+        small_data,
+        "--split",
+        "all",
+        "--metrics",
+        "fid",
+        "--num-samples",
+        12,
+        "--batch-size",
+        5,
+        "--inception-weights",
+        "random",
+        "--inception-size",
+        75,
+        "--fid-batch-size",
+        12,
+        "--fid-stats",
+        stats,
+        "--sample-cache",
+        cache,
+        "--seed",
+        1,
+        "--device",
+        "cpu",
+    ]
     r = run(*args)
     out = ok_json(r)
     assert "computing FID reference statistics" in r.stderr and "plumbing check" in r.stderr
@@ -153,9 +230,27 @@ def test_fid_plumbing_with_random_inception_weights_and_caches(uncond_ckpt, smal
     assert_user_error(run(*args, "--guidance", 1.0, "--attn-temp", 0.5), "--sample-cache", "different settings")
 
     # without --fid-stats, reference statistics are cached by data source, split, image shape and weights
-    r3 = run("--ckpt", uncond_ckpt, "--data", small_data, "--split", "all", "--metrics", "fid", "--num-samples", 12,
-             "--inception-weights", "random:7", "--inception-size", 75, "--fid-batch-size", 12, "--no-denoise",
-             "--device", "cpu")
+    r3 = run(
+        "--ckpt",
+        uncond_ckpt,
+        "--data",
+        small_data,
+        "--split",
+        "all",
+        "--metrics",
+        "fid",
+        "--num-samples",
+        12,
+        "--inception-weights",
+        "random:7",
+        "--inception-size",
+        75,
+        "--fid-batch-size",
+        12,
+        "--no-denoise",
+        "--device",
+        "cpu",
+    )
     path = ok_json(r3)["settings"]["fid_stats"]
     assert "computing" in r3.stderr and Path(path).is_file()
     assert path.startswith(str(isolated_caches / "xdg" / "tarflow" / "fid-stats"))
@@ -164,20 +259,43 @@ def test_fid_plumbing_with_random_inception_weights_and_caches(uncond_ckpt, smal
 
 # ------------------------------------------------------------------------------------ bad input
 
+
 def test_missing_inception_weights_offline(uncond_ckpt, isolated_caches):
     r = run("--ckpt", uncond_ckpt, "--metrics", "fid", "--num-samples", 4, "--device", "cpu")
     where = isolated_caches / "xdg" / "tarflow" / WEIGHTS_FILENAME
     assert_user_error(r, "Inception weights not found; download", WEIGHTS_URL, str(where), "--inception-weights")
-    r = run("--ckpt", uncond_ckpt, "--metrics", "fid", "--inception-weights", isolated_caches / "none.pth",
-            "--device", "cpu")
+    r = run(
+        "--ckpt",
+        uncond_ckpt,
+        "--metrics",
+        "fid",
+        "--inception-weights",
+        isolated_caches / "none.pth",
+        "--device",
+        "cpu",
+    )
     assert_user_error(r, "--inception-weights", "none.pth", "no such file")
 
 
 def test_stats_file_with_wrong_shapes(uncond_ckpt, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(64), sigma=np.eye(64))
-    r = run("--ckpt", uncond_ckpt, "--metrics", "fid", "--num-samples", 4, "--fid-stats", bad,
-            "--inception-weights", "random", "--inception-size", 75, "--device", "cpu")
+    r = run(
+        "--ckpt",
+        uncond_ckpt,
+        "--metrics",
+        "fid",
+        "--num-samples",
+        4,
+        "--fid-stats",
+        bad,
+        "--inception-weights",
+        "random",
+        "--inception-size",
+        75,
+        "--device",
+        "cpu",
+    )
     assert_user_error(r, str(bad), "(2048,)", "(2048, 2048)")
 
 
@@ -186,17 +304,20 @@ def test_accuracy_needs_a_conditional_model(uncond_ckpt):
     assert_user_error(r, "--metrics accuracy", "unconditional", "class-conditional")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--metrics", "bpd,sharpness"], ["--metrics bpd,sharpness", "bpd, fid, accuracy"]),
-    (["--data", "/no/such/data"], ["/no/such/data", "does not exist"]),
-    (["--split", "holdout"], ["--split holdout", "train, test"]),
-    (["--metrics", "fid", "--fid-stats", "."], ["--fid-stats .", "is a folder"]),
-    (["--metrics", "fid", "--num-samples", "1"], ["--num-samples 1", "at least 2"]),
-    (["--guide-what", "c"], ["--guide-what c"]),
-    (["--inception-resize", "cubic"], ["--inception-resize cubic"]),
-    (["--metrics", "fid", "--segments", "0"], ["--segments 0", "positive integer"]),
-    (["--sampler", "magic"], ["--sampler magic"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--metrics", "bpd,sharpness"], ["--metrics bpd,sharpness", "bpd, fid, accuracy"]),
+        (["--data", "/no/such/data"], ["/no/such/data", "does not exist"]),
+        (["--split", "holdout"], ["--split holdout", "train, test"]),
+        (["--metrics", "fid", "--fid-stats", "."], ["--fid-stats .", "is a folder"]),
+        (["--metrics", "fid", "--num-samples", "1"], ["--num-samples 1", "at least 2"]),
+        (["--guide-what", "c"], ["--guide-what c"]),
+        (["--inception-resize", "cubic"], ["--inception-resize cubic"]),
+        (["--metrics", "fid", "--segments", "0"], ["--segments 0", "positive integer"]),
+        (["--sampler", "magic"], ["--sampler magic"]),
+    ],
+)
 def test_bad_options(uncond_ckpt, args, needles):
     assert_user_error(run("--ckpt", uncond_ckpt, "--device", "cpu", *args), *needles)
 
@@ -215,20 +336,28 @@ def test_default_data_is_what_the_checkpoint_was_trained_on(tmp_path):
     c = model.config
     images = np.random.default_rng(0).integers(0, 256, (40, c.img_size, c.img_size), dtype=np.uint8)
     np.save(tmp_path / "train.npy", images)
-    save_checkpoint(tmp_path / "ck", model, data={"source": str(tmp_path / "train.npy"), "channels": 1,
-                                                  "image_size": c.img_size, "num_classes": 0})
-    assert ok_json(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"))["settings"]["data"] == str(tmp_path / "train.npy")
+    save_checkpoint(
+        tmp_path / "ck",
+        model,
+        data={"source": str(tmp_path / "train.npy"), "channels": 1, "image_size": c.img_size, "num_classes": 0},
+    )
+    assert ok_json(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"))["settings"]["data"] == str(
+        tmp_path / "train.npy"
+    )
     (tmp_path / "train.npy").unlink()
     assert_user_error(run("--ckpt", tmp_path / "ck", "--metrics", "bpd"), "--data", "train.npy, which is not here")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--metrics", "bpd", "--guidance", "2"], ["--guidance 2.0", "fid"]),
-    (["--metrics", "bpd", "--inception-weights", "random"], ["--inception-weights random", "fid"]),
-    (["--metrics", "bpd", "--num-samples", "100"], ["--num-samples 100", "fid"]),
-    (["--metrics", "bpd", "--no-denoise"], ["--no-denoise", "fid"]),
-    (["--metrics", "fid", "--dequant-samples", "4"], ["--dequant-samples 4", "bpd"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--metrics", "bpd", "--guidance", "2"], ["--guidance 2.0", "fid"]),
+        (["--metrics", "bpd", "--inception-weights", "random"], ["--inception-weights random", "fid"]),
+        (["--metrics", "bpd", "--num-samples", "100"], ["--num-samples 100", "fid"]),
+        (["--metrics", "bpd", "--no-denoise"], ["--no-denoise", "fid"]),
+        (["--metrics", "fid", "--dequant-samples", "4"], ["--dequant-samples 4", "bpd"]),
+    ],
+)
 def test_options_the_chosen_metrics_never_read_are_refused(uncond_ckpt, args, needles):
     assert_user_error(run("--ckpt", uncond_ckpt, "--device", "cpu", *args), *needles)
 

@@ -299,12 +299,21 @@ def test_out_is_checked_before_any_work(tmp_path):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for bad, says in [(f"{afile}/", "is a file, not a folder"), (f"{afile}/sub/x.png", "nothing can be written under it"),
-                      (f"{afile}/x.npz", "nothing can be written under it"), (str(tmp_path / "x.txt"), "expected a .png"),
-                      ("-", "stdout is a terminal")]:
+    for bad, says in [
+        (f"{afile}/", "is a file, not a folder"),
+        (f"{afile}/sub/x.png", "nothing can be written under it"),
+        (f"{afile}/x.npz", "nothing can be written under it"),
+        (str(tmp_path / "x.txt"), "expected a .png"),
+        ("-", "stdout is a terminal"),
+    ]:
         with pytest.raises(InputError, match=says):
             check_output(bad, stdout_is_tty=True)
-    for good in (str(tmp_path / "new" / "deeper" / "g.png"), f"{tmp_path}/imgs/", str(tmp_path / "a.npy"), str(tmp_path)):
+    for good in (
+        str(tmp_path / "new" / "deeper" / "g.png"),
+        f"{tmp_path}/imgs/",
+        str(tmp_path / "a.npy"),
+        str(tmp_path),
+    ):
         check_output(good, stdout_is_tty=True)
     check_output("-", stdout_is_tty=False)
     assert not (tmp_path / "new").exists()  # checking creates nothing
@@ -371,6 +380,7 @@ def test_huge_unsigned_labels_are_reported_as_they_are(tmp_path):
 
 def test_stdin_that_is_closed_or_a_terminal_is_refused(monkeypatch):
     """`score -` from a terminal used to wait forever; with stdin closed (`<&-`) it was a traceback."""
+
     class Terminal(io.BytesIO):
         def isatty(self):
             return True
@@ -404,7 +414,7 @@ class _ShortWrites(io.BytesIO):
     def write(self, data):
         if self.tell() >= self.room:
             raise OSError(28, "No space left on device")
-        return super().write(bytes(data[:min(100, self.room - self.tell())]))
+        return super().write(bytes(data[: min(100, self.room - self.tell())]))
 
 
 def test_stdout_takes_every_byte_or_the_write_fails():

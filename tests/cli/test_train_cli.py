@@ -11,8 +11,28 @@ from tarflow_cli.main import app
 from tarflow_core.events import read_events
 
 runner = CliRunner()
-SMALL = ["--width", "32", "--head-dim", "16", "--blocks", "2", "--layers-per-block", "1", "--batch-size", "16",
-         "--log-every", "2", "--eval-every", "0", "--sample-every", "0", "--num-samples", "10", "--device", "cpu"]
+SMALL = [
+    "--width",
+    "32",
+    "--head-dim",
+    "16",
+    "--blocks",
+    "2",
+    "--layers-per-block",
+    "1",
+    "--batch-size",
+    "16",
+    "--log-every",
+    "2",
+    "--eval-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--num-samples",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 def run(*args):
@@ -31,17 +51,57 @@ def assert_user_error(result, *needles, code=2):
 def test_help_lists_the_contract_options():
     r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
-    for opt in ("--data", "--preset", "--image-size", "--channels", "--patch-size", "--width", "--blocks",
-                "--layers-per-block", "--head-dim", "--nvp", "--conditional", "--label-drop", "--noise",
-                "--batch-size", "--lr", "--min-lr", "--warmup-steps", "--weight-decay", "--grad-clip", "--ema",
-                "--max-steps", "--epochs", "--precision", "--compile", "--sample-every", "--eval-every",
-                "--checkpoint-every", "--log-every", "--seed", "--run-dir", "--resume", "--ui"):
+    for opt in (
+        "--data",
+        "--preset",
+        "--image-size",
+        "--channels",
+        "--patch-size",
+        "--width",
+        "--blocks",
+        "--layers-per-block",
+        "--head-dim",
+        "--nvp",
+        "--conditional",
+        "--label-drop",
+        "--noise",
+        "--batch-size",
+        "--lr",
+        "--min-lr",
+        "--warmup-steps",
+        "--weight-decay",
+        "--grad-clip",
+        "--ema",
+        "--max-steps",
+        "--epochs",
+        "--precision",
+        "--compile",
+        "--sample-every",
+        "--eval-every",
+        "--checkpoint-every",
+        "--log-every",
+        "--seed",
+        "--run-dir",
+        "--resume",
+        "--ui",
+    ):
         assert opt in r.stdout, opt
 
 
 def test_short_run_prints_run_dir_on_stdout(tmp_path):
-    r = run(*SMALL, "--max-steps", "4", "--run-dir", tmp_path / "run", "--ui", "plain", "--noise", "gaussian:0.05",
-            "--vp", "--unconditional")
+    r = run(
+        *SMALL,
+        "--max-steps",
+        "4",
+        "--run-dir",
+        tmp_path / "run",
+        "--ui",
+        "plain",
+        "--noise",
+        "gaussian:0.05",
+        "--vp",
+        "--unconditional",
+    )
     assert r.exit_code == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "step 4/4" in r.stderr and "finished" in r.stderr
@@ -84,17 +144,20 @@ def test_unwritable_run_dir(tmp_path):
     assert_user_error(run(*SMALL, "--run-dir", blocker / "run"), "run directory", str(blocker / "run"))
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--noise", "laplace"], "--noise"),
-    (["--preset", "huge"], "unknown preset"),
-    (["--preset", "mnist"], "needs --data"),
-    (["--width", "48", "--head-dim", "32"], "--width"),
-    (["--ui", "fancy"], "--ui"),
-    (["--lr", "-1"], "--lr"),
-    (["--unconditional", "--label-drop", "0.5"], "--label-drop"),
-    (["--beta2", "1.5"], "--beta2"),
-    (["--keep-checkpoints", "-1"], "--keep-checkpoints"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--noise", "laplace"], "--noise"),
+        (["--preset", "huge"], "unknown preset"),
+        (["--preset", "mnist"], "needs --data"),
+        (["--width", "48", "--head-dim", "32"], "--width"),
+        (["--ui", "fancy"], "--ui"),
+        (["--lr", "-1"], "--lr"),
+        (["--unconditional", "--label-drop", "0.5"], "--label-drop"),
+        (["--beta2", "1.5"], "--beta2"),
+        (["--keep-checkpoints", "-1"], "--keep-checkpoints"),
+    ],
+)
 def test_bad_options(tmp_path, args, needle):
     assert_user_error(run(*args, "--run-dir", tmp_path / "r"), needle)
 
@@ -162,8 +225,14 @@ def test_sigterm_before_the_run_takes_over_exits_130_quietly(tmp_path, where):
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", SIGNAL_SELF, where, str(tmp_path / "run")], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", SIGNAL_SELF, where, str(tmp_path / "run")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 130, r.stderr
     assert r.stderr.strip() == "interrupted" and r.stdout == ""
     assert not (tmp_path / "run").exists()
@@ -180,7 +249,9 @@ def test_resume_from_another_directory_with_relative_data(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path / "a")
     r = run(*SMALL, "--data", "imgs.npy", "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
     assert r.exit_code == 0, r.stderr
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data"] == str(tmp_path / "a" / "imgs.npy")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data"] == str(
+        tmp_path / "a" / "imgs.npy"
+    )
     monkeypatch.chdir(tmp_path)
     r = run("--resume", tmp_path / "run", "--max-steps", "3", "--ui", "plain")
     assert r.exit_code == 0, r.stderr
@@ -214,8 +285,14 @@ def test_a_signal_while_the_finished_process_tears_down_keeps_its_exit_code(tmp_
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", TEARDOWN_SIGNAL, str(tmp_path / "run")], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", TEARDOWN_SIGNAL, str(tmp_path / "run")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(tmp_path / "run")
     assert "KeyboardInterrupt" not in r.stderr and "Traceback" not in r.stderr
@@ -239,16 +316,24 @@ def test_interrupt_while_loading_is_told_even_when_stderr_is_busy():
     import sys
     from pathlib import Path
 
-    code = ("import signal, sys\n"
-            "from tarflow_cli import entry\n"
-            "class Busy:\n"
-            "    def write(self, s): raise RuntimeError('reentrant call inside <_io.BufferedWriter>')\n"
-            "    def flush(self): raise RuntimeError('reentrant call')\n"
-            "sys.stderr = Busy()\n"
-            "entry._quit_while_loading(signal.SIGINT, None)\n")
+    code = (
+        "import signal, sys\n"
+        "from tarflow_cli import entry\n"
+        "class Busy:\n"
+        "    def write(self, s): raise RuntimeError('reentrant call inside <_io.BufferedWriter>')\n"
+        "    def flush(self): raise RuntimeError('reentrant call')\n"
+        "sys.stderr = Busy()\n"
+        "entry._quit_while_loading(signal.SIGINT, None)\n"
+    )
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 130 and r.stderr == "interrupted\n"
 
 
@@ -271,8 +356,24 @@ def test_a_log_reader_that_goes_away_ends_the_lines_not_the_run(tmp_path):
     import sys
 
     run_dir = tmp_path / "r"
-    cmd = [sys.executable, "-m", "tarflow_cli", "train", "--max-steps", "12", "--log-every", "1", "--ui", "plain",
-           "--eval-every", "0", "--sample-every", "0", "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tarflow_cli",
+        "train",
+        "--max-steps",
+        "12",
+        "--log-every",
+        "1",
+        "--ui",
+        "plain",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--run-dir",
+        str(run_dir),
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     p.stdout.readline()
     p.stdout.close()  # the reader is gone after the first line

@@ -28,8 +28,9 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in SYNCS:
             raise AssertionError(f"host synchronisation inside a captured step ({func})")
-        for arg, value in zip(func._schema.arguments, list(args) + [kwargs.get(a.name) for a in
-                                                                     func._schema.arguments[len(args):]]):
+        for arg, value in zip(
+            func._schema.arguments, list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args) :]]
+        ):
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
                 self.undo.append((value, value.clone()))
         out = func(*args, **kwargs)

@@ -16,8 +16,11 @@ def _x(model, n=2, seed=0):
     return torch.rand(n, c.in_channels, c.img_size, c.img_size, generator=g, dtype=torch.float64) * 2 - 1
 
 
-@pytest.mark.parametrize("form", [[2, 0], np.array([2, 0]), np.array([2, 0], dtype=np.uint8),
-                                  torch.tensor([2, 0], dtype=torch.int32)], ids=["list", "numpy", "numpy-u8", "int32"])
+@pytest.mark.parametrize(
+    "form",
+    [[2, 0], np.array([2, 0]), np.array([2, 0], dtype=np.uint8), torch.tensor([2, 0], dtype=torch.int32)],
+    ids=["list", "numpy", "numpy-u8", "int32"],
+)
 def test_labels_in_any_integer_form_mean_the_same_classes(form):
     model = tiny_model(num_classes=3)
     x, y = _x(model), torch.tensor([2, 0])
@@ -46,8 +49,12 @@ def test_bad_labels_are_clear_errors_naming_them():
     model = tiny_model(num_classes=3)
     x = _x(model)
     noise = torch.randn(2, model.config.num_patches, model.config.token_dim, dtype=torch.float64)
-    for call in (lambda y: model(x, y), lambda y: model.sample(noise, y), lambda y: nll(model, x, y),
-                 lambda y: denoise(model, x, y, sigma=0.1)):
+    for call in (
+        lambda y: model(x, y),
+        lambda y: model.sample(noise, y),
+        lambda y: nll(model, x, y),
+        lambda y: denoise(model, x, y, sigma=0.1),
+    ):
         with pytest.raises(ValueError, match="labels y"):
             call(torch.tensor([0, 1, 2]))  # one label too many
         with pytest.raises(ValueError, match="labels y"):
@@ -80,13 +87,18 @@ def test_images_of_another_float_dtype_are_cast_to_the_models():
     assert torch.equal(z32, model(x.float().double())[0])
 
 
-@pytest.mark.parametrize("bad, error", [(dict(guidance=float("nan")), ValueError),
-                                        (dict(guidance=float("inf")), ValueError),
-                                        (dict(guidance="2"), TypeError),
-                                        (dict(attn_temp=float("inf")), ValueError),
-                                        (dict(sampler="jacobi", tol=-1.0), ValueError),
-                                        (dict(sampler="jacobi", tol="1e-4"), TypeError),
-                                        (dict(sampler="jacobi", check_every=1.5), ValueError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (dict(guidance=float("nan")), ValueError),
+        (dict(guidance=float("inf")), ValueError),
+        (dict(guidance="2"), TypeError),
+        (dict(attn_temp=float("inf")), ValueError),
+        (dict(sampler="jacobi", tol=-1.0), ValueError),
+        (dict(sampler="jacobi", tol="1e-4"), TypeError),
+        (dict(sampler="jacobi", check_every=1.5), ValueError),
+    ],
+)
 def test_bad_sampling_options_are_clear_errors_naming_them(bad, error):
     model = tiny_model()
     noise = torch.randn(1, 4, 4, dtype=torch.float64)
@@ -178,7 +190,7 @@ def test_bpd_by_hand_and_its_sample_count():
     model = tiny_model(num_classes=3, var=True)
     x8 = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
     u = torch.rand(x8.shape, generator=torch.Generator().manual_seed(3))
-    x = ((x8.double() + u.double()) / 256 * 2 - 1)
+    x = (x8.double() + u.double()) / 256 * 2 - 1
     by_hand = (nll(model, x, [0, 1]) + math.log(128)) / math.log(2)
     got = bpd(model, x8, [0, 1], generator=torch.Generator().manual_seed(3))
     assert torch.allclose(got.double(), by_hand, atol=1e-5)

@@ -156,4 +156,3 @@ def test_oneDNN_switched_off_by_the_user_is_respected(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert not bw.can_pack(torch.float32, "cpu")
     assert bw.block_weights(model.blocks[0], torch.float32, "cpu", packed_rows=3).packed is None
-

@@ -9,8 +9,15 @@ import shutil
 import pytest
 import torch
 
-from tarflow_core.checkpoint import (CheckpointError, convert_reference, latest_checkpoint, load_checkpoint,
-                                     read_info, resolve_checkpoint, save_checkpoint)
+from tarflow_core.checkpoint import (
+    CheckpointError,
+    convert_reference,
+    latest_checkpoint,
+    load_checkpoint,
+    read_info,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from tarflow_core.config import ModelConfig
 from tarflow_core.model import TarFlow
 from tests.conftest import tiny_model
@@ -36,8 +43,13 @@ def _same_function(a: TarFlow, b: TarFlow, y=None) -> None:
 
 def test_native_round_trip(tmp_path):
     model = tiny_model(dtype=torch.float32, var=True, nvp=False, num_classes=3)
-    path = save_checkpoint(tmp_path / "ck", model, noise={"type": "gaussian", "std": 0.1}, step=42,
-                           data={"channels": 1, "image_size": 4, "num_classes": 3, "class_names": ["a", "b", "c"]})
+    path = save_checkpoint(
+        tmp_path / "ck",
+        model,
+        noise={"type": "gaussian", "std": 0.1},
+        step=42,
+        data={"channels": 1, "image_size": 4, "num_classes": 3, "class_names": ["a", "b", "c"]},
+    )
     loaded, info = load_checkpoint(path)
     assert info.config == model.config and info.step == 42 and info.noise_std == 0.1
     assert info.data["class_names"] == ["a", "b", "c"]
@@ -91,8 +103,18 @@ def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path):
 def test_reference_pth_converts_to_native_with_the_same_function(fixtures_dir, tmp_path):
     ref, info = load_checkpoint(fixtures_dir / "cond_nvp.pth")
     assert info.kind == "reference"
-    assert info.config == ModelConfig(in_channels=3, img_size=8, patch_size=2, width=128, num_blocks=4,
-                                      layers_per_block=2, head_dim=64, expansion=4, nvp=True, num_classes=10)
+    assert info.config == ModelConfig(
+        in_channels=3,
+        img_size=8,
+        patch_size=2,
+        width=128,
+        num_blocks=4,
+        layers_per_block=2,
+        head_dim=64,
+        expansion=4,
+        nvp=True,
+        num_classes=10,
+    )
     assert info.config.num_parameters() == ref.num_parameters()
     native = convert_reference(fixtures_dir / "cond_nvp.pth", tmp_path / "native")
     loaded, ninfo = load_checkpoint(native)
@@ -109,17 +131,28 @@ def _reference_state(cfg: ModelConfig) -> dict:
     return state
 
 
-@pytest.mark.parametrize("name,patch,channels,noise", [
-    ("afhq_model_8_128_2_1_0.07.pth", 8, 3, {"type": "gaussian", "std": 0.07}),
-    ("imagenet64_model_2_128_2_1_uniform.pth", 2, 3, {"type": "uniform", "std": None}),
-    ("mnist_model_4_128_2_1_0.10.pth", 4, 1, {"type": "gaussian", "std": 0.1}),
-    ("cifar_model_4_128_2_1_0.00.pth", 4, 3, {"type": None, "std": None}),  # --noise_std 0: no noise
-    ("x_model_4_128_2_1_1.2.3.pth", 4, 3, {"type": None, "std": None}),  # not a number: name ignored
-])
+@pytest.mark.parametrize(
+    "name,patch,channels,noise",
+    [
+        ("afhq_model_8_128_2_1_0.07.pth", 8, 3, {"type": "gaussian", "std": 0.07}),
+        ("imagenet64_model_2_128_2_1_uniform.pth", 2, 3, {"type": "uniform", "std": None}),
+        ("mnist_model_4_128_2_1_0.10.pth", 4, 1, {"type": "gaussian", "std": 0.1}),
+        ("cifar_model_4_128_2_1_0.00.pth", 4, 3, {"type": None, "std": None}),  # --noise_std 0: no noise
+        ("x_model_4_128_2_1_1.2.3.pth", 4, 3, {"type": None, "std": None}),  # not a number: name ignored
+    ],
+)
 def test_reference_file_names_give_patch_size_and_noise(tmp_path, name, patch, channels, noise):
-    cfg = ModelConfig(in_channels=channels, img_size=patch * 4, patch_size=patch, width=128, num_blocks=2,
-                      layers_per_block=1, head_dim=64, nvp=name.startswith("afhq"),
-                      num_classes=3 if name.startswith("afhq") else 0)
+    cfg = ModelConfig(
+        in_channels=channels,
+        img_size=patch * 4,
+        patch_size=patch,
+        width=128,
+        num_blocks=2,
+        layers_per_block=1,
+        head_dim=64,
+        nvp=name.startswith("afhq"),
+        num_classes=3 if name.startswith("afhq") else 0,
+    )
     torch.save(_reference_state(cfg), tmp_path / name)
     info = read_info(tmp_path / name)
     assert info.config == cfg and info.noise == noise
@@ -127,8 +160,17 @@ def test_reference_file_names_give_patch_size_and_noise(tmp_path, name, patch, c
 
 def test_published_afhq_architecture_is_read_off_shapes_and_name(tmp_path):
     """afhq_model_8_768_8_8_0.07.pth: patch 8, width 768, 8x8, noise 0.07, 3 classes, 256x256 (shapes only)."""
-    cfg = ModelConfig(in_channels=3, img_size=256, patch_size=8, width=768, num_blocks=8, layers_per_block=8,
-                      head_dim=64, nvp=True, num_classes=3)
+    cfg = ModelConfig(
+        in_channels=3,
+        img_size=256,
+        patch_size=8,
+        width=768,
+        num_blocks=8,
+        layers_per_block=8,
+        head_dim=64,
+        nvp=True,
+        num_classes=3,
+    )
     T, D, W = cfg.num_patches, cfg.token_dim, cfg.width
     state = {"var": torch.ones(T, D)}
     for i in range(8):  # zero-stride tensors: the real shapes without the 1.8 GB of memory
@@ -154,9 +196,15 @@ def test_pickled_object_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content,says", [(b"", "is empty"), (b"not a torch file at all", "not a PyTorch file"),
-                                          (b"PK\x03\x04truncated zip", "not a readable PyTorch state dict"),
-                                          (b'{"json": 1}', "not a PyTorch file")])
+@pytest.mark.parametrize(
+    "content,says",
+    [
+        (b"", "is empty"),
+        (b"not a torch file at all", "not a PyTorch file"),
+        (b"PK\x03\x04truncated zip", "not a readable PyTorch state dict"),
+        (b'{"json": 1}', "not a PyTorch file"),
+    ],
+)
 def test_corrupt_pth_is_a_clear_error(tmp_path, content, says):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)
@@ -195,8 +243,17 @@ def test_missing_and_non_checkpoint_paths(tmp_path):
 
 
 def test_wrapper_prefixes_in_any_order_are_stripped(tmp_path):
-    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, width=64, num_blocks=2, layers_per_block=1,
-                      head_dim=64, nvp=True, num_classes=2)
+    cfg = ModelConfig(
+        in_channels=1,
+        img_size=8,
+        patch_size=4,
+        width=64,
+        num_blocks=2,
+        layers_per_block=1,
+        head_dim=64,
+        nvp=True,
+        num_classes=2,
+    )
     state = _reference_state(cfg)
     for prefix in ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."):
         torch.save({prefix + k: v for k, v in state.items()}, tmp_path / "m.pth")
@@ -204,8 +261,17 @@ def test_wrapper_prefixes_in_any_order_are_stripped(tmp_path):
 
 
 def test_info_refuses_weights_that_do_not_fit_the_architecture(tmp_path):
-    cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, width=64, num_blocks=2, layers_per_block=1,
-                      head_dim=64, nvp=True, num_classes=0)
+    cfg = ModelConfig(
+        in_channels=1,
+        img_size=8,
+        patch_size=4,
+        width=64,
+        num_blocks=2,
+        layers_per_block=1,
+        head_dim=64,
+        nvp=True,
+        num_classes=0,
+    )
     state = _reference_state(cfg)
     state["blocks.0.extra"] = torch.ones(2)
     torch.save(state, tmp_path / "extra.pth")
@@ -232,19 +298,25 @@ def test_channels_and_patch_from_the_token_size_alone(tmp_path, channels, patch)
     assert read_info(tmp_path / "weights.pth").config == cfg
 
 
-@pytest.mark.parametrize("change,says", [
-    (dict(tokens=12), "12 tokens do not form a square image"),
-    (dict(token_dim=8), "cannot tell channels and patch size from token size 8; give the patch size"),
-    (dict(width=96), "width 96 is not a multiple of the reference head size 64"),
-    (dict(out=5), "proj_out has 5 outputs, expected 4 (VP) or 8 (NVP)"),
-    (dict(drop="var"), "no tensor 'var'"),
-])
+@pytest.mark.parametrize(
+    "change,says",
+    [
+        (dict(tokens=12), "12 tokens do not form a square image"),
+        (dict(token_dim=8), "cannot tell channels and patch size from token size 8; give the patch size"),
+        (dict(width=96), "width 96 is not a multiple of the reference head size 64"),
+        (dict(out=5), "proj_out has 5 outputs, expected 4 (VP) or 8 (NVP)"),
+        (dict(drop="var"), "no tensor 'var'"),
+    ],
+)
 def test_reference_shapes_that_fit_no_model_are_one_sentence(tmp_path, change, says):
     T, D, W = change.get("tokens", 9), change.get("token_dim", 4), change.get("width", 64)
-    state = {"var": torch.ones(T, D), "blocks.0.proj_in.weight": torch.zeros(W, D),
-             "blocks.0.pos_embed": torch.zeros(T, W),
-             "blocks.0.attn_blocks.0.mlp.main.0.weight": torch.zeros(4 * W, W),
-             "blocks.0.proj_out.weight": torch.zeros(change.get("out", 2 * D), W)}
+    state = {
+        "var": torch.ones(T, D),
+        "blocks.0.proj_in.weight": torch.zeros(W, D),
+        "blocks.0.pos_embed": torch.zeros(T, W),
+        "blocks.0.attn_blocks.0.mlp.main.0.weight": torch.zeros(4 * W, W),
+        "blocks.0.proj_out.weight": torch.zeros(change.get("out", 2 * D), W),
+    }
     state.pop(change.get("drop", ""), None)
     torch.save(state, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="odd.pth") as err:
@@ -265,14 +337,21 @@ def test_a_patch_size_clashing_with_the_file_name_is_refused(tmp_path):
 def test_a_name_disagreeing_with_the_tensors_says_both(tmp_path):
     cfg = ModelConfig(in_channels=1, img_size=12, patch_size=4, **SMALL)
     torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_2_1_0.10.pth")
-    with pytest.raises(CheckpointError, match="names width 64, 2 blocks, 1 layer per block but its tensors "
-                                              "hold width 64, 1 block, 1 layer per block"):
+    with pytest.raises(
+        CheckpointError,
+        match="names width 64, 2 blocks, 1 layer per block but its tensors hold width 64, 1 block, 1 layer per block",
+    ):
         read_info(tmp_path / "mnist_model_4_64_2_1_0.10.pth")
 
 
-@pytest.mark.parametrize("name,source", [("imagenet-64_model_4_64_1_1_0.05.pth", "imagenet-64"),
-                                         ("my_faces_model_4_64_1_1_uniform.pt", "my_faces"),
-                                         ("model_4_64_1_1_0.05.pth", None)])
+@pytest.mark.parametrize(
+    "name,source",
+    [
+        ("imagenet-64_model_4_64_1_1_0.05.pth", "imagenet-64"),
+        ("my_faces_model_4_64_1_1_uniform.pt", "my_faces"),
+        ("model_4_64_1_1_0.05.pth", None),
+    ],
+)
 def test_the_whole_dataset_part_of_the_name_is_the_source(tmp_path, name, source):
     cfg = ModelConfig(in_channels=3, img_size=8, patch_size=4, **SMALL)
     torch.save(_reference_state(cfg), tmp_path / name)
@@ -281,11 +360,19 @@ def test_the_whole_dataset_part_of_the_name_is_the_source(tmp_path, name, source
 
 
 def test_the_published_optimizer_file_is_named_as_such(tmp_path):
-    opt = {"optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
-                         "param_groups": [{"lr": 1e-4, "params": [0]}]}, "lr_schedule": {"counter": 5}}
+    opt = {
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+            "param_groups": [{"lr": 1e-4, "params": [0]}],
+        },
+        "lr_schedule": {"counter": 5},
+    }
     torch.save(opt, tmp_path / "afhq_opt_8_768_8_8_0.07.pth")
-    with pytest.raises(CheckpointError, match=r"optimizer state, not model weights; give its model file "
-                                              r"\(afhq_model_8_768_8_8_0.07.pth\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"optimizer state, not model weights; give its model file "
+        r"\(afhq_model_8_768_8_8_0.07.pth\)",
+    ):
         load_checkpoint(tmp_path / "afhq_opt_8_768_8_8_0.07.pth")
 
 
@@ -306,13 +393,23 @@ def test_the_published_trainers_log_folder_names_the_weights_in_it(tmp_path):
     cfg = ModelConfig(in_channels=1, img_size=8, patch_size=4, **SMALL)
     torch.save(_reference_state(cfg), tmp_path / "mnist_model_4_64_1_1_0.10.pth")
     torch.save({"optimizer": {}, "lr_schedule": {}}, tmp_path / "mnist_opt_4_64_1_1_0.10.pth")
-    with pytest.raises(CheckpointError, match=r"reference .pth file; it holds mnist_model_4_64_1_1_0.10.pth: "
-                                              r"give the file$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"reference .pth file; it holds mnist_model_4_64_1_1_0.10.pth: "
+        r"give the file$",
+    ):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["mnist_model_4_64_1_1_0.10.pth.1", "mnist_model_4_64_1_1_0.10 (1).pth",
-                                  "mnist_model_4_64_1_1_0.10-2.pth", "mnist_model_4_64_1_1_0.10.pt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mnist_model_4_64_1_1_0.10.pth.1",
+        "mnist_model_4_64_1_1_0.10 (1).pth",
+        "mnist_model_4_64_1_1_0.10-2.pth",
+        "mnist_model_4_64_1_1_0.10.pt",
+    ],
+)
 def test_downloaded_copies_keep_the_noise_the_name_gives(tmp_path, name):
     """wget saves a second download as .pth.1, browsers as ' (1)' / '-1': the noise std (which turns
     denoising on) and patch size are still read."""
@@ -323,11 +420,24 @@ def test_downloaded_copies_keep_the_noise_the_name_gives(tmp_path, name):
     assert info.data["source"] == "mnist"
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(in_channels=3, img_size=8, patch_size=2, width=64, num_blocks=3, layers_per_block=2, head_dim=32,
-                expansion=2, nvp=True, num_classes=5),
-    ModelConfig(in_channels=1, img_size=12, patch_size=4, width=64, num_blocks=1, layers_per_block=1, nvp=False),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(
+            in_channels=3,
+            img_size=8,
+            patch_size=2,
+            width=64,
+            num_blocks=3,
+            layers_per_block=2,
+            head_dim=32,
+            expansion=2,
+            nvp=True,
+            num_classes=5,
+        ),
+        ModelConfig(in_channels=1, img_size=12, patch_size=4, width=64, num_blocks=1, layers_per_block=1, nvp=False),
+    ],
+)
 def test_state_shapes_are_the_models(cfg):
     from tarflow_core.model import state_shapes
 
@@ -373,8 +483,10 @@ def test_the_resume_state_file_means_its_checkpoint(tmp_path):
     not a reference file 'holding optimizer state'."""
     model = tiny_model(dtype=torch.float32)
     path = save_checkpoint(tmp_path / "ck", model)
-    torch.save({"format": "tarflow-train-state", "optimizer": {"state": {}, "param_groups": []}, "step": 3},
-               path / "train_state.pt")
+    torch.save(
+        {"format": "tarflow-train-state", "optimizer": {"state": {}, "param_groups": []}, "step": 3},
+        path / "train_state.pt",
+    )
     assert resolve_checkpoint(path / "train_state.pt") == path
     assert load_checkpoint(path / "train_state.pt")[1].kind == "native"
 
@@ -386,7 +498,9 @@ def test_weights_holding_nan_are_refused_by_name(tmp_path):
     state = _reference_state(cfg)
     state["blocks.0.attn_blocks.0.mlp.main.0.weight"][3, 4] = float("nan")
     torch.save(state, tmp_path / "mnist_model_4_64_1_1_0.10.pth")
-    with pytest.raises(CheckpointError, match=r"hold NaN or infinite values \(blocks.0.attn_blocks.0.mlp.main.0.weight\)"):
+    with pytest.raises(
+        CheckpointError, match=r"hold NaN or infinite values \(blocks.0.attn_blocks.0.mlp.main.0.weight\)"
+    ):
         load_checkpoint(tmp_path / "mnist_model_4_64_1_1_0.10.pth")
     state = _reference_state(ModelConfig(in_channels=1, img_size=8, patch_size=4, nvp=False, **SMALL))
     state["var"][0, 0] = 0.0

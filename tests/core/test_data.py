@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tarflow_core.data import (DataError, ResumableSampler, detect_kind, make_loader, open_dataset,
-                               read_idx)
+from tarflow_core.data import DataError, ResumableSampler, detect_kind, make_loader, open_dataset, read_idx
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool = False) -> Path:
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
@@ -45,6 +45,7 @@ def save_png(path: Path, arr: np.ndarray) -> None:
 
 # ---------------------------------------------------------------- digits
 
+
 def test_digits_splits_shapes_labels():
     train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
     assert len(train) + len(test) == 1797
@@ -69,6 +70,7 @@ def test_digits_resize_and_channels():
 
 
 # ---------------------------------------------------------------- IDX
+
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_folder_split_and_labels(tmp_path, gz):
@@ -112,6 +114,7 @@ def test_idx_label_count_mismatch(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR
 
+
 def write_cifar10(root: Path, rng, per_batch=4, batches=2) -> dict:
     root.mkdir(parents=True)
     truth = {}
@@ -119,12 +122,14 @@ def write_cifar10(root: Path, rng, per_batch=4, batches=2) -> dict:
         data = rand_u8(rng, per_batch, 3 * 32 * 32)
         labels = rng.integers(0, 10, per_batch).tolist()
         with open(root / name, "wb") as fh:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
-                         b"filenames": [b"x.png"] * per_batch}, fh, protocol=2)
+            pickle.dump(
+                {b"batch_label": name.encode(), b"data": data, b"labels": labels, b"filenames": [b"x.png"] * per_batch},
+                fh,
+                protocol=2,
+            )
         truth[name] = (data, labels)
     with open(root / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [f"c{k}".encode() for k in range(10)],
-                     b"num_vis": 3072}, fh)
+        pickle.dump({b"label_names": [f"c{k}".encode() for k in range(10)], b"num_vis": 3072}, fh)
     return truth
 
 
@@ -150,8 +155,11 @@ def test_cifar100_fine_labels(tmp_path):
     root.mkdir()
     for name, n in (("train", 6), ("test", 2)):
         with open(root / name, "wb") as fh:  # default protocol, str keys
-            pickle.dump({"data": rand_u8(rng, n, 3072), "fine_labels": [99] * n,
-                         "coarse_labels": [1] * n}, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(
+                {"data": rand_u8(rng, n, 3072), "fine_labels": [99] * n, "coarse_labels": [1] * n},
+                fh,
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
     with open(root / "meta", "wb") as fh:
         pickle.dump({"fine_label_names": [f"f{k}" for k in range(100)]}, fh)
     ds = open_dataset(str(root))
@@ -184,6 +192,7 @@ def test_cifar_malicious_pickle_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- arrays
+
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
 def test_npz_layouts(tmp_path, layout):
@@ -228,6 +237,7 @@ def test_imagenet_rows_one_based(tmp_path):
 
 
 # ---------------------------------------------------------------- folders
+
 
 def test_class_folder_with_corrupt_image(tmp_path):
     rng = np.random.default_rng(7)
@@ -281,6 +291,7 @@ def test_folder_resize_center_crop_and_flip(tmp_path):
 
 def _jpeg_bytes(rng, side=32) -> bytes:
     import io
+
     buf = io.BytesIO()
     Image.fromarray(rand_u8(rng, side, side, 3)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -344,6 +355,7 @@ def test_imagenet_folder_class_count_same_in_both_splits(tmp_path):
 
 # ---------------------------------------------------------------- bad sources
 
+
 def test_bad_sources(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match=f"{missing} does not exist.*digits"):
@@ -375,6 +387,7 @@ def test_bad_sources(tmp_path):
 
 
 # ---------------------------------------------------------------- sampler / loader
+
 
 def test_sampler_deterministic_and_epochs_differ():
     a, b = ResumableSampler(100, seed=3), ResumableSampler(100, seed=3)
@@ -421,8 +434,7 @@ def test_loader_resume_matches_uninterrupted():
     state = first.state_dict()
     assert (state["epoch"], state["index"]) == (1, 512)
     assert first.state_dict(include_last=False)["index"] == 256
-    resumed = make_loader(ds, batch_size=256, seed=5, start_epoch=state["epoch"],
-                          start_index=state["index"])
+    resumed = make_loader(ds, batch_size=256, seed=5, start_epoch=state["epoch"], start_index=state["index"])
     got += list(resumed)
     assert len(got) == len(batches) and resumed.epoch == 2
     for (x1, y1), (x2, y2) in zip(got, batches):

@@ -13,6 +13,7 @@ from .test_data import all_items, rand_u8, save_png, write_idx
 
 # ---------------------------------------------------------------- MNIST-format IDX
 
+
 def test_idx_folder_with_only_the_train_files_holds_out_a_fixed_fraction(tmp_path):
     """Only train-images/train-labels downloaded: the source has no split of its own, so the
     test split is the fixed held-out fraction of it (as for the single file), not an error."""
@@ -48,7 +49,6 @@ def test_idx_impossible_header_size_reported_exactly(tmp_path):
         open_dataset(str(f))
 
 
-
 @pytest.mark.parametrize("with_flat_copies", [False, True])
 def test_idx_kaggle_layout_folder_per_file(tmp_path, with_flat_copies):
     """Kaggle's MNIST: each file inside a folder of the same name (train-images-idx3-ubyte/
@@ -56,8 +56,10 @@ def test_idx_kaggle_layout_folder_per_file(tmp_path, with_flat_copies):
     The labels must be found (they were silently dropped: an unconditional run), and the copies
     are the same data, not an ambiguity."""
     rng = np.random.default_rng(13)
-    data = {"train": (rand_u8(rng, 10, 5, 5), rng.integers(0, 10, 10)),
-            "t10k": (rand_u8(rng, 4, 5, 5), np.array([1, 2, 3, 4]))}
+    data = {
+        "train": (rand_u8(rng, 10, 5, 5), rng.integers(0, 10, 10)),
+        "t10k": (rand_u8(rng, 4, 5, 5), np.array([1, 2, 3, 4])),
+    }
     for prefix, (x, y) in data.items():
         for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
             name = f"{prefix}-{kind}-ubyte"
@@ -80,7 +82,9 @@ def test_idx_macos_resource_forks_ignored(tmp_path):
         (tmp_path / f"._{prefix}-images-idx3-ubyte").write_bytes(b"\0\x05\x16\x07" + bytes(60))
     assert len(open_dataset(str(tmp_path), "train")) == 6 and len(open_dataset(str(tmp_path), "test")) == 2
 
+
 # ---------------------------------------------------------------- downsampled ImageNet
+
 
 def _imagenet_batch(path, rng, n, side=4, lo=1):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +97,10 @@ def test_imagenet_download_folders_under_one_parent(tmp_path):
     """As the zips unpack: Imagenet64_train_part1_npz/ (batches 1-5), ..._part2_npz/ (6-10)
     and Imagenet64_val_npz/val_data.npz; the parent is the whole data set, own split."""
     rng = np.random.default_rng(2)
-    parts = [_imagenet_batch(tmp_path / f"Imagenet64_train_part{1 + (k > 5)}_npz" / f"train_data_batch_{k}.npz", rng, 3)
-             for k in (1, 2, 6, 10)]
+    parts = [
+        _imagenet_batch(tmp_path / f"Imagenet64_train_part{1 + (k > 5)}_npz" / f"train_data_batch_{k}.npz", rng, 3)
+        for k in (1, 2, 6, 10)
+    ]
     val_x, val_y = _imagenet_batch(tmp_path / "Imagenet64_val_npz" / "val_data.npz", rng, 4)
     assert detect_kind(str(tmp_path)) == "imagenet-npz"
     train, test = open_dataset(str(tmp_path), "train"), open_dataset(str(tmp_path), "val")
@@ -125,6 +131,7 @@ def test_imagenet_two_data_sets_in_one_parent_refused(tmp_path):
 
 # ---------------------------------------------------------------- image folders
 
+
 def test_folder_exif_rotated_jpeg_is_used_upright(tmp_path):
     """A phone photo: pixels stored landscape (left half white), EXIF orientation 6 (turn 90
     degrees clockwise to view). Viewers show it portrait with the white half on top; so must
@@ -146,6 +153,7 @@ def test_folder_exif_rotated_jpeg_is_used_upright(tmp_path):
 
 
 # ---------------------------------------------------------------- .npz arrays
+
 
 def test_npz_keras_mnist_keys_give_the_own_split(tmp_path):
     """Keras's mnist.npz: x_train (N, 28, 28) uint8, y_train, x_test, y_test."""
@@ -206,8 +214,15 @@ def test_folder_links_followed_broken_links_counted_hidden_folders_ignored(tmp_p
     _png(root / "dog" / ".thumbnails" / "t.png", rng)  # hidden folder: not data
     ds = open_dataset(str(root), "all")
     names = sorted(f.relative_to(root).as_posix() for f in ds.files)
-    assert names == ["cat/0.png", "cat/1.png", "cat/more/0.png", "cat/more/1.png", "cat/more/2.png",
-                     "dog/0.png", "dog/1.png"]
+    assert names == [
+        "cat/0.png",
+        "cat/1.png",
+        "cat/more/0.png",
+        "cat/more/1.png",
+        "cat/more/2.png",
+        "dog/0.png",
+        "dog/1.png",
+    ]
     assert ds.labels.tolist() == [0] * 5 + [1] * 2 and ds.skipped == 1
 
 
@@ -255,8 +270,16 @@ def test_folder_transparent_pixels_are_white_whatever_colour_they_hide(tmp_path)
         assert x[:, 4, 4].tolist() == [0, 0, 255]  # the opaque pixels as they are
 
 
-@pytest.mark.parametrize("shape,layout", [((5, 4, 4, 3), "NHWC"), ((5, 3, 4, 4), "NCHW"), ((5, 3, 3, 1), "NHWC"),
-                                          ((5, 1, 3, 3), "NCHW"), ((5, 3, 3, 3), "NCHW")])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((5, 4, 4, 3), "NHWC"),
+        ((5, 3, 4, 4), "NCHW"),
+        ((5, 3, 3, 1), "NHWC"),
+        ((5, 1, 3, 3), "NCHW"),
+        ((5, 3, 3, 3), "NCHW"),
+    ],
+)
 def test_npy_small_ambiguous_shapes_read_as_square_images(tmp_path, shape, layout):
     """Both axis 1 and the last could be channels: the reading that gives square images wins;
     when both do (N, 3, 3, 3), NCHW."""
@@ -268,6 +291,7 @@ def test_npy_small_ambiguous_shapes_read_as_square_images(tmp_path, shape, layou
 
 
 # ---------------------------------------------------------------- CIFAR python batches
+
 
 @pytest.mark.parametrize("protocol", [0, 2, 5])
 def test_cifar_batches_rewritten_with_numpy_integer_labels(tmp_path, protocol):
@@ -290,8 +314,10 @@ def test_cifar_scalar_cannot_smuggle_objects(tmp_path):
     """Allowing numpy scalars must not allow scalar(dtype('O'), obj), which hands back obj."""
     from tarflow_core.data import safe_load_pickle
 
-    stream = (b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00O8K\x00K\x01\x87R"
-              b"X\x03\x00\x00\x00abc\x86R.")
+    stream = (
+        b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00O8K\x00K\x01\x87R"
+        b"X\x03\x00\x00\x00abc\x86R."
+    )
     (tmp_path / "data_batch_1").write_bytes(stream)
     with pytest.raises(DataError, match=r"refused to load this pickle \(numpy scalar of dtype\('O'\)"):
         safe_load_pickle(tmp_path / "data_batch_1")
@@ -329,13 +355,22 @@ def test_folder_imagenet_as_shipped_trains_from_train_and_explains_val(tmp_path)
         _png(tmp_path / "val" / f"ILSVRC2012_val_{k:08d}.png", rng)
     train = open_dataset(str(tmp_path), "train")
     assert len(train) == 6 and train.class_names == ["n01440764", "n01443537"]
-    with pytest.raises(DataError, match=r"val/ holds images without class sub-folders but train/ has them.*"
-                                        r"give --data .*train alone"):
+    with pytest.raises(
+        DataError,
+        match=r"val/ holds images without class sub-folders but train/ has them.*"
+        r"give --data .*train alone",
+    ):
         open_dataset(str(tmp_path), "test")
 
 
-@pytest.mark.parametrize("dtype,hint", [(np.float32, r"\(x \* 255\).round\(\).astype\(np.uint8\)"),
-                                        (np.int16, r"x.astype\(np.uint8\)"), (np.uint16, r"\(x / 257\)")])
+@pytest.mark.parametrize(
+    "dtype,hint",
+    [
+        (np.float32, r"\(x \* 255\).round\(\).astype\(np.uint8\)"),
+        (np.int16, r"x.astype\(np.uint8\)"),
+        (np.uint16, r"\(x / 257\)"),
+    ],
+)
 def test_npy_not_uint8_says_how_to_convert(tmp_path, dtype, hint):
     np.save(tmp_path / "x.npy", np.zeros((4, 8, 8, 3), dtype))
     want = rf"x.npy: expected uint8 images \(0..255\), got dtype {np.dtype(dtype)}; .*{hint}"
@@ -347,8 +382,11 @@ def test_folder_of_unreadable_files_says_why_for_one(tmp_path):
     (tmp_path / "imgs").mkdir()
     for k in range(2):
         (tmp_path / "imgs" / f"{k}.jpg").write_bytes(b"<html>not found</html>")
-    with pytest.raises(DataError, match=r"none of the 2 image files could be read \(the first, .*0.jpg: "
-                                        r"not an image file Pillow can read\)"):
+    with pytest.raises(
+        DataError,
+        match=r"none of the 2 image files could be read \(the first, .*0.jpg: "
+        r"not an image file Pillow can read\)",
+    ):
         open_dataset(str(tmp_path / "imgs"))
 
 
@@ -396,17 +434,19 @@ def test_cifar_10_and_100_side_by_side_is_ambiguous(tmp_path):
     assert open_dataset(str(c100)).num_classes == 100
 
 
-@pytest.mark.parametrize("folder,name,what", [
-    ("cifar-10-batches-bin", "data_batch_1.bin", "binary version of CIFAR-10"),
-    ("Imagenet32_train", "train_data_batch_1", "pickled version of downsampled"),
-])
+@pytest.mark.parametrize(
+    "folder,name,what",
+    [
+        ("cifar-10-batches-bin", "data_batch_1.bin", "binary version of CIFAR-10"),
+        ("Imagenet32_train", "train_data_batch_1", "pickled version of downsampled"),
+    ],
+)
 def test_versions_not_read_are_named(tmp_path, folder, name, what):
     (tmp_path / folder).mkdir()
     (tmp_path / folder / name).write_bytes(b"\0" * 64)
     for spec in (tmp_path, tmp_path / folder):
         with pytest.raises(DataError, match=f"{name} is the {what}.*which is not read; use"):
             open_dataset(str(spec))
-
 
 
 def test_folder_float_tiff_in_unit_range_is_scaled(tmp_path):

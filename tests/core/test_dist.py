@@ -22,9 +22,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg_for(run_dir, **kw) -> TrainConfig:
-    base = dict(width=32, head_dim=16, blocks=2, layers_per_block=1, batch_size=16, max_steps=8, log_every=4,
-                eval_every=8, sample_every=8, checkpoint_every=4, num_samples=10, eval_images=20, lr=3e-3,
-                nvp=False, ema=0.9, run_dir=str(run_dir), device="cpu")
+    base = dict(
+        width=32,
+        head_dim=16,
+        blocks=2,
+        layers_per_block=1,
+        batch_size=16,
+        max_steps=8,
+        log_every=4,
+        eval_every=8,
+        sample_every=8,
+        checkpoint_every=4,
+        num_samples=10,
+        eval_images=20,
+        lr=3e-3,
+        nvp=False,
+        ema=0.9,
+        run_dir=str(run_dir),
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,12 +52,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import tarflow_core.train as T
 
     if rank != 0:  # any write from another rank fails the run
+
         def refuse(*a, **k):
             raise AssertionError(f"rank {rank} tried to write")
 
@@ -76,8 +94,9 @@ def test_two_gloo_processes_match_one(tmp_path):
     single = train(cfg_for(tmp_path / "one"))
     assert single.status == "finished"
     cfg = cfg_for(tmp_path / "two")
-    mp.start_processes(_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     for r in (0, 1):
         assert torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["status"] == "finished"
     a = load_file(str(single.checkpoint / "model.safetensors"))
@@ -106,8 +125,14 @@ def test_batch_must_split_across_ranks(tmp_path):
     from tarflow_core.dist import DistInfo
     from tarflow_core.train import SetupError, _Trainer
 
-    trainer = _Trainer(cfg_for(tmp_path / "odd", batch_size=15), DistInfo(0, 2, 0, torch.device("cpu"), "gloo"),
-                       None, None, False, None)
+    trainer = _Trainer(
+        cfg_for(tmp_path / "odd", batch_size=15),
+        DistInfo(0, 2, 0, torch.device("cpu"), "gloo"),
+        None,
+        None,
+        False,
+        None,
+    )
     with pytest.raises(SetupError, match="multiple of the number of processes"):
         trainer.setup()
     assert not (tmp_path / "odd").exists()
@@ -117,11 +142,39 @@ def test_batch_must_split_across_ranks(tmp_path):
 def test_torchrun_cli_two_processes(tmp_path):
     """The documented launch form: torchrun ... -m tarflow_cli train ..."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "--master_port", str(free_port()),
-           "-m", "tarflow_cli", "train", "--width", "32", "--head-dim", "16", "--blocks", "2",
-           "--layers-per-block", "1", "--batch-size", "16", "--max-steps", "4", "--log-every", "2",
-           "--eval-every", "0", "--sample-every", "0", "--device", "cpu", "--ui", "plain",
-           "--run-dir", str(tmp_path / "run")]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node=2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tarflow_cli",
+        "train",
+        "--width",
+        "32",
+        "--head-dim",
+        "16",
+        "--blocks",
+        "2",
+        "--layers-per-block",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "4",
+        "--log-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        "--ui",
+        "plain",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines() == [str(tmp_path / "run")]  # rank 0 only
@@ -140,8 +193,9 @@ def test_torchrun_cli_two_processes(tmp_path):
 
 
 def _dying_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import tarflow_core.train as T
 
@@ -158,8 +212,9 @@ def test_a_rank_that_dies_ends_the_run_cleanly_on_rank_0(tmp_path):
     """Rank 1 dies mid-run: rank 0 does not hang or raise a gloo traceback; it ends the run
     "failed" with a reason that says what happened, and the last checkpoint stays."""
     cfg = cfg_for(tmp_path / "run", max_steps=40, log_every=1, checkpoint_every=4, eval_every=0, sample_every=0)
-    ctx = mp.start_processes(_dying_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _dying_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     ctx.processes[0].join(timeout=120)
     alive = ctx.processes[0].is_alive()
     for p in ctx.processes:

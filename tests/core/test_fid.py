@@ -7,9 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from tarflow_core.metrics import (RunningStats, SampleCache, SampleCacheError, StatsError, feature_stats,
-                                  fid_from_stats, frechet_distance, image_stats, load_stats, sample_shards, save_stats, sqrtm_psd,
-                                  to_uint8, trace_sqrt_product)
+from tarflow_core.metrics import (
+    RunningStats,
+    SampleCache,
+    SampleCacheError,
+    StatsError,
+    feature_stats,
+    fid_from_stats,
+    frechet_distance,
+    image_stats,
+    load_stats,
+    sample_shards,
+    save_stats,
+    sqrtm_psd,
+    to_uint8,
+    trace_sqrt_product,
+)
 from tests.conftest import tiny_model
 
 
@@ -87,7 +100,7 @@ def test_streaming_statistics_equal_one_shot_statistics():
     stats = RunningStats(20)
     start = 0
     for size in (1, 7, 300, 2, 690):
-        stats.update(torch.from_numpy(f[start:start + size]))  # tensors or arrays
+        stats.update(torch.from_numpy(f[start : start + size]))  # tensors or arrays
         start += size
     mu, sigma = stats.result()
     assert stats.n == 1000
@@ -103,12 +116,15 @@ def test_image_stats_streams_batches_through_a_feature_network():
     net = lambda x: x.float().flatten(1)[:, :2048]  # noqa: E731 - a stand-in "network"
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     seen = []
-    stats = image_stats(net, (images[i:i + 4] for i in range(0, 10, 4)), total=10, on_batch=lambda d, t: seen.append(d))
+    stats = image_stats(
+        net, (images[i : i + 4] for i in range(0, 10, 4)), total=10, on_batch=lambda d, t: seen.append(d)
+    )
     mu, sigma = feature_stats(images.float().flatten(1)[:, :2048])
     assert seen == [4, 8, 10] and np.allclose(stats.mu, mu) and np.allclose(stats.sigma, sigma)
 
 
 # ------------------------------------------------------------------------------------ stats files
+
 
 def test_stats_files_round_trip_and_interoperate(tmp_path):
     rng = np.random.default_rng(0)
@@ -126,13 +142,16 @@ def test_stats_files_round_trip_and_interoperate(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("arrays, match", [
-    (dict(mu=np.zeros(64), sigma=np.eye(64)), r"mu has shape \(64,\).*expected \(2048,\) and \(2048, 2048\)"),
-    (dict(mu=np.zeros(2048), sigma=np.eye(2048)[:100]), "sigma \\(100, 2048\\)"),
-    (dict(m=np.zeros(2048), s=np.eye(2048)), "expected arrays 'mu' and 'sigma'"),
-    (dict(mu=np.full(2048, np.nan), sigma=np.eye(2048)), "non-finite"),
-    (dict(mu=np.zeros(2048), sigma=np.triu(np.ones((2048, 2048)))), "not symmetric"),
-])
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        (dict(mu=np.zeros(64), sigma=np.eye(64)), r"mu has shape \(64,\).*expected \(2048,\) and \(2048, 2048\)"),
+        (dict(mu=np.zeros(2048), sigma=np.eye(2048)[:100]), "sigma \\(100, 2048\\)"),
+        (dict(m=np.zeros(2048), s=np.eye(2048)), "expected arrays 'mu' and 'sigma'"),
+        (dict(mu=np.full(2048, np.nan), sigma=np.eye(2048)), "non-finite"),
+        (dict(mu=np.zeros(2048), sigma=np.triu(np.ones((2048, 2048)))), "not symmetric"),
+    ],
+)
 def test_bad_stats_files_are_refused_with_the_reason(tmp_path, arrays, match):
     p = tmp_path / "bad.npz"
     np.savez(p, **arrays)
@@ -172,20 +191,25 @@ def test_sample_shards_are_deterministic_and_resumable(tmp_path):
     assert not any(s.cached for s in first)
     assert all(torch.equal(a.images, b.images) for a, b in zip(plain, first))  # cache or not: same samples
     assert sorted(p.name for p in (tmp_path / "cache").glob("shard-*.npz")) == [
-        "shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+        "shard-000000.npz",
+        "shard-000001.npz",
+        "shard-000002.npz",
+    ]
     with np.load(tmp_path / "cache" / "shard-000000.npz") as z:  # the layout FID tools read
         assert z["arr_0"].shape == (4, 4, 4, 1) and z["arr_0"].dtype == np.uint8
 
     # an interrupted run: shard 1 never got written; the restart reuses 0 and 2 and redraws 1
     (tmp_path / "cache" / "shard-000001.npz").unlink()
-    resumed = collect(sample_shards(model, 10, seed=4, batch_size=3, shard_size=4,
-                                    cache=SampleCache(tmp_path / "cache", SETTINGS)))
+    resumed = collect(
+        sample_shards(model, 10, seed=4, batch_size=3, shard_size=4, cache=SampleCache(tmp_path / "cache", SETTINGS))
+    )
     assert [s.cached for s in resumed] == [True, False, True]
     assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(plain, resumed))
     # a damaged shard is drawn again rather than trusted
     (tmp_path / "cache" / "shard-000002.npz").write_bytes(b"half a file")
-    again = collect(sample_shards(model, 10, seed=4, batch_size=3, shard_size=4,
-                                  cache=SampleCache(tmp_path / "cache", SETTINGS)))
+    again = collect(
+        sample_shards(model, 10, seed=4, batch_size=3, shard_size=4, cache=SampleCache(tmp_path / "cache", SETTINGS))
+    )
     assert [s.cached for s in again] == [True, True, False]
     assert torch.equal(again[2].images, plain[2].images)
 

@@ -10,8 +10,12 @@ from tarflow_core.likelihood import log_prob
 from tarflow_core.sampling import invert_block, sample
 from tests.conftest import tiny_model
 
-MODES = [dict(nvp=True, num_classes=0), dict(nvp=False, num_classes=0),
-         dict(nvp=True, num_classes=3), dict(nvp=False, num_classes=3)]
+MODES = [
+    dict(nvp=True, num_classes=0),
+    dict(nvp=False, num_classes=0),
+    dict(nvp=True, num_classes=3),
+    dict(nvp=False, num_classes=3),
+]
 IDS = ["nvp-uncond", "vp-uncond", "nvp-cond", "vp-cond"]
 
 
@@ -102,8 +106,13 @@ def _invert_by_recomputing(block, x, y, guidance=0.0, guide_what="ab", attn_temp
     return block.order(xo)
 
 
-GUIDED = [dict(), dict(guidance=2.0, guide_what="ab"), dict(guidance=1.0, guide_what="b", annealed=True),
-          dict(guidance=1.5, guide_what="a", attn_temp=0.5), dict(guidance=1.5, attn_temp=0.5, annealed=True)]
+GUIDED = [
+    dict(),
+    dict(guidance=2.0, guide_what="ab"),
+    dict(guidance=1.0, guide_what="b", annealed=True),
+    dict(guidance=1.5, guide_what="a", attn_temp=0.5),
+    dict(guidance=1.5, attn_temp=0.5, annealed=True),
+]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=IDS)
@@ -159,8 +168,12 @@ def test_bpd_and_redraws_follow_the_model_dtype(monkeypatch):
         return out
 
     monkeypatch.setattr(sampling, "sample", flaky)
-    result = sampling.generate(model, 2, generator=torch.Generator().manual_seed(0),
-                               noise=torch.randn(2, c.num_patches, c.token_dim, dtype=torch.float64))
+    result = sampling.generate(
+        model,
+        2,
+        generator=torch.Generator().manual_seed(0),
+        noise=torch.randn(2, c.num_patches, c.token_dim, dtype=torch.float64),
+    )
     assert result.redrawn == 1 and torch.isfinite(result.images).all()
 
 
@@ -171,8 +184,7 @@ def test_sampling_sees_weights_swapped_without_a_version_bump():
     noise, y = torch.randn(2, 4, 4, dtype=torch.float64), torch.tensor([0, 2])
     want = sample(source, noise, y, guidance=1.0)
     sample(target, noise, y, guidance=1.0)  # prepares and caches target's own weights
-    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(source.parameters()),
-                                        target.parameters())
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(source.parameters()), target.parameters())
     assert torch.equal(sample(target, noise, y, guidance=1.0), want)
     other = tiny_model(seed=3, num_classes=3)
     sample(other, noise, y, guidance=1.0)
@@ -202,8 +214,11 @@ def test_nll_and_denoise_by_hand(mode):
     assert not out.requires_grad and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("shape", [dict(img_size=2), dict(num_blocks=1), dict(img_size=2, num_blocks=1)],
-                         ids=["one-token", "one-block", "one-token-one-block"])
+@pytest.mark.parametrize(
+    "shape",
+    [dict(img_size=2), dict(num_blocks=1), dict(img_size=2, num_blocks=1)],
+    ids=["one-token", "one-block", "one-token-one-block"],
+)
 @pytest.mark.parametrize("sampler", ["sequential", "jacobi", "gs-jacobi", "auto"])
 def test_every_sampler_inverts_degenerate_shapes(shape, sampler):
     model = tiny_model(var=True, num_classes=3, **shape)

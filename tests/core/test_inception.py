@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from tarflow_core.metrics import inception as inc
-from tarflow_core.metrics.inception import (FIDInceptionV3, InceptionWeightsError, find_weights, load_inception,
-                                            load_weights, preprocess, resize_bilinear_tf1)
+from tarflow_core.metrics.inception import (
+    FIDInceptionV3,
+    InceptionWeightsError,
+    find_weights,
+    load_inception,
+    load_weights,
+    preprocess,
+    resize_bilinear_tf1,
+)
 
 
 def standard_layout() -> dict[str, tuple[int, ...]]:
@@ -22,31 +29,71 @@ def standard_layout() -> dict[str, tuple[int, ...]]:
     the module: every conv is `<name>.conv.weight` (no bias) + `<name>.bn.{weight,bias,running_mean,
     running_var}`, and `fc` maps 2048 features to 1008 classes."""
     convs: dict[str, tuple[int, int, int, int]] = {
-        "Conv2d_1a_3x3": (3, 32, 3, 3), "Conv2d_2a_3x3": (32, 32, 3, 3), "Conv2d_2b_3x3": (32, 64, 3, 3),
-        "Conv2d_3b_1x1": (64, 80, 1, 1), "Conv2d_4a_3x3": (80, 192, 3, 3),
+        "Conv2d_1a_3x3": (3, 32, 3, 3),
+        "Conv2d_2a_3x3": (32, 32, 3, 3),
+        "Conv2d_2b_3x3": (32, 64, 3, 3),
+        "Conv2d_3b_1x1": (64, 80, 1, 1),
+        "Conv2d_4a_3x3": (80, 192, 3, 3),
     }
     for name, cin, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):
-        convs.update({f"{name}.branch1x1": (cin, 64, 1, 1), f"{name}.branch5x5_1": (cin, 48, 1, 1),
-                      f"{name}.branch5x5_2": (48, 64, 5, 5), f"{name}.branch3x3dbl_1": (cin, 64, 1, 1),
-                      f"{name}.branch3x3dbl_2": (64, 96, 3, 3), f"{name}.branch3x3dbl_3": (96, 96, 3, 3),
-                      f"{name}.branch_pool": (cin, pool, 1, 1)})
-    convs.update({"Mixed_6a.branch3x3": (288, 384, 3, 3), "Mixed_6a.branch3x3dbl_1": (288, 64, 1, 1),
-                  "Mixed_6a.branch3x3dbl_2": (64, 96, 3, 3), "Mixed_6a.branch3x3dbl_3": (96, 96, 3, 3)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (cin, 64, 1, 1),
+                f"{name}.branch5x5_1": (cin, 48, 1, 1),
+                f"{name}.branch5x5_2": (48, 64, 5, 5),
+                f"{name}.branch3x3dbl_1": (cin, 64, 1, 1),
+                f"{name}.branch3x3dbl_2": (64, 96, 3, 3),
+                f"{name}.branch3x3dbl_3": (96, 96, 3, 3),
+                f"{name}.branch_pool": (cin, pool, 1, 1),
+            }
+        )
+    convs.update(
+        {
+            "Mixed_6a.branch3x3": (288, 384, 3, 3),
+            "Mixed_6a.branch3x3dbl_1": (288, 64, 1, 1),
+            "Mixed_6a.branch3x3dbl_2": (64, 96, 3, 3),
+            "Mixed_6a.branch3x3dbl_3": (96, 96, 3, 3),
+        }
+    )
     for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
-        convs.update({f"{name}.branch1x1": (768, 192, 1, 1), f"{name}.branch7x7_1": (768, c7, 1, 1),
-                      f"{name}.branch7x7_2": (c7, c7, 1, 7), f"{name}.branch7x7_3": (c7, 192, 7, 1),
-                      f"{name}.branch7x7dbl_1": (768, c7, 1, 1), f"{name}.branch7x7dbl_2": (c7, c7, 7, 1),
-                      f"{name}.branch7x7dbl_3": (c7, c7, 1, 7), f"{name}.branch7x7dbl_4": (c7, c7, 7, 1),
-                      f"{name}.branch7x7dbl_5": (c7, 192, 1, 7), f"{name}.branch_pool": (768, 192, 1, 1)})
-    convs.update({"Mixed_7a.branch3x3_1": (768, 192, 1, 1), "Mixed_7a.branch3x3_2": (192, 320, 3, 3),
-                  "Mixed_7a.branch7x7x3_1": (768, 192, 1, 1), "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
-                  "Mixed_7a.branch7x7x3_3": (192, 192, 7, 1), "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (768, 192, 1, 1),
+                f"{name}.branch7x7_1": (768, c7, 1, 1),
+                f"{name}.branch7x7_2": (c7, c7, 1, 7),
+                f"{name}.branch7x7_3": (c7, 192, 7, 1),
+                f"{name}.branch7x7dbl_1": (768, c7, 1, 1),
+                f"{name}.branch7x7dbl_2": (c7, c7, 7, 1),
+                f"{name}.branch7x7dbl_3": (c7, c7, 1, 7),
+                f"{name}.branch7x7dbl_4": (c7, c7, 7, 1),
+                f"{name}.branch7x7dbl_5": (c7, 192, 1, 7),
+                f"{name}.branch_pool": (768, 192, 1, 1),
+            }
+        )
+    convs.update(
+        {
+            "Mixed_7a.branch3x3_1": (768, 192, 1, 1),
+            "Mixed_7a.branch3x3_2": (192, 320, 3, 3),
+            "Mixed_7a.branch7x7x3_1": (768, 192, 1, 1),
+            "Mixed_7a.branch7x7x3_2": (192, 192, 1, 7),
+            "Mixed_7a.branch7x7x3_3": (192, 192, 7, 1),
+            "Mixed_7a.branch7x7x3_4": (192, 192, 3, 3),
+        }
+    )
     for name, cin in (("Mixed_7b", 1280), ("Mixed_7c", 2048)):
-        convs.update({f"{name}.branch1x1": (cin, 320, 1, 1), f"{name}.branch3x3_1": (cin, 384, 1, 1),
-                      f"{name}.branch3x3_2a": (384, 384, 1, 3), f"{name}.branch3x3_2b": (384, 384, 3, 1),
-                      f"{name}.branch3x3dbl_1": (cin, 448, 1, 1), f"{name}.branch3x3dbl_2": (448, 384, 3, 3),
-                      f"{name}.branch3x3dbl_3a": (384, 384, 1, 3), f"{name}.branch3x3dbl_3b": (384, 384, 3, 1),
-                      f"{name}.branch_pool": (cin, 192, 1, 1)})
+        convs.update(
+            {
+                f"{name}.branch1x1": (cin, 320, 1, 1),
+                f"{name}.branch3x3_1": (cin, 384, 1, 1),
+                f"{name}.branch3x3_2a": (384, 384, 1, 3),
+                f"{name}.branch3x3_2b": (384, 384, 3, 1),
+                f"{name}.branch3x3dbl_1": (cin, 448, 1, 1),
+                f"{name}.branch3x3dbl_2": (448, 384, 3, 3),
+                f"{name}.branch3x3dbl_3a": (384, 384, 1, 3),
+                f"{name}.branch3x3dbl_3b": (384, 384, 3, 1),
+                f"{name}.branch_pool": (cin, 192, 1, 1),
+            }
+        )
     assert len(convs) == 94
     shapes: dict[str, tuple[int, ...]] = {}
     for name, (cin, cout, kh, kw) in convs.items():
@@ -185,6 +232,7 @@ def test_preprocessing_modes():
 
 # ------------------------------------------------------------------------------ finding weights
 
+
 @pytest.fixture
 def empty_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -249,7 +297,9 @@ def test_download_verifies_the_checksum(tmp_path, monkeypatch):
     assert target.read_bytes() == payload
     bad = tmp_path / "bad.pth"
     with pytest.raises(InceptionWeightsError, match="sha256"):
-        inc.download_weights(bad, "https://example.invalid/w.pth", "00000000" if digest[:8] != "00000000" else "11111111")
+        inc.download_weights(
+            bad, "https://example.invalid/w.pth", "00000000" if digest[:8] != "00000000" else "11111111"
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no bad file, no temporary left
 
 

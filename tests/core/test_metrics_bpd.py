@@ -31,8 +31,18 @@ def train_tiny_digits(steps: int = 150, seed: int = 0, num_classes: int = 10) ->
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     try:
         torch.manual_seed(seed)
-        cfg = ModelConfig(in_channels=1, img_size=8, patch_size=2, width=32, num_blocks=2, layers_per_block=1,
-                          head_dim=16, expansion=2, nvp=True, num_classes=num_classes)
+        cfg = ModelConfig(
+            in_channels=1,
+            img_size=8,
+            patch_size=2,
+            width=32,
+            num_blocks=2,
+            layers_per_block=1,
+            head_dim=16,
+            expansion=2,
+            nvp=True,
+            num_classes=num_classes,
+        )
         model = TarFlow(cfg)
         train = open_dataset("digits", "train")
         images = torch.from_numpy(train.images[train.indices])
@@ -61,7 +71,9 @@ def trained_checkpoint() -> Path:
     """The trained conditional digits model as a native checkpoint (trained once per test session)."""
     folder = Path(tempfile.mkdtemp(prefix="tarflow-eval-test-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return save_checkpoint(folder / "digits-cond", train_tiny_digits(), noise={"type": "uniform", "std": None}, step=150)
+    return save_checkpoint(
+        folder / "digits-cond", train_tiny_digits(), noise={"type": "uniform", "std": None}, step=150
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +116,25 @@ def test_dataset_bpd_equals_tarflow_score(trained, test_split, tmp_path):
     labels = np.array([test_split[i][1] for i in range(len(test_split))])
     np.savez(tmp_path / "test.npz", arr_0=images.transpose(0, 2, 3, 1), labels=labels)
     for k in (1, 2):
-        r = CliRunner().invoke(app, ["score", "--ckpt", str(trained_checkpoint()), str(tmp_path / "test.npz"),
-                                     "--format", "jsonl", "--seed", "3", "--batch-size", "64",
-                                     "--dequant-samples", str(k), "--device", "cpu"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "score",
+                "--ckpt",
+                str(trained_checkpoint()),
+                str(tmp_path / "test.npz"),
+                "--format",
+                "jsonl",
+                "--seed",
+                "3",
+                "--batch-size",
+                "64",
+                "--dequant-samples",
+                str(k),
+                "--device",
+                "cpu",
+            ],
+        )
         assert r.exit_code == 0, r.stderr
         scored = np.mean([json.loads(line)["bpd"] for line in r.stdout.splitlines()])
         res = dataset_bpd(model, test_split, batch_size=64, generator=torch.Generator().manual_seed(3), samples=k)

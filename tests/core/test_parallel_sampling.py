@@ -36,8 +36,10 @@ def test_jacobi_run_to_T_iterations_is_exactly_sequential(mode, opts):
 
 @pytest.mark.parametrize("mode", MODES, ids=IDS)
 @pytest.mark.parametrize("opts", GUIDED, ids=GUIDE_IDS)
-@pytest.mark.parametrize("sampler,segments", [("jacobi", None), ("gs-jacobi", 2), ("gs-jacobi", 5),
-                                              ("gs-jacobi", [1, 7]), ("gs-jacobi", None), ("auto", None)])
+@pytest.mark.parametrize(
+    "sampler,segments",
+    [("jacobi", None), ("gs-jacobi", 2), ("gs-jacobi", 5), ("gs-jacobi", [1, 7]), ("gs-jacobi", None), ("auto", None)],
+)
 def test_parallel_samplers_match_sequential_within_tolerance(mode, opts, sampler, segments):
     model = tiny_model(var=True, img_size=8, **mode)
     noise, y = _noise(model)
@@ -101,8 +103,9 @@ def test_parallel_samplers_with_guidance_on_a_batch_of_one(sampler):
     seq = model.sample(noise, y, guidance=1.5, sampler="sequential")
     par = model.sample(noise, y, guidance=1.5, sampler=sampler, tol=0.0)
     assert (par - seq).abs().max() < 1e-10
-    result = generate(model, 3, generator=torch.Generator().manual_seed(0), batch_size=2, sampler=sampler,
-                      guidance=1.0)  # the last batch holds one sample
+    result = generate(
+        model, 3, generator=torch.Generator().manual_seed(0), batch_size=2, sampler=sampler, guidance=1.0
+    )  # the last batch holds one sample
     assert torch.isfinite(result.images).all()
 
 
@@ -113,6 +116,7 @@ def test_labels_out_of_range_are_refused():
         with pytest.raises(ValueError, match=r"labels must be in -1..2"):
             model.sample(noise, bad)
     from tarflow_core.likelihood import nll
+
     with pytest.raises(ValueError, match="labels must be in"):
         c = model.config
         nll(model, torch.zeros(2, c.in_channels, c.img_size, c.img_size, dtype=torch.float64), torch.tensor([5, 0]))

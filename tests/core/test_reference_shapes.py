@@ -28,8 +28,10 @@ BY_FILE = {m["file"]: m for m in MANIFEST}
 MODES = [(m["file"], mode) for m in MANIFEST for mode in m["modes"]]
 # float32 agreement: forward outputs are O(1); samples go through T sequential steps per block
 # (measured: about 1e-6 in float32 and 1e-15 in float64 everywhere)
-TOL = {"f32": dict(z=1e-5, logdet=1e-6, log_prob=1e-3, sample=2e-5, denoised=2e-5),
-       "f64": dict(z=1e-12, logdet=1e-13, log_prob=1e-10, sample=1e-12, denoised=1e-12)}
+TOL = {
+    "f32": dict(z=1e-5, logdet=1e-6, log_prob=1e-3, sample=2e-5, denoised=2e-5),
+    "f64": dict(z=1e-12, logdet=1e-13, log_prob=1e-10, sample=1e-12, denoised=1e-12),
+}
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
 
@@ -132,6 +134,7 @@ def test_denoising_step_matches_autograd_through_the_reference(unpacked, file, t
 
 # ------------------------------------------------------------------- names, extensions, wrappers
 
+
 @pytest.mark.parametrize("file", FILES)
 def test_a_name_without_the_pattern_gives_the_same_model(tmp_path, file):
     """No patch size in the name: channels and patch size from the token size alone."""
@@ -142,8 +145,9 @@ def test_a_name_without_the_pattern_gives_the_same_model(tmp_path, file):
     assert info.noise == {"type": None, "std": None}
 
 
-@pytest.mark.parametrize("name", ["mnist_model_4_64_3_1_0.10.pt", "run3_mnist_model_4_64_3_1_0.10.pth",
-                                  "mnist_model_4_64_3_1_0.10.bin"])
+@pytest.mark.parametrize(
+    "name", ["mnist_model_4_64_3_1_0.10.pt", "run3_mnist_model_4_64_3_1_0.10.pth", "mnist_model_4_64_3_1_0.10.bin"]
+)
 def test_other_extensions_and_dataset_names_keep_patch_and_noise(tmp_path, name):
     path = unpack("mnist_model_4_64_3_1_0.10.pth", tmp_path, name)
     info = read_info(path)
@@ -203,8 +207,9 @@ def test_cli_score_and_sample_reproduce_the_reference(unpacked, tmp_path):
     exp, ckpt = expected_for(file), str(unpacked / file)
     np.save(tmp_path / "x.npy", exp["x"].numpy())
     np.save(tmp_path / "y.npy", exp["y"].numpy())
-    result = _cli(["score", "--ckpt", ckpt, str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
-                   "--format", "jsonl"])
+    result = _cli(
+        ["score", "--ckpt", ckpt, str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--format", "jsonl"]
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     want = (-exp["f32/log_prob"] / (1 * 12 * 12)).tolist()
@@ -212,8 +217,22 @@ def test_cli_score_and_sample_reproduce_the_reference(unpacked, tmp_path):
     np.save(tmp_path / "noise.npy", exp["noise"].numpy())
     for extra, key in ((["--no-denoise", "--guidance", "2"], "f32/sample/g2_ab"), ([], "f32/denoised")):
         out = tmp_path / f"s{len(extra)}.npy"
-        result = _cli(["sample", "--ckpt", ckpt, "--noise", str(tmp_path / "noise.npy"), "--labels",
-                       str(tmp_path / "y.npy"), "--sampler", "sequential", "--out", str(out), *extra])
+        result = _cli(
+            [
+                "sample",
+                "--ckpt",
+                ckpt,
+                "--noise",
+                str(tmp_path / "noise.npy"),
+                "--labels",
+                str(tmp_path / "y.npy"),
+                "--sampler",
+                "sequential",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
         assert result.exit_code == 0, result.output
         # default --denoise is on for a Gaussian-noise checkpoint: one step with the name's std
         assert worst(torch.from_numpy(np.load(out)), exp[key]) < TOL["f32"]["sample"], key

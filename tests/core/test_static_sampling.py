@@ -92,8 +92,14 @@ def test_bf16_jacobi_uses_a_tolerance_bf16_can_reach():
     """bfloat16 rounding keeps Jacobi iterates moving by ~1e-2: the default tolerance follows the
     arithmetic, so the iteration stops early instead of always running to the exact T passes."""
     model = tiny_model(var=True, img_size=8, num_classes=3, dtype=torch.float32)
-    gen = lambda **kw: generate(model, 8, generator=torch.Generator().manual_seed(0), sampler="jacobi",  # noqa: E731
-                                guidance=1.0, **kw)
+    gen = lambda **kw: generate(
+        model,
+        8,
+        generator=torch.Generator().manual_seed(0),
+        sampler="jacobi",  # noqa: E731
+        guidance=1.0,
+        **kw,
+    )
     full, half = gen(), gen(precision="bf16")
     assert full.settings["tol"] == DEFAULT_TOL and half.settings["tol"] == DEFAULT_TOL_HALF
     assert half.settings["precision"] == "bf16"

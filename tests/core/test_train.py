@@ -20,16 +20,29 @@ from tarflow_core.events import KINDS, read_events
 from tarflow_core.model import TarFlow
 from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset
 from tarflow_core.sampling import generate
-from tarflow_core.train import (SetupError, TrainError, load_run_config, lr_at, resumable_checkpoints,
-                                train)
+from tarflow_core.train import SetupError, TrainError, load_run_config, lr_at, resumable_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(run_dir, **kw) -> TrainConfig:
-    base = dict(width=32, head_dim=16, blocks=2, layers_per_block=1, batch_size=16, max_steps=20, log_every=5,
-                eval_every=10, sample_every=10, checkpoint_every=10, num_samples=10, eval_images=32,
-                lr=3e-3, run_dir=str(run_dir), device="cpu")
+    base = dict(
+        width=32,
+        head_dim=16,
+        blocks=2,
+        layers_per_block=1,
+        batch_size=16,
+        max_steps=20,
+        log_every=5,
+        eval_every=10,
+        sample_every=10,
+        checkpoint_every=10,
+        num_samples=10,
+        eval_images=32,
+        lr=3e-3,
+        run_dir=str(run_dir),
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -45,6 +58,7 @@ def assert_same_weights(a: dict, b: dict):
 
 
 # ------------------------------------------------------------------------------ unit pieces
+
 
 def test_lr_schedule_warmup_then_cosine():
     kw = dict(lr=1e-3, min_lr=1e-6, warmup_steps=10, total_steps=110)
@@ -62,8 +76,16 @@ def test_config_roundtrip_and_presets():
     for name, cfg in PRESETS.items():
         assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, name
     p = preset("imagenet64-cond")
-    assert (p.patch_size, p.width, p.blocks, p.layers_per_block, p.noise_std, p.batch_size, p.epochs, p.lr) == \
-        (2, 768, 8, 8, 0.05, 256, 200, 1e-4)
+    assert (p.patch_size, p.width, p.blocks, p.layers_per_block, p.noise_std, p.batch_size, p.epochs, p.lr) == (
+        2,
+        768,
+        8,
+        8,
+        0.05,
+        256,
+        200,
+        1e-4,
+    )
     assert preset("imagenet64").noise == "uniform" and preset("imagenet64").resolved_precision("cuda") == "fp32"
     assert preset("afhq256").resolved_precision("cuda") == "bf16"
     assert preset("afhq256").resolved_precision("cpu") == "fp32"
@@ -87,6 +109,7 @@ def test_config_roundtrip_and_presets():
 
 
 # ------------------------------------------------------------------------------ a real run
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -197,6 +220,7 @@ def test_full_disk_before_start(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- exact resume
 
+
 def test_resume_in_process_is_exact(tmp_path):
     """VP prior, EMA, label drop, uniform noise: stop at 9, resume to 20 == straight 20."""
     kw = dict(max_steps=20, nvp=False, ema=0.9, noise="uniform", checkpoint_every=0, sample_every=0, eval_every=0)
@@ -220,13 +244,16 @@ def test_resume_in_process_is_exact(tmp_path):
     assert [e.get("resumed_from") is not None for e in ev if e["kind"] == "start"] == [False, True]
 
 
-@pytest.mark.parametrize("name, damage", [
-    ("train_state.pt", lambda f: f.write_bytes(b"")),                       # EOFError
-    ("train_state.pt", lambda f: f.write_bytes(f.read_bytes()[:2000])),     # truncated zip
-    ("train_state.pt", lambda f: torch.save({"a": torch.zeros(1)}, f)),     # some other tensors file
-    ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:100])),   # SafetensorError
-    ("ema.safetensors", lambda f: f.write_bytes(b"x" * 64)),
-])
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("train_state.pt", lambda f: f.write_bytes(b"")),  # EOFError
+        ("train_state.pt", lambda f: f.write_bytes(f.read_bytes()[:2000])),  # truncated zip
+        ("train_state.pt", lambda f: torch.save({"a": torch.zeros(1)}, f)),  # some other tensors file
+        ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:100])),  # SafetensorError
+        ("ema.safetensors", lambda f: f.write_bytes(b"x" * 64)),
+    ],
+)
 def test_damaged_latest_checkpoint_is_one_clear_sentence(tiny_run, tmp_path, name, damage):
     """A damaged file in the newest checkpoint: a SetupError naming it and the way back to the
     previous intact checkpoint (never a traceback from the unpickler or safetensors)."""
@@ -295,12 +322,14 @@ def test_leftovers_of_a_killed_save_are_cleared_by_the_next_save(tiny_run, tmp_p
     shutil.copytree(tiny_run[0], run)
     ck = run / "checkpoints"
     shutil.copytree(ck / "step-00000030", ck / ".step-00000040.k1ll3d.tmp")  # a save that never finished
-    shutil.copytree(ck / "step-00000010", ck / "step-00000005")             # half-removed: no train state
+    shutil.copytree(ck / "step-00000010", ck / "step-00000005")  # half-removed: no train state
     (ck / "step-00000005" / "train_state.pt").unlink()
-    shutil.copytree(ck / "step-00000030", ck / "step-00000031")             # killed before its train state
+    shutil.copytree(ck / "step-00000030", ck / "step-00000031")  # killed before its train state
     (ck / "step-00000031" / "train_state.pt").unlink()
-    result = train(load_run_config(run).replace(run_dir=str(run), max_steps=32, checkpoint_every=1,
-                                                keep_checkpoints=2), resume=True)
+    result = train(
+        load_run_config(run).replace(run_dir=str(run), max_steps=32, checkpoint_every=1, keep_checkpoints=2),
+        resume=True,
+    )
     assert result.status == "finished" and result.step == 32
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000031", "step-00000032"]
     assert [s for s, _ in resumable_checkpoints(run)] == [31, 32]
@@ -343,9 +372,32 @@ def _wait_for_step(events: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError("run did not reach the step in time")
 
 
-ARGS = ["--width", "32", "--head-dim", "16", "--blocks", "2", "--layers-per-block", "1", "--batch-size", "16",
-        "--log-every", "2", "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
-        "--device", "cpu", "--ui", "plain", "--ema", "0.9"]
+ARGS = [
+    "--width",
+    "32",
+    "--head-dim",
+    "16",
+    "--blocks",
+    "2",
+    "--layers-per-block",
+    "1",
+    "--batch-size",
+    "16",
+    "--log-every",
+    "2",
+    "--eval-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--device",
+    "cpu",
+    "--ui",
+    "plain",
+    "--ema",
+    "0.9",
+]
 
 
 def test_sigint_then_resume_matches_straight_run(tmp_path):
@@ -354,8 +406,14 @@ def test_sigint_then_resume_matches_straight_run(tmp_path):
     steps = 200
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "tarflow_cli", "train", *ARGS, "--max-steps", str(steps)]
-    proc = subprocess.Popen([*cmd, "--run-dir", str(tmp_path / "b")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--run-dir", str(tmp_path / "b")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_step(tmp_path / "b" / "events.jsonl", 6, proc)
         proc.send_signal(signal.SIGINT)
@@ -367,8 +425,14 @@ def test_sigint_then_resume_matches_straight_run(tmp_path):
     assert out.strip() == str(tmp_path / "b")
     end = [e for e in read_events(tmp_path / "b" / "events.jsonl") if e["kind"] == "end"][-1]
     assert end["status"] == "interrupted" and 6 <= end["step"] < steps
-    resumed = subprocess.run([sys.executable, "-m", "tarflow_cli", "train", "--resume", str(tmp_path / "b"),
-                              "--ui", "plain"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tarflow_cli", "train", "--resume", str(tmp_path / "b"), "--ui", "plain"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     cfg = load_run_config(tmp_path / "b").replace(run_dir=str(tmp_path / "a"))
     straight = train(cfg)  # the same settings, uninterrupted, in this process
@@ -381,13 +445,17 @@ def test_sigint_then_resume_matches_straight_run(tmp_path):
 
 # ---------------------------------------------------------------------------- failures
 
+
 def test_repeated_nonfinite_steps_fail_keeping_last_good_checkpoint(tmp_path):
     def hook(step, x, y):
         return (x + float("inf"), y) if step >= 12 else (x, y)
 
     seen = []
-    result = train(tiny_cfg(tmp_path / "run", max_steps=40, checkpoint_every=5, eval_every=0, sample_every=0),
-                   emit=seen.append, batch_hook=hook)
+    result = train(
+        tiny_cfg(tmp_path / "run", max_steps=40, checkpoint_every=5, eval_every=0, sample_every=0),
+        emit=seen.append,
+        batch_hook=hook,
+    )
     assert result.status == "failed" and result.exit_code == 1 and result.step == 17
     assert "5 consecutive" in result.reason
     end = seen[-1]
@@ -399,8 +467,12 @@ def test_repeated_nonfinite_steps_fail_keeping_last_good_checkpoint(tmp_path):
     model = load_model(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # checkpoints every step, newest 3 kept: the streak does not push the good ones out
-    train(tiny_cfg(tmp_path / "every", max_steps=40, checkpoint_every=1, keep_checkpoints=3, eval_every=0,
-                   sample_every=0), batch_hook=hook)
+    train(
+        tiny_cfg(
+            tmp_path / "every", max_steps=40, checkpoint_every=1, keep_checkpoints=3, eval_every=0, sample_every=0
+        ),
+        batch_hook=hook,
+    )
     assert [s for s, _ in resumable_checkpoints(tmp_path / "every")] == [10, 11, 12]
 
 
@@ -408,6 +480,7 @@ def test_divergence_right_after_a_checkpoint_points_past_it(tmp_path):
     """Weights that turn every later step non-finite (e.g. --lr far too high): the checkpoint
     saved just before the streak holds them, so the message names the one before it, and a
     resume from there with a lower --lr runs on (the change told in a warning)."""
+
     def hook(step, x, y):
         return (x + float("inf"), y) if step >= 10 else (x, y)
 
@@ -444,8 +517,17 @@ def test_data_that_vanishes_mid_run_fails_cleanly_and_keeps_the_progress(tmp_pat
 
     monkeypatch.setattr(FolderDataset, "_decode", vanishing)
     with pytest.warns(RuntimeWarning):
-        result = train(tiny_cfg(tmp_path / "run", data=str(tmp_path), batch_size=8, max_steps=50, eval_every=0,
-                                sample_every=0, checkpoint_every=0))
+        result = train(
+            tiny_cfg(
+                tmp_path / "run",
+                data=str(tmp_path),
+                batch_size=8,
+                max_steps=50,
+                eval_every=0,
+                sample_every=0,
+                checkpoint_every=0,
+            )
+        )
     assert result.status == "failed" and result.exit_code == 1 and result.step == 7
     assert "could not be read" in result.reason and "has the data moved" in result.reason
     assert "weights at step 7 were saved" in result.reason
@@ -482,6 +564,7 @@ def test_stop_finishes_the_step_then_checkpoints(tmp_path):
 def test_second_interrupt_after_the_save_says_the_checkpoint_was_saved(tmp_path):
     """A second Ctrl-C that lands once the stop's checkpoint is written: the `end` event must not
     claim that no checkpoint was saved."""
+
     def emit(e):
         if e["kind"] == "checkpoint":
             raise KeyboardInterrupt
@@ -554,13 +637,25 @@ def test_image_that_fails_to_decode_mid_run_is_replaced_and_reported(tmp_path, m
 
     monkeypatch.setattr(FolderDataset, "_decode", flaky)
     with pytest.warns(RuntimeWarning, match="03.png: cannot decode image"):
-        result = train(tiny_cfg(tmp_path / "run", data=str(tmp_path), batch_size=8, max_steps=6, log_every=3,
-                                eval_every=0, sample_every=0, checkpoint_every=0))
+        result = train(
+            tiny_cfg(
+                tmp_path / "run",
+                data=str(tmp_path),
+                batch_size=8,
+                max_steps=6,
+                log_every=3,
+                eval_every=0,
+                sample_every=0,
+                checkpoint_every=0,
+            )
+        )
     assert result.status == "finished"
     warned = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.get("reason") == "unreadable"]
     assert warned and "failed to decode" in warned[0]["message"]
 
 
 def test_model_config_clash_names_the_options(tmp_path):
-    with pytest.raises(SetupError, match=r"image size 8 \(--image-size\) is not a multiple of patch size 3 \(--patch-size\)"):
+    with pytest.raises(
+        SetupError, match=r"image size 8 \(--image-size\) is not a multiple of patch size 3 \(--patch-size\)"
+    ):
         train(tiny_cfg(tmp_path / "run", patch_size=3))

@@ -14,6 +14,7 @@ from tarflow_cli.tui.widgets.sample_view import SampleView
 from .canned import T0, append, make_run, start_event, train_event, write_grid
 from .helpers import header_text, log_text, run_async, screen_text, wait_until
 
+
 def app_for(run, **kw):
     return make_app(run, poll=0.02, clock=lambda: T0 + 40.0, tick=None, **kw)
 
@@ -41,8 +42,9 @@ async def test_values_appear_and_follow_appends(tmp_path):
         assert "held-out 3.57" in str(bpd.border_title) + str(bpd.border_subtitle)
         assert "non-finite loss at step 300" in log_text(app)
         view = app.query_one(SampleView)
-        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
-                         what="sample grid")
+        await wait_until(
+            pilot, lambda: view.current is not None and view.current.path in view._images, what="sample grid"
+        )
         assert "step 200" in str(view.border_title)
 
         append(run, train_event(310), {"time": T0 + 16, "kind": "eval", "step": 310, "bpd": 2.5})
@@ -140,8 +142,7 @@ async def test_keys(tmp_path):
         before, generation = app.state.events, app._generation
         await pilot.press("r")
         assert app._generation == generation + 1  # a new reading from the first line
-        await wait_until(pilot, lambda: app.state.status == "finished" and app.state.events == before,
-                         what="reload")
+        await wait_until(pilot, lambda: app.state.status == "finished" and app.state.events == before, what="reload")
         assert log_text(app).count("run started") == 1
 
         await pilot.press("q")
@@ -161,8 +162,9 @@ async def test_owner_stop_keys_and_quit(tmp_path):
         assert owner.stops == 1 and "STOPPING" in header_text(app)
         await pilot.press("ctrl+c")
         assert owner.stops == 1  # already stopping: not asked twice
-        append(run, {"time": T0 + 6, "kind": "end", "step": 100, "status": "interrupted",
-                     "reason": "stopped by the user"})
+        append(
+            run, {"time": T0 + 6, "kind": "end", "step": 100, "status": "interrupted", "reason": "stopped by the user"}
+        )
         await wait_until(pilot, lambda: app.state.status == "interrupted", what="end")
         assert "INTERRUPTED" in header_text(app)
 
@@ -236,8 +238,15 @@ def _sampled_run(tmp_path, every: int, last_step: int, end: str | None):
     start["config"]["sample_every"] = every
     events = [start] + [train_event(s) for s in range(2, last_step + 1, 2)]
     if end:
-        events.append({"time": T0 + 10, "kind": "end", "step": last_step, "status": end,
-                       "reason": "stopped by the user" if end == "interrupted" else "out of memory"})
+        events.append(
+            {
+                "time": T0 + 10,
+                "kind": "end",
+                "step": last_step,
+                "status": end,
+                "reason": "stopped by the user" if end == "interrupted" else "out of memory",
+            }
+        )
     append(run, *events)
     return run
 
@@ -282,8 +291,9 @@ async def test_a_run_that_ends_before_its_first_sample_says_so(tmp_path):
         assert view.waiting_note == "no sample grid yet: the first comes at step 50"
         await wait_until(pilot, lambda: "comes at step 50" in _sample_panel(app), what="the waiting note")
         # interrupted at step 46 (--sample-every 50): the panel must not promise a grid any more
-        append(run, {"time": T0 + 10, "kind": "end", "step": 46, "status": "interrupted",
-                     "reason": "stopped by the user"})
+        append(
+            run, {"time": T0 + 10, "kind": "end", "step": 46, "status": "interrupted", "reason": "stopped by the user"}
+        )
         await wait_until(pilot, lambda: app.state.status == "interrupted", what="the end event")
         assert view.waiting_note.startswith("the run was interrupted at step 46, before its first sample grid")
         await wait_until(pilot, lambda: "before its first sample grid" in _sample_panel(app), what="the new note")
@@ -311,16 +321,31 @@ async def test_a_run_that_failed_before_its_first_logged_step_has_charts_that_wa
     run = tmp_path / "diverged"
     run.mkdir()
     lines = [start_event(max_steps=300)]
-    lines += [{"time": T0 + s, "kind": "warning", "step": s, "reason": "nonfinite",
-               "message": f"non-finite loss or gradient at step {s}: step skipped ({s - 2} in a row)"}
-              for s in range(3, 8)]
+    lines += [
+        {
+            "time": T0 + s,
+            "kind": "warning",
+            "step": s,
+            "reason": "nonfinite",
+            "message": f"non-finite loss or gradient at step {s}: step skipped ({s - 2} in a row)",
+        }
+        for s in range(3, 8)
+    ]
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     app = app_for(run)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: app.state.warnings == 5, what="the warnings")
         await wait_until(pilot, lambda: screen_text(app).count("waiting for data") == 4, what="empty charts")
-        append(run, {"time": T0 + 9, "kind": "end", "step": 7, "status": "failed",
-                     "reason": "5 consecutive steps had non-finite loss or gradients (last at step 7)"})
+        append(
+            run,
+            {
+                "time": T0 + 9,
+                "kind": "end",
+                "step": 7,
+                "status": "failed",
+                "reason": "5 consecutive steps had non-finite loss or gradients (last at step 7)",
+            },
+        )
         await wait_until(pilot, lambda: app.state.status == "failed", what="the end event")
         await wait_until(pilot, lambda: "waiting for data" not in screen_text(app), what="charts told")
         assert screen_text(app).count("no data") == 4
@@ -356,13 +381,20 @@ async def test_a_copied_run_shows_its_own_sample_grids_not_the_originals(tmp_pat
     original = grid(tmp_path / "orig" / "samples" / "step-000010.png", (250, 0, 0))
     copy = tmp_path / "copy"
     grid(copy / "samples" / "step-000010.png", (0, 250, 0))
-    (copy / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
-        start_event(), train_event(10), {"time": T0 + 1, "kind": "sample", "step": 10, "path": str(original)})))
+    (copy / "events.jsonl").write_text(
+        "".join(
+            json.dumps(e) + "\n"
+            for e in (
+                start_event(),
+                train_event(10),
+                {"time": T0 + 1, "kind": "sample", "step": 10, "path": str(original)},
+            )
+        )
+    )
     app = app_for(copy)
     async with app.run_test(size=(80, 24)) as pilot:
         view = app.query_one(SampleView)
-        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
-                         what="the grid")
+        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images, what="the grid")
         await pilot.pause(0.05)
         colours = _panel_colours(view)
         assert (0, 250, 0) in {tuple(c) for c in colours} and (250, 0, 0) not in {tuple(c) for c in colours}, colours
@@ -373,16 +405,24 @@ async def test_a_bad_line_is_logged_where_it_was_in_the_file(tmp_path):
     # a finished run read in one go: the note about line 3 came after "run finished"
     run = tmp_path / "garbled"
     run.mkdir()
-    lines = [json.dumps(start_event()), json.dumps(train_event(10)), "this is not an event",
-             json.dumps({"time": T0 + 5, "kind": "checkpoint", "step": 10, "path": "checkpoints/step-10"}),
-             json.dumps({"time": T0 + 6, "kind": "end", "step": 10, "status": "finished", "reason": "reached step 10"})]
+    lines = [
+        json.dumps(start_event()),
+        json.dumps(train_event(10)),
+        "this is not an event",
+        json.dumps({"time": T0 + 5, "kind": "checkpoint", "step": 10, "path": "checkpoints/step-10"}),
+        json.dumps({"time": T0 + 6, "kind": "end", "step": 10, "status": "finished", "reason": "reached step 10"}),
+    ]
     (run / "events.jsonl").write_text("\n".join(lines) + "\n")
     app = app_for(run)
     async with app.run_test(size=(100, 40)) as pilot:
         await wait_until(pilot, lambda: "run finished" in log_text(app), what="the end")
         text = log_text(app)
-        assert text.index("run started") < text.index("skipped events.jsonl line 3") \
-            < text.index("checkpoint saved") < text.index("run finished"), text
+        assert (
+            text.index("run started")
+            < text.index("skipped events.jsonl line 3")
+            < text.index("checkpoint saved")
+            < text.index("run finished")
+        ), text
 
 
 @run_async
@@ -411,8 +451,14 @@ async def test_help_on_a_small_terminal_lists_every_key(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         await pilot.pause(0.05)
         text = screen_text(app)
-        for words in ("q  quit (the run keeps going)", "s  stop: only in train --ui tui", "ctrl+c  quit",
-                      "r  reload events.jsonl", "[ ]  older / newer grid", "z  sample zoom"):
+        for words in (
+            "q  quit (the run keeps going)",
+            "s  stop: only in train --ui tui",
+            "ctrl+c  quit",
+            "r  reload events.jsonl",
+            "[ ]  older / newer grid",
+            "z  sample zoom",
+        ):
             assert words in text, (words, text)
         # grown to 80x24: the whole help again
         await pilot.resize_terminal(80, 24)

@@ -38,13 +38,15 @@ async def test_a_chart_that_starts_at_zero_labels_its_bottom_0_at_every_height()
     # images/s of a run whose last step was cut short: the range starts at 0, and the bottom
     # label must say 0, not a rounding residue such as -1.1e-13
     speeds = series([(s, 940.0 - (s % 7)) for s in range(25, 700, 25)] + [(700, 33.1)])
-    app = ChartApp(LineChart("img/s", (Line("images_per_s", "", "green"),), id="c"),
-                   {"images_per_s": speeds})
+    app = ChartApp(LineChart("img/s", (Line("images_per_s", "", "green"),), id="c"), {"images_per_s": speeds})
     async with app.run_test(size=(30, 24)) as pilot:
         for height in range(2, 25):
             await pilot.resize_terminal(30, height)
-            await wait_until(pilot, lambda: len(screen_text(app).splitlines()) == height
-                             and "┤" in screen_text(app), what=f"height {height}")
+            await wait_until(
+                pilot,
+                lambda: len(screen_text(app).splitlines()) == height and "┤" in screen_text(app),
+                what=f"height {height}",
+            )
             labels = axis_labels_on_screen(screen_text(app))
             assert labels[-1] == "0", (height, labels)
             assert not any("e-1" in label for label in labels), (height, labels)
@@ -95,9 +97,9 @@ async def test_a_constant_series_is_one_flat_line():
     async with app.run_test(size=(22, 6)) as pilot:
         for width, height in ((22, 6), (22, 7), (30, 5), (40, 8), (60, 12)):
             await pilot.resize_terminal(width, height)
-            await wait_until(pilot, lambda: tuple(app.size) == (width, height)
-                             and "┤" in screen_text(app), what=f"{width}x{height}")
-            plot = [row.split("┤")[-1] if "┤" in row else row.split("│")[-1]
-                    for row in screen_text(app).splitlines()]
+            await wait_until(
+                pilot, lambda: tuple(app.size) == (width, height) and "┤" in screen_text(app), what=f"{width}x{height}"
+            )
+            plot = [row.split("┤")[-1] if "┤" in row else row.split("│")[-1] for row in screen_text(app).splitlines()]
             dotted = [row for row in plot if any("\u2801" <= ch <= "\u28ff" for ch in row)]
             assert len(dotted) == 1 and len(set(dotted[0].strip())) == 1, (width, height, plot)

@@ -63,8 +63,9 @@ async def test_sixel_widget_gets_the_grid(tmp_path):
     app = make_app(run, poll=0.02, clock=lambda: T0 + 40, tick=None, graphics="sixel")
     async with app.run_test(size=(120, 40)) as pilot:
         view = app.query_one(SampleView)
-        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
-                         what="the sample grid")
+        await wait_until(
+            pilot, lambda: view.current is not None and view.current.path in view._images, what="the sample grid"
+        )
         await pilot.pause(0.1)
         image = view._graphic.image
         cw, ch = graphics.cell_pixels()

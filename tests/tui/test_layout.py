@@ -22,9 +22,11 @@ def shown(app, widget) -> bool:
 
 async def settle(pilot, app, size) -> None:
     """Wait for the screen to be laid out at `size` and drawn (the footer on its last row)."""
+
     def drawn() -> bool:
         rows = screen_text(app).splitlines()
         return tuple(app.size) == size and len(rows) == size[1] and "q quit" in rows[-1]
+
     await wait_until(pilot, drawn, what=f"the screen at {size}")
     await pilot.pause(0.02)
 
@@ -87,8 +89,15 @@ async def test_small_terminals_drop_panels_cleanly(tmp_path):
         assert not shown(app, app.query_one(SampleView)) and not shown(app, app.query_one(EventLog))
         assert "loss ━" in text and "too small" not in text
 
-        for size in ((60, 18), (79, 23), (MIN_WIDTH, MIN_HEIGHT), (MIN_WIDTH - 1, 20), (70, MIN_HEIGHT - 1),
-                     (30, 8), (20, 4)):
+        for size in (
+            (60, 18),
+            (79, 23),
+            (MIN_WIDTH, MIN_HEIGHT),
+            (MIN_WIDTH - 1, 20),
+            (70, MIN_HEIGHT - 1),
+            (30, 8),
+            (20, 4),
+        ):
             await pilot.resize_terminal(*size)
             await settle(pilot, app, size)
             text = check_clean(app)
@@ -125,5 +134,6 @@ async def test_the_too_small_notice_is_never_cut(tmp_path):
             await settle(pilot, app, size)
             text = check_clean(app)
             middle = " ".join(" ".join(text.splitlines()[2:-1]).split())
-            assert middle.endswith(f"needs {MIN_WIDTH}x{MIN_HEIGHT}") or \
-                middle.endswith(f"needs at least {MIN_WIDTH}x{MIN_HEIGHT}"), (size, text)
+            assert middle.endswith(f"needs {MIN_WIDTH}x{MIN_HEIGHT}") or middle.endswith(
+                f"needs at least {MIN_WIDTH}x{MIN_HEIGHT}"
+            ), (size, text)

@@ -35,8 +35,9 @@ async def _capture(run: Path, size: tuple[int, int]) -> tuple[str, str]:
     async with app.run_test(size=size) as pilot:
         view = app.query_one(SampleView)
         await wait_until(pilot, lambda: app.state.status == "finished", what="the end event")
-        await wait_until(pilot, lambda: view.current is not None and view.current.path in view._images,
-                         what="the sample grid")
+        await wait_until(
+            pilot, lambda: view.current is not None and view.current.path in view._images, what="the sample grid"
+        )
         await wait_until(pilot, lambda: "q quit" in screen_text(app), what="the footer")
         await pilot.pause(0.1)
         return screen_text(app), app.export_screenshot()
@@ -62,8 +63,10 @@ async def test_main_screen(tmp_path, size):
         VERSION_FILE.write_text(textual.__version__ + "\n")
         return
     assert text == txt_file.read_text(encoding="utf-8"), (
-        f"the {name} screen changed; if that was meant, record it again with TARFLOW_UPDATE_SNAPSHOTS=1")
+        f"the {name} screen changed; if that was meant, record it again with TARFLOW_UPDATE_SNAPSHOTS=1"
+    )
     recorded = VERSION_FILE.read_text().strip() if VERSION_FILE.exists() else ""
     if recorded == textual.__version__ and svg_file.exists():
         assert _normalise_svg(svg) == _normalise_svg(svg_file.read_text(encoding="utf-8")), (
-            f"the {name} screenshot changed (colours or styles); record again with TARFLOW_UPDATE_SNAPSHOTS=1")
+            f"the {name} screenshot changed (colours or styles); record again with TARFLOW_UPDATE_SNAPSHOTS=1"
+        )

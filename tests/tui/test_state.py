@@ -7,15 +7,41 @@ from tarflow_cli.tui.state import RunState, format_bytes, format_duration
 T0 = 1000.0
 
 # shaped like tarflow_core.train's events
-START = {"time": T0, "kind": "start", "step": 0, "config": {"preset": "tiny", "max_steps": 30, "batch_size": 64},
-         "parameters": 409888, "device": "cpu", "precision": "fp32", "total_steps": 30, "steps_per_epoch": 23,
-         "data": {"channels": 1, "image_size": 8, "num_classes": 10, "source": "digits",
-                  "train": "digits (1500 train images, 1x8x8, 10 classes)", "train_images": 1500}}
+START = {
+    "time": T0,
+    "kind": "start",
+    "step": 0,
+    "config": {"preset": "tiny", "max_steps": 30, "batch_size": 64},
+    "parameters": 409888,
+    "device": "cpu",
+    "precision": "fp32",
+    "total_steps": 30,
+    "steps_per_epoch": 23,
+    "data": {
+        "channels": 1,
+        "image_size": 8,
+        "num_classes": 10,
+        "source": "digits",
+        "train": "digits (1500 train images, 1x8x8, 10 classes)",
+        "train_images": 1500,
+    },
+}
 
 
 def train(step, t, **kw):
-    return {"time": t, "kind": "train", "step": step, "loss": 0.3, "nll": 1.2, "bpd": 8.8, "lr": 1e-3,
-            "images_per_s": 60.0, "memory_mb": 388.7, "epoch": step / 23, **kw}
+    return {
+        "time": t,
+        "kind": "train",
+        "step": step,
+        "loss": 0.3,
+        "nll": 1.2,
+        "bpd": 8.8,
+        "lr": 1e-3,
+        "images_per_s": 60.0,
+        "memory_mb": 388.7,
+        "epoch": step / 23,
+        **kw,
+    }
 
 
 def test_start_train_eval_end():
@@ -72,7 +98,9 @@ def test_sample_paths():
     s.apply({"kind": "sample", "step": 10, "path": "samples/step-10.png"})
     a, b = s.samples
     assert a.num == 16 and [str(p) for p in a.candidates(s.run_dir)] == [
-        "/runs/a/samples/step-5.png", "/elsewhere/runs/a/samples/step-5.png"]
+        "/runs/a/samples/step-5.png",
+        "/elsewhere/runs/a/samples/step-5.png",
+    ]
     assert str(b.candidates(s.run_dir)[0]) == "/runs/a/samples/step-10.png"
 
 

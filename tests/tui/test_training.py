@@ -79,16 +79,18 @@ def _headless_factory(**flags):
 
 
 def test_run_training_dashboard_returns_the_result(tmp_path):
-    result = run_training_dashboard(tmp_path, fake_training(tmp_path, steps=20), poll=0.02,
-                                    app_factory=_headless_factory())
+    result = run_training_dashboard(
+        tmp_path, fake_training(tmp_path, steps=20), poll=0.02, app_factory=_headless_factory()
+    )
     assert result == ("finished", 20)
     assert '"kind":"end"' in (tmp_path / "events.jsonl").read_text()
 
 
 def test_run_training_dashboard_reraises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        run_training_dashboard(tmp_path, fake_training(tmp_path, fail="boom"), poll=0.02,
-                               app_factory=_headless_factory())
+        run_training_dashboard(
+            tmp_path, fake_training(tmp_path, fail="boom"), poll=0.02, app_factory=_headless_factory()
+        )
 
 
 def test_closing_the_dashboard_stops_a_running_training(tmp_path):

@@ -78,10 +78,12 @@ def test_watch_starts_without_loading_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.argv = ['tarflow', 'watch', '--help']\n"
-            "from tarflow_cli.entry import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    code = (
+        "import sys; sys.argv = ['tarflow', 'watch', '--help']\n"
+        "from tarflow_cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'numpy' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "Follow a training run" in r.stdout

@@ -38,8 +38,16 @@ class EventLog(RichLog):
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
-        super().__init__(id=id, classes=classes, wrap=True, markup=False, highlight=False, max_lines=2000,
-                         auto_scroll=True, min_width=1)
+        super().__init__(
+            id=id,
+            classes=classes,
+            wrap=True,
+            markup=False,
+            highlight=False,
+            max_lines=2000,
+            auto_scroll=True,
+            min_width=1,
+        )
         self.shown = 0  # lines of the state's log already written (counting trimmed ones)
         self._lines: list[LogLine] = []
         self._start: float | None = None
@@ -51,7 +59,7 @@ class EventLog(RichLog):
         total = dropped + len(lines)
         if self.shown > total:
             self.reset()
-        new = lines[max(0, self.shown - dropped):]
+        new = lines[max(0, self.shown - dropped) :]
         self._lines = (self._lines + new)[-500:]
         self._start = start_time
         self.shown = total

@@ -46,9 +46,11 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         self.full_text = HELP.format(
-            quit_note="quit (a running training is stopped and checkpointed first)" if self.owns_run
+            quit_note="quit (a running training is stopped and checkpointed first)"
+            if self.owns_run
             else "quit the viewer (the run keeps going)",
-            stop_note="stop the run and save a checkpoint" if self.owns_run
+            stop_note="stop the run and save a checkpoint"
+            if self.owns_run
             else "stop and checkpoint: only in train --ui tui",
             ctrl_c="like s" if self.owns_run else "quit the viewer",
             events=self.events_path.replace("[", "\\["),

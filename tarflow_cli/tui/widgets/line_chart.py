@@ -68,8 +68,16 @@ class LineChart(Widget):
     LineChart { height: 1fr; width: 1fr; }
     """
 
-    def __init__(self, title: str, lines: Sequence[Line], *, trim_start: bool = True,
-                 name: str | None = None, id: str | None = None, classes: str | None = None):
+    def __init__(
+        self,
+        title: str,
+        lines: Sequence[Line],
+        *,
+        trim_start: bool = True,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+    ):
         super().__init__(name=name, id=id, classes=classes)
         self.chart_title = title
         self.lines = tuple(lines)
@@ -117,12 +125,16 @@ class LineChart(Widget):
         candidates = [(f"{name} " + "  ".join(parts), steps)]
         if len(parts) > 1:
             rest = "  ".join(parts[1:])
-            candidates += [(f"{name} {parts[0]}", f"{rest}  {steps}" if steps else rest),
-                           (f"{name} {parts[0]}", rest),
-                           (f"{name} " + " ".join(bare), steps)]
+            candidates += [
+                (f"{name} {parts[0]}", f"{rest}  {steps}" if steps else rest),
+                (f"{name} {parts[0]}", rest),
+                (f"{name} " + " ".join(bare), steps),
+            ]
             rest_bare = " ".join(bare[1:])
-            candidates += [(f"{name} {bare[0]}", f"{rest_bare}  {steps}" if steps else rest_bare),
-                           (f"{name} {bare[0]}", rest_bare)]
+            candidates += [
+                (f"{name} {bare[0]}", f"{rest_bare}  {steps}" if steps else rest_bare),
+                (f"{name} {bare[0]}", rest_bare),
+            ]
         else:
             candidates.append((candidates[0][0], ""))  # the step range is the first to go
         # last: the name alone in the title, the values on the bottom edge

@@ -58,15 +58,18 @@ def find_geometry(arr: np.ndarray, tile: int | None = None, padding: int | None 
             nc, nr = (w - p) // period, (h - p) // period
             if nc * nr < 2 and not tile:
                 continue
-            if p and not (all(col_zero[k * period:k * period + p].all() for k in range(nc + 1))
-                          and all(row_zero[k * period:k * period + p].all() for k in range(nr + 1))):
+            if p and not (
+                all(col_zero[k * period : k * period + p].all() for k in range(nc + 1))
+                and all(row_zero[k * period : k * period + p].all() for k in range(nr + 1))
+            ):
                 continue
             return t, p
     return None
 
 
-def cut_tiles(img, *, tile: int | None = None, padding: int | None = None, num: int | None = None,
-              ncol: int | None = None) -> Tiles | None:
+def cut_tiles(
+    img, *, tile: int | None = None, padding: int | None = None, num: int | None = None, ncol: int | None = None
+) -> Tiles | None:
     """The images of a grid (None when `img` does not look like one)."""
     arr = np.asarray(img.convert("RGB"))
     geo = find_geometry(arr, tile, padding)
@@ -75,8 +78,13 @@ def cut_tiles(img, *, tile: int | None = None, padding: int | None = None, num: 
     t, p = geo
     period = t + p
     nc, nr = (arr.shape[1] - p) // period, (arr.shape[0] - p) // period
-    tiles = np.stack([arr[p + r * period:p + r * period + t, p + c * period:p + c * period + t]
-                      for r in range(nr) for c in range(nc)])
+    tiles = np.stack(
+        [
+            arr[p + r * period : p + r * period + t, p + c * period : p + c * period + t]
+            for r in range(nr)
+            for c in range(nc)
+        ]
+    )
     n = min(num, len(tiles)) if num else len(tiles)
     tiles = tiles[:n]
     factor = 1
@@ -113,7 +121,7 @@ def fit_tiles(tiles: Tiles, cols: int, rows: int, mode: str):
     if mode == "detail":
         c, r = (pw - 1) // (t + 1), (ph - 1) // (t + 1)
         if c >= 1 and r >= 1:
-            shown = imgs[:c * r]
+            shown = imgs[: c * r]
             return Image.fromarray(compose(shown, c, 1)), f"{len(shown)} of {n}"
     whole = Image.fromarray(compose(imgs, ncol, 1))
     f = min(pw / whole.size[0], ph / whole.size[1])
@@ -177,8 +185,9 @@ class SampleView(Widget, can_focus=False):
     # seconds between tries at a grid that is missing or unreadable (it may be being written)
     RETRY_DELAYS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
-    def __init__(self, *, graphics: str = "halfblock", name: str | None = None, id: str | None = None,
-                 classes: str | None = None):
+    def __init__(
+        self, *, graphics: str = "halfblock", name: str | None = None, id: str | None = None, classes: str | None = None
+    ):
         super().__init__(name=name, id=id, classes=classes)
         self.graphics = graphics  # halfblock, kitty or sixel (see graphics.py)
         self._graphic = None  # the textual-image widget, for kitty / sixel
@@ -250,8 +259,12 @@ class SampleView(Widget, can_focus=False):
     def _changed(self) -> None:
         self._cache = None
         grid = self.current
-        if grid is not None and grid.path not in self._images and grid.path not in self._errors \
-                and grid.path not in self._loading:
+        if (
+            grid is not None
+            and grid.path not in self._images
+            and grid.path not in self._errors
+            and grid.path not in self._loading
+        ):
             self._loading.add(grid.path)
             self._load(grid, grid.candidates(self.run_dir))
         self._update_titles()
@@ -358,8 +371,14 @@ class SampleView(Widget, can_focus=False):
     def _ensure_strips(self) -> list[Strip]:
         cols, rows = self.content_size.width, self.content_size.height
         grid = self.current
-        key = (cols, rows, self.mode, grid.path if grid else None, id(self._images.get(grid.path)) if grid else 0,
-               self._errors.get(grid.path) if grid else self.waiting_note)
+        key = (
+            cols,
+            rows,
+            self.mode,
+            grid.path if grid else None,
+            id(self._images.get(grid.path)) if grid else 0,
+            self._errors.get(grid.path) if grid else self.waiting_note,
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         strips = self._draw(cols, rows, grid)
