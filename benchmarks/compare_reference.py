@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from tarflow_core.config import ModelConfig  # noqa: E402
-from tarflow_core.inversion import InversionStats  # noqa: E402
+from tarflow_core.sampling import InversionStats  # noqa: E402
 from tarflow_core.model import TarFlow  # noqa: E402
 from tarflow_core.sampling import sample  # noqa: E402
 

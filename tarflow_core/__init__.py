@@ -1,10 +1,14 @@
 """TarFlow library: model, likelihood, sampling, checkpoints. Never imports the CLI.
 
-The Python API of SPEC.md, importable from the package itself::
+The Python API, importable from the package itself::
 
     from tarflow_core import load_model, nll, denoise
     model = load_model("runs/tiny")            # any --ckpt form
     x = model.sample(noise, y, guidance=2.0)   # TarFlow.sample / TarFlow.forward
+
+Where things are: `model` is the flow itself, forward and reverse, as the paper writes it;
+`sampling` and `likelihood` are the checked public entry points (`inputs` holds the checks);
+`fast` holds the sampling backends (packed CPU step, Jacobi solvers, CUDA graphs).
 
 Names are resolved on first use, so `import tarflow_core` stays cheap.
 """
@@ -22,6 +26,7 @@ _API = {
     "bpd": "likelihood",
     "denoise": "likelihood",
     "generate": "sampling",
+    "sample": "sampling",
 }
 __all__ = ["__version__", *_API]
 

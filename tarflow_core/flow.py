@@ -1,4 +1,7 @@
-"""Pure math of the flow: patch tokens, affine coupling, densities, bits per dimension."""
+"""Data-side math of the flow: patch tokens, the Gaussian prior's density, bits per dimension, 8-bit images.
+
+The flow itself (affine coupling, the transformer, its inverse) is in `tarflow_core.model`.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +11,6 @@ import torch
 
 LOG_2PI = math.log(2 * math.pi)
 LN_128 = math.log(128.0)
-
-
-def at_least_f32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> float32; float32 and float64 unchanged (exp and norms never run in half precision)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def as_number(name: str, value) -> float:
-    """An option given as a Python, numpy or one-element tensor number, as a float; TypeError naming
-    the option for anything else (strings included)."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a number (got {value!r})")
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a number (got {value!r})") from None
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -40,27 +27,6 @@ def unpatchify(tokens: torch.Tensor, channels: int, img_size: int, patch_size: i
     p, n = patch_size, img_size // patch_size
     x = tokens.reshape(B, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(B, channels, img_size, img_size)
-
-
-def prepend_zero_token(out: torch.Tensor) -> torch.Tensor:
-    """(B, T-1, K) head outputs of tokens 0..T-2 -> (B, T, K) shifted right by one token: token t
-    gets what tokens < t produced, token 0 gets zeros (its transform is the identity)."""
-    return torch.nn.functional.pad(out, (0, 0, 1, 0))
-
-
-def affine_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Data -> noise: z = (x - b) * exp(-a); log|det| = -sum(a)."""
-    return (x - b) * (-at_least_f32(a)).exp().to(a.dtype)
-
-
-def affine_inverse(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Noise -> data: x = z * exp(a) + b."""
-    return z * at_least_f32(a).exp().to(a.dtype) + b
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
-    """Classifier-free guidance extrapolation: c + w * (c - u)."""
-    return cond + weight * (cond - uncond)
 
 
 def gaussian_log_prob(z: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

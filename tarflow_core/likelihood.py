@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import flow
+from . import flow, inputs
 from .model import TarFlow
 
 
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x) in nats per sample: prior N(0, var) of z plus every block's log-determinant."""
-    x = model.images(x)
-    # checked here once (labels in every mode): forward would check them again
-    z, logdet, _ = model.forward_tokens(model.patchify(x), model.labels(y, x.shape[0]))
-    return flow.gaussian_log_prob(flow.at_least_f32(z), model.var) + logdet
+    return model.log_prob(x, y)
 
 
 def nll(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,11 +27,7 @@ def bpd(
     samples: int = 1,
 ) -> torch.Tensor:
     """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws)."""
-    if not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8:
-        raise TypeError(
-            f"bpd scores 8-bit images: x_uint8 must be a uint8 tensor, got "
-            f"{getattr(x_uint8, 'dtype', type(x_uint8).__name__)} (model-space images: use nll)"
-        )
+    inputs.uint8_images(x_uint8)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a whole number >= 1 (got {samples!r})")
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
@@ -68,12 +61,10 @@ def denoise(
     model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *, sigma: float, lr_scale: float = 1.0
 ) -> torch.Tensor:
     """One score step: x + lr_scale * sigma^2 * grad_x log p(x) (Tweedie's formula at lr_scale 1)."""
-    flow.as_number("lr_scale", lr_scale)
-    if not 0 <= flow.as_number("sigma", sigma) < float("inf"):
-        raise ValueError(f"sigma must be >= 0 and finite (got {sigma})")
+    inputs.check_denoise_step(sigma, lr_scale)
     with torch.inference_mode(False), torch.enable_grad():
-        xg = model.images(x).detach().clone().requires_grad_(True)
-        y = model.labels(y, xg.shape[0], check=False)  # log_prob checks the range
+        xg = inputs.images(model, x).detach().clone().requires_grad_(True)
+        y = inputs.labels(model, y, xg.shape[0], check=False)  # log_prob checks the range
         y = y.clone() if y is not None else None  # an inference tensor cannot enter autograd
         (grad,) = torch.autograd.grad(log_prob(model, xg, y).sum(), xg)
     return (xg + (lr_scale * sigma**2) * grad).detach()

@@ -1,20 +1,32 @@
-"""The TarFlow network: causal transformer flow blocks over image patches.
+"""TarFlow (Zhai et al. 2025): a stack of transformer autoregressive affine flows over image patches.
 
-Parameter names match the published TarFlow code's state dicts, so reference `.pth` files load
-as they are (minus the redundant `attn_mask` buffers).
+Block i maps data tokens x (B, T, D) to noise z in its own token order (natural or reversed):
+
+    z_t = (x_t - b_t) * exp(-a_t),   (a_t, b_t) = f(x_<t),   z_0 = x_0,   log|det dz/dx| = -sum_t a_t
+
+where f is a causal transformer and (a_0, b_0) = 0. The last block's z is distributed as N(0, var). Sampling
+inverts block N-1..0 token by token, x_{t+1} = z_{t+1} * exp(a_{t+1}) + b_{t+1}, with a key/value cache
+(`FlowBlock.reverse`); `tarflow_core.sampling` runs the same maths through faster backends (`tarflow_core.fast`).
+
+Numerics: layer norms and exp always run in at least float32. Parameter names match the published code's
+state dicts, so reference `.pth` files load as they are (minus the redundant `attn_mask` buffers).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flow
+from . import flow, inputs
 from .config import ModelConfig
-from .flow import at_least_f32
+
+
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32; float32 and float64 unchanged (exp and norms never run in half precision)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +37,63 @@ def layer_norm_f32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     ).to(x.dtype)
 
 
+def affine_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Data -> noise: z = (x - b) * exp(-a); log|det| = -sum(a)."""
+    return (x - b) * (-at_least_f32(a)).exp().to(a.dtype)
+
+
+def affine_inverse(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Noise -> data: x = z * exp(a) + b."""
+    return z * at_least_f32(a).exp().to(a.dtype) + b
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, weight) -> torch.Tensor:
+    """Classifier-free guidance extrapolation: c + w * (c - u)."""
+    return cond + weight * (cond - uncond)
+
+
+class FlowOutput(NamedTuple):
+    z: torch.Tensor  # (B, T, D) noise-side tokens
+    logdet: torch.Tensor  # (B,) log|det dz/dx| in nats, at least float32
+
+
+class FlowTrace(NamedTuple):
+    z: torch.Tensor
+    logdet: torch.Tensor
+    outputs: list[torch.Tensor]  # every block's output, in forward order
+
+
+class KVCache:
+    """Keys and values of every layer of a block: `kv[layer, 0 (keys) | 1 (values), row, position, head, dim]`.
+
+    Preallocated and written in place (no concatenation per token), and an explicit object handed to the
+    step: nothing is stored on the modules, so several sampling runs can share a model, and an exception
+    leaves no state behind. Position-major per row, so writing one token is one contiguous (heads * dim)
+    run per row and kind; attention reads `keys(layer, stop)`, a (row, head, position, dim) view.
+    """
+
+    def __init__(self, layers: int, rows: int, heads: int, length: int, head_dim: int, *, dtype: torch.dtype, device):
+        # zeros, not garbage: graph-captured steps read masked positions, and 0 * NaN is NaN
+        self.kv = torch.zeros(layers, 2, rows, length, heads, head_dim, dtype=dtype, device=device)
+        self.length = length
+
+    def write(self, layer: int, t: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store position t's keys and values, each (row, head, dim)."""
+        self.kv[layer, 0, :, t] = k
+        self.kv[layer, 1, :, t] = v
+
+    def keys(self, layer: int, stop: int) -> torch.Tensor:
+        """Keys of positions < stop as (row, head, position, dim)."""
+        return self.kv[layer, 0, :, :stop].transpose(1, 2)
+
+    def values(self, layer: int, stop: int) -> torch.Tensor:
+        """Values of positions < stop as (row, head, position, dim)."""
+        return self.kv[layer, 1, :, :stop].transpose(1, 2)
+
+
 class Attention(nn.Module):
+    """Multi-head causal self-attention on LN(h): softmax(q k^T / sqrt(d)) v, heads concatenated, projected."""
+
     def __init__(self, width: int, head_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
@@ -35,15 +103,27 @@ class Attention(nn.Module):
         self.head_dim = head_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over the whole sequence (fused kernel, no materialised mask)."""
+        """The whole sequence h (B, T, W), token t attending to tokens <= t (fused kernel, no materialised mask)."""
         B, T, W = h.shape
         qkv = self.qkv(layer_norm_f32(self.norm, h)).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(o.transpose(1, 2).reshape(B, T, W))
 
+    def step(self, h: torch.Tensor, t: int, cache: KVCache, layer: int, temp: float = 1.0) -> torch.Tensor:
+        """One token h (B, W) at position t: its key and value go into `cache`, which holds those of
+        positions < t, and it attends to positions <= t with logits divided by the temperature `temp`."""
+        B, W = h.shape
+        q, k, v = self.qkv(layer_norm_f32(self.norm, h)).view(B, 3, self.num_heads, self.head_dim).unbind(1)
+        cache.write(layer, t, k, v)
+        q = (q / temp).unsqueeze(2)  # (B, heads, 1, dim)
+        o = F.scaled_dot_product_attention(q, cache.keys(layer, t + 1), cache.values(layer, t + 1))
+        return self.proj(o.reshape(B, W))
+
 
 class MLP(nn.Module):
+    """W2 GELU(W1 LN(h) + b1) + b2."""
+
     def __init__(self, width: int, expansion: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
@@ -65,6 +145,11 @@ class Layer(nn.Module):
         h = h + self.attention(h)
         return h + self.mlp(h)
 
+    def step(self, h: torch.Tensor, t: int, cache: KVCache, layer: int, temp: float = 1.0) -> torch.Tensor:
+        """The same layer for the one token at position t (B, W), earlier tokens read from `cache`."""
+        h = h + self.attention.step(h, t, cache, layer, temp)
+        return h + self.mlp(h)
+
 
 def _small_normal(t: torch.Tensor) -> torch.Tensor:
     """N(0, 0.01^2) in place (the values of randn * 1e-2); nothing on the meta device, where a first
@@ -73,7 +158,9 @@ def _small_normal(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlowBlock(nn.Module):
-    """One autoregressive affine flow over the token sequence, in natural or reversed order."""
+    """One autoregressive affine flow over the token sequence, in natural or reversed order.
+
+    h = proj_in(x) + pos_embed + class_embed[y], the causal layers, then proj_out(h_t) -> (a, b)_{t+1}."""
 
     def __init__(self, cfg: ModelConfig, reverse_order: bool):
         super().__init__()
@@ -110,7 +197,7 @@ class FlowBlock(nn.Module):
         return c if cls is None else c + cls
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head output -> (log-scale a, shift b); VP blocks have a = 0."""
+        """Head output -> (log-scale a, shift b); VP blocks (nvp False) have a = 0."""
         if self.nvp:
             a, b = out.chunk(2, dim=-1)
             return a, b
@@ -121,15 +208,64 @@ class FlowBlock(nn.Module):
         h = self.proj_in(x_ordered) + self.conditioning(y)
         for layer in self.attn_blocks:
             h = layer(h)
-        # the last token's head output would be shifted out of the sequence: project tokens 0..T-2 only
-        return self.split(flow.prepend_zero_token(self.proj_out(h[:, :-1])))
+        # the last token's head output would be shifted out of the sequence: project tokens 0..T-2 only,
+        # then shift right by one token (token 0 gets zeros: its transform is the identity)
+        return self.split(F.pad(self.proj_out(h[:, :-1]), (0, 0, 1, 0)))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> noise for natural-order tokens (B, T, D): returns (z, total log|det|) per sample."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> FlowOutput:
+        """Data -> noise for natural-order tokens (B, T, D): z = (x - b) exp(-a), log|det| = -sum(a) per sample."""
         xo = self.order(x)
         a, b = self.params(xo, y)
-        z = flow.affine_forward(xo, a, b)
-        return self.order(z), -at_least_f32(a).sum(dim=(1, 2))
+        z = affine_forward(xo, a, b)
+        return FlowOutput(self.order(z), -at_least_f32(a).sum(dim=(1, 2)))
+
+    def reverse_step(
+        self, x_t: torch.Tensor, t: int, cond: torch.Tensor, cache: KVCache, attn_temp: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of position t+1, each (B, D), from token t (B, D) of this block's order, the tokens
+        before it read from `cache`; `cond` (B, T, W) as `conditioning`."""
+        h = self.proj_in(x_t) + cond[:, t]
+        for i, layer in enumerate(self.attn_blocks):
+            h = layer.step(h, t, cache, i, attn_temp)
+        return self.split(self.proj_out(h))
+
+    def reverse(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        guidance: float = 0.0,
+        guide_what: str = "ab",
+        attn_temp: float = 1.0,
+        annealed: bool = False,
+    ) -> torch.Tensor:
+        """Noise -> data for natural-order tokens (B, T, D), one token at a time in this block's order:
+        x_0 = z_0, x_{t+1} = z_{t+1} * exp(a_{t+1}) + b_{t+1} with (a, b)_{t+1} = f(x_0..x_t).
+
+        Classifier-free guidance (w = `guidance` > 0): a second, unconditional pass (mean class
+        embedding, attention logits divided by `attn_temp`) gives (a_u, b_u), and those of a, b named
+        in `guide_what` become c + w (c - u); `annealed`: w (t + 1) / (T - 1) at step t."""
+        x = self.order(z).clone()
+        B, T, _ = x.shape
+        guided = guidance > 0
+        cond = self.conditioning(y).expand(B, -1, -1)
+        uncond = self.conditioning(None).expand(B, -1, -1)
+        caches = [self.new_cache(B, T, x) for _ in range(2 if guided else 1)]
+        for t in range(T - 1):
+            a, b = self.reverse_step(x[:, t], t, cond, caches[0])
+            if guided:
+                a_u, b_u = self.reverse_step(x[:, t], t, uncond, caches[1], attn_temp)
+                w = guidance * (t + 1) / (T - 1) if annealed else guidance
+                a = guide(a, a_u, w) if "a" in guide_what else a
+                b = guide(b, b_u, w) if "b" in guide_what else b
+            x[:, t + 1] = affine_inverse(x[:, t + 1], a, b)
+        return self.order(x)
+
+    def new_cache(self, rows: int, length: int, like: torch.Tensor) -> KVCache:
+        """An empty key/value cache for `rows` sequences of `length` tokens, in `like`'s dtype and device."""
+        first = self.attn_blocks[0].attention
+        heads, dim = first.num_heads, first.head_dim
+        return KVCache(len(self.attn_blocks), rows, heads, length, dim, dtype=like.dtype, device=like.device)
 
 
 class TarFlow(nn.Module):
@@ -150,98 +286,58 @@ class TarFlow(nn.Module):
         c = self.config
         return flow.unpatchify(tokens, c.in_channels, c.img_size, c.patch_size)
 
-    def forward_tokens(
-        self, tokens: torch.Tensor, y: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Tokens -> (z, total logdet (B,), output of each block)."""
+    @property
+    def proj_dtype(self) -> torch.dtype:
+        """The dtype of the weights (inputs are cast to it; autocast still decides the products')."""
+        return self.blocks[0].proj_in.weight.dtype if len(self.blocks) else self.var.dtype
+
+    def forward_tokens(self, tokens: torch.Tensor, y: torch.Tensor | None = None) -> FlowTrace:
+        """Tokens -> (z, total logdet (B,), output of each block); inputs as checked by `forward`."""
         logdet = at_least_f32(tokens.new_zeros(tokens.shape[0]))
         outputs = []
         for block in self.blocks:
             tokens, ld = block(tokens, y)
             logdet = logdet + ld
             outputs.append(tokens)
-        return tokens, logdet, outputs
+        return FlowTrace(tokens, logdet, outputs)
 
-    def forward(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, y=None) -> FlowOutput:
         """Images (B, C, H, W) in [-1, 1] scale -> (z (B, T, D), log|det dz/dx| (B,) in nats).
 
-        `y`: labels as in `labels` (a tensor, list, array or one int for the whole batch); their
-        range is checked in eval mode only (a host read the training step does without)."""
-        x = self.images(x)
-        y = self.labels(y, x.shape[0], check=not self.training)
+        `y`: labels as in `inputs.labels` (a tensor, list, array or one int for the whole batch);
+        their range is checked in eval mode only (a host read the training step does without)."""
+        x = inputs.images(self, x)
+        y = inputs.labels(self, y, x.shape[0], check=not self.training)
         z, logdet, _ = self.forward_tokens(self.patchify(x), y)
-        return z, logdet
+        return FlowOutput(z, logdet)
 
-    def images(self, x) -> torch.Tensor:
-        """Check model-space images `x` against the architecture: (B, C, H, W) floating point; moved
-        to the model's device and dtype (as sampling does with its noise)."""
-        c = self.config
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"x must be a tensor of images (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {type(x).__name__}"
-            )
-        if not x.dtype.is_floating_point:
-            raise TypeError(
-                f"x must be floating-point images in [-1, 1] scale, got {x.dtype} "
-                "(8-bit images: tarflow_core.flow.uint8_to_model)"
-            )
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
-            raise ValueError(
-                f"x must have shape (B, {c.in_channels}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}"
-            )
-        return x.to(self.var.device, self.proj_dtype)
+    def log_prob(self, x, y=None) -> torch.Tensor:
+        """log p(x) = log N(z; 0, var) + log|det dz/dx| in nats per sample (labels range-checked in every mode)."""
+        x = inputs.images(self, x)
+        z, logdet, _ = self.forward_tokens(self.patchify(x), inputs.labels(self, y, x.shape[0]))
+        return flow.gaussian_log_prob(at_least_f32(z), self.var) + logdet
 
-    @property
-    def proj_dtype(self) -> torch.dtype:
-        """The dtype of the weights (inputs are cast to it; autocast still decides the products')."""
-        return self.blocks[0].proj_in.weight.dtype if len(self.blocks) else self.var.dtype
+    @torch.no_grad()
+    def reverse(
+        self, noise, y=None, *, guidance: float = 0.0, guide_what: str = "ab", attn_temp: float = 1.0, annealed=False
+    ) -> torch.Tensor:
+        """Prior noise (B, T, D) ~ N(0, 1) -> images (B, C, H, W): z = sqrt(var) * noise, then blocks
+        N-1..0 reversed (`FlowBlock.reverse`). The plain-PyTorch statement of what `sample` computes."""
+        options = inputs.SamplingOptions(
+            guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed
+        )
+        noise = inputs.noise(self, noise)
+        y = inputs.labels(self, y, noise.shape[0])
+        x = noise.to(self.var.device, self.var.dtype) * self.var.sqrt()
+        for block in reversed(self.blocks):
+            x = block.reverse(x, y, **options.guide)
+        return self.unpatchify(x)
 
     def sample(self, noise: torch.Tensor, y=None, **options) -> torch.Tensor:
-        """Prior noise (B, T, D) -> images (B, C, H, W); options as `tarflow_core.sampling.sample`."""
+        """Prior noise (B, T, D) -> images (B, C, H, W) by the fast backends (`tarflow_core.sampling.sample`)."""
         from .sampling import sample
 
         return sample(self, noise, y, **options)
-
-    def labels(self, y, batch: int, *, check: bool = True) -> torch.Tensor | None:
-        """Labels for a batch of `batch` images as a (batch,) int64 tensor on the model's device, or
-        None (no labels, or an unconditional model, which ignores them).
-
-        `y`: None, one int (the whole batch), or a tensor, list or array of integers, one per image;
-        -1 is the dropped label (the mean class embedding). `check`: also refuse values outside
-        -1..K-1 (one host read)."""
-        if y is None or self.config.num_classes == 0:
-            return None
-        if not isinstance(y, torch.Tensor):
-            try:
-                y = torch.as_tensor(y)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise TypeError(
-                    f"labels y must be integers (a tensor, list, array or int), got {type(y).__name__} ({e})"
-                ) from None
-        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise TypeError(f"labels y must be integers, got {y.dtype}")
-        if y.dim() == 0:
-            y = y.expand(batch)
-        elif y.dim() != 1 or y.shape[0] != batch:
-            raise ValueError(
-                f"labels y must be one label per image, shape ({batch},), or a single int; got shape {tuple(y.shape)}"
-            )
-        y = y.to(self.var.device, torch.long)
-        if check:
-            self.check_labels(y)
-        return y
-
-    def check_labels(self, y: torch.Tensor | None) -> None:
-        """Refuse labels outside -1..K-1 (-1: no class, the mean embedding) on a conditional model
-        (one host read; the training step does not call it). Unconditional models ignore labels."""
-        K = self.config.num_classes
-        if y is None or K == 0 or y.numel() == 0:
-            return
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise TypeError(f"labels y must be integers, got {y.dtype}")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < -1 or hi >= K:
-            raise ValueError(f"labels must be in -1..{K - 1} (-1: no class), got values from {lo} to {hi}")
 
     @torch.no_grad()
     def update_prior(
@@ -277,6 +373,20 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     a checkpoint's description stays instant, and the meta device's first use costs seconds)."""
     T, D, W, E, K = cfg.num_patches, cfg.token_dim, cfg.width, cfg.expansion * cfg.width, cfg.num_classes
     out = 2 * D if cfg.nvp else D
+    layer = {
+        "attention.norm.weight": (W,),
+        "attention.norm.bias": (W,),
+        "attention.qkv.weight": (3 * W, W),
+        "attention.qkv.bias": (3 * W,),
+        "attention.proj.weight": (W, W),
+        "attention.proj.bias": (W,),
+        "mlp.norm.weight": (W,),
+        "mlp.norm.bias": (W,),
+        "mlp.main.0.weight": (E, W),
+        "mlp.main.0.bias": (E,),
+        "mlp.main.2.weight": (W, E),
+        "mlp.main.2.bias": (W,),
+    }
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(cfg.num_blocks):
         b = f"blocks.{i}."
@@ -284,23 +394,7 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if K:
             shapes[b + "class_embed"] = (K, 1, W)
         for j in range(cfg.layers_per_block):
-            a, m = f"{b}attn_blocks.{j}.attention.", f"{b}attn_blocks.{j}.mlp."
-            shapes.update(
-                {
-                    a + "norm.weight": (W,),
-                    a + "norm.bias": (W,),
-                    a + "qkv.weight": (3 * W, W),
-                    a + "qkv.bias": (3 * W,),
-                    a + "proj.weight": (W, W),
-                    a + "proj.bias": (W,),
-                    m + "norm.weight": (W,),
-                    m + "norm.bias": (W,),
-                    m + "main.0.weight": (E, W),
-                    m + "main.0.bias": (E,),
-                    m + "main.2.weight": (W, E),
-                    m + "main.2.bias": (W,),
-                }
-            )
+            shapes.update({f"{b}attn_blocks.{j}.{name}": shape for name, shape in layer.items()})
         shapes.update({b + "proj_out.weight": (out, W), b + "proj_out.bias": (out,)})
     shapes["var"] = (T, D)
     return shapes

@@ -64,7 +64,7 @@ class EmulatedGraph:
 
 def emulate_cuda_graphs(monkeypatch) -> list[EmulatedGraph]:
     """Make tarflow_core.cuda_graphs capture EmulatedGraphs (warm-up runs the step in place)."""
-    from tarflow_core import cuda_graphs
+    from tarflow_core.fast import graphs as cuda_graphs
 
     graphs: list[EmulatedGraph] = []
 

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from tarflow_core import block_weights as bw
-from tarflow_core.block_runner import BlockRunner
-from tarflow_core.inversion import invert_sequential, invert_sequential_static
+from tarflow_core.fast import weights as bw
+from tarflow_core.fast.runner import BlockRunner
+from tarflow_core.fast.inversion import invert_sequential, invert_sequential_static
 from tarflow_core.sampling import sample
 from tarflow_core.model import TarFlow
 from tests.conftest import tiny_config, tiny_model

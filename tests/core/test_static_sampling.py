@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tarflow_core.block_runner import BlockRunner
-from tarflow_core.inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
+from tarflow_core.fast.runner import BlockRunner
+from tarflow_core.fast.inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
 from tarflow_core.sampling import DEFAULT_TOL, DEFAULT_TOL_HALF, generate, sample
 from tests.conftest import tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
@@ -150,7 +150,7 @@ def _graphed_block_error(monkeypatch) -> float:
 
 
 def test_the_emulator_catches_a_position_baked_in_at_capture(monkeypatch):
-    from tarflow_core import inversion
+    from tarflow_core.fast import inversion
 
     advance, counter = inversion._advance, [0]
 

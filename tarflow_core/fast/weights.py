@@ -28,31 +28,65 @@ import platform
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .flow import at_least_f32
-from .model import FlowBlock
+from ..model import FlowBlock, at_least_f32
 
 _ENTRIES_PER_BLOCK = 6  # cached preparations per block (dtypes, packed row counts)
 
 
+class LayerWeights(NamedTuple):
+    """One transformer layer's weights for sampling: matrices as (in, out) for `addmm`, in the compute
+    dtype; norm weights at least float32 (norms run in float32 for half-precision activations)."""
+
+    norm1_w: torch.Tensor
+    norm1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    norm2_w: torch.Tensor
+    norm2_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+    norm1_eps: float
+    norm2_eps: float
+
+
+class PackedLayer(NamedTuple):
+    """A layer's four per-token product weights in oneDNN's packed layout."""
+
+    qkv: torch.Tensor
+    proj: torch.Tensor
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+
+
 @dataclass
 class BlockWeights:
-    """One block's sampling weights.
+    """One block's sampling weights: every layer's, proj_in and proj_out as (in, out) matrices and
+    biases, and `packed`, every layer's products in oneDNN's layout (or None)."""
 
-    `layers[i]` = (norm1 weight, bias, qkv (in, out), bias, proj (in, out), bias, norm2 weight,
-    bias, fc1 (in, out), bias, fc2 (in, out), bias, norm1 eps, norm2 eps); `packed[i]` = the
-    layer's (qkv, proj, fc1, fc2) in oneDNN's layout, or `packed` is None.
-    """
-
-    layers: list[tuple]
+    layers: list[LayerWeights]
     w_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
     b_out: torch.Tensor
-    packed: list[tuple] | None = None
+    packed: list[PackedLayer] | None = None
+
+
+class _ParamState(NamedTuple):
+    """What identifies a parameter's current values without reading them."""
+
+    ref: weakref.ref
+    version: int
+    data_ptr: int
+    dtype: torch.dtype
+    shape: torch.Size
 
 
 def block_weights(
@@ -125,7 +159,7 @@ def _cached(block: FlowBlock, key, make: Callable):
         return make()
     # the storage address too: `vector_to_parameters` and `p.data = ...` swap a parameter's
     # tensor without bumping its version
-    state = [(weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.shape) for p in params]
+    state = [_ParamState(weakref.ref(p), p._version, p.data_ptr(), p.dtype, p.shape) for p in params]
     with _LOCK:
         entries = _CACHE.setdefault(block, {})
         hit = entries.pop(key, None)
@@ -137,8 +171,8 @@ def _cached(block: FlowBlock, key, make: Callable):
         return hit[1]
 
 
-def _same_state(old: list[tuple], new: list[tuple]) -> bool:
-    return len(old) == len(new) and all(o[0]() is n[0]() and o[1:] == n[1:] for o, n in zip(old, new))
+def _same_state(old: list[_ParamState], new: list[_ParamState]) -> bool:
+    return len(old) == len(new) and all(o.ref() is n.ref() and o[1:] == n[1:] for o, n in zip(old, new))
 
 
 def _prepare(block: FlowBlock, dtype: torch.dtype) -> BlockWeights:
@@ -147,13 +181,16 @@ def _prepare(block: FlowBlock, dtype: torch.dtype) -> BlockWeights:
     return BlockWeights(layers, *_in_out(block.proj_in, cast), *_in_out(block.proj_out, cast))
 
 
-def _packed_layers(block: FlowBlock, rows: int) -> list[tuple] | None:
+def _packed_layers(block: FlowBlock, rows: int) -> list[PackedLayer] | None:
     """Every layer's (qkv, proj, fc1, fc2) weights in oneDNN's layout, or None where this build
     cannot pack them (the plain products are used then)."""
     try:
         return [
-            tuple(
-                torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows) for linear in _step_linears(layer)
+            PackedLayer(
+                *(
+                    torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+                    for linear in _step_linears(layer)
+                )
             )
             for layer in block.attn_blocks
         ]
@@ -166,10 +203,10 @@ def _step_linears(layer) -> tuple[torch.nn.Linear, ...]:
     return layer.attention.qkv, layer.attention.proj, layer.mlp.main[0], layer.mlp.main[2]
 
 
-def _layer_weights(layer, dtype: torch.dtype | None) -> tuple:
+def _layer_weights(layer, dtype: torch.dtype | None) -> LayerWeights:
     att, mlp = layer.attention, layer.mlp
     # norms run in float32 for half-precision activations: a half-precision model's norm weights too
-    return (
+    return LayerWeights(
         at_least_f32(att.norm.weight.detach()),
         at_least_f32(att.norm.bias.detach()),
         *_in_out(att.qkv, dtype),

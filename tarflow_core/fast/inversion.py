@@ -11,12 +11,21 @@ growing) is redone sequentially, so a wrong image is never returned silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from .block_runner import BlockRunner
-from .flow import affine_inverse
-from .cuda_graphs import Replay
+from ..model import FlowBlock, affine_inverse
+from .graphs import Replay
+from .runner import BlockRunner, compute_dtype
+
+DEFAULT_TOL = 1e-4  # Jacobi convergence: largest change between passes, float32 arithmetic
+DEFAULT_TOL_HALF = 1e-2  # the same in bfloat16/float16, whose rounding keeps iterates moving ~1e-2
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The Jacobi samplers' default tolerance for this arithmetic (DEFAULT_TOL or DEFAULT_TOL_HALF)."""
+    return DEFAULT_TOL_HALF if dtype in (torch.float16, torch.bfloat16) else DEFAULT_TOL
 
 
 @dataclass
@@ -29,6 +38,43 @@ class InversionStats:
     tol: float | None = None  # Jacobi tolerance used (the default depends on the arithmetic)
     check_every: int | None = None  # Jacobi passes between convergence checks
     cuda_graphs: bool | None = None  # fixed-shape steps replayed as CUDA graphs
+
+
+def invert_block(
+    block: FlowBlock,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    segment: int = 1,
+    tol: float = DEFAULT_TOL,
+    check_every: int = 1,
+    stats: InversionStats | None = None,
+    graphed: bool = False,
+    pool=None,
+    dtype: torch.dtype | None = None,
+    **guide,
+) -> torch.Tensor:
+    """Invert one block for natural-order tokens x (B, T, D): sequentially when `segment` is 1,
+    else by Jacobi iteration over segments of that many tokens. `graphed`: replay the fixed-shape
+    steps as CUDA graphs (sharing the memory `pool`). `dtype`: the transformer's arithmetic
+    (default: autocast's when it is on, else x's). `guide`: as `FlowBlock.reverse`."""
+    dtype = dtype or compute_dtype(x.device, x.dtype)
+    runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
+    xo = block.order(x).clone()
+    if segment <= 1:
+        if graphed:
+            invert_sequential_static(runner, xo, graphed=True, pool=pool)
+        else:
+            invert_sequential(runner, xo)
+        passes = x.shape[1] - 1
+    else:
+        passes = invert_segments(
+            runner, xo, segment, tol=tol, check_every=check_every, stats=stats, graphed=graphed, pool=pool
+        )
+    if stats is not None:
+        stats.iterations.append(passes)
+        stats.segments.append(segment)
+    return block.order(xo)
 
 
 def invert_sequential(runner: BlockRunner, xo: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
@@ -111,11 +157,9 @@ def invert_segments(
             return None
         p1 = min(T, p0 + segment)
         one_pass = Replay(lambda p0=p0, p1=p1: _jacobi_pass(runner, xo, z, p0, p1, delta), graphed=graphed, pool=pool)
-        used, ok = _jacobi_segment(
-            runner, xo, one_pass, delta, p0, p1, tol=tol, check_every=check_every, refresh=p1 < T
-        )
-        passes += used
-        if not ok:
+        outcome = _jacobi_segment(runner, xo, one_pass, delta, p0, p1, tol=tol, check_every=check_every, refresh=p1 < T)
+        passes += outcome.passes
+        if not outcome.converged:
             xo[:, p0:p1] = z[:, p0:p1]
             invert_sequential(runner, xo, p0 - 1, p1)
             passes += p1 - p0
@@ -135,6 +179,11 @@ def _jacobi_pass(runner: BlockRunner, xo: torch.Tensor, z: torch.Tensor, p0: int
     current.copy_(new)
 
 
+class SegmentOutcome(NamedTuple):
+    passes: int  # forward passes used on the segment
+    converged: bool  # finite and contracting; False: the segment is to be redone sequentially
+
+
 def _jacobi_segment(
     runner: BlockRunner,
     xo: torch.Tensor,
@@ -146,8 +195,8 @@ def _jacobi_segment(
     tol: float,
     check_every: int,
     refresh: bool,
-) -> tuple[int, bool]:
-    """Iterate unknowns p0..p1-1; exact after p1-p0 passes. Returns (passes, finite and contracting)."""
+) -> SegmentOutcome:
+    """Iterate unknowns p0..p1-1; exact after p1-p0 passes."""
     length = p1 - p0
     first_delta = None
     for it in range(1, length + 1):
@@ -156,17 +205,17 @@ def _jacobi_segment(
             continue
         change = float(delta)  # the only host sync, every `check_every` passes
         if change != change or change == float("inf"):
-            return it, False
+            return SegmentOutcome(it, False)
         if it == length:  # exact: every token of the segment has seen an exact prefix
-            return it, True
+            return SegmentOutcome(it, True)
         if first_delta is None:
             first_delta = change
         elif change > 1e3 * max(first_delta, tol):
-            return it, False  # growing: not contracting, redo sequentially
+            return SegmentOutcome(it, False)  # growing: not contracting, redo sequentially
         if change <= tol:
             if not refresh:
-                return it, True
+                return SegmentOutcome(it, True)
             # later segments read this one's keys/values: recompute them from the final x
             runner.params(xo[:, p0 - 1 : p1 - 1], p0 - 1)
-            return it + 1, True
-    return length, True
+            return SegmentOutcome(it + 1, True)
+    return SegmentOutcome(length, True)

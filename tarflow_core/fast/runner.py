@@ -1,7 +1,9 @@
 """A flow block run as plain tensor functions over a window of tokens, with a key/value cache.
 
-Both inversion methods use it: the sequential sampler feeds one token at a time, the Jacobi
-samplers feed whole segments. With guidance the conditional and the unconditional pass (mean
+The maths of `FlowBlock.reverse_step` (one token) and `FlowBlock.params` (a window), laid out for
+sampling's few-row products: 2-D activations, `addmm` against prepared (in, out) weights, in-place
+residuals. Both inversion methods use it: the sequential sampler feeds one token at a time, the
+Jacobi samplers feed whole segments. With guidance the conditional and the unconditional pass (mean
 class embedding, attention logits divided by `attn_temp`) run as one batch of 2B rows.
 """
 
@@ -10,10 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .block_weights import block_weights, can_pack, packed_linear, packed_linear_add, prefers_packed
-from .flow import at_least_f32, guide
-from .kv_cache import KVCache
-from .model import FlowBlock
+from ..model import FlowBlock, KVCache, at_least_f32, guide
+from .weights import PackedLayer, block_weights, can_pack, packed_linear, packed_linear_add, prefers_packed
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype of the transformer's products: autocast's when it is on, else `default`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
 
 
 class BlockRunner:
@@ -21,7 +28,7 @@ class BlockRunner:
 
     `packed`: run the single-token step's products on oneDNN's packed weights (True), on the
     plain ones (False), or as `prefers_packed` decides for the block and row count (None; CPU
-    float32 only, see block_weights.py). The packed weights are prepared when the step first
+    float32 only, see `weights`). The packed weights are prepared when the step first
     needs them, so a runner that only runs Jacobi passes (`params`) never packs.
     """
 
@@ -80,7 +87,7 @@ class BlockRunner:
         self.guide_hidden = self.guided and not self.half and self.use_b and (self.use_a or not block.nvp)
 
     @property
-    def packed(self) -> list[tuple] | None:
+    def packed(self) -> list[PackedLayer] | None:
         """Every layer's step products in oneDNN's layout, or None for the plain products."""
         if self._packed is _NOT_YET:
             use = prefers_packed(self.block, self.rows) if self._use_packed is None else self._use_packed
@@ -101,7 +108,6 @@ class BlockRunner:
         `t` is a Python int, or a one-element device tensor for CUDA-graph capture: then every
         shape is fixed, attention reads the first `span` cached positions and masks those after t.
         """
-        B = x.shape[0]
         rows, W, H, d = self.rows, self.width, self.heads, self.head_dim
         static = isinstance(t, torch.Tensor)
         x = x.to(self.w_in.dtype) if self.half else x
@@ -110,12 +116,12 @@ class BlockRunner:
         stop = span if static else t + 1
         mask = (self._positions[:span] <= t).view(1, 1, 1, span) if static else None
         cache, packs = self.cache, self.packed
-        for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
+        for li, w in enumerate(self.layers):
             packed = packs[li] if packs is not None else None
             if packed is None:
-                qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv, out=self._qkv)
+                qkv = torch.addmm(w.qkv_b, self._norm(h, w.norm1_w, w.norm1_b, w.norm1_eps), w.qkv_w, out=self._qkv)
             else:
-                qkv = packed_linear(self._norm(h, n1, n1b, eps1), packed[0], bqkv)
+                qkv = packed_linear(self._norm(h, w.norm1_w, w.norm1_b, w.norm1_eps), packed.qkv, w.qkv_b)
             new_kv = qkv[:, W:].view(rows, 2, H, d).transpose(0, 1)
             if static:
                 cache.kv[li].index_copy_(2, t, new_kv.unsqueeze(2))
@@ -126,13 +132,14 @@ class BlockRunner:
                 q = q * self.q_scale
             o = F.scaled_dot_product_attention(q, cache.keys(li, stop), cache.values(li, stop), attn_mask=mask)
             if packed is None:
-                h.addmm_(o.view(rows, W), wp).add_(bp)
-                f = _gelu_(torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1, out=self._hidden))
-                h.addmm_(f, w2).add_(b2)
+                h.addmm_(o.view(rows, W), w.proj_w).add_(w.proj_b)
+                normed = self._norm(h, w.norm2_w, w.norm2_b, w.norm2_eps)
+                f = _gelu_(torch.addmm(w.fc1_b, normed, w.fc1_w, out=self._hidden))
+                h.addmm_(f, w.fc2_w).add_(w.fc2_b)
             else:
-                h = packed_linear_add(o.view(rows, W), packed[1], bp, h)
-                f = packed_linear(self._norm(h, n2, n2b, eps2), packed[2], b1, gelu=True)
-                h = packed_linear_add(f, packed[3], b2, h)
+                h = packed_linear_add(o.view(rows, W), packed.proj, w.proj_b, h)
+                f = packed_linear(self._norm(h, w.norm2_w, w.norm2_b, w.norm2_eps), packed.fc1, w.fc1_b, gelu=True)
+                h = packed_linear_add(f, packed.fc2, w.fc2_b, h)
         return self._head(h, t)
 
     def _head(self, h: torch.Tensor, t: int | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -170,15 +177,16 @@ class BlockRunner:
         if L > 1:
             mask = torch.ones(L, stop, dtype=torch.bool, device=x.device).tril(diagonal=start)
         cache = self.cache
-        for li, (n1, n1b, wqkv, bqkv, wp, bp, n2, n2b, w1, b1, w2, b2, eps1, eps2) in enumerate(self.layers):
-            qkv = torch.addmm(bqkv, self._norm(h, n1, n1b, eps1), wqkv).view(rows, L, 3, H, d)
+        for li, w in enumerate(self.layers):
+            qkv = torch.addmm(w.qkv_b, self._norm(h, w.norm1_w, w.norm1_b, w.norm1_eps), w.qkv_w).view(rows, L, 3, H, d)
             cache.kv[li, :, :, start:stop].copy_(qkv[:, :, 1:].permute(2, 0, 1, 3, 4))
             q = qkv[:, :, 0].transpose(1, 2)
             if self.q_scale is not None:
                 q = q * self.q_scale
             o = F.scaled_dot_product_attention(q, cache.keys(li, stop), cache.values(li, stop), attn_mask=mask)
-            h = h + torch.addmm(bp, o.transpose(1, 2).reshape(rows * L, W), wp)
-            h = h + torch.addmm(b2, F.gelu(torch.addmm(b1, self._norm(h, n2, n2b, eps2), w1)), w2)
+            h = h + torch.addmm(w.proj_b, o.transpose(1, 2).reshape(rows * L, W), w.proj_w)
+            normed = self._norm(h, w.norm2_w, w.norm2_b, w.norm2_eps)
+            h = h + torch.addmm(w.fc2_b, F.gelu(torch.addmm(w.fc1_b, normed, w.fc1_w)), w.fc2_w)
         return self._guide(torch.addmm(self.b_out, h, self.w_out).view(self.passes, B, L, -1), start, L)
 
     def _guide(self, out: torch.Tensor, start: int, L: int) -> tuple[torch.Tensor | None, torch.Tensor]:
