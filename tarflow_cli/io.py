@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass

@@ -10,58 +10,49 @@ import typer
 from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
 
-from ..console import info, to_stdout, user_errors
+from ..console import user_errors
 from ..io import check_output, read_inputs, write_output
-from .common import (
+from ..options import (
     BatchOpt,
     CkptOpt,
     ClassOpt,
     DeviceOpt,
     LabelsOpt,
     PatchOpt,
-    batches,
-    check_model_inputs,
-    denoise_sigma,
-    load,
-    resolve_device,
-    resolve_labels,
+    inputs_argument,
+    out_option,
+    seed_option,
 )
-from .numbers import FINITE, seed_int
+from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels
+from .numbers import FINITE
+from .sampling_setup import resolve_denoise_sigma
+
+InputsArg = inputs_argument("Image files, folders, .npz, .npy, or - for a .npy on stdin (several are read in order).")
+SigmaOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False
+    ),
+]
+LrScaleOpt = Annotated[
+    float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")
+]
+OutOpt = out_option("X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")
+UnusedSeedOpt = seed_option("Accepted like every command's; the step itself draws nothing random.")
 
 
 def denoise(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="INPUT",
-            help="Image files, folders, .npz, .npy, or - for a .npy on stdin (several are read in order).",
-            show_default=False,
-        ),
-    ],
+    inputs: InputsArg,
     ckpt: CkptOpt,
-    sigma: Annotated[
-        Optional[float],
-        typer.Option(
-            "--sigma", parser=FINITE, help="Noise std \\[default: the checkpoint's training noise].", show_default=False
-        ),
-    ] = None,
-    lr_scale: Annotated[
-        float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")
-    ] = 1.0,
+    sigma: SigmaOpt = None,
+    lr_scale: LrScaleOpt = 1.0,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    out: Annotated[
-        str, typer.Option("--out", "-o", help="X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")
-    ] = "denoised.png",
+    out: OutOpt = "denoised.png",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
-    seed: Annotated[
-        int,
-        typer.Option(
-            "--seed", parser=seed_int, help="Accepted like every command's; the step itself draws nothing random."
-        ),
-    ] = 0,
+    seed: UnusedSeedOpt = 0,
 ) -> None:
     """Denoise images with one step along the model's score.
 
@@ -78,7 +69,7 @@ def denoise(
         check_output(out)
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
-        sigma = denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
+        sigma = resolve_denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
         data = read_inputs(inputs)
         check_model_inputs(data, model.config, inputs, verb="denoised")
         n = len(data.images)
@@ -94,10 +85,5 @@ def denoise(
         written = write_output(
             result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale}
         )
-        info(
-            f"denoised {n} image{'s' if n != 1 else ''} (sigma {sigma}, lr scale {lr_scale})"
-            + (f" -> {written}" if written else "")
-        )
-        if out != "-":
-            with to_stdout():
-                typer.echo(out)
+        plural = "s" if n != 1 else ""
+        announce_output(f"denoised {n} image{plural} (sigma {sigma}, lr scale {lr_scale})", written, out)

@@ -11,21 +11,22 @@ from rich.table import Table
 from tarflow_core.checkpoint import read_info
 
 from ..console import out, require_stdout, to_stdout, user_errors
-from .common import CkptOpt, PatchOpt, check_device_spelling
+from ..options import CkptOpt, PatchOpt, device_option, seed_option
+from .common import check_device_spelling
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")]
+UnusedDeviceOpt = device_option(
+    "Accepted like every command's (checked for spelling); info reads no tensors onto a device."
+)
+UnusedSeedOpt = seed_option("Accepted like every command's; info draws nothing random.", parser=None)
 
 
 def info(
     ckpt: CkptOpt,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    as_json: JsonOpt = False,
     patch_size: PatchOpt = None,
-    device: Annotated[
-        str,
-        typer.Option(
-            "--device",
-            help="Accepted like every command's (checked for spelling); info reads no tensors onto a device.",
-        ),
-    ] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Accepted like every command's; info draws nothing random.")] = 0,
+    device: UnusedDeviceOpt = "auto",
+    seed: UnusedSeedOpt = 0,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
 
@@ -62,32 +63,41 @@ def info(
             with to_stdout():
                 typer.echo(json.dumps(summary))
             return
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold")
-        table.add_column()
-        noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(
-            noise.get("type"), "unknown"
-        )
-        rows = [
-            ("checkpoint", f"{ck.path} ({ck.kind})"),
-            (
-                "architecture",
-                f"{cfg.short_name()} (patch-width-blocks-layers), {cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}, MLP x{cfg.expansion}, {summary['mode']}",
-            ),
-            ("parameters", f"{summary['parameters']:,}"),
-            (
-                "data shape",
-                f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}",
-            ),
-            ("classes", str(cfg.num_classes) if cfg.num_classes else "unconditional"),
-            ("noise", noise_text),
-            ("step", str(ck.step) if ck.step is not None else "unknown"),
-        ]
-        if ck.has_ema:
-            rows.append(("ema", "yes (sampling uses the EMA weights)"))
-        if ck.data.get("source"):
-            rows.append(("data", str(ck.data["source"])))
-        for k, v in rows:
-            table.add_row(k, v)
+        table = _table(ck, summary)
         with to_stdout():
             out.print(table)
+
+
+def _table(ck, summary: dict) -> Table:
+    """The human-readable form of `summary`."""
+    cfg = ck.config
+    noise = summary["noise"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(
+        noise.get("type"), "unknown"
+    )
+    heads = f"{cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}"
+    rows = [
+        ("checkpoint", f"{ck.path} ({ck.kind})"),
+        (
+            "architecture",
+            f"{cfg.short_name()} (patch-width-blocks-layers), {heads}, MLP x{cfg.expansion}, {summary['mode']}",
+        ),
+        ("parameters", f"{summary['parameters']:,}"),
+        (
+            "data shape",
+            f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size} -> {cfg.num_patches} tokens of {cfg.token_dim}",
+        ),
+        ("classes", str(cfg.num_classes) if cfg.num_classes else "unconditional"),
+        ("noise", noise_text),
+        ("step", str(ck.step) if ck.step is not None else "unknown"),
+    ]
+    if ck.has_ema:
+        rows.append(("ema", "yes (sampling uses the EMA weights)"))
+    if ck.data.get("source"):
+        rows.append(("data", str(ck.data["source"])))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

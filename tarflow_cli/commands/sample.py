@@ -14,84 +14,58 @@ from tarflow_core import __version__
 from tarflow_core.load_errors import describe, file_head, not_numpy
 from tarflow_core.sampling import generate
 
-from ..console import UsageError, info, to_stdout, user_errors
+from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, write_output
-from .common import (
-    AnnealedOpt,
-    AttnTempOpt,
+from ..options import (
     BatchOpt,
     CkptOpt,
     ClassOpt,
-    DenoiseLrOpt,
-    DenoiseOpt,
-    DenoiseSigmaOpt,
-    CheckEveryOpt,
-    CudaGraphsOpt,
     DeviceOpt,
-    GuidanceOpt,
-    GuideWhatOpt,
     LabelsOpt,
     PatchOpt,
-    PrecisionOpt,
-    SamplerOpt,
+    SamplingOptions,
     SeedOpt,
-    SegmentsOpt,
-    TolOpt,
-    check_precision_options,
-    check_sampling_options,
-    load,
-    parse_segments,
-    resolve_device,
-    resolve_labels,
+    out_option,
+    with_option_groups,
 )
-from .common import denoise_sigma as resolve_denoise_sigma
+from .common import announce_output, load, resolve_device, resolve_labels
 from .progress import progress_bar
+from .sampling_setup import check_precision_options, check_sampling_options, parse_segments, sampling_denoise_sigma
+
+NumOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--num",
+        "-n",
+        min=1,
+        help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].",
+        show_default=False,
+    ),
+]
+NoiseOpt = Annotated[
+    Optional[Path],
+    typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False),
+]
+OutOpt = out_option(
+    "X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout)."
+)
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the settings used.")]
 
 
+@with_option_groups
 def sample(
     ckpt: CkptOpt,
-    num: Annotated[
-        Optional[int],
-        typer.Option(
-            "--num",
-            "-n",
-            min=1,
-            help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].",
-            show_default=False,
-        ),
-    ] = None,
+    num: NumOpt = None,
     batch_size: BatchOpt = 64,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    guidance: GuidanceOpt = 0.0,
-    guide_what: GuideWhatOpt = "ab",
-    attn_temp: AttnTempOpt = 1.0,
-    annealed: AnnealedOpt = False,
-    denoise: DenoiseOpt = None,
-    denoise_sigma: DenoiseSigmaOpt = None,
-    denoise_lr_scale: DenoiseLrOpt = 1.0,
-    sampler: SamplerOpt = "auto",
-    segments: SegmentsOpt = None,
-    tol: TolOpt = None,
-    check_every: CheckEveryOpt = None,
-    precision: PrecisionOpt = "auto",
-    cuda_graphs: CudaGraphsOpt = None,
-    noise: Annotated[
-        Optional[Path],
-        typer.Option("--noise", help="Exact prior noise: a .npy of shape (N, T, D).", show_default=False),
-    ] = None,
+    sampling: SamplingOptions = SamplingOptions(),
+    noise: NoiseOpt = None,
     seed: SeedOpt = 0,
-    out: Annotated[
-        str,
-        typer.Option(
-            "--out",
-            "-o",
-            help="X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout).",
-        ),
-    ] = "samples.png",
+    out: OutOpt = "samples.png",
     device: DeviceOpt = "auto",
     patch_size: PatchOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print the settings used.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Draw images from a checkpoint.
 
@@ -104,77 +78,80 @@ def sample(
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny -
     """
     with user_errors():
-        check_sampling_options(
-            guide_what, attn_temp, sampler, tol, guidance=guidance, annealed=annealed, check_every=check_every
-        )
+        check_sampling_options(sampling)
         check_output(out)
         dev = resolve_device(device)
-        check_precision_options(precision, cuda_graphs, dev)
+        check_precision_options(sampling, dev)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
-        segs = parse_segments(segments, len(model.blocks), cfg.num_patches, sampler)
+        segments = parse_segments(sampling.segments, len(model.blocks), cfg.num_patches, sampling.sampler)
         prior_noise = _read_noise(noise, cfg) if noise is not None else None
-        if prior_noise is not None and num is not None and num != len(prior_noise):
-            raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
-        n = len(prior_noise) if prior_noise is not None else num
-        if n is None and labels is not None:  # one image per label
-            y = resolve_labels(ck, None, class_=class_, labels_path=labels)
-            n = len(y) if y is not None else 64
-        else:
-            n = n or 64
-            y = resolve_labels(ck, n, class_=class_, labels_path=labels)
-        sigma = resolve_denoise_sigma(ck, denoise, denoise_sigma, lr_scale=denoise_lr_scale)
-        settings = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
+        n, y = _count_and_labels(ck, num, prior_noise, noise, class_=class_, labels=labels)
+        sigma = sampling_denoise_sigma(ck, sampling)
         if verbose:
             info(
-                f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
-                f"{cfg.num_classes} classes; device {dev}; seed {seed}; {settings}; denoise sigma {sigma}"
+                f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, "
+                f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes; device {dev}; "
+                f"seed {seed}; {sampling.guidance_settings()}; denoise sigma {sigma}"
             )
-        generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         with progress_bar("sampling", n) as advance:
             result = generate(
                 model,
                 n,
-                generator=generator,
+                generator=torch.Generator().manual_seed(seed),
                 batch_size=batch_size,
                 labels=y,
                 noise=prior_noise,
                 denoise_sigma=sigma,
-                denoise_lr_scale=denoise_lr_scale,
+                denoise_lr_scale=sampling.denoise_lr_scale,
                 on_batch=lambda done, total: advance(done),
-                sampler=sampler,
-                segments=segs,
-                tol=tol,
-                check_every=check_every,
-                precision=precision,
-                cuda_graphs=cuda_graphs,
-                **settings,
+                sampler=sampling.sampler,
+                segments=segments,
+                tol=sampling.tol,
+                check_every=sampling.check_every,
+                precision=sampling.precision,
+                cuda_graphs=sampling.cuda_graphs,
+                **sampling.guidance_settings(),
             )
         seconds = time.perf_counter() - start
         if verbose:
             info(f"sampler: {result.settings}")
-        meta = {
-            "tarflow_version": __version__,
-            "checkpoint": str(ck.path),
-            "seed": seed,
-            "num": n,
-            **settings,
-            "sampling": result.settings,
-            "denoise_sigma": sigma,
-            "denoise_lr_scale": denoise_lr_scale if sigma else None,
-            "noise_file": str(noise) if noise else None,
-            "redrawn": result.redrawn,
-        }
+        meta = _metadata(ck, seed, n, sampling, result, sigma, noise)
         written = write_output(result.images, out, labels=result.labels, metadata=meta)
         redrawn = f", {result.redrawn} redrawn after non-finite values" if result.redrawn else ""
-        info(
-            f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})"
-            + (f" -> {written}" if written else "")
-        )
-        if out != "-":
-            with to_stdout():
-                typer.echo(out)
+        announce_output(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})", written, out)
+
+
+def _count_and_labels(
+    ck, num: int | None, prior_noise: torch.Tensor | None, noise: Path | None, *, class_, labels
+) -> tuple[int, torch.Tensor | None]:
+    """How many images to draw (--num, else the rows of --noise, else one per --labels entry, else
+    64) and their labels."""
+    if prior_noise is not None and num is not None and num != len(prior_noise):
+        raise UsageError(f"--num {num} does not match --noise {noise}, which holds {len(prior_noise)} rows")
+    n = len(prior_noise) if prior_noise is not None else num
+    if n is None and labels is not None:  # one image per label
+        y = resolve_labels(ck, None, class_=class_, labels_path=labels)
+        return (len(y) if y is not None else 64), y
+    n = n or 64
+    return n, resolve_labels(ck, n, class_=class_, labels_path=labels)
+
+
+def _metadata(ck, seed: int, n: int, sampling: SamplingOptions, result, sigma, noise: Path | None) -> dict:
+    """What the output records about how it was made."""
+    return {
+        "tarflow_version": __version__,
+        "checkpoint": str(ck.path),
+        "seed": seed,
+        "num": n,
+        **sampling.guidance_settings(),
+        "sampling": result.settings,
+        "denoise_sigma": sigma,
+        "denoise_lr_scale": sampling.denoise_lr_scale if sigma else None,
+        "noise_file": str(noise) if noise else None,
+        "redrawn": result.redrawn,
+    }
 
 
 def _read_noise(path: Path, cfg) -> torch.Tensor:

@@ -16,59 +16,48 @@ from tarflow_core.likelihood import classify as bayes_classify
 from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
-from ..io import read_inputs, strict_json
-from .common import (
-    BatchOpt,
-    CkptOpt,
-    ClassOpt,
-    DeviceOpt,
-    LabelsOpt,
-    PatchOpt,
-    SeedOpt,
-    batches,
-    check_model_inputs,
-    load,
-    resolve_device,
-    resolve_labels,
-)
+from ..io import Inputs, read_inputs, strict_json
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, inputs_argument
+from .common import batches, check_model_inputs, load, resolve_device, resolve_labels
 from .progress import progress_bar
 
 FORMATS = ("jsonl", "csv", "table")
 
+InputsArg = inputs_argument("Image files, folders, .npz, .npy, or - for a .npy on stdin.")
+ClassifyOpt = Annotated[
+    bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")
+]
+DequantizeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--dequantize",
+        help="uniform or none \\[default: uniform for 8-bit inputs, none for float .npy].",
+        show_default=False,
+    ),
+]
+DequantSamplesOpt = Annotated[
+    int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")
+]
+FormatOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        "-f",
+        help="jsonl, csv or table \\[default: table on a terminal, else jsonl].",
+        show_default=False,
+    ),
+]
+
 
 def score(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="INPUT", help="Image files, folders, .npz, .npy, or - for a .npy on stdin.", show_default=False
-        ),
-    ],
+    inputs: InputsArg,
     ckpt: CkptOpt,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
-    classify: Annotated[
-        bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")
-    ] = False,
-    dequantize: Annotated[
-        Optional[str],
-        typer.Option(
-            "--dequantize",
-            help="uniform or none \\[default: uniform for 8-bit inputs, none for float .npy].",
-            show_default=False,
-        ),
-    ] = None,
-    dequant_samples: Annotated[
-        int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")
-    ] = 1,
-    fmt: Annotated[
-        Optional[str],
-        typer.Option(
-            "--format",
-            "-f",
-            help="jsonl, csv or table \\[default: table on a terminal, else jsonl].",
-            show_default=False,
-        ),
-    ] = None,
+    classify: ClassifyOpt = False,
+    dequantize: DequantizeOpt = None,
+    dequant_samples: DequantSamplesOpt = 1,
+    fmt: FormatOpt = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -93,76 +82,106 @@ def score(
             raise UsageError(f"--dequantize {dequantize}: expected uniform or none")
         dev = resolve_device(device)
         model, ck = load(ckpt, dev, patch_size)
-        cfg = model.config
-        if classify and not cfg.conditional:
+        if classify and not model.config.conditional:
             raise UsageError(
                 f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model"
             )
         data = read_inputs(inputs)
-        check_model_inputs(data, cfg, inputs)
-        dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
-        if dequantize == "none" and dequant_samples != 1:
-            raise UsageError(
-                f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
-                f"scored {'as given' if not data.is_uint8 else 'without dequantization'})"
-            )
-        if dequantize == "uniform" and not data.is_uint8:
-            raise UsageError(
-                f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; use --dequantize none"
-            )
-        n = len(data.images)
+        check_model_inputs(data, model.config, inputs)
+        dequantize = _check_dequantization(data, inputs, dequantize, dequant_samples)
         y = resolve_labels(
-            ck, n, class_=class_, labels_path=labels, from_inputs=data.labels, inputs_name=", ".join(map(str, inputs))
+            ck,
+            len(data.images),
+            class_=class_,
+            labels_path=labels,
+            from_inputs=data.labels,
+            inputs_name=", ".join(map(str, inputs)),
         )
-        generator = torch.Generator().manual_seed(seed)
-        images = torch.from_numpy(data.images)
-        records = []
         draws = dequant_samples if dequantize == "uniform" else 1
-        with progress_bar("scoring", n) as advance, torch.inference_mode():
-            for start, stop in batches(n, batch_size):
-                xb = images[start:stop]
-                yb = y[start:stop].to(dev) if y is not None else None
-                total = torch.zeros(stop - start, dtype=torch.float64)
-                for _ in range(draws):
-                    if dequantize == "uniform":
-                        x = flow.dequantize_uniform(xb, generator=generator)
-                    elif data.is_uint8:
-                        x = flow.uint8_to_model(xb)
-                    else:
-                        x = xb
-                    x = x.to(dev)
-                    total += model_nll(model, x, yb).double().cpu()
-                nll = total / draws
-                post = bayes_classify(model, x).cpu() if classify else None
-                for i in range(stop - start):
-                    rec = {
-                        "index": start + i,
-                        "source": data.sources[start + i],
-                        "nll": float(nll[i]),
-                        "bpd": float(flow.nats_to_bpd(nll[i])),
-                    }
-                    if post is not None:
-                        rec["pred"] = int(post[i].argmax())
-                        rec["log_probs"] = [float(v) for v in post[i]]
-                    records.append(rec)
-                advance(stop)
+        records = _score(
+            model, data, y, dev, draws=draws, dequantize=dequantize, classify=classify, batch_size=batch_size, seed=seed
+        )
         with to_stdout():
             _emit(records, fmt)
-        broken = sum(not math.isfinite(r["nll"]) for r in records)
-        if broken:
-            info(
-                f"warning: the model gave a non-finite likelihood for {broken} of {n} images "
-                f"({'null in JSON' if fmt == 'jsonl' else 'nan'}); its weights may hold nan or inf"
-            )
-        mean_bpd = sum(r["bpd"] for r in records) / n
-        extra = ""
-        if classify and y is not None:
-            acc = sum(int(r["pred"] == int(t)) for r, t in zip(records, y)) / n
-            extra = f", accuracy {acc:.3f} against the given labels"
-        info(
-            f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
-            f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{f' x{dequant_samples}' if dequantize == 'uniform' else ''}){extra}"
+        _summarize(records, y, fmt, classify, dequantize, dequant_samples)
+
+
+def _check_dequantization(data: Inputs, inputs: list[str], dequantize: str | None, dequant_samples: int) -> str:
+    """--dequantize as given, or chosen by the inputs (uniform for 8-bit images); refused where it
+    cannot apply."""
+    dequantize = dequantize or ("uniform" if data.is_uint8 else "none")
+    if dequantize == "none" and dequant_samples != 1:
+        raise UsageError(
+            f"--dequant-samples {dequant_samples} needs --dequantize uniform (these inputs are "
+            f"scored {'as given' if not data.is_uint8 else 'without dequantization'})"
         )
+    if dequantize == "uniform" and not data.is_uint8:
+        raise UsageError(
+            f"--dequantize uniform needs 8-bit images, but {', '.join(inputs)} holds float values; "
+            "use --dequantize none"
+        )
+    return dequantize
+
+
+def _score(
+    model, data: Inputs, y, dev, *, draws: int, dequantize: str, classify: bool, batch_size: int, seed: int
+) -> list[dict]:
+    """One record per image: nll and bpd averaged over `draws` dequantizations, and the Bayes
+    posterior when classifying."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(data.images)
+    n = len(images)
+    records = []
+    with progress_bar("scoring", n) as advance, torch.inference_mode():
+        for start, stop in batches(n, batch_size):
+            xb = images[start:stop]
+            yb = y[start:stop].to(dev) if y is not None else None
+            total = torch.zeros(stop - start, dtype=torch.float64)
+            for _ in range(draws):
+                if dequantize == "uniform":
+                    x = flow.dequantize_uniform(xb, generator=generator)
+                elif data.is_uint8:
+                    x = flow.uint8_to_model(xb)
+                else:
+                    x = xb
+                x = x.to(dev)
+                total += model_nll(model, x, yb).double().cpu()
+            nll = total / draws
+            post = bayes_classify(model, x).cpu() if classify else None
+            for i in range(stop - start):
+                rec = {
+                    "index": start + i,
+                    "source": data.sources[start + i],
+                    "nll": float(nll[i]),
+                    "bpd": float(flow.nats_to_bpd(nll[i])),
+                }
+                if post is not None:
+                    rec["pred"] = int(post[i].argmax())
+                    rec["log_probs"] = [float(v) for v in post[i]]
+                records.append(rec)
+            advance(stop)
+    return records
+
+
+def _summarize(records: list[dict], y, fmt: str, classify: bool, dequantize: str, dequant_samples: int) -> None:
+    """The closing lines on stderr: a warning for non-finite scores, then the means."""
+    n = len(records)
+    broken = sum(not math.isfinite(r["nll"]) for r in records)
+    if broken:
+        info(
+            f"warning: the model gave a non-finite likelihood for {broken} of {n} images "
+            f"({'null in JSON' if fmt == 'jsonl' else 'nan'}); its weights may hold nan or inf"
+        )
+    mean_bpd = sum(r["bpd"] for r in records) / n
+    extra = ""
+    if classify and y is not None:
+        acc = sum(int(r["pred"] == int(t)) for r, t in zip(records, y)) / n
+        extra = f", accuracy {acc:.3f} against the given labels"
+    draws = f" x{dequant_samples}" if dequantize == "uniform" else ""
+    info(
+        f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
+        f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{draws}){extra}"
+    )
 
 
 def _emit(records: list[dict], fmt: str) -> None:

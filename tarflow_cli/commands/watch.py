@@ -9,38 +9,42 @@ from typing import Annotated
 import typer
 
 from ..console import fail, info
+from ..options import device_option, seed_option
 from .numbers import finite_float
 
 
+RunDirArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="RUN_DIR",
+        help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
+        show_default=False,
+    ),
+]
+PollOpt = Annotated[
+    float,
+    typer.Option(
+        "--poll", parser=finite_float(minimum=0.05, maximum=60.0), help="Seconds between reads of events.jsonl."
+    ),
+]
+GraphicsOpt = Annotated[
+    str,
+    typer.Option(
+        "--graphics",
+        envvar="TARFLOW_GRAPHICS",
+        help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).",
+    ),
+]
+UnusedDeviceOpt = device_option("Accepted like every command's; watching computes nothing.")
+UnusedSeedOpt = seed_option("Accepted like every command's; watching draws nothing random.", parser=None)
+
+
 def watch(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR",
-            help="The run directory (or its events.jsonl). It may not exist yet: the dashboard waits for it.",
-            show_default=False,
-        ),
-    ],
-    poll: Annotated[
-        float,
-        typer.Option(
-            "--poll", parser=finite_float(minimum=0.05, maximum=60.0), help="Seconds between reads of events.jsonl."
-        ),
-    ] = 0.25,
-    graphics: Annotated[
-        str,
-        typer.Option(
-            "--graphics",
-            envvar="TARFLOW_GRAPHICS",
-            help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).",
-        ),
-    ] = "auto",
-    device: Annotated[
-        str, typer.Option("--device", help="Accepted like every command's; watching computes nothing.")
-    ] = "auto",
-    seed: Annotated[
-        int, typer.Option("--seed", help="Accepted like every command's; watching draws nothing random.")
-    ] = 0,
+    run_dir: RunDirArg,
+    poll: PollOpt = 0.25,
+    graphics: GraphicsOpt = "auto",
+    device: UnusedDeviceOpt = "auto",
+    seed: UnusedSeedOpt = 0,
 ) -> None:
     """Follow a training run, live or finished, in a terminal dashboard.
 
