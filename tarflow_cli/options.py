@@ -20,12 +20,12 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
 SEED_HELP = "Random seed: same seed and options give the same output."
 
 
-def device_option(help: str = DEVICE_HELP) -> Any:  # noqa: A002 - typer's own word for it
+def device_option(help: str = DEVICE_HELP) -> Any:
     """--device; commands that put nothing on a device take it too, and say so in `help`."""
     return Annotated[str, typer.Option("--device", help=help)]
 
 
-def seed_option(help: str = SEED_HELP, parser: Optional[Callable[[str], int]] = seed_int) -> Any:  # noqa: A002
+def seed_option(help: str = SEED_HELP, parser: Optional[Callable[[str], int]] = seed_int) -> Any:
     """--seed; commands that draw nothing random take it too, and say so in `help`."""
     return Annotated[int, typer.Option("--seed", parser=parser, help=help)]
 
@@ -63,12 +63,12 @@ LabelsOpt = Annotated[
 ]
 
 
-def inputs_argument(help: str) -> Any:  # noqa: A002
+def inputs_argument(help: str) -> Any:
     """The images `score` and `denoise` read."""
     return Annotated[list[str], typer.Argument(metavar="INPUT", help=help, show_default=False)]
 
 
-def out_option(help: str) -> Any:  # noqa: A002
+def out_option(help: str) -> Any:
     """--out of the commands that write images (each lists the forms in its own words)."""
     return Annotated[str, typer.Option("--out", "-o", help=help)]
 

@@ -12,17 +12,8 @@ from tarflow_core.likelihood import denoise as denoise_step
 
 from ..console import user_errors
 from ..io import check_output, read_inputs, write_output
-from ..options import (
-    BatchOpt,
-    CkptOpt,
-    ClassOpt,
-    DeviceOpt,
-    LabelsOpt,
-    PatchOpt,
-    inputs_argument,
-    out_option,
-    seed_option,
-)
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt
+from ..options import inputs_argument, out_option, seed_option
 from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels
 from .numbers import FINITE
 from .sampling_setup import resolve_denoise_sigma

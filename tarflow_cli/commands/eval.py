@@ -118,13 +118,13 @@ def _evaluate(request: EvalRequest) -> dict:
     model, ck = load(request.ckpt, dev, request.patch_size)
     model.eval()
     cfg = model.config
-    wanted = _choose_metrics(given, ck)
+    wanted = _choose_metrics(given, cfg, ck)
     _refuse_unused_options(request, wanted)
     if "fid" in wanted and request.num_samples < 2:
         raise UsageError(f"--num-samples {request.num_samples}: FID needs at least 2 samples")
     data = request.data if request.data is not None else _training_data(ck)
     dataset = open_dataset(data, request.split, image_size=cfg.img_size, channels=cfg.in_channels)
-    _check_labels(dataset, data, ck, wanted, explicit=given is not None)
+    _check_labels(dataset, data, cfg, ck, wanted, explicit=given is not None)
     return Evaluation(request, model, ck, dev, data, dataset, wanted).run()
 
 
@@ -149,9 +149,8 @@ def _check_options(request: EvalRequest) -> list[str] | None:
     return wanted
 
 
-def _choose_metrics(given: list[str] | None, ck) -> list[str]:
+def _choose_metrics(given: list[str] | None, cfg, ck) -> list[str]:
     """--metrics as given, else bpd (plus accuracy for a class-conditional model)."""
-    cfg = ck.config
     wanted = list(given) if given is not None else ["bpd"] + (["accuracy"] if cfg.conditional else [])
     if "accuracy" in wanted and not cfg.conditional:
         raise UsageError(
@@ -186,10 +185,9 @@ def _if_changed(name: str, value: Any, default: Any) -> list[tuple[str, Any]]:
     return [(name, value)] if value != default else []
 
 
-def _check_labels(dataset, data: str, ck, wanted: list[str], *, explicit: bool) -> None:
+def _check_labels(dataset, data: str, cfg, ck, wanted: list[str], *, explicit: bool) -> None:
     """Accuracy needs labelled data with no more classes than the model; a default accuracy is
     dropped (from `wanted`) on unlabelled data. Labels the model cannot take are refused."""
-    cfg = ck.config
     if "accuracy" in wanted and not dataset.labelled:
         if explicit:
             raise UsageError(f"--metrics accuracy: data {data} ({dataset.split}) has no class labels")

@@ -16,18 +16,8 @@ from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, write_output
-from ..options import (
-    BatchOpt,
-    CkptOpt,
-    ClassOpt,
-    DeviceOpt,
-    LabelsOpt,
-    PatchOpt,
-    SamplingOptions,
-    SeedOpt,
-    out_option,
-    with_option_groups,
-)
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt
+from ..options import SamplingOptions, out_option, with_option_groups
 from .common import announce_output, load, resolve_device, resolve_labels
 from .progress import progress_bar
 from .sampling_setup import check_precision_options, check_sampling_options, parse_segments, sampling_denoise_sigma
