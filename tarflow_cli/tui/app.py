@@ -16,7 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -35,12 +35,32 @@ from .widgets.line_chart import Line, LineChart
 from .widgets.run_header import RunHeader
 from .widgets.sample_view import SampleView
 
+
+class Chart(NamedTuple):
+    id: str
+    title: str
+    lines: tuple[Line, ...]
+    trim_start: bool  # keep the first tenth of a long run (the initial drop) out of the vertical range
+
+
 CHARTS = (
-    ("chart-bpd", "bpd", (Line("bpd", "train", "cyan"), Line("eval_bpd", "held-out", "magenta")), True),
-    ("chart-loss", "loss", (Line("loss", "", "cyan"),), True),
-    ("chart-lr", "lr", (Line("lr", "", "yellow"),), False),
-    ("chart-speed", "img/s", (Line("images_per_s", "", "green"),), False),
+    Chart("chart-bpd", "bpd", (Line("bpd", "train", "cyan"), Line("eval_bpd", "held-out", "magenta")), True),
+    Chart("chart-loss", "loss", (Line("loss", "", "cyan"),), True),
+    Chart("chart-lr", "lr", (Line("lr", "", "yellow"),), False),
+    Chart("chart-speed", "img/s", (Line("images_per_s", "", "green"),), False),
 )
+
+
+KEYS = [
+    Binding("q", "quit_viewer", "quit"),
+    Binding("question_mark", "help", "help", key_display="?"),
+    Binding("s", "stop_run", "stop"),
+    Binding("r", "reload", "reload"),
+    Binding("left_square_bracket", "page(-1)", "older", key_display="["),
+    Binding("right_square_bracket", "page(1)", "newer", key_display="]"),
+    Binding("z", "zoom", "zoom", show=False),
+    Binding("ctrl+c", "interrupt", "stop", show=False, priority=True),
+]
 
 
 # below this size the panels would not fit: only the header, a notice and the footer are drawn
@@ -60,6 +80,19 @@ def too_small_note(width: int, height: int) -> str:
         if len(textwrap.wrap(note, cols, break_long_words=False)) <= rows:
             return note
     return notes[-1]
+
+
+def size_classes(width: int, height: int) -> dict[str, bool]:
+    """The screen's size classes (see dashboard.tcss) for a terminal of `width` x `height`."""
+    return {
+        "-wide": width >= 110,
+        "-narrow": width < 72,
+        "-no-samples": width < 60,
+        "-tall": height >= 34,
+        "-short": height < 30,
+        "-no-log": height < 18,
+        "-tiny": width < MIN_WIDTH or height < MIN_HEIGHT,
+    }
 
 
 def sample_note(state: RunState) -> str:
@@ -87,16 +120,7 @@ class DashboardApp(App[None]):
     TITLE = "tarflow"
     ENABLE_COMMAND_PALETTE = False
 
-    BINDINGS = [
-        Binding("q", "quit_viewer", "quit"),
-        Binding("question_mark", "help", "help", key_display="?"),
-        Binding("s", "stop_run", "stop"),
-        Binding("r", "reload", "reload"),
-        Binding("left_square_bracket", "page(-1)", "older", key_display="["),
-        Binding("right_square_bracket", "page(1)", "newer", key_display="]"),
-        Binding("z", "zoom", "zoom", show=False),
-        Binding("ctrl+c", "interrupt", "stop", show=False, priority=True),
-    ]
+    BINDINGS = KEYS
 
     def __init__(
         self,
@@ -128,8 +152,8 @@ class DashboardApp(App[None]):
         yield RunHeader(id="header")
         with Horizontal(id="body"):
             with Grid(id="charts"):
-                for wid, title, lines, trim in CHARTS:
-                    yield LineChart(title, lines, trim_start=trim, id=wid, classes="chart")
+                for chart in CHARTS:
+                    yield LineChart(chart.title, chart.lines, trim_start=chart.trim_start, id=chart.id, classes="chart")
             yield SampleView(id="samples", graphics=self.graphics)
         yield EventLog(id="log")
         yield Static(id="too-small")
@@ -151,16 +175,10 @@ class DashboardApp(App[None]):
     def _fit(self, width: int, height: int) -> None:
         """Size classes on the screen (see dashboard.tcss): smaller terminals drop panels rather
         than draw them clipped, and below MIN_WIDTH x MIN_HEIGHT say so instead."""
-        screen = self.screen
-        tiny = width < MIN_WIDTH or height < MIN_HEIGHT
-        screen.set_class(width >= 110, "-wide")
-        screen.set_class(width < 72, "-narrow")
-        screen.set_class(width < 60, "-no-samples")
-        screen.set_class(height >= 34, "-tall")
-        screen.set_class(height < 30, "-short")
-        screen.set_class(height < 18, "-no-log")
-        screen.set_class(tiny, "-tiny")
-        if tiny:
+        classes = size_classes(width, height)
+        for name, applies in classes.items():
+            self.screen.set_class(applies, name)
+        if classes["-tiny"]:
             self.query_one("#too-small", Static).update(too_small_note(width, height))
 
     def on_unmount(self) -> None:
@@ -218,21 +236,7 @@ class DashboardApp(App[None]):
             self._clear()
             self.state.note("warning", f"{message.reset}: reading it again from the first line")
             changed |= {"header", "charts", "samples", "log"}
-        # in file order: a line that is not an event is noted where it was, not after the batch
-        at = message.problems_at
-        if at is None or len(at) != len(message.problems):
-            at = [len(message.events)] * len(message.problems)
-        problems = list(zip(at, message.problems))
-        p = 0
-        for i, event in enumerate(message.events):
-            while p < len(problems) and problems[p][0] <= i:
-                self.state.note("warning", f"skipped {problems[p][1]}")
-                changed.add("log")
-                p += 1
-            changed |= self.state.apply(event)
-        for _, problem in problems[p:]:
-            self.state.note("warning", f"skipped {problem}")
-            changed.add("log")
+        changed |= self.state.apply_read(message.events, message.problems, message.problems_at)
         self._update(changed)
 
     def _clear(self) -> None:
@@ -269,11 +273,7 @@ class DashboardApp(App[None]):
             self.exit()
             return
         if message.error:
-            self.state.note("error", f"training stopped with an error: {message.error}")
-            if self.state.status not in FINAL:
-                self.state.status = "failed"
-                self.state.end_reason = message.error
-                self.state.end_time = self.clock()
+            self.state.training_failed(message.error, self.clock)
         self.state.stopping = False
         self._update({"log"})
         self.refresh_bindings()
@@ -361,21 +361,13 @@ class DashboardApp(App[None]):
         self.notify("samples: whole grid" if mode == "whole" else "samples: legible detail")
 
 
-def make_app(
-    run_dir: str | Path,
-    *,
-    owner: Any = None,
-    poll: float = 0.25,
-    clock: Callable[[], float] = time.time,
-    tick: float | None = 1.0,
-    graphics: str = "halfblock",
-) -> DashboardApp:
+def make_app(run_dir: str | Path, **options: Any) -> DashboardApp:
     """The dashboard for `run_dir` (a run directory, or its events `.jsonl` file).
 
-    `owner`: an object with `request_stop()` when this process runs the training (`s` then
-    stops it), else None. `poll`: seconds between reads of the file. `graphics`: how sample
-    grids are drawn, `halfblock`, `kitty` or `sixel` (resolve `auto` with
-    `graphics.pick_graphics()` before calling). `clock` and `tick` (the header's refresh, None
-    for none) are there for tests.
+    `options`, as :class:`DashboardApp` takes them -- `owner`: an object with `request_stop()`
+    when this process runs the training (`s` then stops it), else None. `poll`: seconds between
+    reads of the file. `graphics`: how sample grids are drawn, `halfblock`, `kitty` or `sixel`
+    (resolve `auto` with `graphics.pick_graphics()` before calling). `clock` and `tick` (the
+    header's refresh, None for none) are there for tests.
     """
-    return DashboardApp(run_dir, owner=owner, poll=poll, clock=clock, tick=tick, graphics=graphics)
+    return DashboardApp(run_dir, **options)

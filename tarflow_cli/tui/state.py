@@ -10,81 +10,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
-import numpy as np
+from .records import LogLine, SampleGrid, Series, StepRate
 
 FINAL = ("finished", "interrupted", "failed")
 
 # chart series, by name
 SERIES = ("loss", "bpd", "eval_bpd", "lr", "images_per_s")
-
-
-class Series:
-    """(step, value) points in step order; `arrays()` gives numpy views, converted incrementally."""
-
-    def __init__(self) -> None:
-        self.steps: list[float] = []
-        self.values: list[float] = []
-        self._buf = np.empty((2, 0))
-        self._synced = 0
-
-    def add(self, step: float, value: float) -> None:
-        if self.steps and step < self.steps[-1]:
-            self.cut(step)
-        self.steps.append(step)
-        self.values.append(value)
-
-    def cut(self, step: float) -> None:
-        """Drop the points after `step` (a resumed run starts again from its checkpoint)."""
-        while self.steps and self.steps[-1] > step:
-            self.steps.pop()
-            self.values.pop()
-        self._synced = min(self._synced, len(self.steps))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.steps)
-        if n > self._buf.shape[1]:
-            grown = np.empty((2, max(n, 2 * self._buf.shape[1], 1024)))
-            grown[:, : self._synced] = self._buf[:, : self._synced]
-            self._buf = grown
-        if self._synced < n:
-            self._buf[0, self._synced : n] = self.steps[self._synced :]
-            self._buf[1, self._synced : n] = self.values[self._synced :]
-            self._synced = n
-        return self._buf[0, :n], self._buf[1, :n]
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
-@dataclass
-class LogLine:
-    level: str  # info, warning, error, event
-    text: str
-    step: int | None = None
-    time: float | None = None
-
-
-@dataclass
-class SampleGrid:
-    step: int
-    path: Path  # as the event gave it
-    nrow: int | None = None
-    tile: int | None = None  # image size in pixels
-    padding: int | None = None
-    num: int | None = None  # images in the grid (the rest of its last row is empty)
-
-    def candidates(self, run_dir: Path) -> list[Path]:
-        """Where the file may be, the run directory first: relative to it, in its samples/, then
-        as given (a copied or moved run's events still name the original's files, which may
-        exist and differ, or be gone)."""
-        inside = run_dir / "samples" / self.path.name
-        if self.path.is_absolute():
-            return [inside, self.path]
-        return [run_dir / self.path, inside, self.path]
 
 
 _FINITE_MAX = 1.7976931348623157e308
@@ -150,7 +85,7 @@ class RunState:
         self.log_dropped = 0  # lines trimmed off the front of `log`
         self.warnings = 0
         self.events = 0
-        self._rate_points: list[tuple[float, int]] = []  # (time, step) of recent train events
+        self._rate = StepRate()
 
     # --------------------------------------------------------------------------- folding
     def apply(self, e: dict) -> set[str]:
@@ -168,19 +103,26 @@ class RunState:
             changed |= handler(e, t, None if step is None else int(step)) or set()
         return changed
 
+    def apply_read(self, events: list[dict], problems: list[str], problems_at: list[int] | None) -> set[str]:
+        """Fold a batch read from the file in file order: a line that is not an event is noted where
+        it was (`problems_at[k]`: how many events came before problem k; None: all), not after the batch."""
+        if problems_at is None or len(problems_at) != len(problems):
+            problems_at = [len(events)] * len(problems)
+        changed: set[str] = set()
+        pending = deque(zip(problems_at, problems))
+        for i, event in enumerate(events):
+            while pending and pending[0][0] <= i:
+                self.note("warning", f"skipped {pending.popleft()[1]}")
+                changed.add("log")
+            changed |= self.apply(event)
+        for _, problem in pending:
+            self.note("warning", f"skipped {problem}")
+            changed.add("log")
+        return changed
+
     def _on_start(self, e: dict, t: float | None, step: int | None) -> set[str]:
         resumed = self.status != "waiting" or (step or 0) > 0
-        if self.start_time is None or self.status in FINAL:
-            self.start_time = t
-        self.status = "running"
-        self.stopping = False
-        self.end_reason = None
-        self.end_time = None
-        self.step = step or 0
-        self._rate_points.clear()
-        for s in self.series.values():
-            s.cut(self.step)
-        self.samples = [g for g in self.samples if g.step <= self.step]
+        self._restart(t, step or 0)
         cfg = e.get("config") if isinstance(e.get("config"), dict) else {}
         train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else cfg
         ms = number(_first(e, "max_steps", "total_steps")) or number(_first(train_cfg, "max_steps", "total_steps"))
@@ -193,37 +135,12 @@ class RunState:
         self.params = int(params) if params else self.params
         data = e.get("data")
         if isinstance(data, dict):
-            name = _first(data, "name", "source", "path") or ""
-            n_train = next(
-                (
-                    number(data[k])
-                    for k in ("train_images", "num_train", "train_size", "n_train", "train")
-                    if number(data.get(k)) is not None
-                ),
-                None,
-            )
-            shape = _first(data, "shape")
-            if not isinstance(shape, (list, tuple)) and number(data.get("image_size")):
-                c = number(data.get("channels"))
-                shape = ([int(c)] if c else []) + [int(number(data["image_size"]))] * 2  # type: ignore[arg-type]
-            bits = [str(name)] if name else []
-            if n_train:
-                bits.append(f"{int(n_train):,} images")
-            if isinstance(shape, (list, tuple)) and shape:
-                bits.append("x".join(str(s) for s in shape))
-            classes = number(_first(data, "num_classes", "classes"))
-            if classes:
-                bits.append(f"{int(classes)} classes")
-            self.data = " · ".join(bits) or None
-            size = number(_first(data, "image_size", "size"))
-            if size:
-                self.image_size = int(size)
-            spe = number(_first(data, "steps_per_epoch")) or number(_first(e, "steps_per_epoch"))
-            batch = number(_first(e, "global_batch")) or number(_first(train_cfg, "batch_size"))
-            if spe:
-                self.steps_per_epoch = spe
-            elif n_train and batch:
-                self.steps_per_epoch = n_train / batch
+            info = _describe_data(data, e, train_cfg)
+            self.data = info.text
+            if info.image_size is not None:
+                self.image_size = info.image_size
+            if info.steps_per_epoch is not None:
+                self.steps_per_epoch = info.steps_per_epoch
         elif isinstance(data, str):
             self.data = data
         if self.image_size is None:
@@ -239,18 +156,25 @@ class RunState:
         if name:
             self.name = str(name)
         what = f"resumed at step {step:,}" if resumed and step else "started"
-        bits = [
-            b
-            for b in (
-                self.preset and f"preset {self.preset}",
-                self.data,
-                self.params and f"{self.params:,} parameters",
-                self.device,
-            )
-            if b
-        ]
+        shown = (self.preset and f"preset {self.preset}", self.data, self.params and f"{self.params:,} parameters")
+        bits = [b for b in (*shown, self.device) if b]
         self._log("event", f"run {what}" + (f": {', '.join(bits)}" if bits else ""), step, t)
         return {"charts", "samples", "log"}
+
+    def _restart(self, t: float | None, step: int) -> None:
+        """A start event: running from `step`; what came after `step` is gone (a resumed run
+        repeats those steps from its checkpoint)."""
+        if self.start_time is None or self.status in FINAL:
+            self.start_time = t
+        self.status = "running"
+        self.stopping = False
+        self.end_reason = None
+        self.end_time = None
+        self.step = step
+        self._rate.clear()
+        for s in self.series.values():
+            s.cut(self.step)
+        self.samples = [g for g in self.samples if g.step <= self.step]
 
     def _on_train(self, e: dict, t: float | None, step: int | None) -> set[str]:
         if self.status == "waiting":
@@ -283,10 +207,7 @@ class RunState:
                 self._memory_raw = e[name]
                 break
         if t is not None:
-            self._rate_points.append((t, step))
-            cutoff = t - 120.0
-            while len(self._rate_points) > 2 and self._rate_points[0][0] < cutoff:
-                self._rate_points.pop(0)
+            self._rate.add(t, step)
         return {"charts"}
 
     def _on_eval(self, e: dict, t: float | None, step: int | None) -> set[str]:
@@ -298,23 +219,10 @@ class RunState:
         return {"charts"}
 
     def _on_sample(self, e: dict, t: float | None, step: int | None) -> set[str]:
-        path = _first(e, "path", "image", "file")
-        if not isinstance(path, str) or not path:
+        grid = _sample_grid(e, step or 0)
+        if grid is None:
             return set()
-        grid_path = Path(path)
-        nrow = number(_first(e, "nrow", "ncol", "columns", "cols"))
-        tile = number(_first(e, "tile", "tile_size"))
-        pad = number(_first(e, "padding"))
-        num = number(_first(e, "num", "count", "num_images"))
-        grid = SampleGrid(
-            step or 0,
-            grid_path,
-            int(nrow) if nrow else None,
-            int(tile) if tile else None,
-            int(pad) if pad is not None else None,
-            int(num) if num else None,
-        )
-        self.samples = [g for g in self.samples if g.path != grid_path] + [grid]
+        self.samples = [g for g in self.samples if g.path != grid.path] + [grid]
         return {"samples"}
 
     def _on_checkpoint(self, e: dict, t: float | None, step: int | None) -> set[str]:
@@ -347,6 +255,14 @@ class RunState:
             self.warnings += 1
         self._log(level, text, None, None)
 
+    def training_failed(self, error: str, clock: Callable[[], float]) -> None:
+        """The training in this process raised `error`; unless the run said it ended, it failed now."""
+        self.note("error", f"training stopped with an error: {error}")
+        if self.status not in FINAL:
+            self.status = "failed"
+            self.end_reason = error
+            self.end_time = clock()
+
     def _log(self, level: str, text: str, step: int | None, t: float | None) -> None:
         self.log.append(LogLine(level, text, step, t))
         if len(self.log) > 2000:
@@ -366,13 +282,7 @@ class RunState:
         return max(0.0, end - self.start_time)
 
     def steps_per_second(self) -> float | None:
-        pts = self._rate_points
-        if len(pts) < 2:
-            return None
-        (t0, s0), (t1, s1) = pts[0], pts[-1]
-        if t1 <= t0 or s1 <= s0:
-            return None
-        return (s1 - s0) / (t1 - t0)
+        return self._rate.per_second()
 
     def eta(self, now: float | None = None) -> float | None:
         if self.status != "running" or not self.max_steps:
@@ -401,6 +311,63 @@ _TRAIN_SERIES = (
 )
 _TRAIN_LATEST = ("nll", "logdet", "grad_norm", "tflops", "mfu")
 _MEMORY_FIELDS = ("memory_mb", "memory", "mem", "max_memory", "memory_bytes")
+
+
+def _sample_grid(e: dict, step: int) -> SampleGrid | None:
+    """The grid a sample event names, or None when it names no file."""
+    path = _first(e, "path", "image", "file")
+    if not isinstance(path, str) or not path:
+        return None
+    nrow = number(_first(e, "nrow", "ncol", "columns", "cols"))
+    tile = number(_first(e, "tile", "tile_size"))
+    pad = number(_first(e, "padding"))
+    num = number(_first(e, "num", "count", "num_images"))
+    return SampleGrid(
+        step,
+        Path(path),
+        int(nrow) if nrow else None,
+        int(tile) if tile else None,
+        int(pad) if pad is not None else None,
+        int(num) if num else None,
+    )
+
+
+class _DataInfo(NamedTuple):
+    """What a start event's `data` object says, for the header."""
+
+    text: str | None  # "name · 60,000 images · 1x28x28 · 10 classes"
+    image_size: int | None
+    steps_per_epoch: float | None
+
+
+def _describe_data(data: dict, e: dict, train_cfg: dict) -> _DataInfo:
+    name = _first(data, "name", "source", "path") or ""
+    n_train = next(
+        (
+            number(data[k])
+            for k in ("train_images", "num_train", "train_size", "n_train", "train")
+            if number(data.get(k)) is not None
+        ),
+        None,
+    )
+    shape = _first(data, "shape")
+    if not isinstance(shape, (list, tuple)) and number(data.get("image_size")):
+        c = number(data.get("channels"))
+        shape = ([int(c)] if c else []) + [int(number(data["image_size"]))] * 2  # type: ignore[arg-type]
+    bits = [str(name)] if name else []
+    if n_train:
+        bits.append(f"{int(n_train):,} images")
+    if isinstance(shape, (list, tuple)) and shape:
+        bits.append("x".join(str(s) for s in shape))
+    classes = number(_first(data, "num_classes", "classes"))
+    if classes:
+        bits.append(f"{int(classes)} classes")
+    size = number(_first(data, "image_size", "size"))
+    spe = number(_first(data, "steps_per_epoch")) or number(_first(e, "steps_per_epoch"))
+    batch = number(_first(e, "global_batch")) or number(_first(train_cfg, "batch_size"))
+    if not spe:
+        spe = n_train / batch if n_train and batch else None
+    return _DataInfo(" · ".join(bits) or None, int(size) if size else None, spe)
 
 
 def _memory(v: Any) -> str | None:

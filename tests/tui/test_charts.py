@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.app import App, ComposeResult
 
-from tarflow_cli.tui.state import Series
+from tarflow_cli.tui.records import Series
 from tarflow_cli.tui.widgets.line_chart import Line, LineChart
 
 from .helpers import run_async, screen_text, wait_until

@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import RichLog
 
-from ..state import LogLine, format_duration
+from ..records import LogLine
+from ..state import format_duration
 
 LEVEL_STYLE = {"warning": "yellow", "error": "bold red", "event": "", "info": "dim"}
 LEVEL_MARK = {"warning": "!", "error": "✗", "event": "·", "info": " "}

@@ -180,7 +180,7 @@ class LineChart(Widget):
         return (max(0.0, lo - pad) if lo >= 0 else lo - pad), hi + pad  # no negative axis for lr, img/s
 
     def _arrays(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """The series as float arrays (`.arrays()` when the series has it, as state.Series does)."""
+        """The series as float arrays (`.arrays()` when the series has it, as records.Series does)."""
         s = self._data.get(key)
         if s is None:
             return np.empty(0), np.empty(0)

@@ -29,7 +29,7 @@ from textual.worker import get_current_worker
 
 from ...io import make_grid
 from ..messages import SampleLoaded
-from ..state import SampleGrid
+from ..records import SampleGrid
 
 _UPPER = "▀"
 
