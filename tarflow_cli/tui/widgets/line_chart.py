@@ -217,59 +217,86 @@ class LineChart(Widget):
         pw = w - lw - 1  # plot width in cells (one column for the axis)
         if pw < 2:
             lw, pw, labels = 0, w - 1, {}
-        dots_w, dots_h = pw * 2, h * 4
-        bits = [[0] * pw for _ in range(h)]
-        owner = [[-1] * pw for _ in range(h)]
-        span = (x_hi - x_lo) or 1.0
-
-        def plot(x: int, y: int, idx: int) -> None:
-            if 0 <= x < dots_w and 0 <= y < dots_h:
-                cy, cx = y >> 2, x >> 1
-                bits[cy][cx] |= _BITS[y & 3][x & 1]
-                owner[cy][cx] = idx
-
+        canvas = _Canvas(pw, h)
         for idx, ln in enumerate(self.lines):
             steps, values = self._arrays(ln.key)
-            if not len(steps):
-                continue
-            # average the points that land on the same horizontal dot, then join the dots
-            if x_hi > x_lo:
-                xs = np.rint((steps - x_lo) / span * (dots_w - 1)).astype(np.int64)
-            else:
-                xs = np.full(len(steps), dots_w - 1, dtype=np.int64)
-            xs = np.clip(xs, 0, dots_w - 1)
-            counts = np.bincount(xs, minlength=dots_w)
-            sums = np.bincount(xs, weights=values, minlength=dots_w)
-            cols = np.nonzero(counts)[0]
-            means = sums[cols] / counts[cols]
-            # rounded: float noise in the means must not move equal values to different dots
-            # (a constant series lies exactly half-way between two dots of its centred range)
-            frac = np.clip(np.round((means - y_lo) / (y_hi - y_lo), 9), 0.0, 1.0)
-            ys = np.rint((1.0 - frac) * (dots_h - 1)).astype(np.int64)
-            prev = None
-            for x, y in zip(cols.tolist(), ys.tolist()):
-                if prev is None:
-                    plot(x, y, idx)
-                else:
-                    _line(prev[0], prev[1], x, y, lambda a, b: plot(a, b, idx))
-                prev = (x, y)
+            if len(steps):
+                cols, ys = _mean_dots(steps, values, (x_lo, x_hi), y_range, canvas.dots_w, canvas.dots_h)
+                canvas.polyline(cols, ys, idx)
+        return canvas.text([Style.parse(ln.color) for ln in self.lines], labels, lw)
 
+
+def _mean_dots(
+    steps: np.ndarray,
+    values: np.ndarray,
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+    dots_w: int,
+    dots_h: int,
+) -> tuple[list[int], list[int]]:
+    """The dots of one series: the points that land on the same horizontal dot averaged, as
+    (columns, rows) of dots, left to right."""
+    (x_lo, x_hi), (y_lo, y_hi) = x_range, y_range
+    if x_hi > x_lo:
+        xs = np.rint((steps - x_lo) / (x_hi - x_lo) * (dots_w - 1)).astype(np.int64)
+    else:
+        xs = np.full(len(steps), dots_w - 1, dtype=np.int64)
+    xs = np.clip(xs, 0, dots_w - 1)
+    counts = np.bincount(xs, minlength=dots_w)
+    sums = np.bincount(xs, weights=values, minlength=dots_w)
+    cols = np.nonzero(counts)[0]
+    means = sums[cols] / counts[cols]
+    # rounded: float noise in the means must not move equal values to different dots
+    # (a constant series lies exactly half-way between two dots of its centred range)
+    frac = np.clip(np.round((means - y_lo) / (y_hi - y_lo), 9), 0.0, 1.0)
+    ys = np.rint((1.0 - frac) * (dots_h - 1)).astype(np.int64)
+    return cols.tolist(), ys.tolist()
+
+
+class _Canvas:
+    """Braille cells, `width` x `height`, each 2x4 dots; a cell takes the colour of the line
+    that drew its last dot."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self.dots_w, self.dots_h = width * 2, height * 4
+        self.bits = [[0] * width for _ in range(height)]
+        self.owner = [[-1] * width for _ in range(height)]
+
+    def plot(self, x: int, y: int, idx: int) -> None:
+        if 0 <= x < self.dots_w and 0 <= y < self.dots_h:
+            cy, cx = y >> 2, x >> 1
+            self.bits[cy][cx] |= _BITS[y & 3][x & 1]
+            self.owner[cy][cx] = idx
+
+    def polyline(self, xs: list[int], ys: list[int], idx: int) -> None:
+        """The dots joined by straight lines (a lone dot for a single point)."""
+        prev = None
+        for x, y in zip(xs, ys):
+            if prev is None:
+                self.plot(x, y, idx)
+            else:
+                _line(prev[0], prev[1], x, y, lambda a, b: self.plot(a, b, idx))
+            prev = (x, y)
+
+    def text(self, styles: list[Style], labels: dict[int, str], label_width: int) -> Text:
+        """The cells as text: the axis (with `labels` by row when `label_width`), then each row's
+        cells in runs of one style."""
         out = Text(no_wrap=True, overflow="crop")
         axis_style = Style(dim=True)
-        styles = [Style.parse(ln.color) for ln in self.lines]
-        for row in range(h):
-            if lw:
+        for row in range(self.height):
+            if label_width:
                 label = labels.get(row, "")
-                out.append(label.rjust(lw - 1) + " ", axis_style)
+                out.append(label.rjust(label_width - 1) + " ", axis_style)
                 out.append("┤" if row in labels else "│", axis_style)
             else:
                 out.append("│", axis_style)
             run_style: Style | None = None
             run = []
-            for col in range(pw):
-                b = bits[row][col]
+            for col in range(self.width):
+                b = self.bits[row][col]
                 ch = chr(0x2800 + b) if b else " "
-                st = styles[owner[row][col]] if b else None
+                st = styles[self.owner[row][col]] if b else None
                 if st is not run_style and run:
                     out.append("".join(run), run_style)
                     run = []
@@ -277,7 +304,7 @@ class LineChart(Widget):
                 run.append(ch)
             if run:
                 out.append("".join(run), run_style)
-            if row < h - 1:
+            if row < self.height - 1:
                 out.append("\n")
         return out
 
