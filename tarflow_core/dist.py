@@ -14,7 +14,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -41,8 +41,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def env_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment variables (0, 1, 0 if unset)."""
+class EnvWorld(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def env_world() -> EnvWorld:
+    """This process's place from torchrun's environment variables (0, 1, 0 if unset)."""
 
     def get(name: str, default: int) -> int:
         value = os.environ.get(name, "")
@@ -56,7 +62,7 @@ def env_world() -> tuple[int, int, int]:
     local = get("LOCAL_RANK", rank if world > 1 else 0)
     if world < 1 or not 0 <= rank < world:
         raise DistError(f"RANK={rank} is not in WORLD_SIZE={world}")
-    return rank, world, local
+    return EnvWorld(rank, world, local)
 
 
 def resolve_device(

@@ -1,4 +1,4 @@
-"""Data sources for tarflow (SPEC.md "Data sources"): the embedded digits, image folders,
+"""Data sources for tarflow (README.md, "Data"): the embedded digits, image folders,
 ``.npz``/``.npy`` arrays (incl. downsampled-ImageNet batches), MNIST IDX files and CIFAR
 python batches, plus a deterministic, resumable, shardable loader.
 

@@ -32,6 +32,7 @@ import os
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -139,19 +140,28 @@ def _as_label_vector(labels: np.ndarray) -> np.ndarray:
     return labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
 
 
-def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.ndarray | None, bool, bool]:
-    """Images, labels (or None), whether the file used the 1-based row layout, and whether the
-    file has its own split (then only ``split``'s arrays are returned, all of them for ``all``)."""
+class FileArrays(NamedTuple):
+    """The arrays of one file."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    rows: bool  # the downsampled-ImageNet row layout, whose labels are 1-based
+    own_split: bool  # the file has its own split: only the asked split's arrays were read
+
+
+def _load_file(path: Path, split: str | None = None) -> FileArrays:
+    """The arrays of an .npy/.npz file; of a file with its own split, ``split``'s (all of them
+    for ``all``)."""
     loaded = _open_npy(path, mapped=True)
     if isinstance(loaded, np.ndarray):
-        return loaded, None, False, False
+        return FileArrays(loaded, None, rows=False, own_split=False)
     with loaded as z:
         keys = list(z.files)
         layout = next((lay for lay in SPLIT_KEYS if lay["train"][0] in keys), None) if split else None
         if layout is not None:
             if layout["test"][0] not in keys:  # train arrays only: the fixed held-out fraction of them
-                return (*_own_split_arrays(z, path, layout, "train"), False, False)
-            return (*_own_split_arrays(z, path, layout, split), False, True)
+                return FileArrays(*_own_split_arrays(z, path, layout, "train"), rows=False, own_split=False)
+            return FileArrays(*_own_split_arrays(z, path, layout, split), rows=False, own_split=True)
         key = next((k for k in IMAGE_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
             raise DataError(
@@ -167,7 +177,7 @@ def _load_file(path: Path, split: str | None = None) -> tuple[np.ndarray, np.nda
     rows = images.ndim == 2
     if rows:
         images = rows_to_nchw(images, str(path))
-    return images, labels, rows, False
+    return FileArrays(images, labels, rows, own_split=False)
 
 
 def _own_split_arrays(z, path: Path, layout: dict, split: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -213,18 +223,18 @@ def open_array_file(
 ) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
-    images, labels, rows, own_split = _load_file(path, split)
-    labels = _fix_one_based(labels, rows)
-    n = len(images)
+    loaded = _load_file(path, split)
+    labels = _fix_one_based(loaded.labels, loaded.rows)
+    n = len(loaded.images)
     if n == 0:
         raise DataError(f"{path}: the array holds no images")
-    num_classes = _class_count(path) if own_split and labels is not None else None
+    num_classes = _class_count(path) if loaded.own_split and labels is not None else None
     return ArrayDataset(
-        images,
+        loaded.images,
         labels,
         name=str(path),
         split=split,
-        indices=None if own_split else held_out_indices(n, split),
+        indices=None if loaded.own_split else held_out_indices(n, split),
         image_size=image_size,
         channels=channels,
         flip=flip,
@@ -288,15 +298,16 @@ def open_imagenet_batches(
     if not files:
         wanted = IMAGENET_TRAIN_GLOB if split == "train" else IMAGENET_VAL_NAME
         raise DataError(f"{root}: no {split} batches found (looked for {wanted}, also one folder down)")
-    parts = [_load_file(f)[:3] for f in files]
-    for f, (imgs, labs, _) in zip(files, parts):
-        if imgs.shape[1:] != parts[0][0].shape[1:] or (labs is None) != (parts[0][1] is None):
+    parts = [_load_file(f) for f in files]
+    first = parts[0]
+    for f, part in zip(files, parts):
+        if part.images.shape[1:] != first.images.shape[1:] or (part.labels is None) != (first.labels is None):
             raise DataError(f"{f}: image shape or labels differ from {files[0]}")
-    images = ConcatImages([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    images = ConcatImages([p.images for p in parts]) if len(parts) > 1 else first.images
     labels, num_classes = None, None
-    if parts[0][1] is not None:
-        rows = all(p[2] for p in parts)
-        labels = _fix_one_based(np.concatenate([p[1] for p in parts]), rows)
+    if first.labels is not None:
+        rows = all(p.rows for p in parts)
+        labels = _fix_one_based(np.concatenate([p.labels for p in parts]), rows)
         # the class count of the whole source, so both splits agree (labels only: cheap to read)
         others = [f for f in train + val if f not in files]
         top = max(

@@ -33,7 +33,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -137,8 +137,14 @@ def _class_names(d: Path) -> list[str]:
 JPEG_END = b"\xff\xd9"
 
 
-def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
-    """(readable, size, Pillow mode); for an unreadable file the third item says why."""
+class Probe(NamedTuple):
+    ok: bool  # readable
+    size: tuple[int, int]  # (width, height); (0, 0) when unreadable
+    mode: str  # the Pillow mode; for an unreadable file, why
+
+
+def _probe(path: Path) -> Probe:
+    """Whether ``path`` is an image Pillow reads to the end, and its size and mode."""
     try:
         with open(path, "rb") as f:  # one open for the header check and, for JPEG, the tail
             with Image.open(f) as im:
@@ -149,7 +155,7 @@ def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
                 with Image.open(f) as im:
                     im.draft(im.mode, (1, 1))  # decode at 1/8 scale: enough to hit a truncation
                     im.load()
-        return True, size, mode
+        return Probe(True, size, mode)
     except Exception as exc:  # noqa: BLE001 - any failure means "unreadable"
         if isinstance(exc, UnidentifiedImageError):
             reason = "not an image file Pillow can read"
@@ -157,7 +163,7 @@ def _probe(path: Path) -> tuple[bool, tuple[int, int], str]:
             reason = exc.strerror
         else:
             reason = str(exc).strip().split("\n")[0]
-        return False, (0, 0), reason or type(exc).__name__
+        return Probe(False, (0, 0), reason or type(exc).__name__)
 
 
 def _ends_like_jpeg(f) -> bool:
@@ -179,7 +185,7 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
+def _probe_all(files: list[Path]) -> list[Probe]:
     """``_probe`` of every file. Training opens the train and the test split of a folder one
     after the other, and both list the same files when the test split is held out of them:
     the second open reuses the first's checks (for files of unchanged size and time) instead
@@ -187,19 +193,19 @@ def _probe_all(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
     key = hash((tuple(map(str, files)), tuple(_stamp(f) for f in files)))
     if _LAST_PROBED.get("key") == key:
         ok, sizes, modes = _LAST_PROBED["ok"], _LAST_PROBED["sizes"], _LAST_PROBED["modes"]
-        return [(bool(o), (int(w), int(h)), m) for o, (w, h), m in zip(ok, sizes, modes)]
+        return [Probe(bool(o), (int(w), int(h)), m) for o, (w, h), m in zip(ok, sizes, modes)]
     probes = _probe_files(files)
     _LAST_PROBED.clear()
     _LAST_PROBED.update(
         key=key,
-        ok=np.array([p[0] for p in probes], bool),
-        sizes=np.array([p[1] for p in probes], np.int64).reshape(-1, 2),
-        modes=[sys.intern(p[2]) for p in probes],
+        ok=np.array([p.ok for p in probes], bool),
+        sizes=np.array([p.size for p in probes], np.int64).reshape(-1, 2),
+        modes=[sys.intern(p.mode) for p in probes],
     )
     return probes
 
 
-def _probe_files(files: list[Path]) -> list[tuple[bool, tuple[int, int], str]]:
+def _probe_files(files: list[Path]) -> list[Probe]:
     if len(files) < 64:
         return [_probe(f) for f in files]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
@@ -263,19 +269,19 @@ class FolderDataset(ImageDataset):
                 f"files in class sub-folders or directly in the folder{denied})"
             )
         probes = _probe_all(files)
-        good = [i for i, (ok, _, _) in enumerate(probes) if ok]
+        good = [i for i, probe in enumerate(probes) if probe.ok]
         self.skipped = len(files) - len(good) + len(unreadable)
         self.unreadable_dirs = unreadable
         if not good:
             raise DataError(
-                f"{root}: none of the {len(files)} image files could be read (the first, {files[0]}: {probes[0][2]})"
+                f"{root}: none of the {len(files)} image files could be read (the first, {files[0]}: {probes[0].mode})"
             )
         self.files = [files[i] for i in good]
         self.labels = np.asarray([labels[i] for i in good], dtype=np.int64)
         self.num_classes = len(self.class_names)
-        sides = Counter(min(probes[i][1]) for i in good)
+        sides = Counter(min(probes[i].size) for i in good)
         self.image_size = int(image_size or sides.most_common(1)[0][0])
-        self.channels = int(channels or (1 if all(probes[i][2] in GRAY_MODES for i in good) else 3))
+        self.channels = int(channels or (1 if all(probes[i].mode in GRAY_MODES for i in good) else 3))
         if self.channels not in (1, 3):
             raise DataError(f"{root}: channels must be 1 or 3, got {self.channels}")
         self.late_skipped = 0

@@ -77,7 +77,8 @@ def open_dataset(
     channels: int | None = None,
     flip: bool = False,
 ) -> ImageDataset:
-    """Open a data source (see ``SPEC.md`` "Data sources") as an :class:`ImageDataset`.
+    """Open a data source (README.md, "Data"; detected as the module docstring says) as an
+    :class:`ImageDataset`.
 
     ``split``: ``train``, ``test`` (alias ``val``) or ``all``. ``image_size`` / ``channels``
     default to what the data has. ``flip`` enables random horizontal flips, which the
