@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -93,17 +93,20 @@ def sample(
     """
     if options is None:
         options = SamplingOptions(
-            guidance, guide_what, attn_temp, annealed, sampler, segments, tol, check_every, cuda_graphs
+            guidance=guidance,
+            guide_what=guide_what,
+            attn_temp=attn_temp,
+            annealed=annealed,
+            sampler=sampler,
+            segments=segments,
+            tol=tol,
+            check_every=check_every,
+            cuda_graphs=cuda_graphs,
         )
     noise = inputs.noise(model, noise)
     y = inputs.labels(model, y, noise.shape[0])
     device = model.var.device
-    graphed = use_graphs(device, options.cuda_graphs)
-    check_every = options.check_every
-    if check_every is None:
-        check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
-    dtype = compute_dtype(device, model.var.dtype)
-    tol = default_tol(dtype) if options.tol is None else options.tol
+    graphed, check_every, dtype, tol = _resolve(options, device, model.var.dtype)
     if stats is not None:
         stats.tol, stats.check_every, stats.cuda_graphs = tol, check_every, graphed
     # the block runner casts explicitly (weights to `dtype`, norms and the flow update in float32),
@@ -131,6 +134,25 @@ def sample(
         images = model.unpatchify(x)
     # a plain tensor, not an inference tensor: callers may go on to use the images under autograd
     return images if torch.is_inference_mode_enabled() else images.clone()
+
+
+class _Resolved(NamedTuple):
+    """The options that depend on the device and the arithmetic, resolved."""
+
+    graphed: bool  # fixed-shape steps replayed as CUDA graphs
+    check_every: int  # Jacobi passes between convergence checks
+    dtype: torch.dtype  # the transformer's products
+    tol: float  # Jacobi tolerance
+
+
+def _resolve(options: SamplingOptions, device: torch.device, model_dtype: torch.dtype) -> _Resolved:
+    graphed = use_graphs(device, options.cuda_graphs)
+    check_every = options.check_every
+    if check_every is None:
+        check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    dtype = compute_dtype(device, model_dtype)
+    tol = default_tol(dtype) if options.tol is None else options.tol
+    return _Resolved(graphed, check_every, dtype, tol)
 
 
 def _segments_per_block(model: TarFlow, x, y, options: SamplingOptions, tol: float, dtype) -> list[int]:
