@@ -1,4 +1,10 @@
-"""`tarflow train`: train a TarFlow model from a preset plus command-line overrides."""
+"""`tarflow train`: train a TarFlow model from a preset plus command-line overrides.
+
+The options that set the run (`--lr`, `--blocks`, ...) are not written here: each is built from
+its `TrainConfig` field's declaration in tarflow_core/config.py (flags, help, default "not
+given"). Only the options that are no setting of their own are declared below: `--preset` (the
+starting settings), `--noise` (sets the `noise` and `noise_std` fields), `--resume` and `--ui`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import inspect
 import math
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,30 +23,10 @@ import typer
 
 from .common import limit_cpu_threads_when_busy
 from .numbers import FINITE, train_seed_int
-from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset as get_preset
+from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
+from tarflow_core.presets import PRESETS, preset as get_preset
 
 UI_CHOICES = ("tui", "rich", "plain")
-# Settings that may change when a run is resumed (the rest would change the model or the data order).
-# The learning rate and clipping may change too: the remedy when a run stopped on non-finite steps.
-RESUME_CHANGEABLE = {
-    "max_steps",
-    "epochs",
-    "log_every",
-    "eval_every",
-    "sample_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "num_samples",
-    "eval_images",
-    "max_bad_steps",
-    "device",
-    "workers",
-    "compile",
-    "precision",
-    "lr",
-    "min_lr",
-    "grad_clip",
-}
 
 EXAMPLES = """
 Examples:
@@ -55,114 +42,77 @@ Examples:
   torchrun --nproc_per_node=8 -m tarflow_cli train --preset imagenet64 --data /data/imagenet64
 """
 
+# The options of `tarflow train` that are no `TrainConfig` field, and the fields that have no option
+# of their own (`--noise gaussian:STD` sets `noise_std`). Every other field is exactly one option,
+# and `--preset`/`--noise` stand for the fields of their names (tests/cli/test_train_cli.py checks it).
+OPTIONS_WITHOUT_FIELD = ("resume", "ui")
+FIELDS_WITHOUT_OPTION = ("noise_std",)
+# Parsers beyond the field's type: a float option takes finite numbers only (see `_option`); training
+# derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside torch's range.
+PARSERS = {"seed": train_seed_int}
+
 
 def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, show_default=False, **kw)
 
 
-def _num(help: str, *names: str) -> Any:  # noqa: A002
-    """A float option: finite numbers only."""
-    return _opt(help, *names, parser=FINITE)
-
-
-def train(
-    data: Annotated[
-        Optional[str],
-        _opt(
-            "Training data: 'digits' (embedded), an image folder, .npz/.npy, MNIST IDX files or CIFAR batches.",
-            "--data",
-            "-d",
-        ),
-    ] = None,
-    preset: Annotated[
-        Optional[str],
-        typer.Option(
-            "--preset", "-p", help=f"Starting settings: {', '.join(PRESETS)} (default: tiny).", show_default=False
-        ),
-    ] = None,
-    image_size: Annotated[
-        Optional[int], _opt("Image size in pixels (default: read off the data).", "--image-size")
-    ] = None,
-    channels: Annotated[Optional[int], _opt("Channels, 1 or 3 (default: read off the data).", "--channels")] = None,
-    flip: Annotated[Optional[bool], _opt("Random horizontal flips.", "--flip/--no-flip")] = None,
-    patch_size: Annotated[Optional[int], _opt("Patch size p (tokens are p x p patches).", "--patch-size")] = None,
-    width: Annotated[Optional[int], _opt("Transformer width.", "--width")] = None,
-    blocks: Annotated[Optional[int], _opt("Number of flow blocks.", "--blocks")] = None,
-    layers_per_block: Annotated[Optional[int], _opt("Transformer layers per flow block.", "--layers-per-block")] = None,
-    head_dim: Annotated[Optional[int], _opt("Attention head size.", "--head-dim")] = None,
-    expansion: Annotated[Optional[int], _opt("MLP hidden size as a multiple of the width.", "--expansion")] = None,
-    nvp: Annotated[
-        Optional[bool], _opt("Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")
-    ] = None,
-    conditional: Annotated[
-        Optional[bool], _opt("Class conditioning (default: when the data has labels).", "--conditional/--unconditional")
-    ] = None,
-    label_drop: Annotated[
-        Optional[float], _num("Fraction of labels dropped (conditional runs).", "--label-drop")
-    ] = None,
-    noise: Annotated[
-        Optional[str], _opt("'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.", "--noise")
-    ] = None,
-    batch_size: Annotated[
-        Optional[int], _opt("Global batch size (per process x processes).", "--batch-size", "-b")
-    ] = None,
-    lr: Annotated[Optional[float], _num("Peak learning rate.", "--lr")] = None,
-    min_lr: Annotated[
-        Optional[float], _num("Learning rate at the start of warm-up and the end of the cosine.", "--min-lr")
-    ] = None,
-    warmup_steps: Annotated[Optional[int], _opt("Linear warm-up steps (default: one epoch).", "--warmup-steps")] = None,
-    weight_decay: Annotated[Optional[float], _num("AdamW weight decay.", "--weight-decay")] = None,
-    beta1: Annotated[Optional[float], _num("AdamW beta1.", "--beta1")] = None,
-    beta2: Annotated[Optional[float], _num("AdamW beta2.", "--beta2")] = None,
-    grad_clip: Annotated[Optional[float], _num("Clip the global gradient norm (0: off).", "--grad-clip")] = None,
-    ema: Annotated[Optional[float], _num("EMA decay of the weights, e.g. 0.9999 (0: off).", "--ema")] = None,
-    max_steps: Annotated[Optional[int], _opt("Run length in steps.", "--max-steps")] = None,
-    epochs: Annotated[
-        Optional[float], _num("Run length in epochs (used when --max-steps is not given).", "--epochs")
-    ] = None,
-    precision: Annotated[
-        Optional[str], _opt("fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", "--precision")
-    ] = None,
-    compile: Annotated[Optional[bool], _opt("torch.compile the model.", "--compile/--no-compile")] = None,  # noqa: A002
-    sample_every: Annotated[Optional[int], _opt("Steps between sample grids (0: never).", "--sample-every")] = None,
-    eval_every: Annotated[
-        Optional[int], _opt("Steps between held-out bpd evaluations (0: never).", "--eval-every")
-    ] = None,
-    checkpoint_every: Annotated[
-        Optional[int], _opt("Steps between checkpoints (0: only at the end).", "--checkpoint-every")
-    ] = None,
-    log_every: Annotated[
-        Optional[int], _opt("Steps between training log lines (0: about 100 per run).", "--log-every")
-    ] = None,
-    keep_checkpoints: Annotated[
-        Optional[int], _opt("Newest checkpoints kept (0: keep all).", "--keep-checkpoints")
-    ] = None,
-    max_bad_steps: Annotated[
-        Optional[int], _opt("Consecutive non-finite steps before the run stops.", "--max-bad-steps")
-    ] = None,
-    num_samples: Annotated[Optional[int], _opt("Images in each sample grid.", "--num-samples")] = None,
-    eval_images: Annotated[Optional[int], _opt("Held-out images per evaluation.", "--eval-images")] = None,
-    workers: Annotated[Optional[int], _opt("Data loader worker processes.", "--workers")] = None,
-    seed: Annotated[
-        Optional[int], _opt("Random seed (model init, data order, noise).", "--seed", parser=train_seed_int)
-    ] = None,
-    device: Annotated[Optional[str], _opt("auto, cpu, cuda or cuda:N.", "--device")] = None,
-    run_dir: Annotated[Optional[Path], _opt("Run directory (default: runs/<preset>-<time>).", "--run-dir")] = None,
-    resume: Annotated[
-        Optional[Path],
-        _opt(
-            "Continue the run in this directory exactly where it stopped, with its settings; only the run length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile may change.",
+def _special_option(name: str) -> Any:
+    """The options that are not simply a `TrainConfig` field."""
+    if name == "preset":
+        return Optional[str], _opt(f"Starting settings: {', '.join(PRESETS)} (default: tiny).", "--preset", "-p")
+    if name == "noise":
+        return Optional[str], _opt(_field_spec("noise").help, "--noise")
+    if name == "resume":
+        return Optional[Path], _opt(
+            "Continue the run in this directory exactly where it stopped, with its settings; only the run "
+            "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile "
+            "may change.",
             "--resume",
-        ),
-    ] = None,
-    ui: Annotated[
-        Optional[str],
-        _opt(
-            "tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an interactive terminal, else plain).",
-            "--ui",
-        ),
-    ] = None,
-) -> None:
+        )
+    assert name == "ui", name
+    return Optional[str], _opt(
+        "tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an "
+        "interactive terminal, else plain).",
+        "--ui",
+    )
+
+
+def _field_spec(name: str):
+    return option_spec(next(f for f in dataclasses.fields(TrainConfig) if f.name == name))
+
+
+def _option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+    """(type, typer.Option) of a `TrainConfig` field: its declared flags and help; None = not given."""
+    spec = option_spec(f)
+    kind = Path if spec.path else next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    parser = PARSERS.get(f.name, FINITE if kind is float else None)
+    return Optional[kind], _opt(spec.help, *spec.flags, **({"parser": parser} if parser else {}))
+
+
+def _options() -> list[inspect.Parameter]:
+    """The command's parameters in `TrainConfig`'s field order, then `--resume` and `--ui`."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("preset", "noise"):
+            params.append((f.name, *_special_option(f.name)))
+        elif option_spec(f).cli:
+            params.append((f.name, *_option(f, hints[f.name])))
+    params += [(name, *_special_option(name)) for name in OPTIONS_WITHOUT_FIELD]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(n, kw, default=None, annotation=Annotated[t, o]) for n, t, o in params]
+
+
+def _takes_options(command):
+    """Give `command(**options)` the parameters typer reads its options from."""
+    params = _options()
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return command
+
+
+@_takes_options
+def train(**options: Any) -> None:
     """Train a TarFlow model; prints the run directory on stdout when done.
 
     The run directory gets config.json, events.jsonl, checkpoints/ and samples/.
@@ -170,118 +120,16 @@ def train(
     --resume RUN_DIR continues it exactly.
     """
     try:  # a signal before the run's own handlers are in place (imports, settings) ends at once
-        from tarflow_core.train import SetupError, TrainError, default_run_dir, load_run_config, stop_on_signals
-        from tarflow_core.train import train as core_train
-
         is_main = int(os.environ.get("RANK", "0") or 0) == 0
-        if (device or "auto").lower() == "cpu" or (
-            (device or "auto").lower() == "auto" and not torch.cuda.is_available()
-        ):
+        device = (options["device"] or "auto").lower()
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
             limit_cpu_threads_when_busy()
-        ui_mode = _pick_ui(ui)
-        changes: dict[str, Any] = dict(
-            data=data,
-            image_size=image_size,
-            channels=channels,
-            flip=flip,
-            patch_size=patch_size,
-            width=width,
-            blocks=blocks,
-            layers_per_block=layers_per_block,
-            head_dim=head_dim,
-            expansion=expansion,
-            nvp=nvp,
-            conditional=conditional,
-            beta1=beta1,
-            beta2=beta2,
-            keep_checkpoints=keep_checkpoints,
-            max_bad_steps=max_bad_steps,
-            label_drop=label_drop,
-            batch_size=batch_size,
-            lr=lr,
-            min_lr=min_lr,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            ema=ema,
-            max_steps=max_steps,
-            epochs=epochs,
-            precision=precision.lower() if precision else None,
-            compile=compile,
-            sample_every=sample_every,
-            eval_every=eval_every,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-            num_samples=num_samples,
-            eval_images=eval_images,
-            workers=workers,
-            seed=seed,
-            device=device,
-        )
-        try:
-            if noise is not None:
-                kind, std = parse_noise(noise)
-                changes["noise"] = kind
-                if std is not None:
-                    changes["noise_std"] = std
-            given = {k: v for k, v in changes.items() if v is not None}
-            if given.get("conditional") is False and given.get("label_drop"):
-                raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
-            if resume is not None:
-                cfg = _resume_config(resume, run_dir, preset, given, load_run_config)
-            else:
-                cfg = _with_epochs(get_preset(preset or "tiny"), given).replace(**given)
-                if run_dir is not None:
-                    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-        except (ConfigError, SetupError) as e:
-            _fail(str(e), 2)
-
-        dashboard = note = None
-        if ui_mode == "tui":
-            dashboard, note = _dashboard()
-            if dashboard is None:
-                ui_mode = "rich"
-        if note and is_main:
-            typer.echo(note, err=True)
-        try:
-            if dashboard is not None:
-                if cfg.run_dir is None:  # the dashboard follows the run directory's events.jsonl
-                    cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
-                result = dashboard(cfg.run_dir, lambda stop: core_train(cfg, stop=stop, resume=resume is not None))
-            else:
-                view = _make_view(ui_mode) if is_main else None
-                with stop_on_signals() as stop:
-                    try:
-                        result = core_train(
-                            cfg, emit=view.handle if view else None, stop=stop, resume=resume is not None
-                        )
-                    finally:
-                        if view is not None:
-                            view.close()
-        except SetupError as e:
-            _fail(str(e), 2)
-        except TrainError as e:
-            _fail(str(e), 1)
-        except MemoryError:
-            _fail("out of memory; lower --batch-size (or the model size)", 1)
-        except RuntimeError as e:
-            if "out of memory" not in str(e).lower():
-                raise
-            _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
-        except KeyboardInterrupt:
-            if is_main:
-                typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
-            raise typer.Exit(130) from None
+        ui_mode = _pick_ui(options.pop("ui"))
+        resume = options.pop("resume")
+        cfg = _settings(options, resume)
+        result = _run(cfg, ui_mode, resume is not None, is_main)
         if is_main:
-            if result.status == "failed":
-                typer.echo(f"error: training failed: {result.reason}", err=True)
-            elif result.status == "interrupted":
-                typer.echo(
-                    f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}",
-                    err=True,
-                )
-            with contextlib.suppress(OSError, ValueError):  # nobody is reading any more (`| head`)
-                typer.echo(str(result.run_dir))
+            _report(result)
         if result.exit_code:
             raise typer.Exit(result.exit_code)
     except KeyboardInterrupt:
@@ -291,6 +139,80 @@ def train(
 
 
 train.__doc__ = inspect.cleandoc(train.__doc__ or "") + "\n" + EXAMPLES
+
+
+def _settings(options: dict[str, Any], resume: Path | None) -> TrainConfig:
+    """The run's settings: a preset (or, with --resume, the run's own) with the options given."""
+    from tarflow_core.train import SetupError, load_run_config
+
+    preset, noise, run_dir = options.pop("preset"), options.pop("noise"), options.pop("run_dir")
+    options["precision"] = (options["precision"] or "").lower() or None
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        if noise is not None:
+            kind, std = parse_noise(noise)
+            given["noise"] = kind
+            if std is not None:
+                given["noise_std"] = std
+        if given.get("conditional") is False and given.get("label_drop"):
+            raise ConfigError("--label-drop drops class labels, but --unconditional trains without any")
+        if resume is not None:
+            return _resume_config(resume, run_dir, preset, given, load_run_config)
+        cfg = _with_epochs(get_preset(preset or "tiny"), given).replace(**given)
+        return dataclasses.replace(cfg, run_dir=str(run_dir)) if run_dir is not None else cfg
+    except (ConfigError, SetupError) as e:
+        _fail(str(e), 2)
+
+
+def _run(cfg: TrainConfig, ui_mode: str, resume: bool, is_main: bool):
+    """Train with the chosen view (the dashboard, a progress bar or log lines); the run's result."""
+    from tarflow_core.train import SetupError, TrainError, default_run_dir, stop_on_signals
+    from tarflow_core.train import train as core_train
+
+    dashboard = note = None
+    if ui_mode == "tui":
+        dashboard, note = _dashboard()
+        if dashboard is None:
+            ui_mode = "rich"
+    if note and is_main:
+        typer.echo(note, err=True)
+    try:
+        if dashboard is not None:
+            if cfg.run_dir is None:  # the dashboard follows the run directory's events.jsonl
+                cfg = dataclasses.replace(cfg, run_dir=str(default_run_dir(cfg)))
+            return dashboard(cfg.run_dir, lambda stop: core_train(cfg, stop=stop, resume=resume))
+        view = _make_view(ui_mode) if is_main else None
+        with stop_on_signals() as stop:
+            try:
+                return core_train(cfg, emit=view.handle if view else None, stop=stop, resume=resume)
+            finally:
+                if view is not None:
+                    view.close()
+    except SetupError as e:
+        _fail(str(e), 2)
+    except TrainError as e:
+        _fail(str(e), 1)
+    except MemoryError:
+        _fail("out of memory; lower --batch-size (or the model size)", 1)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
+    except KeyboardInterrupt:
+        if is_main:
+            typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
+        raise typer.Exit(130) from None
+
+
+def _report(result) -> None:
+    if result.status == "failed":
+        typer.echo(f"error: training failed: {result.reason}", err=True)
+    elif result.status == "interrupted":
+        typer.echo(
+            f"interrupted at step {result.step}; continue with: tarflow train --resume {result.run_dir}", err=True
+        )
+    with contextlib.suppress(OSError, ValueError):  # nobody is reading any more (`| head`)
+        typer.echo(str(result.run_dir))
 
 
 def _fail(message: str, code: int) -> None:
@@ -335,19 +257,18 @@ def _resume_config(
         raise ConfigError(f"--resume {resume}: no such run directory")
     cfg = load_run_config(resume)
     fixed = sorted(
-        k
+        flag(k)
         for k, v in given.items()
         if k not in RESUME_CHANGEABLE
         and getattr(cfg, k) != v
         and not (k == "data" and _data_path(v) == _data_path(cfg.data))
     )
     if preset is not None and preset != cfg.preset:
-        fixed.insert(0, "preset")
+        fixed.insert(0, "--preset")
     if fixed:
-        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
-        allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_CHANGEABLE))
+        allowed = ", ".join(sorted(flag(k) for k in RESUME_CHANGEABLE))
         raise ConfigError(
-            f"{names} cannot change when resuming {resume} (the run keeps its model, data and "
+            f"{', '.join(fixed)} cannot change when resuming {resume} (the run keeps its model, data and "
             f"optimisation settings); what may change: {allowed}"
         )
     return dataclasses.replace(_with_epochs(cfg, given).replace(**given), run_dir=str(resume))

@@ -41,7 +41,7 @@ def run(*args):
 
 def assert_user_error(result, *needles, code=2):
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     for n in needles:
@@ -185,7 +185,7 @@ def test_full_disk_is_a_runtime_error(tmp_path, monkeypatch):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("tarflow_core.train.shutil.disk_usage", lambda p: usage(10, 10, 1024))
+    monkeypatch.setattr("tarflow_core.train.run_dir.shutil.disk_usage", lambda p: usage(10, 10, 1024))
     assert_user_error(run(*SMALL, "--run-dir", tmp_path / "run"), "disk space", code=1)
 
 
@@ -380,3 +380,27 @@ def test_a_log_reader_that_goes_away_ends_the_lines_not_the_run(tmp_path):
     assert p.wait(timeout=240) == 0
     end = [e for e in read_events(run_dir / "events.jsonl") if e["kind"] == "end"][-1]
     assert end["status"] == "finished", end
+
+
+def test_every_training_setting_is_exactly_one_option_of_train():
+    """Each `TrainConfig` field is one `tarflow train` option with the flags its declaration names,
+    and each option is a field, apart from the documented few (`--resume`, `--ui`; `noise_std` is
+    set by `--noise`)."""
+    import dataclasses
+
+    import typer.main
+
+    from tarflow_cli.commands import train as train_cmd
+    from tarflow_core.config import TrainConfig, option_spec
+
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p for p in command.params if p.name != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(options) - set(train_cmd.OPTIONS_WITHOUT_FIELD) == set(fields) - set(train_cmd.FIELDS_WITHOUT_OPTION)
+    assert set(train_cmd.OPTIONS_WITHOUT_FIELD).isdisjoint(fields)
+    for name, f in fields.items():
+        spec = option_spec(f)
+        if spec.cli:
+            declared = sorted(part for flag in spec.flags for part in flag.split("/"))
+            assert sorted([*options[name].opts, *options[name].secondary_opts]) == declared, name
+            assert options[name].help == spec.help, name

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tarflow_core.dist import DistError, distributed, env_world
 from tarflow_core.events import read_events
-from tarflow_core.presets import TrainConfig
+from tarflow_core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def cfg_for(run_dir, **kw) -> TrainConfig:
     base = dict(
         width=32,
         head_dim=16,
-        blocks=2,
+        num_blocks=2,
         layers_per_block=1,
         batch_size=16,
         max_steps=8,
@@ -63,11 +63,11 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
         def refuse(*a, **k):
             raise AssertionError(f"rank {rank} tried to write")
 
-        T.save_checkpoint = refuse
-        T.atomic_write_text = refuse
-        T.atomic_path = refuse
-        T.save_grid = refuse
-        T.JsonlSink = refuse
+        T.checkpoints.save_checkpoint = refuse
+        T.run_dir.atomic_write_text = refuse
+        T.state.atomic_path = refuse
+        T.previews.save_grid = refuse
+        T.report.JsonlSink = refuse
     result = T.train(TrainConfig.from_dict(cfg_dict))
     torch.save({"status": result.status, "step": result.step}, Path(out) / f"rank{rank}.pt")
 
@@ -123,9 +123,9 @@ def test_two_gloo_processes_match_one(tmp_path):
 
 def test_batch_must_split_across_ranks(tmp_path):
     from tarflow_core.dist import DistInfo
-    from tarflow_core.train import SetupError, _Trainer
+    from tarflow_core.train import SetupError, Trainer
 
-    trainer = _Trainer(
+    trainer = Trainer(
         cfg_for(tmp_path / "odd", batch_size=15),
         DistInfo(0, 2, 0, torch.device("cpu"), "gloo"),
         None,

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tarflow_core.checkpoint import load_checkpoint, load_model
 from tarflow_core.events import KINDS, read_events
 from tarflow_core.model import TarFlow
-from tarflow_core.presets import PRESETS, ConfigError, TrainConfig, parse_noise, preset
+from tarflow_core.config import ConfigError, TrainConfig, parse_noise
+from tarflow_core.presets import PRESETS, preset
 from tarflow_core.sampling import generate
 from tarflow_core.train import SetupError, TrainError, load_run_config, lr_at, resumable_checkpoints, train
 
@@ -29,7 +30,7 @@ def tiny_cfg(run_dir, **kw) -> TrainConfig:
     base = dict(
         width=32,
         head_dim=16,
-        blocks=2,
+        num_blocks=2,
         layers_per_block=1,
         batch_size=16,
         max_steps=20,
@@ -76,7 +77,7 @@ def test_config_roundtrip_and_presets():
     for name, cfg in PRESETS.items():
         assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, name
     p = preset("imagenet64-cond")
-    assert (p.patch_size, p.width, p.blocks, p.layers_per_block, p.noise_std, p.batch_size, p.epochs, p.lr) == (
+    assert (p.patch_size, p.width, p.num_blocks, p.layers_per_block, p.noise_std, p.batch_size, p.epochs, p.lr) == (
         2,
         768,
         8,
@@ -169,6 +170,28 @@ def test_checkpoint_loads_and_samples(tiny_run):
     assert state["step"] == 30 and state["data"]["epoch"] >= 0 and "optimizer" in state
 
 
+def test_a_run_config_with_the_former_setting_names_loads_and_resumes(tiny_run, tmp_path):
+    """Run directories written before the architecture settings took ModelConfig's names (their
+    config.json says `channels`, `image_size`, `blocks`) still load and resume."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    doc = json.loads((run / "config.json").read_text())
+    former = {"in_channels": "channels", "img_size": "image_size", "num_blocks": "blocks"}
+    doc["train"] = {former.get(k, k): v for k, v in doc["train"].items()}
+    assert {"channels", "image_size", "blocks"} <= set(doc["train"]) and "num_blocks" not in doc["train"]
+    (run / "config.json").write_text(json.dumps(doc, indent=2))
+    cfg = load_run_config(run)
+    assert cfg == tiny_cfg(tiny_run[0], max_steps=30, ema=0.9) and cfg.num_blocks == 2
+    assert TrainConfig.from_dict({"blocks": 3, "image_size": 8, "channels": 1}) == TrainConfig(
+        num_blocks=3, img_size=8, in_channels=1
+    )
+    result = train(cfg.replace(run_dir=str(run), max_steps=32), resume=True)
+    assert result.status == "finished" and result.step == 32
+    assert "num_blocks" in json.loads((run / "config.json").read_text())["train"]
+
+
 def test_existing_run_dir_is_refused(tiny_run):
     run_dir, _, _ = tiny_run
     with pytest.raises(SetupError, match="already holds a run"):
@@ -211,7 +234,7 @@ def test_full_disk_before_start(tmp_path, monkeypatch):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("tarflow_core.train.shutil.disk_usage", lambda p: usage(10, 10, 0))
+    monkeypatch.setattr("tarflow_core.train.run_dir.shutil.disk_usage", lambda p: usage(10, 10, 0))
     with pytest.raises(TrainError, match="disk space") as info:
         train(tiny_cfg(tmp_path / "run"))
     assert info.value.exit_code == 1

@@ -115,7 +115,7 @@ async def test_core_training_in_the_dashboard_thread_stops_on_s(tmp_path):
 
     cfg = preset("tiny").replace(
         width=16,
-        blocks=2,
+        num_blocks=2,
         layers_per_block=1,
         head_dim=8,
         batch_size=16,

@@ -1,0 +1,157 @@
+"""One optimisation step, and the metrics it leaves on the device.
+
+The recipe is the reference's: Gaussian noise augmentation (or uniform dequantization for
+likelihood runs), loss 0.5 * mean(z^2) - mean(logdet) / D, AdamW, label drop (-1) for
+conditional runs, the VP prior update after each step, bf16 autocast when asked. A step whose
+loss or gradient is not finite changes nothing (weights, optimizer, EMA, prior).
+
+Metrics stay on the device (no host sync per step) and are read at log intervals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from .. import flow
+from ..config import ModelConfig, TrainConfig
+from ..dist import DistInfo, all_reduce_mean, all_reduce_sum
+from ..ema import EMA
+from ..model import TarFlow
+from .schedule import Schedule
+
+BatchHook = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def objective(z: torch.Tensor, logdet: torch.Tensor, data_dim: int) -> torch.Tensor:
+    """The reference's loss: 0.5 * mean(z^2) - mean(logdet) / D (nats per dimension, up to constants)."""
+    return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
+
+
+class StepMetrics(NamedTuple):
+    """What one step measured (0-d tensors on the device), or an interval's means (floats)."""
+
+    loss: torch.Tensor | float
+    nll: torch.Tensor | float  # nats per dimension, the prior's constant included
+    logdet: torch.Tensor | float  # per dimension
+    grad_norm: torch.Tensor | float  # before clipping
+
+
+class MetricSums:
+    """Sums of the good steps' metrics over a log interval, and the non-finite step counters, all
+    on the device: adding is asynchronous, `take()` reads (one host sync per interval)."""
+
+    def __init__(self, device: torch.device, bad_run: int) -> None:
+        self.sums = torch.zeros(len(StepMetrics._fields) + 1, device=device)  # the metrics, then the step count
+        self.bad_in_interval = torch.zeros((), device=device)
+        self.bad_run = torch.full((), float(bad_run), device=device)  # consecutive non-finite steps
+
+    def add(self, metrics: StepMetrics, ok: torch.Tensor) -> None:
+        vals = torch.stack([*metrics, torch.ones((), device=ok.device)])
+        self.sums += torch.where(ok, vals, torch.zeros_like(vals)).nan_to_num(0.0)
+        bad = (~ok).float()
+        self.bad_in_interval += bad
+        self.bad_run = (self.bad_run + 1) * bad
+
+    def take(self, d: DistInfo) -> StepMetrics | None:
+        """The interval's means over all ranks (None when every step was skipped); starts a new interval."""
+        *sums, count = all_reduce_sum(self.sums.clone(), d).tolist()
+        self.sums.zero_()
+        self.bad_in_interval.zero_()
+        return StepMetrics(*(v / count for v in sums)) if count > 0 else None
+
+
+@dataclass
+class Stepper:
+    """The optimisation step. With the fused AdamW a skipped step is decided on the device (no host
+    sync: `found_inf` and gated updates); else on the host."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    d: DistInfo
+    model: TarFlow
+    forward: Callable  # the model, maybe wrapped in DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    noise_gen: torch.Generator
+    schedule: Schedule
+    fused: bool
+    autocast_dtype: torch.dtype | None
+    batch_hook: BatchHook | None = None
+
+    def augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 batch -> noisy model-space input and (dropped) labels. The random draws are for
+        the global batch, from a generator every rank holds identically; each rank keeps its share."""
+        cfg, device, gen = self.cfg, self.d.device, self.noise_gen
+        x = x_u8.to(device, non_blocking=True)
+        shape = (cfg.batch_size, *x.shape[1:])
+        r, w = self.d.rank, self.d.world_size
+        if cfg.noise == "uniform":
+            u = torch.rand(shape, generator=gen, device=device)[r::w]
+            xf = (x.float() + u) / 256 * 2 - 1
+        else:
+            eps = torch.randn(shape, generator=gen, device=device)[r::w]
+            xf = flow.uint8_to_model(x) + cfg.noise_std * eps
+        labels = None
+        if self.model_cfg.conditional:
+            labels = y.to(device, non_blocking=True).long()
+            if cfg.label_drop > 0:
+                drop = torch.rand(cfg.batch_size, generator=gen, device=device)[r::w] < cfg.label_drop
+                labels = torch.where(drop, torch.full_like(labels, -1), labels)
+        return xf, labels
+
+    def __call__(self, step: int, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, StepMetrics, float]:
+        """Step with 0-based index `step`: (the on-device `ok` flag, the metrics, the learning rate)."""
+        x, labels = self.augment(x_u8, y)
+        if self.batch_hook is not None:
+            x, labels = self.batch_hook(step, x, labels)
+        lr = self.schedule.at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dtype = self.autocast_dtype
+        with torch.autocast(self.d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            z, logdet = self.forward(x, labels)
+        z = z.float()
+        loss = objective(z, logdet, self.model_cfg.data_dim)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self._grad_norm()
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self._update(z, ok)
+        return ok, self._metrics(z, logdet, loss, grad_norm), lr
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, after clipping the gradients to `--grad-clip` when set."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip_value:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_value, foreach=True)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+
+    def _update(self, z: torch.Tensor, ok: torch.Tensor) -> None:
+        # Skipped steps change nothing. Fused: skip on the device (no host sync); else on the host.
+        # VP prior: running mean of z^2 per token and dim over the global batch; every rank joins
+        # its all-reduce, also on a skipped step, and the gate then leaves `var` as it is.
+        ok_host = None if self.fused else bool(ok)
+        if self.fused:
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif ok_host:
+            self.optimizer.step()
+        if not self.model_cfg.nvp:
+            self.model.update_prior(z, reduce=lambda t: all_reduce_mean(t, self.d), gate=None if ok_host else ok)
+        if self.ema is not None:
+            if self.fused:
+                self.ema.update(self.model, gate=ok)
+            elif ok_host:
+                self.ema.update(self.model)
+
+    @torch.no_grad()
+    def _metrics(self, z, logdet, loss, grad_norm) -> StepMetrics:
+        logdet_pd = (logdet.float() / self.model_cfg.data_dim).mean()
+        if self.model_cfg.nvp:
+            nll = loss + 0.5 * flow.LOG_2PI
+        else:
+            var = self.model.var
+            nll = 0.5 * (z.detach().pow(2) / var).mean() + 0.5 * torch.log(var).mean() + 0.5 * flow.LOG_2PI - logdet_pd
+        return StepMetrics(loss.detach(), nll.detach(), logdet_pd, grad_norm.detach().float())
