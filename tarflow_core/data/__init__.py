@@ -8,7 +8,15 @@ python batches, plus a deterministic, resumable, shardable loader.
 """
 
 from .arrays import open_array_file, open_imagenet_batches
-from .base import ArrayDataset, DataError, ImageDataset, held_out_indices, normalize_split, resize_center_crop
+from .base import (
+    ArrayDataset,
+    DataError,
+    ImageDataset,
+    ViewOptions,
+    held_out_indices,
+    normalize_split,
+    resize_center_crop,
+)
 from .cifar import SafeUnpickler, open_cifar, safe_load_pickle
 from .digits import load_digits_arrays, open_digits
 from .folder import IMAGE_EXTS, FolderDataset
@@ -25,6 +33,7 @@ __all__ = [
     "ResumableLoader",
     "ResumableSampler",
     "SafeUnpickler",
+    "ViewOptions",
     "detect_kind",
     "held_out_indices",
     "load_digits_arrays",

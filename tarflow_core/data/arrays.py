@@ -32,12 +32,15 @@ import os
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from ..load_errors import describe, file_head, not_numpy
-from .base import ArrayDataset, ConcatImages, DataError, check_labels, held_out_indices, normalize_split
+from .base import ArrayDataset, ConcatImages, DataError, ViewOptions, check_labels, held_out_indices, normalize_split
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 IMAGE_KEYS = ("images", "x", "arr_0", "data")
 LABEL_KEYS = ("labels", "y", "targets")
@@ -214,13 +217,7 @@ def _fix_one_based(labels: np.ndarray | None, rows: bool) -> np.ndarray | None:
     return labels.astype(np.int64) - 1 if labels.min() >= 1 else labels
 
 
-def open_array_file(
-    path: str | os.PathLike,
-    split: str = "train",
-    image_size: int | None = None,
-    channels: int | None = None,
-    flip: bool = False,
-) -> ArrayDataset:
+def open_array_file(path: str | os.PathLike, split: str = "train", **view: Unpack[ViewOptions]) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
     loaded = _load_file(path, split)
@@ -235,10 +232,8 @@ def open_array_file(
         name=str(path),
         split=split,
         indices=None if loaded.own_split else held_out_indices(n, split),
-        image_size=image_size,
-        channels=channels,
-        flip=flip,
         num_classes=num_classes,
+        **view,
     )
 
 
@@ -282,13 +277,7 @@ def _find_batches(root: Path) -> tuple[list[Path], list[Path]]:
     return train, val
 
 
-def open_imagenet_batches(
-    root: str | os.PathLike,
-    split: str = "train",
-    image_size: int | None = None,
-    channels: int | None = None,
-    flip: bool = False,
-) -> ArrayDataset:
+def open_imagenet_batches(root: str | os.PathLike, split: str = "train", **view: Unpack[ViewOptions]) -> ArrayDataset:
     """A folder of downsampled-ImageNet batches: ``train_data_batch_*.npz`` / ``val_data.npz``."""
     root = Path(root)
     split = normalize_split(split)
@@ -321,11 +310,9 @@ def open_imagenet_batches(
         labels,
         name=str(root),
         split=split,
-        image_size=image_size,
         indices=indices,
-        channels=channels,
-        flip=flip,
         num_classes=num_classes,
+        **view,
     )
 
 

@@ -11,7 +11,7 @@ epoch and index) and never by a global random generator.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +27,14 @@ SPLIT_SEED = 20240611  # fixed forever: changing it would move images between sp
 class DataError(ValueError):
     """A data source is missing, malformed or empty. The message names the source and what
     was expected; the CLI shows it as-is (exit code 2)."""
+
+
+class ViewOptions(TypedDict, total=False):
+    """How a data set serves its images, whatever the source (the openers pass these through)."""
+
+    image_size: int | None  # resize the shorter side and centre-crop to this; None: as stored
+    channels: int | None  # 1 or 3; None: as stored
+    flip: bool  # random horizontal flips, decided by the loader's sampler
 
 
 def normalize_split(split: str) -> str:

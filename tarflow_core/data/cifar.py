@@ -19,11 +19,15 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .arrays import rows_to_nchw
-from .base import ArrayDataset, DataError, normalize_split
+from .base import ArrayDataset, DataError, ViewOptions, normalize_split
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]
 _FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
@@ -159,13 +163,7 @@ def _class_names(root: Path, layout: dict) -> list[str]:
     return [str(k) for k in range(layout["classes"])]
 
 
-def open_cifar(
-    path: str | os.PathLike,
-    split: str = "train",
-    image_size: int | None = None,
-    channels: int | None = None,
-    flip: bool = False,
-) -> ArrayDataset:
+def open_cifar(path: str | os.PathLike, split: str = "train", **view: Unpack[ViewOptions]) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
     found = find_cifar(path)
@@ -194,7 +192,5 @@ def open_cifar(
         split=split,
         class_names=names,
         num_classes=len(names),
-        image_size=image_size,
-        channels=channels,
-        flip=flip,
+        **view,
     )

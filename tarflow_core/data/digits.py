@@ -8,10 +8,14 @@ Split: a fixed held-out set of 297 images (chosen by a fixed-seed permutation), 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import ArrayDataset, DataError, held_out_indices, normalize_split
+from .base import ArrayDataset, DataError, ViewOptions, held_out_indices, normalize_split
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DIGITS_FILE = Path(__file__).with_name("digits.npz")
 DIGITS_TEST = 297
@@ -28,9 +32,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         ) from None
 
 
-def open_digits(
-    split: str = "train", image_size: int | None = None, channels: int | None = None, flip: bool = False
-) -> ArrayDataset:
+def open_digits(split: str = "train", **view: Unpack[ViewOptions]) -> ArrayDataset:
     split = normalize_split(split)
     images, labels = load_digits_arrays()
     return ArrayDataset(
@@ -41,7 +43,5 @@ def open_digits(
         indices=held_out_indices(len(images), split, DIGITS_TEST),
         class_names=[str(k) for k in range(10)],
         num_classes=10,
-        image_size=image_size,
-        channels=channels,
-        flip=flip,
+        **view,
     )

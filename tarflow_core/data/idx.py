@@ -18,10 +18,14 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import ArrayDataset, DataError, held_out_indices, normalize_split
+from .base import ArrayDataset, DataError, ViewOptions, held_out_indices, normalize_split
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGES_RE = re.compile(r"^(?P<prefix>.+?)[-.]images[-.]idx3[-.]ubyte(?P<gz>\.gz)?$", re.IGNORECASE)
@@ -136,16 +140,10 @@ def _split_of(images_file: Path) -> str | None:
     return None if train == test else ("train" if train else "test")
 
 
-def open_idx(
-    path: str | os.PathLike,
-    split: str = "train",
-    image_size: int | None = None,
-    channels: int | None = None,
-    flip: bool = False,
-) -> ArrayDataset:
+def open_idx(path: str | os.PathLike, split: str = "train", **view: Unpack[ViewOptions]) -> ArrayDataset:
     path = Path(path)
     split = normalize_split(split)
-    kwargs = dict(name=str(path), split=split, image_size=image_size, channels=channels, flip=flip)
+    kwargs = dict(name=str(path), split=split, **view)
     if path.is_file():
         images, labels = _load_pair(path)
         return ArrayDataset(images, labels, indices=held_out_indices(len(images), split), **kwargs)
