@@ -248,13 +248,13 @@ class FlowBlock(nn.Module):
         x = self.order(z).clone()
         B, T, _ = x.shape
         guided = guidance > 0
-        cond = self.conditioning(y).expand(B, -1, -1)
-        uncond = self.conditioning(None).expand(B, -1, -1)
-        caches = [self.new_cache(B, T, x) for _ in range(2 if guided else 1)]
+        cond, cache = self.conditioning(y).expand(B, -1, -1), self.new_cache(B, T, x)
+        if guided:  # the unconditional pass: no label (the mean class embedding), a cache of its own
+            uncond, uncond_cache = self.conditioning(None).expand(B, -1, -1), self.new_cache(B, T, x)
         for t in range(T - 1):
-            a, b = self.reverse_step(x[:, t], t, cond, caches[0])
+            a, b = self.reverse_step(x[:, t], t, cond, cache)
             if guided:
-                a_u, b_u = self.reverse_step(x[:, t], t, uncond, caches[1], attn_temp)
+                a_u, b_u = self.reverse_step(x[:, t], t, uncond, uncond_cache, attn_temp)
                 w = guidance * (t + 1) / (T - 1) if annealed else guidance
                 a = guide(a, a_u, w) if "a" in guide_what else a
                 b = guide(b, b_u, w) if "b" in guide_what else b
