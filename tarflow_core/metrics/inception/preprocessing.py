@@ -29,13 +29,13 @@ def preprocess(
     PyTorch bilinear (half-pixel centres), then 2x - 1."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images shaped (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
     x = images.to(device=device if device is not None else images.device, dtype=dtype)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if resize == "tf":
         return (resize_bilinear_tf1(x, size) - 128) / 128
-    if resize != "pytorch":
-        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
     x = x / 255
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
