@@ -2,8 +2,9 @@
 
 `RunState.apply(event)` takes one `events.jsonl` object (any kind, any fields: unknown ones are
 ignored, missing ones are fine) and returns the names of the panels it changed
-(`header`, `charts`, `samples`, `log`). The app owns one `RunState` and touches it only from
-the UI thread.
+(`header`, `charts`, `samples`, `log`); `RunState.apply_read` folds a batch as the file tail
+reads it. What it holds (series, log lines, sample grids) is defined in `records.py`. The app
+owns one `RunState` and touches it only from the UI thread.
 """
 
 from __future__ import annotations
