@@ -55,7 +55,7 @@ def test_sink_after_a_killed_writer_starts_on_a_new_line(tmp_path):
         sink(make_event("end", 8, status="finished"))
     lines = path.read_text().splitlines()
     assert lines[1] == '{"time":1,"kind":"tra'
-    assert [json.loads(l)["kind"] for l in lines[2:]] == ["start", "end"]
+    assert [json.loads(line)["kind"] for line in lines[2:]] == ["start", "end"]
     assert [(e["kind"], e["step"]) for e in read_events(path)] == [("start", 0), ("start", 7), ("end", 8)]
 
 
