@@ -49,80 +49,99 @@ class RunHeader(Widget):
     def show(self, state: RunState, now: float, *, quiet_after: float = 120.0) -> None:
         """Recompute from `state` at time `now` (unix seconds)."""
         self._last = (state, now, quiet_after)
-        status = "stopping" if state.stopping and state.status == "running" else state.status
-        label = {"waiting": "WAITING"}.get(status, status.upper())
-        one = Text(no_wrap=True, overflow="ellipsis")
-        one.append(f" {label} ", style=STATUS_STYLE.get(status, "reverse"))
-        one.append(" ")
-        one.append(state.name, style="bold")
+        one = _status_line(state)
         if state.status == "waiting":
-            two = Text(no_wrap=True, overflow="ellipsis")
-            if state.source_state == "missing-dir":
-                two.append(f"{state.run_dir} does not exist yet: waiting for the run to start", style="yellow")
-            elif state.source_state == "missing-file":
-                two.append(f"no events.jsonl in {state.run_dir} yet: waiting for the run to start", style="yellow")
-            else:
-                two.append("waiting for the first event in events.jsonl", style="dim")
-            self._lines = (one, two)
-            self.refresh()
-            return
-        width = self.size.width
-        one.append("  step ", style="dim")
-        one.append(f"{state.step:,}", style="bold")
-        if state.max_steps:
-            one.append(f"/{state.max_steps:,}", style="dim")
-        frac = state.step / state.max_steps if state.max_steps else None
-        percent = f" {frac * 100:3.0f}%" if frac is not None else ""
-        if state.epoch is not None:
-            epoch = f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}"
-            if not width or one.cell_len + 8 + len(epoch) + len(percent) <= width:  # else left out
-                one.append("  epoch ", style="dim")
-                one.append(epoch)
-        if frac is not None:
-            room = width - one.cell_len - 7
-            if room >= 8:
-                one.append("  ")
-                one.append_text(progress_bar(frac, min(room, 40)))
-            one.append(percent, style="dim")
-
-        two = Text(no_wrap=True, overflow="ellipsis")
-
-        def part(key: str, value: str, style: str = "", cut: bool = False) -> None:
-            """Add `key value`; one that does not fit is left out (`cut`: shortened instead)."""
-            sep = "  " if two.cell_len else ""
-            if width and not cut and two.cell_len + len(sep) + cell_len(f"{key} {value}") > width:
-                return
-            two.append(sep)
-            two.append(f"{key} ", style="dim")
-            two.append(value, style=style)
-
-        part("elapsed", format_duration(state.elapsed(now)))
-        if state.warnings:  # before the end reason, which is cut to the width and leaves no room
-            part("warnings", str(state.warnings), "yellow")
-        if state.status in ("interrupted", "failed") and state.end_reason:
-            part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow", cut=True)
-        if state.status == "running":
-            eta = state.eta(now)
-            part("ETA", format_duration(eta) if eta is not None else "–")
-            quiet = state.quiet_for(now)
-            if quiet is not None and quiet > quiet_after:
-                part("quiet", format_duration(quiet), "bold yellow")
-        if state.device:
-            part("device", state.device)
-        if state.memory:
-            part("mem", state.memory)
-        # the rest is also in the charts' titles: first to go when the line is short
-        loss = state.latest.get("loss")
-        if loss is not None:
-            part("loss", fmt_num(loss))
-        rate = state.latest.get("images_per_s")
-        if rate is not None:
-            part("img/s", fmt_num(rate))
-        if state.params:
-            part("params", fmt_num(float(state.params)))
-        self._lines = (one, two)
+            self._lines = (one, _waiting_line(state))
+        else:
+            width = self.size.width
+            _add_progress(one, state, width)
+            self._lines = (one, _details_line(state, now, quiet_after, width))
         self.refresh()
 
     def render(self) -> Text:
         # one row each, cut short with an ellipsis: a long first line must not wrap onto the second
         return Text("\n", no_wrap=True, overflow="ellipsis").join(self._lines)
+
+
+def _status_line(state: RunState) -> Text:
+    """The first line's start: the status badge and the run name."""
+    status = "stopping" if state.stopping and state.status == "running" else state.status
+    label = {"waiting": "WAITING"}.get(status, status.upper())
+    one = Text(no_wrap=True, overflow="ellipsis")
+    one.append(f" {label} ", style=STATUS_STYLE.get(status, "reverse"))
+    one.append(" ")
+    one.append(state.name, style="bold")
+    return one
+
+
+def _waiting_line(state: RunState) -> Text:
+    """The second line before the first event: what the viewer is waiting for."""
+    two = Text(no_wrap=True, overflow="ellipsis")
+    if state.source_state == "missing-dir":
+        two.append(f"{state.run_dir} does not exist yet: waiting for the run to start", style="yellow")
+    elif state.source_state == "missing-file":
+        two.append(f"no events.jsonl in {state.run_dir} yet: waiting for the run to start", style="yellow")
+    else:
+        two.append("waiting for the first event in events.jsonl", style="dim")
+    return two
+
+
+def _add_progress(one: Text, state: RunState, width: int) -> None:
+    """Step, epoch and progress bar after the run name, as far as `width` allows (0: any)."""
+    one.append("  step ", style="dim")
+    one.append(f"{state.step:,}", style="bold")
+    if state.max_steps:
+        one.append(f"/{state.max_steps:,}", style="dim")
+    frac = state.step / state.max_steps if state.max_steps else None
+    percent = f" {frac * 100:3.0f}%" if frac is not None else ""
+    if state.epoch is not None:
+        epoch = f"{state.epoch:.1f}" if state.epoch < 100 else f"{state.epoch:.0f}"
+        if not width or one.cell_len + 8 + len(epoch) + len(percent) <= width:  # else left out
+            one.append("  epoch ", style="dim")
+            one.append(epoch)
+    if frac is not None:
+        room = width - one.cell_len - 7
+        if room >= 8:
+            one.append("  ")
+            one.append_text(progress_bar(frac, min(room, 40)))
+        one.append(percent, style="dim")
+
+
+def _details_line(state: RunState, now: float, quiet_after: float, width: int) -> Text:
+    """The second line of a started run: times, device, memory, then what the charts also show."""
+    two = Text(no_wrap=True, overflow="ellipsis")
+
+    def part(key: str, value: str, style: str = "", cut: bool = False) -> None:
+        """Add `key value`; one that does not fit is left out (`cut`: shortened instead)."""
+        sep = "  " if two.cell_len else ""
+        if width and not cut and two.cell_len + len(sep) + cell_len(f"{key} {value}") > width:
+            return
+        two.append(sep)
+        two.append(f"{key} ", style="dim")
+        two.append(value, style=style)
+
+    part("elapsed", format_duration(state.elapsed(now)))
+    if state.warnings:  # before the end reason, which is cut to the width and leaves no room
+        part("warnings", str(state.warnings), "yellow")
+    if state.status in ("interrupted", "failed") and state.end_reason:
+        part("reason", state.end_reason, "bold red" if state.status == "failed" else "yellow", cut=True)
+    if state.status == "running":
+        eta = state.eta(now)
+        part("ETA", format_duration(eta) if eta is not None else "–")
+        quiet = state.quiet_for(now)
+        if quiet is not None and quiet > quiet_after:
+            part("quiet", format_duration(quiet), "bold yellow")
+    if state.device:
+        part("device", state.device)
+    if state.memory:
+        part("mem", state.memory)
+    # the rest is also in the charts' titles: first to go when the line is short
+    loss = state.latest.get("loss")
+    if loss is not None:
+        part("loss", fmt_num(loss))
+    rate = state.latest.get("images_per_s")
+    if rate is not None:
+        part("img/s", fmt_num(rate))
+    if state.params:
+        part("params", fmt_num(float(state.params)))
+    return two
