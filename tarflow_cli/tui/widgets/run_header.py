@@ -40,11 +40,12 @@ class RunHeader(Widget):
     def __init__(self, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self._lines: tuple[Text, Text] = (Text(""), Text(""))
-        self._last: tuple | None = None
+        self._last: tuple[RunState, float, float] | None = None  # show's arguments
 
     def on_resize(self, event) -> None:
-        if self._last is not None:
-            self.show(*self._last[:2], quiet_after=self._last[2])  # what fits depends on the width
+        if self._last is not None:  # what fits depends on the width
+            state, now, quiet_after = self._last
+            self.show(state, now, quiet_after=quiet_after)
 
     def show(self, state: RunState, now: float, *, quiet_after: float = 120.0) -> None:
         """Recompute from `state` at time `now` (unix seconds)."""
