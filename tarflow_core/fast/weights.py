@@ -88,6 +88,14 @@ class _ParamState(NamedTuple):
     dtype: torch.dtype
     shape: torch.Size
 
+    def same(self, other: _ParamState) -> bool:
+        return self.ref() is other.ref() and self[1:] == other[1:]
+
+
+class _Entry(NamedTuple):
+    state: list[_ParamState]  # of the block's parameters when `value` was prepared
+    value: object
+
 
 def block_weights(
     block: FlowBlock, dtype: torch.dtype, device: torch.device | str, packed_rows: int | None = None
@@ -163,16 +171,16 @@ def _cached(block: FlowBlock, key, make: Callable):
     with _LOCK:
         entries = _CACHE.setdefault(block, {})
         hit = entries.pop(key, None)
-        if hit is None or not _same_state(hit[0], state):
-            hit = (state, make())
+        if hit is None or not _same_state(hit.state, state):
+            hit = _Entry(state, make())
         entries[key] = hit  # most recently used last
         while len(entries) > _ENTRIES_PER_BLOCK:
             entries.pop(next(iter(entries)))
-        return hit[1]
+        return hit.value
 
 
 def _same_state(old: list[_ParamState], new: list[_ParamState]) -> bool:
-    return len(old) == len(new) and all(o.ref() is n.ref() and o[1:] == n[1:] for o, n in zip(old, new))
+    return len(old) == len(new) and all(o.same(n) for o, n in zip(old, new))
 
 
 def _prepare(block: FlowBlock, dtype: torch.dtype) -> BlockWeights:
@@ -205,18 +213,24 @@ def _step_linears(layer) -> tuple[torch.nn.Linear, ...]:
 
 def _layer_weights(layer, dtype: torch.dtype | None) -> LayerWeights:
     att, mlp = layer.attention, layer.mlp
+    (qkv_w, qkv_b), (proj_w, proj_b) = _in_out(att.qkv, dtype), _in_out(att.proj, dtype)
+    (fc1_w, fc1_b), (fc2_w, fc2_b) = _in_out(mlp.main[0], dtype), _in_out(mlp.main[2], dtype)
     # norms run in float32 for half-precision activations: a half-precision model's norm weights too
     return LayerWeights(
-        at_least_f32(att.norm.weight.detach()),
-        at_least_f32(att.norm.bias.detach()),
-        *_in_out(att.qkv, dtype),
-        *_in_out(att.proj, dtype),
-        at_least_f32(mlp.norm.weight.detach()),
-        at_least_f32(mlp.norm.bias.detach()),
-        *_in_out(mlp.main[0], dtype),
-        *_in_out(mlp.main[2], dtype),
-        att.norm.eps,
-        mlp.norm.eps,
+        norm1_w=at_least_f32(att.norm.weight.detach()),
+        norm1_b=at_least_f32(att.norm.bias.detach()),
+        qkv_w=qkv_w,
+        qkv_b=qkv_b,
+        proj_w=proj_w,
+        proj_b=proj_b,
+        norm2_w=at_least_f32(mlp.norm.weight.detach()),
+        norm2_b=at_least_f32(mlp.norm.bias.detach()),
+        fc1_w=fc1_w,
+        fc1_b=fc1_b,
+        fc2_w=fc2_w,
+        fc2_b=fc2_b,
+        norm1_eps=att.norm.eps,
+        norm2_eps=mlp.norm.eps,
     )
 
 
