@@ -35,7 +35,7 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
-RESUME_STATE_FILE = "train_state.pt"  # written beside a run's checkpoints by train.py (its TRAIN_STATE_FILE)
+RESUME_STATE_FILE = "train_state.pt"  # the resume state in a run's checkpoints (tarflow_core/train/state.py)
 # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}.pth`, also as the
 # copies downloads make of it: `... (1).pth`, `...-1.pth` (browsers) and `.pth.1` (wget)
 REFERENCE_NAME = re.compile(

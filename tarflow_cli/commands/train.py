@@ -43,12 +43,14 @@ Examples:
 """
 
 # The options of `tarflow train` that are no `TrainConfig` field, and the fields that have no option
-# of their own (`--noise gaussian:STD` sets `noise_std`). Every other field is exactly one option,
-# and `--preset`/`--noise` stand for the fields of their names (tests/cli/test_train_cli.py checks it).
+# of their own (`--noise gaussian:STD` sets `noise_std`). Every other field is exactly one option
+# (tests/cli/test_train_cli.py checks it): most are built from the field's declaration, while
+# `--preset` (it picks the preset whose name the field keeps) and `--noise` are written below.
 OPTIONS_WITHOUT_FIELD = ("resume", "ui")
 FIELDS_WITHOUT_OPTION = ("noise_std",)
-# Parsers beyond the field's type: a float option takes finite numbers only (see `_option`); training
-# derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside torch's range.
+# Parsers beyond the field's type: a float option takes finite numbers only (see `_field_option`);
+# training derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside
+# torch's range.
 PARSERS = {"seed": train_seed_int}
 
 
@@ -56,32 +58,33 @@ def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, show_default=False, **kw)
 
 
-def _special_option(name: str) -> Any:
-    """The options that are not simply a `TrainConfig` field."""
-    if name == "preset":
-        return Optional[str], _opt(f"Starting settings: {', '.join(PRESETS)} (default: tiny).", "--preset", "-p")
-    if name == "noise":
-        return Optional[str], _opt(_field_spec("noise").help, "--noise")
-    if name == "resume":
-        return Optional[Path], _opt(
-            "Continue the run in this directory exactly where it stopped, with its settings; only the run "
-            "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile "
-            "may change.",
-            "--resume",
-        )
-    assert name == "ui", name
-    return Optional[str], _opt(
-        "tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an "
-        "interactive terminal, else plain).",
-        "--ui",
-    )
+def _written_options() -> dict[str, tuple[Any, Any]]:
+    """name -> (type, typer.Option) of the options that are not built from a field's declaration."""
+    noise = next(f for f in dataclasses.fields(TrainConfig) if f.name == "noise")
+    return {
+        "preset": (Optional[str], _opt(f"Starting settings: {', '.join(PRESETS)} (default: tiny).", "--preset", "-p")),
+        "noise": (Optional[str], _opt(option_spec(noise).help, "--noise")),
+        "resume": (
+            Optional[Path],
+            _opt(
+                "Continue the run in this directory exactly where it stopped, with its settings; only the run "
+                "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile "
+                "may change.",
+                "--resume",
+            ),
+        ),
+        "ui": (
+            Optional[str],
+            _opt(
+                "tui (the live dashboard), rich (a progress bar) or plain (log lines) (default: tui on an "
+                "interactive terminal, else plain).",
+                "--ui",
+            ),
+        ),
+    }
 
 
-def _field_spec(name: str):
-    return option_spec(next(f for f in dataclasses.fields(TrainConfig) if f.name == name))
-
-
-def _option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
+def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     """(type, typer.Option) of a `TrainConfig` field: its declared flags and help; None = not given."""
     spec = option_spec(f)
     kind = Path if spec.path else next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
@@ -91,14 +94,14 @@ def _option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
 
 def _options() -> list[inspect.Parameter]:
     """The command's parameters in `TrainConfig`'s field order, then `--resume` and `--ui`."""
-    hints = typing.get_type_hints(TrainConfig)
+    written, hints = _written_options(), typing.get_type_hints(TrainConfig)
     params = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("preset", "noise"):
-            params.append((f.name, *_special_option(f.name)))
+        if f.name in written:
+            params.append((f.name, *written[f.name]))
         elif option_spec(f).cli:
-            params.append((f.name, *_option(f, hints[f.name])))
-    params += [(name, *_special_option(name)) for name in OPTIONS_WITHOUT_FIELD]
+            params.append((f.name, *_field_option(f, hints[f.name])))
+    params += [(name, *written[name]) for name in OPTIONS_WITHOUT_FIELD]
     kw = inspect.Parameter.KEYWORD_ONLY
     return [inspect.Parameter(n, kw, default=None, annotation=Annotated[t, o]) for n, t, o in params]
 
@@ -146,7 +149,7 @@ def _settings(options: dict[str, Any], resume: Path | None) -> TrainConfig:
     from tarflow_core.train import SetupError, load_run_config
 
     preset, noise, run_dir = options.pop("preset"), options.pop("noise"), options.pop("run_dir")
-    options["precision"] = (options["precision"] or "").lower() or None
+    options["precision"] = (options["precision"] or "").lower() or None  # --precision BF16 is bf16
     given = {k: v for k, v in options.items() if v is not None}
     try:
         if noise is not None:
@@ -380,9 +383,8 @@ class _RichView:
             self.progress.start()
             self.task = self.progress.add_task("train", total=e.get("total_steps"), completed=e["step"], stats="")
         if kind == "train" and self.task is not None:
-            stats = (
-                f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} {_fmt(e.get('images_per_s'), '.0f')} img/s"
-            )
+            speed = _fmt(e.get("images_per_s"), ".0f")
+            stats = f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} {speed} img/s"
             self.progress.update(self.task, completed=e["step"], stats=stats)
             return
         line = _describe(e)

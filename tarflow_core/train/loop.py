@@ -122,7 +122,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
-        self._write_config()
+        if self.d.is_main:
+            self.dir.write_config(
+                self.cfg, self.model_cfg, self.data.info, self.d.world_size, self.steps_per_epoch, self.schedule
+            )
         self._announce()
         self.sums = MetricSums(self.d.device, self.consecutive_bad)
         self.model.train()
@@ -150,7 +153,8 @@ class Trainer:
         if self.step % self._log_every == 0 or last:
             self._end_interval()
         if self.consecutive_bad >= cfg.max_bad_steps:
-            advice = divergence_advice(self.run_dir, self.step, self.consecutive_bad) if self.d.is_main else ""
+            saved = resumable_checkpoints(self.run_dir) if self.d.is_main else []  # rank 0 knows the disk
+            advice = divergence_advice(self.run_dir, saved, self.step, self.consecutive_bad)
             reason = (
                 f"{self.consecutive_bad} consecutive steps had non-finite loss or gradients "
                 f"(last at step {self.step}); {advice}"
@@ -226,23 +230,6 @@ class Trainer:
         return self.checkpoints.save(self.step, self.consecutive_bad)
 
     # --------------------------------------------------------------------------- start, end
-    def _write_config(self) -> None:
-        if self.d.is_main:
-            self.dir.write_config(
-                {
-                    "format": "tarflow-run",
-                    "tarflow_version": __version__,
-                    "train": self.cfg.to_dict(),
-                    "model": self.model_cfg.to_dict(),
-                    "data": self.data.info,
-                    "noise": self.cfg.noise_spec,
-                    "world_size": self.d.world_size,
-                    "steps_per_epoch": self.steps_per_epoch,
-                    "total_steps": self.schedule.total_steps,
-                    "warmup_steps": self.schedule.warmup_steps,
-                }
-            )
-
     def _announce(self) -> None:
         """The `start` event, then the warnings known before the first step."""
         cfg, data = self.cfg, self.data

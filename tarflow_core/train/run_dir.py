@@ -11,12 +11,14 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+from .. import __version__
 from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINTS_DIR, MODEL_FILE, RESUME_STATE_FILE, list_checkpoints
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..dist import DistInfo, broadcast_object
 from ..events import EVENTS_FILE
 from .outcome import SetupError, TrainError
+from .schedule import Schedule
 
 TRAIN_STATE_FILE = RESUME_STATE_FILE
 LOCK_FILE = ".lock"
@@ -103,7 +105,28 @@ class RunDir:
                 f"about {2 * per_ckpt / 2**20:.0f} MiB needed for checkpoints"
             )
 
-    def write_config(self, doc: dict) -> None:
+    def write_config(
+        self,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        data_info: dict,
+        world_size: int,
+        steps_per_epoch: int,
+        schedule: Schedule,
+    ) -> None:
+        """`config.json`: the run's settings (what `--resume` reads back), its architecture, data and schedule."""
+        doc = {
+            "format": "tarflow-run",
+            "tarflow_version": __version__,
+            "train": cfg.to_dict(),
+            "model": model_cfg.to_dict(),
+            "data": data_info,
+            "noise": cfg.noise_spec,
+            "world_size": world_size,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": schedule.total_steps,
+            "warmup_steps": schedule.warmup_steps,
+        }
         atomic_write_text(self.path / CONFIG_FILE, json.dumps(doc, indent=2, default=str) + "\n")
 
     def prune(self, keep: int) -> None:
@@ -193,10 +216,10 @@ def _probe_writable(run_dir: Path) -> None:
         ) from None
 
 
-def divergence_advice(run_dir: Path, step: int, bad_steps: int) -> str:
-    """After `bad_steps` non-finite steps up to `step`: what is kept, and how to go on from it."""
+def divergence_advice(run_dir: Path, saved: list[tuple[int, Path]], step: int, bad_steps: int) -> str:
+    """After `bad_steps` non-finite steps up to `step`: what of the `saved` checkpoints is kept, and
+    how to go on from it."""
     remedy = "a lower --lr or a --grad-clip"
-    saved = resumable_checkpoints(run_dir)
     if not saved:
         return f"no checkpoint was saved: start again with {remedy}"
     kept, path = saved[-1]
