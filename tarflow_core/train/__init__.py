@@ -5,9 +5,10 @@ see `events.py`), `checkpoints/step-XXXXXXXX/` (native checkpoints + `train_stat
 `state.py`) and `samples/` (PNG grids of fixed noise and labels, see `previews.py`). Only rank 0
 writes.
 
-Where things are: `loop.py` the run (set-up, loop, finish) and `train()`; `setup.py` the data and
+Where things are: `loop.py` the run (set-up, loop, finish) and `train()`; `parts.py` the data and
 the model; `step.py` the optimisation step and its metrics; `schedule.py` the learning rate;
-`outcome.py` how a run ends (which exception ends it how); `signals.py` Ctrl-C handling.
+`checkpoints.py` saving; `report.py` the events; `outcome.py` how a run ends (which exception
+ends it how); `signals.py` Ctrl-C handling.
 """
 
 from ..config import TrainConfig
@@ -26,7 +27,7 @@ from .run_dir import (
     resumable_checkpoints,
 )
 from .schedule import Schedule, lr_at
-from .setup import NOISE_SEED_OFFSET
+from .parts import NOISE_SEED_OFFSET
 from .signals import StopLike, stop_on_signals
 from .state import STATE_FORMAT, TrainState
 from .step import BatchHook, objective

@@ -26,7 +26,7 @@ from .previews import Previews
 from .report import RunLog
 from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
-from .setup import build_model, open_data, wrap_model
+from .parts import build_model, open_data, wrap_model
 from .signals import StopLike
 from .state import Resumed, resume, resume_warnings
 from .step import BatchHook, MetricSums, Stepper

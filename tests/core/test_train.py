@@ -109,6 +109,30 @@ def test_config_roundtrip_and_presets():
     assert cfg.width == preset("tiny").width and cfg.lr == 1e-3
 
 
+def test_options_are_declared_once_with_their_checks_and_resume_rule():
+    """Validation and the resume rule come from the fields' declarations; messages name the
+    command-line flags (`--blocks` for `num_blocks`)."""
+    import dataclasses
+
+    from tarflow_core.config import RESUME_CHANGEABLE, flag, option_spec
+
+    assert RESUME_CHANGEABLE == {f.name for f in dataclasses.fields(TrainConfig) if option_spec(f).resume}
+    assert {"lr", "min_lr", "grad_clip", "max_steps", "device"} <= RESUME_CHANGEABLE
+    assert not {"num_blocks", "width", "seed", "data", "batch_size", "noise"} & RESUME_CHANGEABLE
+    assert (flag("num_blocks"), flag("img_size"), flag("in_channels"), flag("flip")) == (
+        "--blocks",
+        "--image-size",
+        "--channels",
+        "--flip",
+    )
+    with pytest.raises(ConfigError, match=r"--blocks must be a positive integer \(got 0\)"):
+        TrainConfig(num_blocks=0)
+    with pytest.raises(ConfigError, match=r"--channels must be 1 or 3 \(got 2\)"):
+        TrainConfig(in_channels=2)
+    with pytest.raises(ConfigError, match=r"--image-size 9 must be a multiple of --patch-size 2"):
+        TrainConfig(img_size=9)
+
+
 # ------------------------------------------------------------------------------ a real run
 
 

@@ -1,5 +1,5 @@
-"""Setting a run up: the data (train split, held-out split, shape) and the model with its
-optimizer, EMA and the augmentation noise generator."""
+"""The run's parts, built at set-up: the data (train split, held-out split, shape) and the model
+with its optimizer, EMA and the augmentation noise generator."""
 
 from __future__ import annotations
 
