@@ -75,11 +75,9 @@ class TrainState:
             doc = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or any(k not in doc for k in _NEEDED):
             raise ValueError("not a tarflow training state")
-        known = {f.name for f in fields(cls)}
-        state = cls(**{k: v for k, v in doc.items() if k in known})
-        if not isinstance(state.schedule, dict):
-            state.schedule = {}
-        return state
+        values = {f.name: doc[f.name] for f in fields(cls) if f.name in doc}
+        values["schedule"] = doc.get("schedule") if isinstance(doc.get("schedule"), dict) else {}
+        return cls(**values)
 
 
 @dataclass
