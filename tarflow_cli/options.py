@@ -196,7 +196,7 @@ def with_option_groups(command: Command) -> Command:
     """Let `command` take an option group as one parameter (`sampling: SamplingOptions =
     SamplingOptions()`). Typer sees the group's fields as ordinary options where that parameter
     stands, so --help lists them there in field order; the command receives one instance built
-    from the parsed values."""
+    from the parsed values. A group may hold groups (as fields whose default is a group)."""
     signature = inspect.signature(command, eval_str=True)
     groups = {p.name: type(p.default) for p in signature.parameters.values() if isinstance(p.default, OptionGroup)}
     parameters: list[inspect.Parameter] = []
@@ -209,7 +209,7 @@ def with_option_groups(command: Command) -> Command:
     @functools.wraps(command)
     def run(**values: Any) -> Any:
         for name, group in groups.items():
-            values[name] = group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)})
+            values[name] = _gather(group, values)
         return command(**values)
 
     # typer reads the options from the signature and their types from the annotations
@@ -219,8 +219,22 @@ def with_option_groups(command: Command) -> Command:
 
 
 def _fields_as_parameters(group: type) -> list[inspect.Parameter]:
+    """The options of `group`, in field order; a group inside it stands for its own options."""
     hints = inspect.get_annotations(group, eval_str=True)
-    return [
-        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=hints[f.name])
+    parameters = []
+    for f in dataclasses.fields(group):
+        if isinstance(f.default, OptionGroup):
+            parameters += _fields_as_parameters(type(f.default))
+        else:
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            parameters.append(inspect.Parameter(f.name, kind, default=f.default, annotation=hints[f.name]))
+    return parameters
+
+
+def _gather(group: type, values: dict[str, Any]) -> OptionGroup:
+    """An instance of `group` from the parsed `values` of its options (taken out of `values`)."""
+    fields = {
+        f.name: _gather(type(f.default), values) if isinstance(f.default, OptionGroup) else values.pop(f.name)
         for f in dataclasses.fields(group)
-    ]
+    }
+    return group(**fields)

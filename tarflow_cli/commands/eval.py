@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -15,59 +16,57 @@ from tarflow_core.metrics.inception import MIN_INPUT_SIZE, RESIZE_MODES
 
 from ..console import UsageError, info, require_stdout, to_stdout, user_errors
 from ..io import strict_json
-from ..options import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SamplingOptions, SeedOpt, changed_options
-from ..options import with_option_groups
+from ..options import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SeedOpt
+from ..options import OptionGroup, SamplingOptions, changed_options, with_option_groups
 from .common import load, resolve_device
 from .eval_fid import FidOptions
-from .evaluation import EvalRequest, Evaluation
+from .evaluation import Evaluation
 from .sampling_setup import check_precision_options, check_sampling_options
 
 METRICS = ("bpd", "fid", "accuracy")
 NUM_SAMPLES = 50000
 DEQUANT_SAMPLES = 1
 
-DataOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--data",
-        "-d",
-        help="Data source: digits, an image folder, .npz/.npy, MNIST IDX, or CIFAR batches \\[default: the data "
-        "the checkpoint was trained on].",
-        show_default=False,
-    ),
-]
-SplitOpt = Annotated[str, typer.Option("--split", help="train, test (val) or all.")]
-MetricsOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--metrics",
-        "-m",
-        help="Comma-separated: bpd, fid, accuracy (default: bpd, plus accuracy for a class-conditional model on "
-        "labelled data).",
-        show_default=False,
-    ),
-]
-NumSamplesOpt = Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")]
-DequantSamplesOpt = Annotated[
-    int, typer.Option("--dequant-samples", min=1, help="bpd: average over K uniform dequantization draws.")
-]
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions(OptionGroup):
+    """The options of `tarflow eval` besides --ckpt, in the order --help lists them."""
+
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            "--data",
+            "-d",
+            help="Data source: digits, an image folder, .npz/.npy, MNIST IDX, or CIFAR batches \\[default: the "
+            "data the checkpoint was trained on].",
+            show_default=False,
+        ),
+    ] = None
+    split: Annotated[str, typer.Option("--split", help="train, test (val) or all.")] = "test"
+    metrics: Annotated[
+        Optional[str],
+        typer.Option(
+            "--metrics",
+            "-m",
+            help="Comma-separated: bpd, fid, accuracy (default: bpd, plus accuracy for a class-conditional model "
+            "on labelled data).",
+            show_default=False,
+        ),
+    ] = None
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")] = NUM_SAMPLES
+    batch_size: BatchOpt = 256
+    dequant_samples: Annotated[
+        int, typer.Option("--dequant-samples", min=1, help="bpd: average over K uniform dequantization draws.")
+    ] = DEQUANT_SAMPLES
+    sampling: SamplingOptions = SamplingOptions()
+    fid: FidOptions = FidOptions()
+    seed: SeedOpt = 0
+    device: DeviceOpt = "auto"
+    patch_size: PatchOpt = None
 
 
 @with_option_groups
-def eval_cmd(
-    ckpt: CkptOpt,
-    data: DataOpt = None,
-    split: SplitOpt = "test",
-    metrics: MetricsOpt = None,
-    num_samples: NumSamplesOpt = NUM_SAMPLES,
-    batch_size: BatchOpt = 256,
-    dequant_samples: DequantSamplesOpt = DEQUANT_SAMPLES,
-    sampling: SamplingOptions = SamplingOptions(),
-    fid: FidOptions = FidOptions(),
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    patch_size: PatchOpt = None,
-) -> None:
+def eval_cmd(ckpt: CkptOpt, options: EvalOptions = EvalOptions()) -> None:
     """Evaluate a checkpoint: prints one JSON object with every metric, the settings and counts.
 
     bpd: mean bits per dimension over the data split with uniform dequantization (the
@@ -84,24 +83,10 @@ def eval_cmd(
 
       tarflow eval --ckpt in64.pth --data imagenet64/ --split test --metrics fid --guidance 1.5 --fid-stats in64-val.npz
     """
-    request = EvalRequest(
-        ckpt=ckpt,
-        data=data,
-        split=split,
-        metrics=metrics,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        dequant_samples=dequant_samples,
-        sampling=sampling,
-        fid=fid,
-        seed=seed,
-        device=device,
-        patch_size=patch_size,
-    )
     with user_errors():
         require_stdout("eval")
         try:
-            result = _evaluate(request)
+            result = _evaluate(ckpt, options)
         except (DataError, StatsError, InceptionWeightsError, SampleCacheError) as e:
             raise UsageError(str(e)) from None
         with to_stdout():
@@ -109,39 +94,39 @@ def eval_cmd(
             sys.stdout.flush()
 
 
-def _evaluate(request: EvalRequest) -> dict:
+def _evaluate(ckpt: str, options: EvalOptions) -> dict:
     """Check the options, load the model, choose the metrics and open the data (refusing what
     cannot work before any long computation), then compute the metrics."""
-    given = _check_options(request)
-    dev = resolve_device(request.device)
-    check_precision_options(request.sampling, dev)
-    model, ck = load(request.ckpt, dev, request.patch_size)
+    given = _check_options(options)
+    dev = resolve_device(options.device)
+    check_precision_options(options.sampling, dev)
+    model, ck = load(ckpt, dev, options.patch_size)
     model.eval()
     cfg = model.config
     wanted = _choose_metrics(given, cfg, ck)
-    _refuse_unused_options(request, wanted)
-    if "fid" in wanted and request.num_samples < 2:
-        raise UsageError(f"--num-samples {request.num_samples}: FID needs at least 2 samples")
-    data = request.data if request.data is not None else _training_data(ck)
-    dataset = open_dataset(data, request.split, image_size=cfg.img_size, channels=cfg.in_channels)
+    _refuse_unused_options(options, wanted)
+    if "fid" in wanted and options.num_samples < 2:
+        raise UsageError(f"--num-samples {options.num_samples}: FID needs at least 2 samples")
+    data = options.data if options.data is not None else _training_data(ck)
+    dataset = open_dataset(data, options.split, image_size=cfg.img_size, channels=cfg.in_channels)
     _check_labels(dataset, data, cfg, ck, wanted, explicit=given is not None)
-    return Evaluation(request, model, ck, dev, data, dataset, wanted).run()
+    return Evaluation(options, model, ck, dev, data, dataset, wanted).run()
 
 
-def _check_options(request: EvalRequest) -> list[str] | None:
+def _check_options(options: EvalOptions) -> list[str] | None:
     """The checks that need neither model nor data; returns the --metrics given, parsed."""
-    wanted = _parse_metrics(request.metrics)
+    wanted = _parse_metrics(options.metrics)
     try:
-        normalize_split(request.split)
+        normalize_split(options.split)
     except DataError:
-        raise UsageError(f"--split {request.split}: expected train, test (or val) or all") from None
-    fid = request.fid
+        raise UsageError(f"--split {options.split}: expected train, test (or val) or all") from None
+    fid = options.fid
     if fid.fid_stats is not None and fid.fid_stats.is_dir():
         raise UsageError(
             f"--fid-stats {fid.fid_stats} is a folder; expected a statistics .npz file (read if it exists, "
             "else written there)"
         )
-    check_sampling_options(request.sampling)
+    check_sampling_options(options.sampling)
     if fid.inception_resize not in RESIZE_MODES:
         raise UsageError(f"--inception-resize {fid.inception_resize}: expected one of {', '.join(RESIZE_MODES)}")
     if fid.inception_size < MIN_INPUT_SIZE:
@@ -160,14 +145,14 @@ def _choose_metrics(given: list[str] | None, cfg, ck) -> list[str]:
     return wanted
 
 
-def _refuse_unused_options(request: EvalRequest, wanted: list[str]) -> None:
+def _refuse_unused_options(options: EvalOptions, wanted: list[str]) -> None:
     """An option the chosen metrics never read is refused rather than ignored (e.g. --guidance with
     --metrics bpd would otherwise look as if it had shaped the result)."""
     only = {  # options that only FID (sampling and Inception) or only bpd reads, changed from their defaults
-        "fid": _if_changed("num_samples", request.num_samples, NUM_SAMPLES)
-        + changed_options(request.sampling)
-        + changed_options(request.fid),
-        "bpd": _if_changed("dequant_samples", request.dequant_samples, DEQUANT_SAMPLES),
+        "fid": _if_changed("num_samples", options.num_samples, NUM_SAMPLES)
+        + changed_options(options.sampling)
+        + changed_options(options.fid),
+        "bpd": _if_changed("dequant_samples", options.dequant_samples, DEQUANT_SAMPLES),
     }
     for metric, given in only.items():
         if metric in wanted or not given:

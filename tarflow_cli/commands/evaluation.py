@@ -3,10 +3,9 @@ adding its numbers and the settings it used to the report."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -24,44 +23,28 @@ from tarflow_core.metrics import (
 from tarflow_core.sampling import resolve_precision
 
 from ..console import info
-from ..options import SamplingOptions
-from .eval_fid import RANDOM_WEIGHTS_WARNING, FidOptions, FidSetup, reference_stats, sample_stats, stats_meta
+from .eval_fid import RANDOM_WEIGHTS_WARNING, FidSetup, reference_stats, sample_stats, stats_meta
 from .progress import progress_bar
 from .sampling_setup import parse_segments, sampling_denoise_sigma
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalRequest:
-    """The options of `tarflow eval`, as given."""
-
-    ckpt: str
-    data: str | None
-    split: str
-    metrics: str | None
-    num_samples: int
-    batch_size: int
-    dequant_samples: int
-    sampling: SamplingOptions
-    fid: FidOptions
-    seed: int
-    device: str
-    patch_size: int | None
+if TYPE_CHECKING:  # eval imports this module
+    from .eval import EvalOptions
 
 
 class Evaluation:
     """Computes the chosen metrics of `model` on `dataset` (opened from the source `data`) and
     reports them as one JSON-ready dict."""
 
-    def __init__(self, request: EvalRequest, model, ck, device: torch.device, data: str, dataset, metrics: list[str]):
-        self.request, self.model, self.ck, self.device = request, model, ck, device
+    def __init__(self, options: EvalOptions, model, ck, device: torch.device, data: str, dataset, metrics: list[str]):
+        self.options, self.model, self.ck, self.device = options, model, ck, device
         self.data, self.dataset, self.wanted = data, dataset, metrics
         cfg = model.config
         self.settings: dict[str, Any] = {
             "data": data,
             "split": dataset.split,
             "metrics": metrics,
-            "seed": request.seed,
-            "batch_size": request.batch_size,
+            "seed": options.seed,
+            "batch_size": options.batch_size,
             "device": str(device),
             "image_shape": [cfg.in_channels, cfg.img_size, cfg.img_size],
             "tarflow_version": __version__,
@@ -108,7 +91,7 @@ class Evaluation:
         """First of all, so a bad cache, missing weights or a bad statistics file fail before any
         long work."""
         setup = self._sampler_setup()
-        fid = self.request.fid
+        fid = self.options.fid
         setup.inception, tag = load_inception(
             fid.inception_weights, self.device, resize=fid.inception_resize, size=fid.inception_size, log=info
         )
@@ -139,7 +122,7 @@ class Evaluation:
 
     def _sampler_setup(self) -> FidSetup:
         """The sampler settings for the FID samples, and the sample cache they key."""
-        sampling, cfg, ck = self.request.sampling, self.model.config, self.ck
+        sampling, cfg, ck = self.options.sampling, self.model.config, self.ck
         sigma = sampling_denoise_sigma(ck, sampling)
         sampler = dict(
             **sampling.guidance_settings(),
@@ -149,9 +132,9 @@ class Evaluation:
             check_every=sampling.check_every,
             precision=resolve_precision(sampling.precision, self.device),
         )
-        sample_cache = self.request.fid.sample_cache
+        sample_cache = self.options.fid.sample_cache
         self.settings.update(
-            num_samples=self.request.num_samples,
+            num_samples=self.options.num_samples,
             **sampler,
             denoise_sigma=sigma,
             denoise_lr_scale=sampling.denoise_lr_scale if sigma else None,
@@ -166,7 +149,7 @@ class Evaluation:
                     "checkpoint": str(Path(ck.path).resolve()),
                     "step": ck.step,
                     "model": cfg.to_dict(),
-                    "seed": self.request.seed,
+                    "seed": self.options.seed,
                     **sampler,
                     "denoise_sigma": sigma,
                     "denoise_lr_scale": sampling.denoise_lr_scale,
@@ -177,23 +160,23 @@ class Evaluation:
 
     # ----------------------------------------------------------------------- the metrics
 
-    def _over_the_data(self, label: str, metric: Callable, **options: Any):
+    def _over_the_data(self, label: str, metric: Callable, **extra: Any):
         """`metric` over the whole data set, with a progress bar, seeded by --seed."""
-        r = self.request
+        o = self.options
         with progress_bar(label, len(self.dataset)) as advance:
             return metric(
                 self.model,
                 self.dataset,
-                batch_size=r.batch_size,
-                generator=torch.Generator().manual_seed(r.seed),
+                batch_size=o.batch_size,
+                generator=torch.Generator().manual_seed(o.seed),
                 device=self.device,
                 on_batch=lambda d, t: advance(d),
-                **options,
+                **extra,
             )
 
     def _bpd(self) -> None:
         start = time.perf_counter()
-        samples = self.request.dequant_samples
+        samples = self.options.dequant_samples
         res = self._over_the_data("bpd", dataset_bpd, samples=samples)
         self.metrics.update(bpd=res.bpd, bpd_stderr=res.stderr, nll=res.nll)
         self.num_images = res.count
@@ -212,20 +195,20 @@ class Evaluation:
         info(f"accuracy {acc.accuracy:.4f} ({acc.correct}/{acc.count}) in {time.perf_counter() - start:.1f} s")
 
     def _fid(self, setup: FidSetup) -> None:
-        r = self.request
+        o = self.options
         ref = setup.reference
         if ref is None:
-            ref = reference_stats(setup.inception, self.dataset, r.fid.fid_batch_size, setup.stats_path, setup.network)
+            ref = reference_stats(setup.inception, self.dataset, o.fid.fid_batch_size, setup.stats_path, setup.network)
             self.settings["fid_reference_images"] = ref.n
         start = time.perf_counter()
         fake, redrawn, reused = sample_stats(
             self.model,
             setup,
-            r.sampling,
-            r.num_samples,
-            seed=r.seed,
-            batch_size=r.batch_size,
-            fid_batch_size=r.fid.fid_batch_size,
+            o.sampling,
+            o.num_samples,
+            seed=o.seed,
+            batch_size=o.batch_size,
+            fid_batch_size=o.fid.fid_batch_size,
         )
         fid = fid_from_stats(fake, ref)
         self.metrics["fid"] = fid
