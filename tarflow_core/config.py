@@ -278,6 +278,15 @@ class TrainConfig:
     )
     # run control
     workers: int = option(0, "Data loader worker processes.", check=at_least_zero, resume=True)
+    # the order of floating-point reductions depends on it, so it is a recorded setting (runtime.py);
+    # None: torch's own count, which a single-process run then records
+    threads: int | None = option(
+        None,
+        "CPU threads torch computes with (default: torch's own count, e.g. OMP_NUM_THREADS); recorded with "
+        "the run, as results depend on it.",
+        check=positive_int,
+        resume=True,
+    )
     seed: int = option(0, "Random seed (model init, data order, noise).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resume=True)
     run_dir: str | None = option(None, "Run directory (default: runs/<preset>-<time>).", path=True)

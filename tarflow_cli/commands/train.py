@@ -18,10 +18,8 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 
-from .common import limit_cpu_threads_when_busy
 from .numbers import FINITE, train_seed_int
 from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
 from tarflow_core.presets import PRESETS, preset as get_preset
@@ -68,8 +66,8 @@ def _written_options() -> dict[str, tuple[Any, Any]]:
             Optional[Path],
             _opt(
                 "Continue the run in this directory exactly where it stopped, with its settings; only the run "
-                "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --precision and --compile "
-                "may change.",
+                "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --threads, --precision and "
+                "--compile may change.",
                 "--resume",
             ),
         ),
@@ -124,9 +122,6 @@ def train(**options: Any) -> None:
     """
     try:  # a signal before the run's own handlers are in place (imports, settings) ends at once
         is_main = int(os.environ.get("RANK", "0") or 0) == 0
-        device = (options["device"] or "auto").lower()
-        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-            limit_cpu_threads_when_busy()
         ui_mode = _pick_ui(options.pop("ui"))
         resume = options.pop("resume")
         cfg = _settings(options, resume)

@@ -32,6 +32,7 @@ class Checkpointer:
     precision: str
     steps_per_epoch: int
     schedule: Schedule
+    environment: dict  # torch, device, threads, precision: told on resume when they differ
     model: TarFlow
     optimizer: torch.optim.Optimizer
     loader: Any
@@ -77,6 +78,7 @@ class Checkpointer:
             "total_steps": self.schedule.total_steps,
             "world_size": self.d.world_size,
             "precision": self.precision,
+            "environment": self.environment,
         }
         ema_state = self.ema.state_dict() if self.ema is not None else None
         save_checkpoint(

@@ -20,6 +20,7 @@ from ..config import TrainConfig
 from ..data import DataError, make_loader
 from ..dist import DistInfo, any_flag, distributed
 from ..events import EVENTS_FILE, stopped
+from ..runtime import busy_note, environment, threads_for
 from .checkpoints import Checkpointer
 from .outcome import SetupError, TrainResult, classify_failure, peer_failure_reason
 from .previews import Previews
@@ -28,7 +29,7 @@ from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
 from .parts import build_model, open_data, wrap_model
 from .signals import StopLike
-from .state import Resumed, resume, resume_warnings
+from .state import Resumed, recorded_threads, resume, resume_warnings
 from .step import BatchHook, MetricSums, Stepper
 
 
@@ -46,6 +47,7 @@ class Trainer:
         self.resumed: Resumed | None = None
         self.notes: list[tuple[str, str]] = []  # (reason, message): warnings told at the start
         self.checkpoints: Checkpointer | None = None
+        self.threads = torch.get_num_threads()  # the CPU threads in use (train() has set them)
 
     @property
     def run_dir(self) -> Path:
@@ -77,6 +79,11 @@ class Trainer:
         if self.resume:
             self._resume(built)
         self.precision = cfg.resolved_precision(d.device.type)
+        self.environment = environment(d.device, self.threads, self.precision)
+        if self.resume:
+            self.notes = resume_warnings(
+                self.resumed, cfg, d, self.steps_per_epoch, self.schedule.total_steps, self.environment
+            )
         optimizer, noise_gen = built.optimizer, built.noise_gen
         self.stepper = Stepper(
             cfg=cfg,
@@ -102,6 +109,7 @@ class Trainer:
             precision=self.precision,
             steps_per_epoch=self.steps_per_epoch,
             schedule=self.schedule,
+            environment=self.environment,
             model=self.model,
             optimizer=optimizer,
             loader=self.loader,
@@ -118,13 +126,18 @@ class Trainer:
         self.resumed = resume(self.run_dir, found, self.cfg, ema=self.ema, **parts)
         self.ema = self.resumed.ema
         self.step, self.consecutive_bad = int(self.resumed.state.step), int(self.resumed.state.bad_steps)
-        self.notes = resume_warnings(self.resumed, self.cfg, self.d, self.steps_per_epoch, self.schedule.total_steps)
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> TrainResult:
         if self.d.is_main:
             self.dir.write_config(
-                self.cfg, self.model_cfg, self.data.info, self.d.world_size, self.steps_per_epoch, self.schedule
+                self.cfg,
+                self.model_cfg,
+                self.data.info,
+                self.d.world_size,
+                self.steps_per_epoch,
+                self.schedule,
+                self.environment,
             )
         self._announce()
         self.sums = MetricSums(self.d.device, self.consecutive_bad)
@@ -257,7 +270,11 @@ class Trainer:
             run_dir=str(self.run_dir),
             resumed_from=str(self.resumed.checkpoint) if self.resumed else None,
             tarflow_version=__version__,
+            environment=self.environment,
         )
+        busy = busy_note(self.threads, self.d.device.type)
+        if busy:
+            self.log.warn(self.step, busy, reason="busy")
         if data.train.skipped:
             self.log.warn(self.step, f"{data.train.skipped} unreadable files skipped in {cfg.data}")
         if data.test_note:
@@ -301,6 +318,7 @@ def train(
         try:
             cfg.validate()
             d = stack.enter_context(distributed(cfg.device))
+            stack.enter_context(threads_for(_threads(cfg, d, resume)))
             trainer = Trainer(cfg, d, emit, stop, resume, batch_hook)
             stack.callback(trainer.close)  # runs before the process group is left
             trainer.setup()
@@ -317,6 +335,15 @@ def train(
             if result is None:
                 raise
             return result
+
+
+def _threads(cfg: TrainConfig, d: DistInfo, resume: bool) -> int | None:
+    """The CPU threads to compute with: --threads; else, resuming, the count the checkpoint was
+    computed with (the result depends on it); else torch's own count. torchrun's processes keep the
+    launcher's count unless --threads is given."""
+    if cfg.threads is not None or not resume or d.distributed:
+        return cfg.threads
+    return recorded_threads(cfg.run_dir)
 
 
 def _end_after(trainer: Trainer, e: BaseException, how: str) -> TrainResult | None:

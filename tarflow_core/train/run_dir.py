@@ -113,8 +113,10 @@ class RunDir:
         world_size: int,
         steps_per_epoch: int,
         schedule: Schedule,
+        environment: dict | None = None,
     ) -> None:
-        """`config.json`: the run's settings (what `--resume` reads back), its architecture, data and schedule."""
+        """`config.json`: the run's settings (what `--resume` reads back), its architecture, data and
+        schedule, and the environment its numbers depend on (`runtime.environment`)."""
         doc = {
             "format": "tarflow-run",
             "tarflow_version": __version__,
@@ -126,6 +128,7 @@ class RunDir:
             "steps_per_epoch": steps_per_epoch,
             "total_steps": schedule.total_steps,
             "warmup_steps": schedule.warmup_steps,
+            "environment": environment,
         }
         atomic_write_text(self.path / CONFIG_FILE, json.dumps(doc, indent=2, default=str) + "\n")
 

@@ -23,8 +23,9 @@ from ..data import DataError
 from ..dist import DistInfo
 from ..ema import EMA
 from ..model import TarFlow
+from ..runtime import environment_changes
 from .outcome import SetupError
-from .run_dir import CONFIG_FILE, TRAIN_STATE_FILE
+from .run_dir import CONFIG_FILE, TRAIN_STATE_FILE, resumable_checkpoints
 from .schedule import Schedule
 
 STATE_FORMAT = "tarflow-train-state"
@@ -164,9 +165,12 @@ def _read_weights(ckpt: Path, with_ema: bool, damaged) -> dict[str, dict[str, to
     return tensors
 
 
-def resume_warnings(resumed: Resumed, cfg: TrainConfig, d: DistInfo, steps_per_epoch: int, total_steps: int):
+def resume_warnings(
+    resumed: Resumed, cfg: TrainConfig, d: DistInfo, steps_per_epoch: int, total_steps: int, env: dict | None = None
+):
     """Why a resumed run will not continue exactly as the interrupted one would have: another number
-    of processes, another run length, other optimisation settings. (reason, message) pairs."""
+    of processes, another run length, other optimisation settings, another thread count or
+    environment (`env`, compared with the checkpoint's record). (reason, message) pairs."""
     state, step, notes = resumed.state, resumed.state.step, []
     saved_world = int(state.world_size if state.world_size is not None else d.world_size)
     if saved_world != d.world_size:
@@ -190,7 +194,8 @@ def resume_warnings(resumed: Resumed, cfg: TrainConfig, d: DistInfo, steps_per_e
                 f"-> {now:.3g} at step {step}), so the run does not continue exactly as it would have",
             )
         )
-    changed = _changed_settings(resumed.checkpoint, cfg)
+    saved = _saved_training(resumed.checkpoint)
+    changed = _changed_settings(saved, cfg)
     if changed:
         notes.append(
             (
@@ -199,17 +204,58 @@ def resume_warnings(resumed: Resumed, cfg: TrainConfig, d: DistInfo, steps_per_e
                 "not continue exactly as it would have",
             )
         )
+    notes += _runtime_notes(saved, cfg, env, step)
     return notes
 
 
-def _changed_settings(ckpt: Path, cfg: TrainConfig) -> list[str]:
-    """The resume-changeable optimisation settings that differ from the checkpoint's, as `--lr A -> B`."""
+def _saved_training(ckpt: Path) -> dict:
+    """The `training` record of a checkpoint's config.json ({} when unreadable)."""
     try:
         saved: Any = json.loads((ckpt / CONFIG_FILE).read_text()).get("training") or {}
     except (OSError, ValueError, AttributeError):
         saved = {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The resume-changeable optimisation settings that differ from the checkpoint's, as `--lr A -> B`."""
     return [
         f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}"
         for k in ("lr", "min_lr", "grad_clip")
         if k in saved and saved[k] != getattr(cfg, k)
     ]
+
+
+def recorded_threads(run_dir: str | Path | None) -> int | None:
+    """The CPU threads the newest resumable checkpoint of `run_dir` was computed with (None: not
+    recorded, as in runs of older versions)."""
+    found = resumable_checkpoints(run_dir) if run_dir else []
+    env = _saved_training(found[-1][1]).get("environment") if found else None
+    threads = env.get("threads") if isinstance(env, dict) else None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1 else None
+
+
+def _runtime_notes(saved: dict, cfg: TrainConfig, env: dict | None, step: int) -> list[tuple[str, str]]:
+    """Another --threads than the checkpoint was computed with (the reduction order changes), then
+    any other difference in the recorded environment (torch, device, precision, deterministic mode)."""
+    notes = []
+    saved_env = saved.get("environment") if isinstance(saved.get("environment"), dict) else {}
+    was = saved_env.get("threads")
+    if was is not None and cfg.threads is not None and was != cfg.threads:
+        notes.append(
+            (
+                "threads",
+                f"resumed with --threads {cfg.threads} where the run used {was}: floating-point sums are "
+                f"ordered differently, so the run does not continue exactly from step {step} on",
+            )
+        )
+    changes = environment_changes(saved_env, env, ("threads",) if notes else ()) if env is not None else []
+    if changes:
+        notes.append(
+            (
+                "environment",
+                f"the environment differs from the one that saved the checkpoint at step {step} "
+                f"({', '.join(changes)}): the run may not continue bit-exactly",
+            )
+        )
+    return notes

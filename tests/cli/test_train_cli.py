@@ -207,7 +207,8 @@ def get_command(app):  # typer turning the commands' annotations into options
     hit("options")
     return build(app)
 typer.main.get_command = get_command
-T.limit_cpu_threads_when_busy = lambda: hit("body")  # the train command, before its own handlers
+pick_ui = T._pick_ui
+T._pick_ui = lambda ui: (hit("body"), pick_ui(ui))[1]  # the train command, before its own handlers
 sys.argv = ["tarflow", "train", "--device", "cpu", "--max-steps", "1", "--run-dir", RUN_DIR, "--ui", "plain"]
 entry.main()
 """
