@@ -52,6 +52,17 @@ PatchOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+# the order of floating-point sums depends on the thread count, so it is chosen, not guessed from the load
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads torch computes with; results depend on it \\[default: torch's own count, e.g. "
+        "OMP_NUM_THREADS].",
+        show_default=False,
+    ),
+]
 
 # class labels, for `sample`, `score` and `denoise`
 ClassOpt = Annotated[

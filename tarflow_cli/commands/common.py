@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,30 +12,22 @@ from tarflow_core.checkpoint import CheckpointInfo, load_checkpoint
 from tarflow_core.dist import DistError
 from tarflow_core.dist import resolve_device as resolve_torch_device
 from tarflow_core.model import TarFlow
+from tarflow_core.runtime import busy_note, use_threads
 
 from ..console import UsageError, info, to_stdout
 from ..io import read_labels
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+def resolve_device(spec: str, threads: int | None = None) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device must exist. Torch computes with
+    `threads` CPU threads (None: its own count); on a busy machine one line says that fewer may be
+    faster, without changing the count (results depend on it)."""
     device = _resolve_device(spec)
-    if device.type == "cpu":
-        limit_cpu_threads_when_busy()
+    count = use_threads(threads)
+    note = busy_note(count, device.type)
+    if note:
+        info(f"note: {note}")
     return device
-
-
-def limit_cpu_threads_when_busy() -> None:
-    """On a CPU already busy with other work, several intra-op threads wait on each other at every
-    small operator (measured: 80x slower token-by-token sampling on 2 shared cores); use one."""
-    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() <= 1:
-        return
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return
-    if load > (os.cpu_count() or 1) - 0.5:
-        torch.set_num_threads(1)
 
 
 def check_device_spelling(spec: str) -> None:

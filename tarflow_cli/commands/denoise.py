@@ -12,7 +12,7 @@ from tarflow_core.likelihood import denoise as denoise_step
 
 from ..console import user_errors
 from ..io import check_output, read_inputs, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, ThreadsOpt
 from ..options import inputs_argument, out_option, seed_option
 from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels
 from .numbers import FINITE
@@ -42,6 +42,7 @@ def denoise(
     out: OutOpt = "denoised.png",
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
     seed: UnusedSeedOpt = 0,
 ) -> None:
@@ -58,7 +59,7 @@ def denoise(
     with user_errors():
         torch.manual_seed(seed)
         check_output(out)
-        dev = resolve_device(device)
+        dev = resolve_device(device, threads)
         model, ck = load(ckpt, dev, patch_size)
         sigma = resolve_denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
         data = read_inputs(inputs)
@@ -74,7 +75,15 @@ def denoise(
             yb = y[start:stop].to(dev) if y is not None else None
             result[start:stop] = denoise_step(model, x[start:stop].to(dev), yb, sigma=sigma, lr_scale=lr_scale).cpu()
         written = write_output(
-            result, out, labels=y, metadata={"checkpoint": str(ck.path), "denoise_sigma": sigma, "lr_scale": lr_scale}
+            result,
+            out,
+            labels=y,
+            metadata={
+                "checkpoint": str(ck.path),
+                "denoise_sigma": sigma,
+                "lr_scale": lr_scale,
+                "threads": torch.get_num_threads(),
+            },
         )
         plural = "s" if n != 1 else ""
         announce_output(f"denoised {n} image{plural} (sigma {sigma}, lr scale {lr_scale})", written, out)

@@ -16,7 +16,7 @@ from tarflow_core.metrics.inception import MIN_INPUT_SIZE, RESIZE_MODES
 
 from ..console import UsageError, info, require_stdout, to_stdout, user_errors
 from ..io import strict_json
-from ..options import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SeedOpt
+from ..options import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import OptionGroup, SamplingOptions, changed_options, with_option_groups
 from .common import load, resolve_device
 from .eval_fid import FidOptions
@@ -62,6 +62,7 @@ class EvalOptions(OptionGroup):
     fid: FidOptions = FidOptions()
     seed: SeedOpt = 0
     device: DeviceOpt = "auto"
+    threads: ThreadsOpt = None
     patch_size: PatchOpt = None
 
 
@@ -98,7 +99,7 @@ def _evaluate(ckpt: str, options: EvalOptions) -> dict:
     """Check the options, load the model, choose the metrics and open the data (refusing what
     cannot work before any long computation), then compute the metrics."""
     given = _check_options(options)
-    dev = resolve_device(options.device)
+    dev = resolve_device(options.device, options.threads)
     check_precision_options(options.sampling, dev)
     model, ck = load(ckpt, dev, options.patch_size)
     model.eval()

@@ -46,6 +46,7 @@ class Evaluation:
             "seed": options.seed,
             "batch_size": options.batch_size,
             "device": str(device),
+            "threads": torch.get_num_threads(),  # the numbers depend on it
             "image_shape": [cfg.in_channels, cfg.img_size, cfg.img_size],
             "tarflow_version": __version__,
         }

@@ -16,7 +16,7 @@ from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import SamplingOptions, out_option, with_option_groups
 from .common import announce_output, load, resolve_device, resolve_labels
 from .progress import progress_bar
@@ -54,6 +54,7 @@ def sample(
     seed: SeedOpt = 0,
     out: OutOpt = "samples.png",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -70,7 +71,7 @@ def sample(
     with user_errors():
         check_sampling_options(sampling)
         check_output(out)
-        dev = resolve_device(device)
+        dev = resolve_device(device, threads)
         check_precision_options(sampling, dev)
         model, ck = load(ckpt, dev, patch_size)
         cfg = model.config
@@ -81,8 +82,8 @@ def sample(
         if verbose:
             info(
                 f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, "
-                f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes; device {dev}; "
-                f"seed {seed}; {sampling.guidance_settings()}; denoise sigma {sigma}"
+                f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes; device {dev}, "
+                f"{torch.get_num_threads()} threads; seed {seed}; {sampling.guidance_settings()}; denoise sigma {sigma}"
             )
         start = time.perf_counter()
         with progress_bar("sampling", n) as advance:
@@ -135,6 +136,7 @@ def _metadata(ck, seed: int, n: int, sampling: SamplingOptions, result, sigma, n
         "checkpoint": str(ck.path),
         "seed": seed,
         "num": n,
+        "threads": torch.get_num_threads(),  # the results depend on it
         **sampling.guidance_settings(),
         "sampling": result.settings,
         "denoise_sigma": sigma,

@@ -17,7 +17,8 @@ from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import Inputs, read_inputs, strict_json
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, inputs_argument
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, ThreadsOpt
+from ..options import inputs_argument
 from .common import batches, check_model_inputs, load, resolve_device, resolve_labels
 from .progress import progress_bar
 
@@ -61,6 +62,7 @@ def score(
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
 ) -> None:
     """Score images under a checkpoint: one record per image, in input order.
@@ -80,7 +82,7 @@ def score(
             raise UsageError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
         if dequantize not in (None, "uniform", "none"):
             raise UsageError(f"--dequantize {dequantize}: expected uniform or none")
-        dev = resolve_device(device)
+        dev = resolve_device(device, threads)
         model, ck = load(ckpt, dev, patch_size)
         if classify and not model.config.conditional:
             raise UsageError(

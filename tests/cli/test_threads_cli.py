@@ -125,7 +125,7 @@ def _wait_for_step(events: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_sigint_then_resume_under_another_load_matches_straight_run(tmp_path):
     """A real SIGINT to a run started on an idle machine, resumed on a busy one, with torch's own
     thread count (no OMP_NUM_THREADS): the weights of an uninterrupted run."""
-    steps, run_dir = 200, tmp_path / "b"
+    steps, run_dir = 120, tmp_path / "b"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONPATH": str(ROOT)}
     args = [*SMALL, "--checkpoint-every", "0", "--ui", "plain"]
     first = subprocess.Popen(
@@ -161,3 +161,53 @@ def test_sigint_then_resume_under_another_load_matches_straight_run(tmp_path):
     cfg = load_run_config(run_dir).replace(run_dir=str(tmp_path / "a"), threads=counts.pop())
     assert train(cfg).status == "finished"
     assert_same(weights(tmp_path / "a", steps), weights(run_dir, steps))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tarflow_core.checkpoint import save_checkpoint
+    from tests.conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("ck") / "model"
+    save_checkpoint(path, tiny_model(seed=3, dtype=torch.float32), noise={"type": "uniform", "std": None}, step=1)
+    return path
+
+
+def sample_npz(ckpt: Path, out: Path, *extra) -> tuple[object, dict, str]:
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from tarflow_cli.io import NPZ_META_KEY
+    from tarflow_cli.main import app
+
+    args = ["sample", "-c", str(ckpt), "-n", "8", "--seed", "5", "--out", str(out), *map(str, extra)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    with np.load(out) as z:
+        return z["arr_0"], json.loads(str(z[NPZ_META_KEY])), r.stderr
+
+
+def test_sample_does_not_depend_on_the_load_average(ckpt, tmp_path, load, own_threads):
+    load(0.0)
+    idle, idle_meta, idle_err = sample_npz(ckpt, tmp_path / "idle.npz")
+    load(BUSY)
+    busy, busy_meta, busy_err = sample_npz(ckpt, tmp_path / "busy.npz")
+    assert (idle == busy).all()
+    assert idle_meta["threads"] == busy_meta["threads"] == own_threads == torch.get_num_threads()
+    told = [line for line in busy_err.splitlines() if "--threads 1 may be much faster" in line]
+    assert len(told) == 1 and told[0].startswith("note: ") and "--threads 1" not in idle_err
+    _, meta, err = sample_npz(ckpt, tmp_path / "one.npz", "--threads", "1")  # busy, but one thread: nothing to say
+    assert meta["threads"] == 1 and "--threads 1" not in err
+
+
+def test_eval_records_its_threads(ckpt, load):
+    from typer.testing import CliRunner
+
+    from tarflow_cli.main import app
+
+    load(0.0)
+    r = CliRunner().invoke(app, ["eval", "-c", str(ckpt), "--data", "digits", "--threads", "1", "-b", "64"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["settings"]["threads"] == 1
+    r = CliRunner().invoke(app, ["score", "-c", str(ckpt), "x.npy", "--threads", "0"])
+    assert r.exit_code == 2 and "--threads" in r.stderr
