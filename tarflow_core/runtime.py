@@ -123,3 +123,15 @@ def environment_changes(saved: Any, now: dict[str, Any], skip: tuple[str, ...] =
         for k, label in ENVIRONMENT_LABELS.items()
         if k not in skip and k in saved and k in now and saved[k] != now[k]
     ]
+
+
+def use_tf32(device: torch.device) -> bool:
+    """Let float32 matrix products and convolutions on CUDA run on TF32 tensor cores (about 5x the
+    float32 rate on an H100; 10-bit mantissa products, float32 accumulation). True when it applies.
+    The FID network turns it off for itself: the standard FID tools compute its features in full
+    float32. Nothing changes off CUDA, so CPU results stay bit-exact."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
