@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from . import inputs
 from .fast.calibration import calibrate_segments
 from .fast.graphs import graph_pool, use_graphs
-from .fast.inversion import DEFAULT_TOL, DEFAULT_TOL_HALF, InversionStats, default_tol, invert_block
+from .fast.inversion import DEFAULT_TOL, DEFAULT_TOL_HALF, InversionSettings, InversionStats, default_tol, invert_block
 from .fast.runner import compute_dtype
 from .inputs import GUIDE_WHAT, SAMPLERS, SamplingOptions
 from .likelihood import denoise
@@ -106,56 +106,38 @@ def sample(
     noise = inputs.noise(model, noise)
     y = inputs.labels(model, y, noise.shape[0])
     device = model.var.device
-    graphed, check_every, dtype, tol = _resolve(options, device, model.var.dtype)
+    settings = _resolve(options, device, model.var.dtype)
     if stats is not None:
-        stats.tol, stats.check_every, stats.cuda_graphs = tol, check_every, graphed
+        stats.tol, stats.check_every, stats.cuda_graphs = settings.tol, settings.check_every, settings.graphed
     # the block runner casts explicitly (weights to `dtype`, norms and the flow update in float32),
     # so autocast is switched off inside: nothing is cast behind its back, also under graph capture
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         x = noise.to(device, model.var.dtype) * model.var.sqrt()
         if x.shape[0] == 0:
             return model.unpatchify(x).clone()
-        per_block = _segments_per_block(model, x, y, options, tol, dtype)
-        pool = graph_pool(graphed)
+        per_block = _segments_per_block(model, x, y, options, settings)
+        pool = graph_pool(settings.graphed)
         for i, block in enumerate(reversed(model.blocks)):
             x = invert_block(
-                block,
-                x,
-                y,
-                segment=per_block[i],
-                tol=tol,
-                check_every=check_every,
-                stats=stats,
-                graphed=graphed,
-                pool=pool,
-                dtype=dtype,
-                **options.guide,
+                block, x, y, segment=per_block[i], settings=settings, stats=stats, pool=pool, **options.guide
             )
         images = model.unpatchify(x)
     # a plain tensor, not an inference tensor: callers may go on to use the images under autograd
     return images if torch.is_inference_mode_enabled() else images.clone()
 
 
-class _Resolved(NamedTuple):
+def _resolve(options: SamplingOptions, device: torch.device, model_dtype: torch.dtype) -> InversionSettings:
     """The options that depend on the device and the arithmetic, resolved."""
-
-    graphed: bool  # fixed-shape steps replayed as CUDA graphs
-    check_every: int  # Jacobi passes between convergence checks
-    dtype: torch.dtype  # the transformer's products
-    tol: float  # Jacobi tolerance
-
-
-def _resolve(options: SamplingOptions, device: torch.device, model_dtype: torch.dtype) -> _Resolved:
     graphed = use_graphs(device, options.cuda_graphs)
     check_every = options.check_every
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CUDA if device.type == "cuda" else 1
     dtype = compute_dtype(device, model_dtype)
     tol = default_tol(dtype) if options.tol is None else options.tol
-    return _Resolved(graphed, check_every, dtype, tol)
+    return InversionSettings(tol=tol, check_every=check_every, graphed=graphed, dtype=dtype)
 
 
-def _segments_per_block(model: TarFlow, x, y, options: SamplingOptions, tol: float, dtype) -> list[int]:
+def _segments_per_block(model: TarFlow, x, y, options: SamplingOptions, settings: InversionSettings) -> list[int]:
     """Each block's segment length in inversion order (1: sequential), calibrated when not given."""
     n, T = len(model.blocks), model.config.num_patches
     sampler, segments = options.sampler, options.segments
@@ -168,7 +150,7 @@ def _segments_per_block(model: TarFlow, x, y, options: SamplingOptions, tol: flo
     if segments is None:
         # timed the way sampling runs by default on this device, whatever `cuda_graphs` says
         graphed = use_graphs(x.device, None)
-        return calibrate_segments(model, x, y, tol=tol, dtype=dtype, graphed=graphed, **options.guide)
+        return calibrate_segments(model, x, y, tol=settings.tol, dtype=settings.dtype, graphed=graphed, **options.guide)
     if isinstance(segments, int):
         segments = [segments] * n
     if len(segments) != n or any(int(s) < 1 for s in segments):

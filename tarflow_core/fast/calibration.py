@@ -12,7 +12,7 @@ import torch
 
 from ..model import FlowBlock, TarFlow
 from .graphs import Replay, use_graphs
-from .inversion import bucket_span, default_tol, invert_block, invert_segments
+from .inversion import InversionSettings, bucket_span, default_tol, invert_block, invert_segments
 from .runner import BlockRunner, compute_dtype
 
 
@@ -62,7 +62,7 @@ def _calibrate(
             if passes is not None and passes * cost[s] < best_cost:
                 best_s, best_cost, best_out = s, passes * cost[s], block.order(xo)
         if best_out is None:
-            best_out = invert_block(block, xp, yp, segment=1, dtype=dtype, **guide)
+            best_out = invert_block(block, xp, yp, segment=1, settings=InversionSettings(dtype=dtype), **guide)
         chosen.append(best_s)
         xp = best_out
     return chosen

@@ -40,37 +40,45 @@ class InversionStats:
     cuda_graphs: bool | None = None  # fixed-shape steps replayed as CUDA graphs
 
 
+class InversionSettings(NamedTuple):
+    """How `invert_block` computes, the same for every block of a sampling run."""
+
+    tol: float = DEFAULT_TOL  # Jacobi tolerance
+    check_every: int = 1  # Jacobi passes between convergence checks (host syncs)
+    graphed: bool = False  # fixed-shape steps replayed as CUDA graphs
+    dtype: torch.dtype | None = None  # the transformer's products (None: autocast's when it is on, else x's)
+
+    @property
+    def jacobi(self) -> dict:
+        """The settings `invert_segments` takes, as keyword arguments."""
+        return dict(tol=self.tol, check_every=self.check_every, graphed=self.graphed)
+
+
 def invert_block(
     block: FlowBlock,
     x: torch.Tensor,
     y: torch.Tensor | None,
     *,
     segment: int = 1,
-    tol: float = DEFAULT_TOL,
-    check_every: int = 1,
+    settings: InversionSettings = InversionSettings(),
     stats: InversionStats | None = None,
-    graphed: bool = False,
     pool=None,
-    dtype: torch.dtype | None = None,
     **guide,
 ) -> torch.Tensor:
     """Invert one block for natural-order tokens x (B, T, D): sequentially when `segment` is 1,
-    else by Jacobi iteration over segments of that many tokens. `graphed`: replay the fixed-shape
-    steps as CUDA graphs (sharing the memory `pool`). `dtype`: the transformer's arithmetic
-    (default: autocast's when it is on, else x's). `guide`: as `FlowBlock.reverse`."""
-    dtype = dtype or compute_dtype(x.device, x.dtype)
+    else by Jacobi iteration over segments of that many tokens. Graphed steps share the memory
+    `pool`. `guide`: as `FlowBlock.reverse`."""
+    dtype = settings.dtype or compute_dtype(x.device, x.dtype)
     runner = BlockRunner(block, x.shape[0], y, device=x.device, dtype=dtype, **guide)
     xo = block.order(x).clone()
     if segment <= 1:
-        if graphed:
+        if settings.graphed:
             invert_sequential_static(runner, xo, graphed=True, pool=pool)
         else:
             invert_sequential(runner, xo)
         passes = x.shape[1] - 1
     else:
-        passes = invert_segments(
-            runner, xo, segment, tol=tol, check_every=check_every, stats=stats, graphed=graphed, pool=pool
-        )
+        passes = invert_segments(runner, xo, segment, stats=stats, pool=pool, **settings.jacobi)
     if stats is not None:
         stats.iterations.append(passes)
         stats.segments.append(segment)
