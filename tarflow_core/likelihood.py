@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import flow, inputs
+from .chunking import denoising_bytes_per_row, rows_per_pass, scoring_bytes_per_row, spans
+from .config import ModelConfig
 from .model import TarFlow
+
+# (image, class) pairs per classification pass unless memory or `max_batch` asks for fewer
+CLASSIFY_ROWS = 4096
 
 
 def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -13,9 +20,24 @@ def log_prob(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> 
     return model.log_prob(x, y)
 
 
-def nll(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """-log p(x) / D in nats per dimension, D = C * H * W."""
-    return -log_prob(model, x, y) / model.config.data_dim
+def pass_rows(model: TarFlow, rows: int, max_batch: int | None, per_row: Callable[[ModelConfig, int], int]) -> int:
+    """The rows one pass over `model` holds (`chunking.rows_per_pass`), `per_row` bytes each."""
+    per_row_bytes = per_row(model.config, model.var.element_size())
+    return rows_per_pass(rows, per_row_bytes=per_row_bytes, max_batch=max_batch, device=model.var.device)
+
+
+def nll(
+    model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *, max_batch: int | None = None
+) -> torch.Tensor:
+    """-log p(x) / D in nats per dimension, D = C * H * W; scored in passes of at most `max_batch`
+    images (and on CUDA of what the free memory holds; see `chunking`)."""
+    x = inputs.images(model, x)
+    size = pass_rows(model, x.shape[0], max_batch, scoring_bytes_per_row)
+    if size >= x.shape[0]:
+        return -log_prob(model, x, y) / model.config.data_dim
+    y = inputs.labels(model, y, x.shape[0])
+    parts = [log_prob(model, x[a:b], y[a:b] if y is not None else None) for a, b in spans(x.shape[0], size)]
+    return -torch.cat(parts) / model.config.data_dim
 
 
 def bpd(
@@ -25,43 +47,81 @@ def bpd(
     *,
     generator: torch.Generator | None = None,
     samples: int = 1,
+    max_batch: int | None = None,
 ) -> torch.Tensor:
-    """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws)."""
+    """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws),
+    scored in passes of at most `max_batch` images (see `nll`)."""
     inputs.uint8_images(x_uint8)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a whole number >= 1 (got {samples!r})")
     total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
     for _ in range(samples):
         x = flow.dequantize_uniform(x_uint8, generator=generator).to(model.var.dtype)
-        total += flow.nats_to_bpd(nll(model, x, y)).to(total)  # scored on the model's device
+        total += flow.nats_to_bpd(nll(model, x, y, max_batch=max_batch)).to(total)  # scored on the model's device
     return total / samples
 
 
-def class_log_likelihoods(model: TarFlow, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """log p(x | y=k) for every class k, (B, K), scoring all classes as batched passes."""
+def classification_rows(model: TarFlow, batch: int, max_batch: int | None = None, chunk: int = CLASSIFY_ROWS) -> int:
+    """The (image, class) pairs one pass of `class_log_likelihoods` holds for `batch` images."""
+    rows = max(1, model.config.num_classes) * batch
+    return pass_rows(model, min(rows, chunk), max_batch, scoring_bytes_per_row)
+
+
+def class_log_likelihoods(
+    model: TarFlow, x: torch.Tensor, chunk: int = CLASSIFY_ROWS, *, max_batch: int | None = None
+) -> torch.Tensor:
+    """log p(x | y=k) for every class k, (B, K): the K x B (image, class) pairs, class-major, scored
+    in passes of at most `chunk` pairs (fewer with `max_batch`, or on CUDA where memory asks)."""
     K = model.config.num_classes
     if K == 0:
         raise ValueError("classification needs a class-conditional model")
     B = x.shape[0]
-    xs = x.unsqueeze(0).expand(K, *x.shape).reshape(K * B, *x.shape[1:])
-    ys = torch.arange(K, device=x.device).repeat_interleave(B)
-    parts = [log_prob(model, xs[i : i + chunk], ys[i : i + chunk]) for i in range(0, K * B, chunk)]
+    size = classification_rows(model, B, max_batch, chunk)
+    parts = []
+    for start, stop in spans(K * B, size):
+        # only this pass's pairs are built: K x B copies of the images would not fit at 1,000 classes
+        pair = torch.arange(start, stop, device=x.device)
+        parts.append(log_prob(model, x[pair % B], pair // B))
     return torch.cat(parts).view(K, B).t()
 
 
-def classify(model: TarFlow, x: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+def classify(
+    model: TarFlow, x: torch.Tensor, log_prior: torch.Tensor | None = None, *, max_batch: int | None = None
+) -> torch.Tensor:
     """Posterior log p(y | x) over classes by Bayes' rule (uniform prior unless given), (B, K)."""
-    ll = class_log_likelihoods(model, x)
+    ll = class_log_likelihoods(model, x, max_batch=max_batch)
     if log_prior is not None:
         ll = ll + log_prior.to(ll)
     return torch.log_softmax(ll, dim=1)
 
 
 def denoise(
-    model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *, sigma: float, lr_scale: float = 1.0
+    model: TarFlow,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    sigma: float,
+    lr_scale: float = 1.0,
+    max_batch: int | None = None,
 ) -> torch.Tensor:
-    """One score step: x + lr_scale * sigma^2 * grad_x log p(x) (Tweedie's formula at lr_scale 1)."""
+    """One score step: x + lr_scale * sigma^2 * grad_x log p(x) (Tweedie's formula at lr_scale 1).
+
+    One autograd pass keeps a whole forward per image, so the images go through in passes of at most
+    `max_batch` (and on CUDA of what the free memory holds); each image's step is its own."""
     inputs.check_denoise_step(sigma, lr_scale)
+    x = inputs.images(model, x)
+    size = pass_rows(model, x.shape[0], max_batch, denoising_bytes_per_row)
+    if size >= x.shape[0]:
+        return _denoise_step(model, x, y, sigma, lr_scale)
+    y = inputs.labels(model, y, x.shape[0], check=False)
+    parts = [
+        _denoise_step(model, x[a:b], y[a:b] if y is not None else None, sigma, lr_scale)
+        for a, b in spans(x.shape[0], size)
+    ]
+    return torch.cat(parts)
+
+
+def _denoise_step(model: TarFlow, x: torch.Tensor, y, sigma: float, lr_scale: float) -> torch.Tensor:
     with torch.inference_mode(False), torch.enable_grad():
         xg = inputs.images(model, x).detach().clone().requires_grad_(True)
         y = inputs.labels(model, y, xg.shape[0], check=False)  # log_prob checks the range

@@ -9,7 +9,7 @@ and FID with the standard Inception-v3 network (pure PyTorch, no torchvision, no
     fid = frechet_distance(*stats.result(), *load_stats("ref.npz"))
 """
 
-from .accuracy import AccuracyResult, bayes_accuracy
+from .accuracy import AccuracyCost, AccuracyResult, accuracy_cost, bayes_accuracy
 from .bpd import BpdResult, dataset_bpd
 from .fid import (
     RunningStats,
@@ -17,6 +17,7 @@ from .fid import (
     feature_stats,
     fid_from_stats,
     frechet_distance,
+    image_features,
     image_stats,
     load_stats,
     save_stats,
@@ -42,6 +43,7 @@ from .samples import SHARD_SIZE, SampleCache, SampleCacheError, sample_shards, s
 from .stats_cache import default_stats_path
 
 __all__ = [
+    "AccuracyCost",
     "AccuracyResult",
     "BpdResult",
     "FEATURE_DIM",
@@ -55,6 +57,7 @@ __all__ = [
     "WEIGHTS_FILENAME",
     "WEIGHTS_SHA256_PREFIX",
     "WEIGHTS_URL",
+    "accuracy_cost",
     "bayes_accuracy",
     "cache_dir",
     "dataset_bpd",
@@ -65,6 +68,7 @@ __all__ = [
     "fid_from_stats",
     "find_weights",
     "frechet_distance",
+    "image_features",
     "image_stats",
     "load_inception",
     "load_stats",

@@ -40,6 +40,7 @@ def dataset_bpd(
     samples: int = 1,
     device: torch.device | str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    max_batch: int | None = None,
 ) -> BpdResult:
     """Mean bpd of ``dataset`` (uint8 images) under ``model``.
 
@@ -47,7 +48,8 @@ def dataset_bpd(
     ``generator`` (on the CPU), each scored exactly; the per-image nll is the mean over draws
     (accumulated in float64), and bpd = (nll + ln 128) / ln 2. With the same seed and batch
     size this equals ``tarflow score --dequant-samples K`` on the same images. A class-conditional
-    model scores log p(x | y) with the data's labels when the data has them.
+    model scores log p(x | y) with the data's labels when the data has them. ``max_batch``: the
+    most images one pass scores (a batch is split into passes; the same numbers).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1 (got {samples})")
@@ -62,7 +64,7 @@ def dataset_bpd(
             total = torch.zeros(len(images), dtype=torch.float64)
             for _ in range(samples):
                 x = flow.dequantize_uniform(images, generator=generator)
-                total += model_nll(model, x.to(device), y).double().cpu()
+                total += model_nll(model, x.to(device), y, max_batch=max_batch).double().cpu()
             nlls.append(total / samples)
             done += len(images)
             if on_batch is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..chunking import fid_bytes_per_row, rows_per_pass, spans
 from ..load_errors import describe, file_head, not_numpy
 from .inception import FEATURE_DIM
 
@@ -257,16 +258,31 @@ def image_stats(
     total: int | None = None,
     on_batch: Callable[[int, int | None], None] | None = None,
     keep: int = FEATURE_DIM,
+    max_batch: int | None = None,
 ) -> RunningStats:
     """Stream uint8 image batches (B, 1|3, H, W) through the network into running statistics
-    (keeping the raw features while there are at most ``keep``, for :func:`fid_from_stats`)."""
+    (keeping the raw features while there are at most ``keep``, for :func:`fid_from_stats`);
+    each batch in passes of at most ``max_batch`` images (see :func:`image_features`)."""
     stats = RunningStats(FEATURE_DIM, keep=keep)
     done = 0
     for images in batches:
         if len(images) == 0:
             continue
-        stats.update(inception(images))
+        stats.update(image_features(inception, images, max_batch=max_batch))
         done += len(images)
         if on_batch is not None:
             on_batch(done, total)
     return stats
+
+
+def image_features(inception, images: torch.Tensor, *, max_batch: int | None = None) -> torch.Tensor:
+    """The network's features of ``images``, (B, D), in passes of at most ``max_batch`` images and on
+    CUDA of what the free memory holds (``chunking.rows_per_pass``): each image's features are its own
+    (eval-mode batch norms), so the passes give the features of one pass."""
+    params = inception.parameters() if isinstance(inception, torch.nn.Module) else iter(())
+    device = next(params, torch.empty(0)).device
+    per_row = fid_bytes_per_row(getattr(inception, "size", 299))
+    size = rows_per_pass(len(images), per_row_bytes=per_row, max_batch=max_batch, device=device)
+    if size >= len(images):
+        return inception(images)
+    return torch.cat([inception(images[a:b]) for a, b in spans(len(images), size)])
