@@ -112,6 +112,7 @@ class ConfigError(ValueError):
 
 NOISE_TYPES = ("gaussian", "uniform")
 PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINTING = ("off", "blocks", "layers")
 Check = Callable[[str, Any], "str | None"]  # (flag, value) -> the problem, or None when fine
 
 
@@ -174,6 +175,15 @@ def _noise(flag: str, v: Any) -> str | None:
 
 def _precision(flag: str, v: Any) -> str | None:
     return None if v in PRECISIONS else f"{flag} must be one of {', '.join(PRECISIONS)} (got {v!r})"
+
+
+def _micro_batch(flag: str, v: Any) -> str | None:
+    ok = v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+    return None if ok else f"{flag} must be a positive integer or 'auto' (got {v!r})"
+
+
+def _checkpointing(flag: str, v: Any) -> str | None:
+    return None if v in CHECKPOINTING else f"{flag} must be one of {', '.join(CHECKPOINTING)} (got {v!r})"
 
 
 def _lr(flag: str, v: Any) -> str | None:
@@ -257,6 +267,22 @@ class TrainConfig:
         "auto", "fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", check=_precision, resume=True
     )
     compile: bool = option(False, "torch.compile the model.", "--compile/--no-compile", resume=True)
+    # memory: both leave the maths as it is (the same gradients), so --resume may change them
+    micro_batch: int | str | None = option(  # None: the whole per-process batch
+        None,
+        "Images per forward/backward pass: each process's share of --batch-size is split into micro-batches "
+        "whose gradients add up to the whole batch's (auto: the largest the memory plan fits, on CUDA; "
+        "default: no split). May change on --resume.",
+        check=_micro_batch,
+        resume=True,
+    )
+    checkpointing: str = option(
+        "off",
+        "Activation checkpointing: off, blocks or layers (recomputed in backward: less memory, the same "
+        "gradients, about a third more compute). May change on --resume.",
+        check=_checkpointing,
+        resume=True,
+    )
     # intervals, in steps (0: never, except the final checkpoint; log_every 0: about 100 lines per run)
     sample_every: int = option(250, "Steps between sample grids (0: never).", check=at_least_zero, resume=True)
     eval_every: int = option(

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import flow, inputs
 from .config import ModelConfig
@@ -162,6 +163,8 @@ class FlowBlock(nn.Module):
 
     h = proj_in(x) + pos_embed + class_embed[y], the causal layers, then proj_out(h_t) -> (a, b)_{t+1}."""
 
+    checkpoint_layers = False  # training memory: each layer's activations recomputed in backward
+
     def __init__(self, cfg: ModelConfig, reverse_order: bool):
         super().__init__()
         D, W, T = cfg.token_dim, cfg.width, cfg.num_patches
@@ -206,8 +209,9 @@ class FlowBlock(nn.Module):
     def params(self, x_ordered: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) for every token of a sequence already in this block's order; token t sees tokens < t."""
         h = self.proj_in(x_ordered) + self.conditioning(y)
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.attn_blocks:
-            h = layer(h)
+            h = checkpoint(layer, h, use_reentrant=False) if recompute else layer(h)
         # the last token's head output would be shifted out of the sequence: project tokens 0..T-2 only,
         # then shift right by one token (token 0 gets zeros: its transform is the identity)
         return self.split(F.pad(self.proj_out(h[:, :-1]), (0, 0, 1, 0)))
@@ -272,12 +276,20 @@ class TarFlow(nn.Module):
     """Transformer autoregressive flow: blocks 0..N-1 map data tokens to prior noise N(0, var)."""
 
     var: torch.Tensor
+    checkpointing = "off"  # activation checkpointing: "off", "blocks" or "layers" (`set_checkpointing`)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
         self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Keep only each block's (or layer's) input for backward and recompute the rest there: less
+        memory for the same gradients. Applies while gradients are recorded."""
+        self.checkpointing = mode
+        for block in self.blocks:
+            block.checkpoint_layers = mode == "layers"
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         return flow.patchify(x, self.config.patch_size)
@@ -295,8 +307,9 @@ class TarFlow(nn.Module):
         """Tokens -> (z, total logdet (B,), output of each block); inputs as checked by `forward`."""
         logdet = at_least_f32(tokens.new_zeros(tokens.shape[0]))
         outputs = []
+        recompute = self.checkpointing == "blocks" and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens, ld = block(tokens, y)
+            tokens, ld = checkpoint(block, tokens, y, use_reentrant=False) if recompute else block(tokens, y)
             logdet = logdet + ld
             outputs.append(tokens)
         return FlowTrace(tokens, logdet, outputs)

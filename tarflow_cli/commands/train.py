@@ -46,14 +46,29 @@ Examples:
 # `--preset` (it picks the preset whose name the field keeps) and `--noise` are written below.
 OPTIONS_WITHOUT_FIELD = ("resume", "ui")
 FIELDS_WITHOUT_OPTION = ("noise_std",)
-# Parsers beyond the field's type: a float option takes finite numbers only (see `_field_option`);
-# training derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside
-# torch's range.
-PARSERS = {"seed": train_seed_int}
 
 
 def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
     return typer.Option(*names, help=help, show_default=False, **kw)
+
+
+def micro_batch_int(text: str) -> int | str:
+    """`parser=` for --micro-batch: a positive whole number, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text}")
+    return value
+
+
+# Parsers beyond the field's type: a float option takes finite numbers only (see `_field_option`);
+# training derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside
+# torch's range; --micro-batch also takes `auto`.
+PARSERS = {"seed": train_seed_int, "micro_batch": micro_batch_int}
 
 
 def _written_options() -> dict[str, tuple[Any, Any]]:
@@ -66,8 +81,8 @@ def _written_options() -> dict[str, tuple[Any, Any]]:
             Optional[Path],
             _opt(
                 "Continue the run in this directory exactly where it stopped, with its settings; only the run "
-                "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --threads, --precision and "
-                "--compile may change.",
+                "length, intervals, --lr, --min-lr, --grad-clip, --device, --workers, --threads, --precision, "
+                "--compile, --micro-batch and --checkpointing may change.",
                 "--resume",
             ),
         ),

@@ -20,11 +20,12 @@ from ..config import TrainConfig
 from ..data import DataError, make_loader
 from ..dist import DistInfo, any_flag, distributed
 from ..events import EVENTS_FILE, stopped
-from ..runtime import busy_note, environment, threads_for
+from ..runtime import busy_note, environment, threads_for, use_tf32
 from .checkpoints import Checkpointer
-from .outcome import SetupError, TrainResult, classify_failure, peer_failure_reason
+from .micro import micro_batch_for, probe_step
+from .outcome import SetupError, TrainResult, classify_failure, out_of_memory_reason, peer_failure_reason
 from .previews import Previews
-from .report import RunLog
+from .report import RunLog, peak_memory
 from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
 from .parts import build_model, open_data, wrap_model
@@ -79,25 +80,33 @@ class Trainer:
         if self.resume:
             self._resume(built)
         self.precision = cfg.resolved_precision(d.device.type)
-        self.environment = environment(d.device, self.threads, self.precision)
+        autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.micro = micro_batch_for(
+            cfg, self.model_cfg, d, self.precision, lambda size: probe_step(self.model, size, autocast_dtype)
+        )
+        # float32 products on TF32 tensor cores (CUDA only: CPU results stay bit-exact), recorded with the run
+        self.environment = {**environment(d.device, self.threads, self.precision), "tf32": use_tf32(d.device)}
         if self.resume:
             self.notes = resume_warnings(
                 self.resumed, cfg, d, self.steps_per_epoch, self.schedule.total_steps, self.environment
             )
         optimizer, noise_gen = built.optimizer, built.noise_gen
+        wrapped = wrap_model(self.model, cfg, d)
         self.stepper = Stepper(
             cfg=cfg,
             model_cfg=self.model_cfg,
             d=d,
             model=self.model,
-            forward=wrap_model(self.model, cfg, d),
+            forward=wrapped.forward,
             optimizer=optimizer,
             ema=self.ema,
             noise_gen=noise_gen,
             schedule=self.schedule,
             fused=built.fused,
-            autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
+            autocast_dtype=autocast_dtype,
             batch_hook=self.batch_hook,
+            micro_batch=self.micro.size if self.micro.steps > 1 else None,
+            no_sync=wrapped.no_sync,
         )
         self.previews = Previews(cfg, self.model_cfg, d, self.data.test, eval_batch=max(1, min(256, local_batch * 2)))
         self.checkpoints = Checkpointer(
@@ -174,14 +183,15 @@ class Trainer:
             )
             return self._finish("failed", reason, save=False)
         t0 = time.perf_counter()
+        # the checkpoint first: a preview or an evaluation that fails must not cost the step's weights
+        if last or (self._due(cfg.checkpoint_every) and self.consecutive_bad == 0):
+            self.save()  # not inside a run of skipped steps: older checkpoints must survive it
         if self._due(cfg.eval_every) or (last and cfg.eval_every):
-            self._evaluate()
+            self._side_job("evaluation", self._evaluate)
         if self._due(cfg.sample_every) or (last and cfg.sample_every):
-            self._sample()
+            self._side_job("sample grid", self._sample)
         if last:
             return self._finish("finished", f"reached step {total}")
-        if self._due(cfg.checkpoint_every) and self.consecutive_bad == 0:
-            self.save()  # not inside a run of skipped steps: older checkpoints must survive it
         self.side_time += time.perf_counter() - t0
         if self._stop_requested():
             if self.step > self.steps_mark:  # the partial interval's numbers, so even a short run has some
@@ -229,6 +239,19 @@ class Trainer:
             self.step, means, lr=self.lr, images_per_s=ips, model_cfg=self.model_cfg, epoch=epoch, total_steps=total
         )
 
+    def _side_job(self, what: str, job: Callable[[], None]) -> None:
+        """An evaluation or a sample grid; running out of memory there is a warning, and the run goes on."""
+        try:
+            job()
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+            if classify_failure(e, started=True, distributed=self.d.distributed) != "oom":
+                raise
+            if self.d.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.log.warn(
+                self.step, f"out of memory in the {what} at step {self.step}: skipped, the run goes on", "oom"
+            )
+
     def _evaluate(self) -> None:
         fields = self.previews.evaluate(self.model, self.ema)
         if fields is not None:
@@ -271,6 +294,11 @@ class Trainer:
             resumed_from=str(self.resumed.checkpoint) if self.resumed else None,
             tarflow_version=__version__,
             environment=self.environment,
+            micro_batch=self.micro.size,
+            accumulation=self.micro.steps,
+            checkpointing=cfg.checkpointing,
+            memory_plan_bytes=self.micro.planned_peak,
+            **({"micro_batch_note": self.micro.note} if self.micro.note else {}),
         )
         busy = busy_note(self.threads, self.d.device.type)
         if busy:
@@ -319,6 +347,7 @@ def train(
             cfg.validate()
             d = stack.enter_context(distributed(cfg.device))
             stack.enter_context(threads_for(_threads(cfg, d, resume)))
+            stack.enter_context(_tf32_restored())
             trainer = Trainer(cfg, d, emit, stop, resume, batch_hook)
             stack.callback(trainer.close)  # runs before the process group is left
             trainer.setup()
@@ -337,6 +366,16 @@ def train(
             return result
 
 
+@contextlib.contextmanager
+def _tf32_restored():
+    """The caller's TF32 settings back after the run (`use_tf32` turns them on for training on CUDA)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _threads(cfg: TrainConfig, d: DistInfo, resume: bool) -> int | None:
     """The CPU threads to compute with: --threads; else, resuming, the count the checkpoint was
     computed with (the result depends on it); else torch's own count. torchrun's processes keep the
@@ -352,6 +391,14 @@ def _end_after(trainer: Trainer, e: BaseException, how: str) -> TrainResult | No
     if how == "failed":
         log.end(step, "failed", str(e), trainer.last_checkpoint)
         return trainer.result("failed", str(e))
+    if how == "oom":  # the weights may be half-updated: nothing is saved, the last checkpoint stays
+        micro, device = trainer.micro, trainer.d.device
+        reason = out_of_memory_reason(
+            step, device, peak_memory(device), micro.planned_peak, micro.size, trainer.cfg.checkpointing,
+            trainer.last_checkpoint,
+        )  # fmt: skip
+        log.end(step, "failed", reason, trainer.last_checkpoint)
+        return trainer.result("failed", reason)
     if how == "interrupted":
         saved = checkpoints.saved_at(step)
         why = "aborted mid-step (no checkpoint saved)"

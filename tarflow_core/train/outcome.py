@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from ..config import ConfigError
@@ -44,6 +45,8 @@ def classify_failure(e: BaseException, *, started: bool, distributed: bool) -> s
     - "setup": before the start, bad settings or a launch that cannot work (raised as `SetupError`);
     - "raise": before the start, anything else (`SetupError`/`TrainError` included) goes on as it is;
     - "failed": a `TrainError` (the run ends "failed", its message is the reason);
+    - "oom": the device (or the host) ran out of memory (a training step: the run ends "failed", its last
+      checkpoint kept as it is; a preview or an evaluation: a warning, and the run goes on);
     - "io": the data or the disk failed mid-run (the run ends "failed", saving its progress if it can);
     - "interrupted": a second Ctrl-C aborted a step (the run ends "interrupted", the exception goes on);
     - "peer": another process of a distributed run died or hung (the run ends "failed", no traceback);
@@ -53,6 +56,10 @@ def classify_failure(e: BaseException, *, started: bool, distributed: bool) -> s
         return "setup" if isinstance(e, (ConfigError, DistError)) else "raise"
     if isinstance(e, TrainError):
         return "failed"
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(e), re.I)
+    ):
+        return "oom"
     if isinstance(e, (DataError, OSError, SafetensorError)):
         return "io"
     if isinstance(e, KeyboardInterrupt):
@@ -76,3 +83,28 @@ def peer_failure_reason(e: BaseException, step: int, last_checkpoint: Path | Non
     first = first.split(". ")[0][:160]
     kept = f"the last checkpoint ({last_checkpoint.name}) is kept" if last_checkpoint else "no checkpoint was saved"
     return f"another process of the distributed run failed or lost its connection at step {step} ({first}); {kept}"
+
+
+def out_of_memory_reason(
+    step: int,
+    device,
+    measured: tuple[int, int | None],
+    planned: int | None,
+    micro_batch: int,
+    checkpointing: str,
+    last_checkpoint: Path | None,
+) -> str:
+    """The one sentence a run that ran out of memory in a training step ends with: the measured peak
+    (bytes, and the device's total when known), the plan's figure, the setting to change, the checkpoint."""
+    peak, total = measured
+    seen = f"measured peak {_size(peak)}" + (f" of {_size(total)}" if total else "") + f" on {device}"
+    plan = f", the plan's figure {_size(planned)}" if planned is not None else ", no plan figure for this device"
+    remedy = f"lower --micro-batch (now {micro_batch})"
+    if checkpointing == "off":
+        remedy += " or use --checkpointing blocks"
+    kept = f"the last checkpoint ({last_checkpoint.name}) is intact" if last_checkpoint else "no checkpoint was saved"
+    return f"out of memory in training step {step + 1} ({seen}{plan}): {remedy}; {kept}"
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -8,7 +8,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -17,6 +17,7 @@ from ..data import DataError, open_dataset
 from ..dist import DistInfo
 from ..ema import EMA
 from ..model import TarFlow
+from .micro import check_micro_batch
 from .outcome import SetupError
 
 NOISE_SEED_OFFSET = 7_919
@@ -39,6 +40,7 @@ def open_data(cfg: TrainConfig, d: DistInfo) -> Data:
         raise SetupError(
             f"--batch-size {cfg.batch_size} (global) must be a multiple of the number of processes ({d.world_size})"
         )
+    check_micro_batch(cfg, d)
     try:
         train = open_dataset(cfg.data, "train", image_size=cfg.img_size, channels=cfg.in_channels, flip=cfg.flip)
     except DataError as e:
@@ -74,6 +76,7 @@ class Model:
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, d: DistInfo) -> Model:
     torch.manual_seed(cfg.seed)
     model = TarFlow(model_cfg).to(d.device)
+    model.set_checkpointing(cfg.checkpointing)
     torch.manual_seed(cfg.seed + d.rank)  # anything else random differs per rank
     fused = d.device.type == "cuda" or bool(os.environ.get("TARFLOW_FUSED_ADAMW"))  # env: test hook for the CPU
     optimizer = torch.optim.AdamW(
@@ -88,19 +91,26 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, d: DistInfo) -> Model:
     return Model(model, optimizer, ema, noise_gen, fused)
 
 
-def wrap_model(model: TarFlow, cfg: TrainConfig, d: DistInfo) -> Callable:
+class Wrapped(NamedTuple):
+    forward: Callable  # the model, maybe in DDP and/or compiled
+    no_sync: Callable | None  # DDP's `no_sync` (a backward without the gradient all-reduce); None: one process
+
+
+def wrap_model(model: TarFlow, cfg: TrainConfig, d: DistInfo) -> Wrapped:
     """The forward the steps call: the model, in DDP when distributed, compiled when asked."""
     wrapped: Any = model
+    no_sync = None
     if d.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         # `var` is updated identically on every rank: no buffer sync in forward (the flag was
         # renamed in torch 2.13; the old name warns there)
-        no_sync = (
+        buffers = (
             {"forward_sync_buffers": False}
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else {"broadcast_buffers": False}
         )
         device_ids = [d.device.index] if d.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids, **no_sync)
-    return torch.compile(wrapped) if cfg.compile else wrapped
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, **buffers)
+        no_sync = wrapped.no_sync
+    return Wrapped(torch.compile(wrapped) if cfg.compile else wrapped, no_sync)

@@ -13,9 +13,10 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..config import ModelConfig, TrainConfig
-from ..dist import DistInfo, all_reduce_sum
+from ..dist import DistInfo, all_reduce_sum, any_flag
 from ..ema import EMA
 from ..model import TarFlow
+from .outcome import classify_failure
 from .run_dir import SAMPLES_DIR
 
 SAMPLE_SEED_OFFSET = 1_000_003
@@ -78,17 +79,25 @@ class Previews:
         idx = list(range(d.rank, n, d.world_size))
         gen = torch.Generator(device=device).manual_seed(EVAL_SEED + d.rank)
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        bs = self.eval_batch
+        bs, failed = self.eval_batch, None
         was_training = model.training
         model.eval()
-        for s in range(0, len(idx), bs):
-            items = [ds[i] for i in idx[s : s + bs]]
-            x = torch.stack([it[0] for it in items]).to(device)
-            y = torch.tensor([it[1] for it in items], device=device) if self.model_cfg.conditional else None
-            b = bpd_fn(model, x, y, generator=gen).double()
-            b = torch.nan_to_num(b, nan=float("inf"))
-            total += torch.stack([b.sum(), torch.tensor(float(len(items)), dtype=torch.float64, device=device)])
-        model.train(was_training)
+        try:
+            for s in range(0, len(idx), bs):
+                items = [ds[i] for i in idx[s : s + bs]]
+                x = torch.stack([it[0] for it in items]).to(device)
+                y = torch.tensor([it[1] for it in items], device=device) if self.model_cfg.conditional else None
+                b = bpd_fn(model, x, y, generator=gen).double()
+                b = torch.nan_to_num(b, nan=float("inf"))
+                total += torch.stack([b.sum(), torch.tensor(float(len(items)), dtype=torch.float64, device=device)])
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+            if classify_failure(e, started=True, distributed=d.distributed) != "oom":
+                raise
+            failed = e  # told to the other processes first, so that none waits in the sum below
+        finally:
+            model.train(was_training)
+        if any_flag(failed is not None, d):
+            raise failed or torch.OutOfMemoryError("out of memory in another process's evaluation")
         all_reduce_sum(total, d)
         s, count = total.tolist()
         return {"bpd": s / count if count else float("nan"), "images": int(count), "split": "test", "weights": which}

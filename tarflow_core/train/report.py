@@ -23,6 +23,13 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def peak_memory(device: torch.device) -> tuple[int, int | None]:
+    """(the peak bytes this process has held, the device's total bytes where known)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+    return int(memory_mb(device) * 2**20), None
+
+
 class RunLog:
     """The run's events. Other ranks say nothing; rank 0 writes once `open()`ed."""
 

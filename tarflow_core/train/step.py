@@ -9,8 +9,9 @@ Metrics stay on the device (no host sync per step) and are read at log intervals
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -79,6 +80,8 @@ class Stepper:
     fused: bool
     autocast_dtype: torch.dtype | None
     batch_hook: BatchHook | None = None
+    micro_batch: int | None = None  # images per forward/backward; None: the whole per-process batch
+    no_sync: Callable[[], Any] | None = None  # DDP's no_sync: no gradient all-reduce in that backward
 
     def augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 batch -> noisy model-space input and (dropped) labels. The random draws are for
@@ -109,17 +112,44 @@ class Stepper:
         lr = self.schedule.at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        dtype = self.autocast_dtype
-        with torch.autocast(self.d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            z, logdet = self.forward(x, labels)
-        z = z.float()
-        loss = objective(z, logdet, self.model_cfg.data_dim)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.micro_batch is None or self.micro_batch >= x.shape[0]:
+            z, logdet = self._forward(x, labels)
+            loss = objective(z, logdet, self.model_cfg.data_dim)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            z, logdet, loss = self._accumulate(x, labels)
         grad_norm = self._grad_norm()
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
         self._update(z, ok)
         return ok, self._metrics(z, logdet, loss, grad_norm), lr
+
+    def _forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.autocast_dtype
+        with torch.autocast(self.d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            z, logdet = self.forward(x, labels)
+        return z.float(), logdet
+
+    def _accumulate(self, x: torch.Tensor, labels: torch.Tensor | None):
+        """Gradient accumulation: the batch in micro-batches of `micro_batch` images (equal sizes), each
+        micro-batch's loss scaled by its share, so the summed gradient is the whole batch's. DDP
+        all-reduces only in the last backward. (z, logdet) of the whole batch (detached) and its loss."""
+        xs = x.split(self.micro_batch)
+        ys = labels.split(self.micro_batch) if labels is not None else [None] * len(xs)
+        zs, logdets = [], []
+        for i, (xc, yc) in enumerate(zip(xs, ys)):
+            last = i == len(xs) - 1
+            with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
+                z, logdet = self._forward(xc, yc)
+                loss = objective(z, logdet, self.model_cfg.data_dim) * (xc.shape[0] / x.shape[0])
+                if i == 0:  # as in the unsplit step: the last step's gradients are freed after the forward
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            zs.append(z.detach())
+            logdets.append(logdet.detach())
+        z, logdet = torch.cat(zs), torch.cat(logdets)
+        with torch.no_grad():  # the whole batch's loss, as the metrics and the finiteness check see it
+            return z, logdet, objective(z, logdet, self.model_cfg.data_dim)
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, after clipping the gradients to `--grad-clip` when set."""
