@@ -38,7 +38,7 @@ def main() -> None:
             signal.signal(s, _quit_while_loading)
     import typer.main
 
-    app = _watch_app() if sys.argv[1:2] == ["watch"] else _full_app()
+    app = _app_for(sys.argv[1:])
     # typer turns every command's annotations into options here (compiling them: a signal raised
     # inside that surfaces as a SyntaxError), so it is still part of loading
     run = typer.main.get_command(app)
@@ -57,6 +57,24 @@ def main() -> None:
             signal.signal(s, signal.SIG_IGN)
 
 
+# a line of only these needs no command's module: the group's help lists the commands from their source
+_TOP_LEVEL = {"-h", "--help", "-V", "--version"}
+_COMPLETION_SCRIPTS = {"--show-completion", "--install-completion"}
+
+
+def _app_for(args: list[str]):
+    """The smallest group that serves the line: torch and the commands load only when one runs
+    (or when the shell asks for completions, which needs every command's options)."""
+    if args[:1] == ["watch"]:
+        return _watch_app()
+    completing = any(k.startswith("_TARFLOW_COMPLETE") for k in os.environ)
+    if not completing and (set(args) <= _TOP_LEVEL or args[0] in _COMPLETION_SCRIPTS):
+        from .group import listing_app
+
+        return listing_app()
+    return _full_app()
+
+
 def _full_app():
     from .main import app
 
@@ -69,14 +87,9 @@ def _watch_app():
     from .commands.watch import watch
     from .group import new_app
 
-    app = new_app()
-    app.callback()(_group)  # a group with one command: `watch` stays a sub-command
+    app = new_app()  # it has a callback: with one command, `watch` stays a sub-command
     app.command("watch")(watch)
     return app
-
-
-def _group() -> None:
-    """Train, sample, score and denoise TarFlow normalizing flows."""
 
 
 if __name__ == "__main__":
