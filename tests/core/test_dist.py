@@ -121,6 +121,27 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert b1 == pytest.approx(b2, abs=0.05)  # different dequantization draws per rank
 
 
+def test_two_gloo_processes_accumulating_match_one_without(tmp_path):
+    """Each rank's 8 images in two micro-batches of 4 (DDP all-reduces in the last backward only) ==
+    one process stepping on all 16 at once."""
+    torch.set_num_threads(1)
+    from tarflow_core.train import train
+
+    single = train(cfg_for(tmp_path / "one", max_steps=4, sample_every=0, eval_every=0))
+    cfg = cfg_for(tmp_path / "two", max_steps=4, sample_every=0, eval_every=0, micro_batch=4)
+    mp.start_processes(
+        _worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["status"] == "finished"
+    a = load_file(str(single.checkpoint / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    for k in a:  # VP prior from the whole global batch's z^2, the same noise and label-drop shares
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    start = next(iter(read_events(tmp_path / "two" / "events.jsonl")))
+    assert (start["world_size"], start["micro_batch"], start["accumulation"]) == (2, 4, 2)
+
+
 def test_batch_must_split_across_ranks(tmp_path):
     from tarflow_core.dist import DistInfo
     from tarflow_core.train import SetupError, Trainer
