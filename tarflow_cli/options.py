@@ -64,6 +64,19 @@ ThreadsOpt = Annotated[
     ),
 ]
 
+# bounds the memory of sample's denoising step, score, denoise and eval; the results stay those of one pass
+MaxBatchOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-batch",
+        min=1,
+        help="The most images (image x class pairs when classifying) one denoising, scoring or Inception pass "
+        "holds; a larger batch runs in several passes, with the same results up to rounding \\[default: as many "
+        "as the free memory holds on CUDA, the whole batch elsewhere].",
+        show_default=False,
+    ),
+]
+
 # class labels, for `sample`, `score` and `denoise`
 ClassOpt = Annotated[
     Optional[int],

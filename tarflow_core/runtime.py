@@ -135,3 +135,9 @@ def use_tf32(device: torch.device) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return True
+
+
+def tf32_in_use(device: torch.device) -> bool:
+    """Whether float32 matrix products on `device` run on TF32 now (as `use_tf32` sets; recorded with
+    the results, which it changes: TF32 rounds the products' inputs to 10 mantissa bits)."""
+    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)

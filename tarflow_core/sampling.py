@@ -190,6 +190,7 @@ def generate(
     noise: torch.Tensor | None = None,
     denoise_sigma: float | None = None,
     denoise_lr_scale: float = 1.0,
+    max_batch: int | None = None,
     max_redraws: int = 10,
     on_batch: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
@@ -201,7 +202,9 @@ def generate(
 
     `precision`: fp32, bf16 (the transformer in bfloat16, norms, exp and the flow update in
     float32, as the published code samples) or auto (bf16 on CUDA, fp32 elsewhere). `options`:
-    those of `sample` (its `stats` are generate's own)."""
+    those of `sample` (its `stats` are generate's own). `max_batch`: the most images one pass of the
+    denoising step holds (it keeps a whole forward per image for backward; on CUDA the free memory
+    bounds it too, see `likelihood.denoise`); the sampling batches stay `batch_size`."""
     cfg = model.config
     device = model.var.device
     inputs.generate_request(model, num, batch_size, noise)
@@ -231,7 +234,7 @@ def generate(
             with half:
                 x = sample(model, z[todo].to(device), sub_y, options=opts, stats=stats)
             if denoise_sigma:
-                x = denoise(model, x, sub_y, sigma=denoise_sigma, lr_scale=denoise_lr_scale)
+                x = denoise(model, x, sub_y, sigma=denoise_sigma, lr_scale=denoise_lr_scale, max_batch=max_batch)
             x = x.float().cpu()
             out[start + todo] = x
             bad = ~torch.isfinite(x.flatten(1)).all(dim=1)

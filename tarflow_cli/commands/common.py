@@ -12,7 +12,7 @@ from tarflow_core.checkpoint import CheckpointInfo, load_checkpoint
 from tarflow_core.dist import DistError
 from tarflow_core.dist import resolve_device as resolve_torch_device
 from tarflow_core.model import TarFlow
-from tarflow_core.runtime import busy_note, use_threads
+from tarflow_core.runtime import busy_note, use_tf32, use_threads
 
 from ..console import UsageError, info, to_stdout
 from ..io import read_labels
@@ -60,9 +60,13 @@ def _resolve_device(spec: str) -> torch.device:
 
 
 def load(ckpt: str, device: torch.device, patch_size: int | None) -> tuple[TarFlow, CheckpointInfo]:
+    """The model of --ckpt on `device`, for inference: float32 products on CUDA then run on TF32
+    (`use_tf32`; the commands record it), except in the FID network, which keeps float32."""
     if patch_size is not None and patch_size < 1:
         raise UsageError(f"--patch-size {patch_size}: expected a positive integer")
-    return load_checkpoint(ckpt, device, patch_size=patch_size)
+    loaded = load_checkpoint(ckpt, device, patch_size=patch_size)
+    use_tf32(device)
+    return loaded
 
 
 def check_model_inputs(data, cfg, inputs: list[str], verb: str = "scored") -> None:

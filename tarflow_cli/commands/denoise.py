@@ -9,10 +9,11 @@ import typer
 
 from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
+from tarflow_core.runtime import tf32_in_use
 
 from ..console import user_errors
 from ..io import check_output, read_inputs, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, ThreadsOpt
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, ThreadsOpt
 from ..options import inputs_argument, out_option, seed_option
 from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels
 from .numbers import FINITE
@@ -41,6 +42,7 @@ def denoise(
     labels: LabelsOpt = None,
     out: OutOpt = "denoised.png",
     batch_size: BatchOpt = 64,
+    max_batch: MaxBatchOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
@@ -73,7 +75,8 @@ def denoise(
         result = torch.empty_like(x)
         for start, stop in batches(n, batch_size):
             yb = y[start:stop].to(dev) if y is not None else None
-            result[start:stop] = denoise_step(model, x[start:stop].to(dev), yb, sigma=sigma, lr_scale=lr_scale).cpu()
+            xb = x[start:stop].to(dev)
+            result[start:stop] = denoise_step(model, xb, yb, sigma=sigma, lr_scale=lr_scale, max_batch=max_batch).cpu()
         written = write_output(
             result,
             out,
@@ -83,6 +86,8 @@ def denoise(
                 "denoise_sigma": sigma,
                 "lr_scale": lr_scale,
                 "threads": torch.get_num_threads(),
+                "max_batch": max_batch,
+                "tf32": tf32_in_use(dev),
             },
         )
         plural = "s" if n != 1 else ""

@@ -16,11 +16,11 @@ from tarflow_core.metrics.inception import MIN_INPUT_SIZE, RESIZE_MODES
 
 from ..console import UsageError, info, require_stdout, to_stdout, user_errors
 from ..io import strict_json
-from ..options import BatchOpt, CkptOpt, DeviceOpt, PatchOpt, SeedOpt, ThreadsOpt
+from ..options import BatchOpt, CkptOpt, DeviceOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import OptionGroup, SamplingOptions, changed_options, with_option_groups
 from .common import load, resolve_device
 from .eval_fid import FidOptions
-from .evaluation import Evaluation
+from .evaluation import ACCURACY_DEFAULT_MAX_CLASSES, Evaluation
 from .sampling_setup import check_precision_options, check_sampling_options
 
 METRICS = ("bpd", "fid", "accuracy")
@@ -49,12 +49,14 @@ class EvalOptions(OptionGroup):
             "--metrics",
             "-m",
             help="Comma-separated: bpd, fid, accuracy (default: bpd, plus accuracy for a class-conditional model "
-            "on labelled data).",
+            f"of at most {ACCURACY_DEFAULT_MAX_CLASSES} classes on labelled data; accuracy scores every image once "
+            "per class).",
             show_default=False,
         ),
     ] = None
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")] = NUM_SAMPLES
     batch_size: BatchOpt = 256
+    max_batch: MaxBatchOpt = None
     dequant_samples: Annotated[
         int, typer.Option("--dequant-samples", min=1, help="bpd: average over K uniform dequantization draws.")
     ] = DEQUANT_SAMPLES
@@ -136,8 +138,15 @@ def _check_options(options: EvalOptions) -> list[str] | None:
 
 
 def _choose_metrics(given: list[str] | None, cfg, ck) -> list[str]:
-    """--metrics as given, else bpd (plus accuracy for a class-conditional model)."""
-    wanted = list(given) if given is not None else ["bpd"] + (["accuracy"] if cfg.conditional else [])
+    """--metrics as given, else bpd (plus accuracy for a class-conditional model of at most
+    ACCURACY_DEFAULT_MAX_CLASSES classes: it costs the work of bpd once per class)."""
+    cheap = cfg.num_classes <= ACCURACY_DEFAULT_MAX_CLASSES
+    wanted = list(given) if given is not None else ["bpd"] + (["accuracy"] if cfg.conditional and cheap else [])
+    if given is None and cfg.conditional and not cheap:
+        info(
+            f"note: accuracy is not among the default metrics for a model of {cfg.num_classes} classes (it scores "
+            f"every image {cfg.num_classes} times); ask for it with --metrics bpd,accuracy"
+        )
     if "accuracy" in wanted and not cfg.conditional:
         raise UsageError(
             f"--metrics accuracy: checkpoint {ck.path} is unconditional; "

@@ -94,8 +94,9 @@ def stats_meta(path: Path) -> tuple[str | None, int | None]:
         return None, None
 
 
-def reference_stats(inception, dataset, fid_batch_size: int, path: Path, network: str):
-    """The data's Inception statistics, computed and written to `path` for the next run."""
+def reference_stats(inception, dataset, fid_batch_size: int, path: Path, network: str, max_batch: int | None = None):
+    """The data's Inception statistics, computed and written to `path` for the next run (the network's
+    passes at most `max_batch` images)."""
     info(f"computing FID reference statistics of {dataset.description} -> {path}")
     with progress_bar("reference stats", len(dataset)) as advance:
         stats = image_stats(
@@ -103,6 +104,7 @@ def reference_stats(inception, dataset, fid_batch_size: int, path: Path, network
             (images for images, _ in ordered_batches(dataset, fid_batch_size)),
             total=len(dataset),
             on_batch=lambda d, t: advance(d),
+            max_batch=max_batch,
         )
     if stats.n < 2:
         raise UsageError(
@@ -117,10 +119,19 @@ def reference_stats(inception, dataset, fid_batch_size: int, path: Path, network
 
 
 def sample_stats(
-    model, setup: FidSetup, sampling: SamplingOptions, num: int, *, seed: int, batch_size: int, fid_batch_size: int
+    model,
+    setup: FidSetup,
+    sampling: SamplingOptions,
+    num: int,
+    *,
+    seed: int,
+    batch_size: int,
+    fid_batch_size: int,
+    max_batch: int | None = None,
 ) -> tuple[Any, int, int]:
     """The Inception statistics of `num` samples, with how many were redrawn (non-finite values)
-    and how many came from the sample cache."""
+    and how many came from the sample cache; the denoising step's and the network's passes hold at
+    most `max_batch` images."""
     redrawn = reused = 0
     with progress_bar("sampling", num) as advance:
 
@@ -134,6 +145,7 @@ def sample_stats(
                 cache=setup.cache,
                 denoise_sigma=setup.denoise_sigma,
                 denoise_lr_scale=sampling.denoise_lr_scale,
+                max_batch=max_batch,
                 on_progress=lambda d, t: advance(d),
                 cuda_graphs=sampling.cuda_graphs,
                 **setup.sampler,
@@ -143,5 +155,5 @@ def sample_stats(
                 for i in range(0, len(shard.images), fid_batch_size):
                     yield shard.images[i : i + fid_batch_size]
 
-        stats = image_stats(setup.inception, chunks())
+        stats = image_stats(setup.inception, chunks(), max_batch=max_batch)
     return stats, redrawn, reused

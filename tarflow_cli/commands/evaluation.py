@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from tarflow_core import __version__
+from tarflow_core.chunking import format_bytes
 from tarflow_core.metrics import (
     SHARD_SIZE,
     SampleCache,
+    accuracy_cost,
     bayes_accuracy,
     dataset_bpd,
     default_stats_path,
@@ -20,6 +22,7 @@ from tarflow_core.metrics import (
     load_inception,
     load_stats,
 )
+from tarflow_core.runtime import tf32_in_use
 from tarflow_core.sampling import resolve_precision
 
 from ..console import info
@@ -29,6 +32,10 @@ from .sampling_setup import parse_segments, sampling_denoise_sigma
 
 if TYPE_CHECKING:  # eval imports this module
     from .eval import EvalOptions
+
+# Above this many classes accuracy is no longer cheap (it scores every image once per class), so it
+# leaves the default metrics and its cost is told before it starts.
+ACCURACY_DEFAULT_MAX_CLASSES = 100
 
 
 class Evaluation:
@@ -45,8 +52,10 @@ class Evaluation:
             "metrics": metrics,
             "seed": options.seed,
             "batch_size": options.batch_size,
+            "max_batch": options.max_batch,
             "device": str(device),
             "threads": torch.get_num_threads(),  # the numbers depend on it
+            "tf32": tf32_in_use(device),  # TF32 products change them too
             "image_shape": [cfg.in_channels, cfg.img_size, cfg.img_size],
             "tarflow_version": __version__,
         }
@@ -172,6 +181,7 @@ class Evaluation:
                 generator=torch.Generator().manual_seed(o.seed),
                 device=self.device,
                 on_batch=lambda d, t: advance(d),
+                max_batch=o.max_batch,
                 **extra,
             )
 
@@ -188,6 +198,8 @@ class Evaluation:
         )
 
     def _accuracy(self) -> None:
+        if self.model.config.num_classes > ACCURACY_DEFAULT_MAX_CLASSES:
+            self._tell_accuracy_cost()
         start = time.perf_counter()
         acc = self._over_the_data("accuracy", bayes_accuracy)
         self.metrics.update(accuracy=acc.accuracy)
@@ -195,11 +207,23 @@ class Evaluation:
         self.settings.update(accuracy_rule="argmax_k log p(x|k), uniform prior, uniform dequantization")
         info(f"accuracy {acc.accuracy:.4f} ({acc.correct}/{acc.count}) in {time.perf_counter() - start:.1f} s")
 
+    def _tell_accuracy_cost(self) -> None:
+        o = self.options
+        cost = accuracy_cost(self.model, len(self.dataset), batch_size=o.batch_size, max_batch=o.max_batch)
+        images = f"{cost.images} image{'s' if cost.images != 1 else ''}"
+        info(
+            f"accuracy: {images} x {cost.classes} classes = {cost.scorings:,} image x class scorings "
+            f"(the work of bpd {cost.classes} times over) in {cost.passes:,} passes of up to {cost.pairs_per_pass:,} "
+            f"pairs, about {format_bytes(cost.bytes_per_pass)} of activations each"
+        )
+
     def _fid(self, setup: FidSetup) -> None:
         o = self.options
         ref = setup.reference
         if ref is None:
-            ref = reference_stats(setup.inception, self.dataset, o.fid.fid_batch_size, setup.stats_path, setup.network)
+            ref = reference_stats(
+                setup.inception, self.dataset, o.fid.fid_batch_size, setup.stats_path, setup.network, o.max_batch
+            )
             self.settings["fid_reference_images"] = ref.n
         start = time.perf_counter()
         fake, redrawn, reused = sample_stats(
@@ -210,6 +234,7 @@ class Evaluation:
             seed=o.seed,
             batch_size=o.batch_size,
             fid_batch_size=o.fid.fid_batch_size,
+            max_batch=o.max_batch,
         )
         fid = fid_from_stats(fake, ref)
         self.metrics["fid"] = fid

@@ -12,11 +12,12 @@ import typer
 
 from tarflow_core import __version__
 from tarflow_core.load_errors import describe, file_head, not_numpy
+from tarflow_core.runtime import tf32_in_use
 from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, ThreadsOpt
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import SamplingOptions, out_option, with_option_groups
 from .common import announce_output, load, resolve_device, resolve_labels
 from .progress import progress_bar
@@ -47,6 +48,7 @@ def sample(
     ckpt: CkptOpt,
     num: NumOpt = None,
     batch_size: BatchOpt = 64,
+    max_batch: MaxBatchOpt = None,
     class_: ClassOpt = None,
     labels: LabelsOpt = None,
     sampling: SamplingOptions = SamplingOptions(),
@@ -83,7 +85,9 @@ def sample(
             info(
                 f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, "
                 f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes; device {dev}, "
-                f"{torch.get_num_threads()} threads; seed {seed}; {sampling.guidance_settings()}; denoise sigma {sigma}"
+                f"{torch.get_num_threads()} threads, tf32 {'on' if tf32_in_use(dev) else 'off'}; seed {seed}; "
+                f"{sampling.guidance_settings()}; denoise sigma {sigma}"
+                + (f", max batch {max_batch}" if max_batch is not None else "")
             )
         start = time.perf_counter()
         with progress_bar("sampling", n) as advance:
@@ -96,6 +100,7 @@ def sample(
                 noise=prior_noise,
                 denoise_sigma=sigma,
                 denoise_lr_scale=sampling.denoise_lr_scale,
+                max_batch=max_batch,
                 on_batch=lambda done, total: advance(done),
                 sampler=sampling.sampler,
                 segments=segments,
@@ -108,7 +113,7 @@ def sample(
         seconds = time.perf_counter() - start
         if verbose:
             info(f"sampler: {result.settings}")
-        meta = _metadata(ck, seed, n, sampling, result, sigma, noise)
+        meta = _metadata(ck, seed, n, sampling, result, sigma, noise, max_batch=max_batch, tf32=tf32_in_use(dev))
         written = write_output(result.images, out, labels=result.labels, metadata=meta)
         redrawn = f", {result.redrawn} redrawn after non-finite values" if result.redrawn else ""
         announce_output(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})", written, out)
@@ -129,7 +134,9 @@ def _count_and_labels(
     return n, resolve_labels(ck, n, class_=class_, labels_path=labels)
 
 
-def _metadata(ck, seed: int, n: int, sampling: SamplingOptions, result, sigma, noise: Path | None) -> dict:
+def _metadata(
+    ck, seed: int, n: int, sampling: SamplingOptions, result, sigma, noise: Path | None, *, max_batch, tf32: bool
+) -> dict:
     """What the output records about how it was made."""
     return {
         "tarflow_version": __version__,
@@ -137,6 +144,8 @@ def _metadata(ck, seed: int, n: int, sampling: SamplingOptions, result, sigma, n
         "seed": seed,
         "num": n,
         "threads": torch.get_num_threads(),  # the results depend on it
+        "tf32": tf32,  # TF32 products change them too
+        "max_batch": max_batch,
         **sampling.guidance_settings(),
         "sampling": result.settings,
         "denoise_sigma": sigma,

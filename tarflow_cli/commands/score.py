@@ -17,7 +17,7 @@ from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import Inputs, read_inputs, strict_json
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, PatchOpt, SeedOpt, ThreadsOpt
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import inputs_argument
 from .common import batches, check_model_inputs, load, resolve_device, resolve_labels
 from .progress import progress_bar
@@ -60,6 +60,7 @@ def score(
     dequant_samples: DequantSamplesOpt = 1,
     fmt: FormatOpt = None,
     batch_size: BatchOpt = 256,
+    max_batch: MaxBatchOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -100,8 +101,9 @@ def score(
             inputs_name=", ".join(map(str, inputs)),
         )
         draws = dequant_samples if dequantize == "uniform" else 1
+        passes = dict(batch_size=batch_size, max_batch=max_batch)
         records = _score(
-            model, data, y, dev, draws=draws, dequantize=dequantize, classify=classify, batch_size=batch_size, seed=seed
+            model, data, y, dev, draws=draws, dequantize=dequantize, classify=classify, seed=seed, **passes
         )
         with to_stdout():
             _emit(records, fmt)
@@ -126,10 +128,20 @@ def _check_dequantization(data: Inputs, inputs: list[str], dequantize: str | Non
 
 
 def _score(
-    model, data: Inputs, y, dev, *, draws: int, dequantize: str, classify: bool, batch_size: int, seed: int
+    model,
+    data: Inputs,
+    y,
+    dev,
+    *,
+    draws: int,
+    dequantize: str,
+    classify: bool,
+    batch_size: int,
+    seed: int,
+    max_batch: int | None = None,
 ) -> list[dict]:
     """One record per image: nll and bpd averaged over `draws` dequantizations, and the Bayes
-    posterior when classifying."""
+    posterior when classifying; each batch in passes of at most `max_batch` images (or pairs)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(data.images)
     n = len(images)
@@ -147,9 +159,9 @@ def _score(
                 else:
                     x = xb
                 x = x.to(dev)
-                total += model_nll(model, x, yb).double().cpu()
+                total += model_nll(model, x, yb, max_batch=max_batch).double().cpu()
             nll = total / draws
-            post = bayes_classify(model, x).cpu() if classify else None
+            post = bayes_classify(model, x, max_batch=max_batch).cpu() if classify else None
             for i in range(stop - start):
                 rec = {
                     "index": start + i,

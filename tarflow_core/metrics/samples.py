@@ -133,6 +133,7 @@ def sample_shards(
     cache: SampleCache | None = None,
     denoise_sigma: float | None = None,
     denoise_lr_scale: float = 1.0,
+    max_batch: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     **options,
 ) -> Iterator[Shard]:
@@ -140,7 +141,8 @@ def sample_shards(
     drawing (and caching) the rest. ``options``: those of :func:`~tarflow_core.sampling.generate`
     (guidance, guide_what, attn_temp, annealed, sampler, segments, tol). A measured sampler
     (``auto`` / ``gs-jacobi`` without segments) is calibrated on the first shard drawn and keeps
-    that choice for the rest of the run."""
+    that choice for the rest of the run. ``max_batch`` bounds the denoising step's passes (see
+    ``generate``); it changes no image, so the cache does not key it."""
     options = dict(options)
     done = 0
     for index, (start, stop) in enumerate(shard_bounds(num, shard_size)):
@@ -160,6 +162,7 @@ def sample_shards(
                 batch_size=batch_size,
                 denoise_sigma=denoise_sigma,
                 denoise_lr_scale=denoise_lr_scale,
+                max_batch=max_batch,
                 on_batch=advance,
                 **options,
             )
