@@ -65,8 +65,8 @@ _COMPLETION_SCRIPTS = {"--show-completion", "--install-completion"}
 def _app_for(args: list[str]):
     """The smallest group that serves the line: torch and the commands load only when one runs
     (or when the shell asks for completions, which needs every command's options)."""
-    if args[:1] == ["watch"]:
-        return _watch_app()
+    if args[:1] and args[0] in _LIGHT_COMMANDS:
+        return _light_command_app(args[0])
     completing = any(k.startswith("_TARFLOW_COMPLETE") for k in os.environ)
     if not completing and (set(args) <= _TOP_LEVEL or args[0] in _COMPLETION_SCRIPTS):
         from .group import listing_app
@@ -81,14 +81,20 @@ def _full_app():
     return app
 
 
-def _watch_app():
-    """`tarflow watch` alone: the dashboard needs neither torch nor the other commands, whose
-    imports take seconds before the first frame. Same group, same command, same errors."""
-    from .commands.watch import watch
-    from .group import new_app
+# commands that need neither torch nor the other commands, whose imports take seconds: the
+# dashboard's first frame, an export of a run's events
+_LIGHT_COMMANDS = ("watch", "export-tb")
 
-    app = new_app()  # it has a callback: with one command, `watch` stays a sub-command
-    app.command("watch")(watch)
+
+def _light_command_app(name: str):
+    """A group holding only the named command: same group, same command, same errors."""
+    import importlib
+
+    from .group import COMMANDS, new_app
+
+    module, function = next((m, f) for n, m, f in COMMANDS if n == name)
+    app = new_app()  # it has a callback: with one command, the command stays a sub-command
+    app.command(name)(getattr(importlib.import_module(f"tarflow_cli.commands.{module}"), function))
     return app
 
 
