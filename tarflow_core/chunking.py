@@ -11,6 +11,11 @@ rounding of a different batch size.
 Off CUDA nothing is measured (the CPU's memory is shared with everything else, and its batches are
 the user's): without `max_batch` a pass holds the whole batch, as it always did.
 
+A whole batch that fits runs as one pass whatever the free memory, so the sizes, and the rounding, are
+the same run to run on a GPU of one's own; on a GPU that other processes share, a batch that does not
+fit may be split differently from one run to the next (the same numbers up to rounding), and
+`max_batch` then fixes the split.
+
 The per-row estimates below are local stand-ins for the memory plan's (memory.py) until it lands.
 """
 
