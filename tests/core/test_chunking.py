@@ -168,3 +168,19 @@ def test_chunked_fid_features_equal_one_pass():
     streamed = image_stats(net, [pics[:3], pics[3:]], max_batch=2)
     direct = image_stats(net, [pics[:3], pics[3:]])
     assert abs(streamed.mean - direct.mean).max() < 1e-12 and abs(streamed.m2 - direct.m2).max() < 1e-9
+
+
+def test_generate_and_fid_shards_denoise_in_passes_with_the_same_images(cond, monkeypatch):
+    from tarflow_core.metrics import sample_shards
+    from tarflow_core.sampling import generate
+
+    def draw(**kw):
+        g = torch.Generator().manual_seed(0)
+        return generate(cond, 5, generator=g, batch_size=5, denoise_sigma=0.2, sampler="sequential", **kw).images
+
+    whole = draw()
+    calls = count_log_prob(monkeypatch)
+    assert close(draw(max_batch=2), whole) and calls == [2, 2, 1]
+    options = dict(seed=1, batch_size=5, shard_size=3, denoise_sigma=0.2)
+    shards = [list(sample_shards(cond, 5, **options, max_batch=size)) for size in (None, 1)]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(*shards))
