@@ -73,6 +73,7 @@ class RunState:
         self.epoch: float | None = None
         self.steps_per_epoch: float | None = None
         self.device: str | None = None
+        self.batch: str | None = None  # "256 (4 x 64)": the global batch and its micro-batches, when told
         self._memory_raw: Any = None
         self.params: int | None = None
         self.data: str | None = None
@@ -130,6 +131,7 @@ class RunState:
         self.max_steps = int(ms) if ms else None
         self.device = str(_first(e, "device") or _first(train_cfg, "device") or "") or self.device
         self.preset = _first(train_cfg, "preset") or self.preset
+        self.batch = _batch(e) or self.batch
         every = number(_first(train_cfg, "sample_every"))
         self.sample_every = int(every) if every is not None else self.sample_every
         params = number(_first(e, "params", "parameters", "num_params", "parameter_count"))
@@ -369,6 +371,17 @@ def _describe_data(data: dict, e: dict, train_cfg: dict) -> _DataInfo:
     if not spe:
         spe = n_train / batch if n_train and batch else None
     return _DataInfo(" · ".join(bits) or None, int(size) if size else None, spe)
+
+
+def _batch(e: dict) -> str | None:
+    """The global batch as processes x accumulation x micro-batch: "64", "256 (4 x 64)", "256 (2 x 2 x 64)".
+    None for runs whose start event does not tell the micro-batch (older versions)."""
+    total, micro, steps = (number(e.get(k)) for k in ("global_batch", "micro_batch", "accumulation"))
+    if not (total and micro and steps):
+        return None
+    world = number(e.get("world_size")) or 1
+    parts = [int(v) for v in (world, steps) if v > 1] + [int(micro)]
+    return f"{int(total)}" + (f" ({' x '.join(map(str, parts))})" if len(parts) > 1 else "")
 
 
 def _memory(v: Any) -> str | None:

@@ -134,6 +134,8 @@ def _details_line(state: RunState, now: float, quiet_after: float, width: int) -
             part("quiet", format_duration(quiet), "bold yellow")
     if state.device:
         part("device", state.device)
+    if state.batch:
+        part("batch", state.batch)
     if state.memory:
         part("mem", state.memory)
     # the rest is also in the charts' titles: first to go when the line is short
