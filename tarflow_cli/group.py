@@ -91,7 +91,8 @@ def _completion(install: bool):
         shell = _detected_shell() if value == DETECT else value
         option = "--install-completion" if install else "--show-completion"
         if shell not in SHELLS:
-            error(f"{option}: unknown shell {shell!r} (expected one of {', '.join(SHELLS)})")
+            what = f"unknown shell {shell!r}" if shell else "cannot tell which shell this is"
+            error(f"{option}: {what} (name one of {', '.join(SHELLS)}, e.g. {option} bash)")
             sys.exit(EXIT_USAGE)
         from typer.completion import get_completion_script
         from typer.completion import install as install_script
@@ -109,12 +110,15 @@ def _completion(install: bool):
 
 
 def _detected_shell() -> str:
+    """The shell among the parent processes; where none is one completion supports (a CI job, a
+    script run by sh), the login shell ($SHELL)."""
     try:
         import shellingham
 
-        return shellingham.detect_shell()[0]
-    except Exception:  # no shell among the parents (or shellingham missing): the login shell
-        return Path(os.environ.get("SHELL", "")).name
+        found = shellingham.detect_shell()[0]
+    except Exception:  # no shell among the parents, or shellingham missing
+        found = ""
+    return found if found in SHELLS else Path(os.environ.get("SHELL", "")).name or found
 
 
 def _version(value: bool) -> None:
@@ -130,16 +134,9 @@ def installed_version() -> str:
     try:
         return version("tarflow")
     except PackageNotFoundError:
-        return _package_version()
+        from tarflow_core import __version__  # cheap: the package resolves its names on first use
 
-
-def _package_version() -> str:
-    spec = importlib.util.find_spec("tarflow_core")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))  # not imported: it loads torch
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__version__" for t in node.targets):
-            return ast.literal_eval(node.value)
-    return "unknown"
+        return __version__
 
 
 def _group(

@@ -228,6 +228,16 @@ def remove_earlier_exports(out_dir: Path) -> list[Path]:
     return removed
 
 
+def for_training(run_dir: Path, events_file: Path, out_dir: Path | None = None) -> TensorBoardExport:
+    """The writer of a run that writes TensorBoard files as it goes (`train --tensorboard`), made
+    before the run's first event: it starts with the events already in the file (a resumed run's
+    earlier part), so the folder holds the whole run, as `export-tb` would write it."""
+    writer = TensorBoardExport(run_dir, out_dir)
+    if events_file.is_file():
+        writer.write_all(read_events(events_file))
+    return writer
+
+
 def events_path(run: str | os.PathLike) -> tuple[Path, Path]:
     """(run directory, events file) for a run directory or its events `.jsonl` path."""
     p = Path(run)

@@ -132,7 +132,8 @@ def test_show_completion_for_an_unknown_shell_is_one_line():
     r = tarflow("--show-completion", "tcsh")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        "error: --show-completion: unknown shell 'tcsh' (expected one of bash, zsh, fish, powershell, pwsh)"
+        "error: --show-completion: unknown shell 'tcsh' (name one of bash, zsh, fish, powershell, pwsh, "
+        "e.g. --show-completion bash)"
     ]
 
 
