@@ -1,11 +1,12 @@
 """The memory plan (tarflow_core/memory.py) against measured peaks, and its numbers for the paper presets.
 
-    python benchmarks/memory.py [--skip-measure] [--json out.json]
+    python benchmarks/memory.py [--skip-measure] [--device cpu|cuda] [--json out.json]
 
-1. Measured peak (CPU, a fresh process per figure: tarflow_core/memory_calibration.py) vs the plan's
-   figure (device "cpu": no CUDA context or fragmentation headroom) for one training step and one
-   denoising pass at growing width and tokens, then bf16 autocast, checkpointing and EMA at one size.
-   Two measurements run at a time, one thread each.
+1. Measured peak (a fresh process per figure: tarflow_core/memory_calibration.py) vs the plan's figure
+   without CUDA context or fragmentation headroom, for one training step and one denoising pass at
+   growing width and tokens, then bf16 autocast, checkpointing and EMA at one size. On the CPU two
+   measurements run at a time, one thread each; `--device cuda` measures the allocator's peak instead
+   (`torch.cuda.max_memory_allocated`: the check of the CUDA case this table could not make).
 2. The plan for each paper preset on 80 GiB (H100) and 141 GB (H200) devices: the largest micro-batch by
    checkpointing setting, and the micro-batch x accumulation steps for the preset's global batch on 1
    and 8 GPUs, with the peak and the time per step at the default TFLOP/s of the precision.
@@ -51,15 +52,17 @@ CASES += [(rgb(32, 384, layers=3, classes=10), 12, "training", p, c, e)
 
 
 def planned(cfg, batch, what, precision, ckpt, ema) -> int:
+    """The plan's figure without the CUDA context and fragmentation (device "cpu"), which the allocator's
+    own peak (CUDA) and the CPU measurement both leave out."""
     if what == "training":
         return M.training_memory(cfg, batch, precision, ckpt, ema, device="cpu").peak
     return M.denoising_memory(cfg, batch, precision=precision, device="cpu").peak
 
 
-def measured_table() -> list[dict]:
+def measured_table(device: str = "cpu") -> list[dict]:
     start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        peaks = list(pool.map(lambda c: measure_peak(c[2], c[0], c[1], c[3], c[4], c[5]), CASES))
+    with ThreadPoolExecutor(2 if device == "cpu" else 1) as pool:
+        peaks = list(pool.map(lambda c: measure_peak(c[2], c[0], c[1], c[3], c[4], c[5], device), CASES))
     rows = []
     print(
         "| model | tokens | batch | what | precision | checkpointing | EMA | measured MiB | plan MiB | plan/measured |"
@@ -126,8 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip-measure", action="store_true", help="only the plan's tables (no measurement)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to measure")
     args = parser.parse_args()
-    out = {"measured": [] if args.skip_measure else measured_table()}
+    out = {"measured": [] if args.skip_measure else measured_table(args.device)}
     out.update(presets=preset_table(), inference_80GiB=inference_table())
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -29,7 +29,6 @@ estimates, not measured here).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 
@@ -179,14 +178,15 @@ def largest_micro_batch(budget: int, cfg: ModelConfig, limit: int = 1 << 20, **s
 
 def accumulation(global_batch: int, world: int, micro: int) -> tuple[int, int]:
     """(steps, micro-batch) to make `global_batch` on `world` processes with micro-batches of at most
-    `micro` images: steps = ceil(per process / micro), then micro-batches as even as the steps allow."""
+    `micro` images, all of one size as the trainer splits them (train/micro.py): the largest divisor
+    of the per-process share that is at most `micro`, and share / that steps."""
     if global_batch < 1 or world < 1 or micro < 1:
         raise ValueError(f"need positive sizes (global batch {global_batch}, world {world}, micro-batch {micro})")
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} is not a multiple of the {world} processes")
-    per_process = global_batch // world
-    steps = math.ceil(per_process / micro)
-    return steps, math.ceil(per_process / steps)
+    share = global_batch // world
+    size = next(k for k in range(min(share, micro), 0, -1) if share % k == 0)
+    return share // size, size
 
 
 @dataclass(frozen=True)

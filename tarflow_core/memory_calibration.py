@@ -21,15 +21,22 @@ WHAT = ("training", "denoising")
 
 
 def measure_peak(
-    what: str, cfg: ModelConfig, batch: int, precision: str = "fp32", checkpointing: str = "off", ema: bool = False
+    what: str,
+    cfg: ModelConfig,
+    batch: int,
+    precision: str = "fp32",
+    checkpointing: str = "off",
+    ema: bool = False,
+    device: str = "cpu",
 ) -> int:
     """Measured peak bytes of one training step (forward, loss, backward, AdamW, EMA when `ema`) or one
-    denoising pass (`what`) at `batch` images on the CPU, in a fresh process (see `_measure_child`);
-    bf16 is CPU autocast, checkpointing torch.utils.checkpoint per block or layer."""
+    denoising pass (`what`) at `batch` images, in a fresh process (see `_measure_child`); bf16 is
+    autocast. `device` "cuda": the allocator's own peak (`torch.cuda.max_memory_allocated`, no context,
+    no fragmentation: compare with the plan's peak less `DEVICE_OVERHEAD`), fused AdamW as the trainer."""
     if what not in WHAT:
         raise ValueError(f"what must be one of {', '.join(WHAT)} (got {what!r})")
     job = {"what": what, "cfg": cfg.to_dict(), "batch": batch, "precision": precision}
-    job.update(checkpointing=checkpointing, ema=ema)
+    job.update(checkpointing=checkpointing, ema=ema, device=device)
     # Freed tensors must leave the resident set, or the high-water mark is the allocator's history: glibc
     # returns memory to the system only for blocks above its mmap threshold, which it raises on its own
     # after frees unless it is set. One thread: no per-thread arenas, and two measurements can run at once.
@@ -63,20 +70,20 @@ def _measure_child(job_text: str) -> None:
 
     job = json.loads(job_text)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict(job["cfg"])
-    model = TarFlow(cfg)
+    cfg, device, cuda = ModelConfig.from_dict(job["cfg"]), torch.device(job["device"]), job["device"] == "cuda"
+    model = TarFlow(cfg).to(device)
     _checkpoint(model, job["checkpointing"])
     training = job["what"] == "training"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if training else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None) if training else None
     ema = EMA(model, 0.999) if training and job["ema"] else None
 
     def run(b: int) -> None:
-        x = torch.randn(b, cfg.in_channels, cfg.img_size, cfg.img_size) * 0.5
-        y = torch.zeros(b, dtype=torch.long) if cfg.num_classes else None
+        x = torch.randn(b, cfg.in_channels, cfg.img_size, cfg.img_size, device=device) * 0.5
+        y = torch.zeros(b, dtype=torch.long, device=device) if cfg.num_classes else None
         if optimizer is None:
             denoise(model, x, y, sigma=0.1)
             return
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=job["precision"] == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["precision"] == "bf16"):
             z, logdet = model(x, y)
         loss = objective(z.float(), logdet, cfg.data_dim)
         optimizer.zero_grad(set_to_none=True)  # after the forward, as in train/step.py
@@ -86,6 +93,13 @@ def _measure_child(job_text: str) -> None:
             ema.update(model)
 
     run(1)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run(job["batch"])
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated())
+        return
     tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
     tensors += [t for st in (optimizer.state.values() if optimizer else ()) for t in st.values()]
     tensors += list(ema.shadow.values()) if ema else []
