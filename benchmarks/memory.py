@@ -87,7 +87,7 @@ def preset_table() -> list[dict]:
     for name, classes in PAPER.items():
         train = PRESETS[name]
         for label, budget in DEVICES.items():
-            one, eight = (M.plan_run(train, budget, num_classes=classes, world=w) for w in (1, 8))
+            one, eight = (M.plan_run(train, budget, num_classes=classes, world=w, micro_batch="auto") for w in (1, 8))
             cfg = train.model_config(3, train.img_size, classes)
             largest = " / ".join(str(one.largest_by_checkpointing[m]) for m in M.CHECKPOINTING)
             cells = [f"{p.micro_batch} x {p.accumulation}, {p.memory.peak / M.GiB:.1f} GiB, {p.time_per_step_s:.2f}"

@@ -191,8 +191,9 @@ def accumulation(global_batch: int, world: int, micro: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """Whether and how a run fits: the chosen micro-batch and accumulation, the largest micro-batch that
-    fits the budget under each checkpointing setting, and the time per step at `tflops`."""
+    """Whether and how a run fits: the chosen micro-batch with its accumulation steps and memory, the
+    largest micro-batch that fits the budget (under each checkpointing setting), what `--micro-batch
+    auto` would use, and the time per step at `tflops`."""
 
     model: str
     parameters: int
@@ -203,12 +204,14 @@ class TrainingPlan:
     checkpointing: str
     ema: bool
     budget: int
-    micro_batch: int
+    micro_batch: int  # the chosen one (no split: each process's whole share)
     accumulation: int
     memory: TrainingMemory
+    fits: bool
     largest_micro_batch: int
     largest_by_checkpointing: dict
-    fits: bool
+    auto_micro_batch: int  # --micro-batch auto: the largest divisor of the share that fits
+    auto_accumulation: int
     tflops: float
     time_per_step_s: float
 
@@ -225,37 +228,43 @@ def plan_training(
     checkpointing: str = "off",
     ema: bool = False,
     world: int = 1,
-    micro_batch: int | None = None,
+    micro_batch: int | str | None = "auto",
     tflops: float | None = None,
     device: str = "cuda",
 ) -> TrainingPlan:
-    """The plan for `global_batch` images per step on `world` processes of `budget` bytes each.
-    `micro_batch` None: the largest that fits. Time per step: 3 forward FLOPs per image (forward and a
-    backward of twice its cost), 4 with checkpointing (the forward again), at `tflops` per process
-    (default `DEFAULT_TFLOPS` for the precision)."""
+    """The plan for `global_batch` images per step on `world` processes of `budget` bytes each, at
+    `micro_batch`: a number, "auto" (the largest that fits) or None (no split, as the trainer's default).
+    Time per step: 3 forward FLOPs per image (forward and a backward of twice its cost), 4 with
+    checkpointing (the forward again), at `tflops` per process (default `DEFAULT_TFLOPS[precision]`)."""
     settings = dict(precision=precision, ema=ema, world=world, device=device)
     by_mode = {}
     for mode in CHECKPOINTING:  # the accumulating figure: true of every micro-batch but the first
         by_mode[mode] = largest_micro_batch(budget, cfg, checkpointing=mode, accumulating=True, **settings)
     largest = by_mode[checkpointing]
-    steps, micro = accumulation(global_batch, world, micro_batch or max(largest, 1))
+    auto_steps, auto_micro = accumulation(global_batch, world, max(largest, 1))
+    chosen = {None: global_batch // world, "auto": auto_micro}.get(micro_batch, micro_batch)  # type: ignore[arg-type]
+    steps, micro = accumulation(global_batch, world, int(chosen))
     memory = training_memory(cfg, micro, checkpointing=checkpointing, accumulating=steps > 1, **settings)
     flops = cfg.flops_per_image() * (3 if checkpointing == "off" else 4) * global_batch / world
     tflops = tflops or DEFAULT_TFLOPS[precision]
     return TrainingPlan(cfg.short_name(), cfg.num_parameters(), cfg.flops_per_image(), global_batch, world,
-                        precision, checkpointing, ema, budget, micro, steps, memory, largest, by_mode,
-                        memory.peak <= budget, tflops, flops / (tflops * 1e12))  # fmt: skip
+                        precision, checkpointing, ema, budget, micro, steps, memory, memory.peak <= budget, largest,
+                        by_mode, auto_micro, auto_steps, tflops, flops / (tflops * 1e12))  # fmt: skip
 
 
-def plan_run(train_cfg, budget: int, *, in_channels: int = 3, num_classes: int = 0, **options) -> TrainingPlan:
-    """`plan_training` for a `TrainConfig` (e.g. a preset): its architecture for data of `in_channels`
-    and `num_classes` (its own image size, else 64), its global batch, EMA, precision on CUDA, and its
+def plan_run(
+    train_cfg, budget: int, *, in_channels: int = 3, num_classes: int = 0, img_size: int | None = None, **options
+) -> TrainingPlan:
+    """`plan_training` for a `TrainConfig` (e.g. a preset): its architecture for data of `in_channels`,
+    `num_classes` and its image size (or `img_size`), its global batch, EMA, precision on CUDA, and its
     checkpointing and micro-batch where it has them; `options` override."""
-    cfg = train_cfg.model_config(in_channels, train_cfg.img_size or 64, num_classes)
+    size = img_size or train_cfg.img_size
+    if size is None:  # read off the data by the trainer; the plan does not open the data
+        raise ValueError("the plan needs the image size: the settings leave it to the data (give --image-size)")
+    cfg = train_cfg.model_config(in_channels, size, num_classes)
     options.setdefault("precision", train_cfg.resolved_precision(options.get("device", "cuda")))
     options.setdefault("checkpointing", getattr(train_cfg, "checkpointing", "off"))
-    micro = getattr(train_cfg, "micro_batch", None)  # None or "auto": the largest that fits
-    options.setdefault("micro_batch", micro if isinstance(micro, int) else None)
+    options.setdefault("micro_batch", getattr(train_cfg, "micro_batch", None))  # None: no split
     return plan_training(cfg, train_cfg.batch_size, budget, ema=bool(train_cfg.ema_decay), **options)
 
 
@@ -267,12 +276,13 @@ def describe(plan: TrainingPlan) -> str:
         f"model {plan.model}: {plan.parameters / 1e6:.1f}M parameters, {plan.flops_per_image / 1e9:.1f} GFLOP "
         f"per image (forward)",
         f"global batch {plan.global_batch} on {plan.world} process(es), {plan.precision}, checkpointing "
-        f"{plan.checkpointing}, EMA {'on' if plan.ema else 'off'}, budget {gib(plan.budget)} per process",
+        f"{plan.checkpointing}, EMA {'on' if plan.ema else 'off'}, {gib(plan.budget)} per process",
         f"micro-batch {plan.micro_batch} x {plan.accumulation} accumulation step(s): peak {gib(m.peak)} "
-        f"({'fits' if plan.fits else 'does NOT fit'})",
+        f"per process ({'fits' if plan.fits else 'does NOT fit'})",
         f"  weights {gib(m.params)}, gradients {gib(m.grads)}, AdamW {gib(m.optimizer)}, EMA {gib(m.ema)}, "
         f"activations {gib(m.activations)}, workspace {gib(m.workspace)}",
-        f"largest micro-batch that fits, by checkpointing: {largest}",
+        f"largest micro-batch that fits: {plan.largest_micro_batch} (by checkpointing: {largest}); "
+        f"--micro-batch auto: {plan.auto_micro_batch} x {plan.auto_accumulation} accumulation step(s)",
         f"time per step at {plan.tflops:g} TFLOP/s per process: {plan.time_per_step_s:.2f} s",
     ])  # fmt: skip
 

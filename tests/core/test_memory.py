@@ -165,7 +165,7 @@ def test_inference_plans():
 def test_every_paper_preset_has_a_plan_that_fits_an_80_gib_gpu(name):
     train = PRESETS[name]
     for world in (1, 8):
-        plan = M.plan_run(train, 80 * M.GiB, num_classes=PAPER[name], world=world)
+        plan = M.plan_run(train, 80 * M.GiB, num_classes=PAPER[name], world=world, micro_batch="auto")
         assert plan.fits and plan.micro_batch >= 1, M.describe(plan)
         assert plan.micro_batch * plan.accumulation * world == train.batch_size
         assert plan.memory.peak <= 80 * M.GiB and plan.time_per_step_s > 0
@@ -177,12 +177,28 @@ def test_every_paper_preset_has_a_plan_that_fits_an_80_gib_gpu(name):
 
 
 def test_imagenet64_plan_on_one_gpu():
-    plan = M.plan_run(PRESETS["imagenet64"], 80 * M.GiB)
-    cfg = PRESETS["imagenet64"].model_config(3, 64, 0)
+    train = PRESETS["imagenet64"]
+    plan = M.plan_run(train, 80 * M.GiB, micro_batch="auto")
+    cfg = train.model_config(3, 64, 0)
     assert (plan.precision, plan.parameters, plan.model) == ("fp32", cfg.num_parameters(), "2-768-8-8")
     assert plan.flops_per_image == cfg.flops_per_image() and plan.tflops == M.DEFAULT_TFLOPS["fp32"]
     expected = 3 * cfg.flops_per_image() * 256 / (M.DEFAULT_TFLOPS["fp32"] * 1e12)
     assert plan.time_per_step_s == pytest.approx(expected)
     assert plan.accumulation > 1 and plan.micro_batch * plan.accumulation == 256
+    assert (plan.micro_batch, plan.accumulation) == (plan.auto_micro_batch, plan.auto_accumulation)
+    assert plan.micro_batch <= plan.largest_micro_batch < 2 * plan.micro_batch
     text = M.describe(plan)
-    assert "fits" in text and f"micro-batch {plan.micro_batch} x {plan.accumulation}" in text
+    assert "(fits)" in text and f"micro-batch {plan.micro_batch} x {plan.accumulation}" in text
+    # the trainer's default (no split): the whole batch in one pass does not fit, and the plan says so
+    whole = M.plan_run(train, 80 * M.GiB)
+    assert (whole.micro_batch, whole.accumulation, whole.fits) == (256, 1, False)
+    assert "does NOT fit" in M.describe(whole) and whole.auto_micro_batch == plan.micro_batch
+    blocks = M.plan_run(train, 80 * M.GiB, micro_batch=64, checkpointing="blocks")
+    assert (blocks.micro_batch, blocks.accumulation, blocks.fits) == (64, 4, True)
+    assert blocks.time_per_step_s == pytest.approx(4 / 3 * expected)
+
+
+def test_plan_needs_an_image_size():
+    with pytest.raises(ValueError, match="--image-size"):
+        M.plan_run(PRESETS["tiny"], 80 * M.GiB)
+    assert M.plan_run(PRESETS["tiny"], 80 * M.GiB, in_channels=1, num_classes=10, img_size=8).fits
