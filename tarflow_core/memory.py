@@ -281,8 +281,7 @@ def describe(plan: TrainingPlan) -> str:
         f"per process ({'fits' if plan.fits else 'does NOT fit'})",
         f"  weights {gib(m.params)}, gradients {gib(m.grads)}, AdamW {gib(m.optimizer)}, EMA {gib(m.ema)}, "
         f"activations {gib(m.activations)}, workspace {gib(m.workspace)}",
-        f"largest micro-batch that fits: {plan.largest_micro_batch} (by checkpointing: {largest}); "
-        f"--micro-batch auto: {plan.auto_micro_batch} x {plan.auto_accumulation} accumulation step(s)",
+        f"largest micro-batch that fits, by checkpointing: {largest}",
         f"time per step at {plan.tflops:g} TFLOP/s per process: {plan.time_per_step_s:.2f} s",
     ])  # fmt: skip
 
