@@ -3,7 +3,8 @@
 The options that set the run (`--lr`, `--blocks`, ...) are not written here: each is built from
 its `TrainConfig` field's declaration in tarflow_core/config.py (flags, help, default "not
 given"). Only the options that are no setting of their own are declared below: `--preset` (the
-starting settings), `--noise` (sets the `noise` and `noise_std` fields), `--resume` and `--ui`.
+starting settings), `--noise` (sets the `noise` and `noise_std` fields), `--resume`, `--ui` and the
+memory plan's `--plan`, `--memory` and `--json` (`train_plan.py`).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ Examples:
   torchrun --nproc_per_node=8 -m tarflow_cli train --preset imagenet64 --data /data/imagenet64
 """
 
-# The options of `tarflow train` that are no `TrainConfig` field, and the fields that have no option
-# of their own (`--noise gaussian:STD` sets `noise_std`). Every other field is exactly one option
-# (tests/cli/test_train_cli.py checks it): most are built from the field's declaration, while
-# `--preset` (it picks the preset whose name the field keeps) and `--noise` are written below.
-OPTIONS_WITHOUT_FIELD = ("resume", "ui")
+# The options of `tarflow train` that are no `TrainConfig` field (run control: resume, the view, the
+# memory plan), and the fields that have no option of their own (`--noise gaussian:STD` sets
+# `noise_std`). Every other field is exactly one option (tests/cli/test_train_cli.py checks it): most are
+# built from the field's declaration, while `--preset` (it picks the preset whose name the field keeps)
+# and `--noise` are written below.
+OPTIONS_WITHOUT_FIELD = ("resume", "ui", "plan", "memory", "json")
 FIELDS_WITHOUT_OPTION = ("noise_std",)
 
 
@@ -94,6 +96,19 @@ def _written_options() -> dict[str, tuple[Any, Any]]:
                 "--ui",
             ),
         ),
+        "plan": (
+            Optional[bool],
+            _opt(
+                "Print the memory plan of these settings (parameters, FLOPs/image, peak per process, largest "
+                "fitting micro-batch, accumulation, time per step) and exit; no training.",
+                "--plan",
+            ),
+        ),
+        "memory": (
+            Optional[str],
+            _opt("With --plan: memory per process, e.g. 80GiB (default: the CUDA device's).", "--memory"),
+        ),
+        "json": (Optional[bool], _opt("With --plan: print the plan as one JSON object.", "--json")),
     }
 
 
@@ -137,9 +152,16 @@ def train(**options: Any) -> None:
     """
     try:  # a signal before the run's own handlers are in place (imports, settings) ends at once
         is_main = int(os.environ.get("RANK", "0") or 0) == 0
+        plan, memory, as_json = options.pop("plan"), options.pop("memory"), options.pop("json")
+        if not plan and (memory is not None or as_json):
+            _fail(f"{'--memory' if memory is not None else '--json'} goes with --plan", 2)
         ui_mode = _pick_ui(options.pop("ui"))
         resume = options.pop("resume")
         cfg = _settings(options, resume)
+        if plan:
+            from .train_plan import print_plan
+
+            return print_plan(cfg, memory, bool(as_json), _fail)
         result = _run(cfg, ui_mode, resume is not None, is_main)
         if is_main:
             _report(result)
@@ -316,10 +338,13 @@ def _describe(e: dict) -> str | None:
     if k == "start":
         d = e.get("data", {})
         resumed = f", resumed from step {step}" if e.get("resumed_from") else ""
+        accumulation = e.get("accumulation") or 1
+        split = f" in {accumulation} micro-batches of {e.get('micro_batch')}" if accumulation > 1 else ""
+        note = f"; {e['micro_batch_note']}" if e.get("micro_batch_note") else ""
         return (
             f"training {e.get('parameters', 0):,} parameters on {d.get('train', d.get('source'))} "
             f"({e.get('device')}, {e.get('precision')}, {e.get('world_size')} process(es), global batch "
-            f"{e.get('global_batch')}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}"
+            f"{e.get('global_batch')}{split}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}{note}"
         )
     if k == "eval":
         return f"step {step}: held-out {_fmt(e.get('bpd'), '.4f')} bits/dim ({e.get('images')} images)"
