@@ -5,6 +5,10 @@ likelihood runs), loss 0.5 * mean(z^2) - mean(logdet) / D, AdamW, label drop (-1
 conditional runs, the VP prior update after each step, bf16 autocast when asked. A step whose
 loss or gradient is not finite changes nothing (weights, optimizer, EMA, prior).
 
+With `--micro-batch` the step's batch goes through forward and backward in equal micro-batches, each
+loss scaled by its share, so the gradients add up to the whole batch's; the random draws, the VP prior
+and the metrics are those of the whole batch, so the step computes the same function (micro.py).
+
 Metrics stay on the device (no host sync per step) and are read at log intervals."""
 
 from __future__ import annotations

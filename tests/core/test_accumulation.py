@@ -156,3 +156,49 @@ def test_only_the_last_micro_step_synchronises_gradients():
     for step, (x, y) in enumerate(_batches(2, 12)):
         stepper(step, x, y)
     assert len(entered) == 2 * 3
+
+
+def test_auto_on_cuda_takes_the_plan_figure_confirmed_by_a_probe(monkeypatch):
+    """CUDA without a GPU here: the device's memory faked, probes faked. The plan's largest divisor of the
+    share first; a probe that runs out of memory steps down to the next divisor; none fits: one sentence."""
+    from types import SimpleNamespace
+
+    from tarflow_core import memory
+    from tarflow_core.train import micro
+
+    total = 8 * memory.GiB
+    monkeypatch.setattr(micro.torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    cfg = TrainConfig(width=256, head_dim=64, num_blocks=4, layers_per_block=4, batch_size=4096, micro_batch="auto")
+    model_cfg = cfg.model_config(3, 64, 0)
+    cuda = DistInfo(device=torch.device("cuda", 0))
+    fits = memory.largest_micro_batch(
+        total, model_cfg, precision="bf16", checkpointing="off", world=1, accumulating=True, ema=False
+    )
+    assert 1 < fits < 4096
+    tried = []
+    chosen = micro_batch_for(cfg, model_cfg, cuda, "bf16", lambda n: tried.append(n) or True)
+    assert tried == [largest_divisor(4096, fits)] and (chosen.size, chosen.steps) == (tried[0], 4096 // tried[0])
+    assert "a probe step confirmed it" in chosen.note and chosen.planned_peak <= total
+    tried.clear()
+    chosen = micro_batch_for(cfg, model_cfg, cuda, "bf16", lambda n: tried.append(n) or n < tried[0])
+    assert chosen.size == tried[1] == largest_divisor(4096, tried[0] - 1)
+    with pytest.raises(ConfigError, match=r"--micro-batch auto: no micro-batch of up to \d+ images fitted"):
+        micro_batch_for(cfg, model_cfg, cuda, "bf16", lambda n: False)
+
+
+def test_a_probe_step_leaves_the_run_as_it_was(monkeypatch):
+    from tarflow_core.train.micro import probe_step
+
+    cfg = TrainConfig(width=32, head_dim=16, num_blocks=2, layers_per_block=1)
+    model = TarFlow(cfg.model_config(1, 8, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert probe_step(model, 4, None) is True
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(model, "forward", oom)
+    assert probe_step(model, 4, None) is False
