@@ -232,7 +232,11 @@ def _run(cfg: TrainConfig, ui_mode: str, resume: bool, is_main: bool):
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():
             raise
-        _fail(f"out of device memory at --batch-size {cfg.batch_size}; lower it (or the model size)", 1)
+        _fail(
+            f"out of device memory at --batch-size {cfg.batch_size}; lower --micro-batch (or --batch-size, or the "
+            "model size) or use --checkpointing blocks (tarflow train --plan shows what fits)",
+            1,
+        )
     except KeyboardInterrupt:
         if is_main:
             typer.echo("interrupted (aborted mid-step; the last checkpoint is kept)", err=True)
