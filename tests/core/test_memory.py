@@ -5,7 +5,7 @@ presets on an 80 GiB GPU."""
 from __future__ import annotations
 
 import json
-import sys
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -73,12 +73,10 @@ def test_model_activation_count_is_close_to_what_autograd_saves(precision):
 
 
 # Three sizes (width and tokens growing) measured in fresh processes, two at a time (each uses one thread).
-SIZES = [(rgb(16, 128), 32), (rgb(32, 256), 16), (rgb(32, 384, layers=3), 12)]
+# bf16 autocast and checkpointing (the model's own) at the smallest size, where a step costs least.
+SIZES = [(rgb(16, 128), 32), (rgb(32, 256), 12), (rgb(32, 384, layers=3), 8)]
 CASES = [(cfg, b, what, "fp32", "off") for cfg, b in SIZES for what in ("training", "denoising")]
-CASES += [
-    (SIZES[1][0], SIZES[1][1], "training", "bf16", "off"),
-    (SIZES[1][0], SIZES[1][1], "training", "fp32", "blocks"),
-]
+CASES += [(*SIZES[0], "training", "bf16", "off"), (*SIZES[0], "training", "fp32", "blocks")]
 
 
 def planned_peak(cfg, batch, what, precision, checkpointing) -> int:
@@ -87,7 +85,9 @@ def planned_peak(cfg, batch, what, precision, checkpointing) -> int:
     return M.denoising_memory(cfg, batch, precision=precision, device="cpu").peak
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs (peak reset)"
+)
 def test_training_and_denoising_plans_are_within_25_percent_of_the_measured_peak():
     with ThreadPoolExecutor(2) as pool:
         measured = list(pool.map(lambda c: measure_peak(c[2], c[0], c[1], c[3], c[4]), CASES))
