@@ -173,17 +173,13 @@ def _noise(flag: str, v: Any) -> str | None:
     return None if v in NOISE_TYPES else f"{flag} must be 'uniform' or 'gaussian:STD' (got {v!r})"
 
 
-def _precision(flag: str, v: Any) -> str | None:
-    return None if v in PRECISIONS else f"{flag} must be one of {', '.join(PRECISIONS)} (got {v!r})"
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda flag, v: None if v in choices else f"{flag} must be one of {', '.join(choices)} (got {v!r})"
 
 
 def _micro_batch(flag: str, v: Any) -> str | None:
     ok = v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
     return None if ok else f"{flag} must be a positive integer or 'auto' (got {v!r})"
-
-
-def _checkpointing(flag: str, v: Any) -> str | None:
-    return None if v in CHECKPOINTING else f"{flag} must be one of {', '.join(CHECKPOINTING)} (got {v!r})"
 
 
 def _lr(flag: str, v: Any) -> str | None:
@@ -264,7 +260,7 @@ class TrainConfig:
     )
     # numerics
     precision: str = option(  # auto: bf16 on CUDA for Gaussian-noise runs, else fp32
-        "auto", "fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", check=_precision, resume=True
+        "auto", "fp32, bf16 or auto (bf16 on CUDA for Gaussian-noise runs).", check=_one_of(PRECISIONS), resume=True
     )
     compile: bool = option(False, "torch.compile the model.", "--compile/--no-compile", resume=True)
     # memory: both leave the maths as it is (the same gradients), so --resume may change them
@@ -280,7 +276,7 @@ class TrainConfig:
         "off",
         "Activation checkpointing: off, blocks or layers (recomputed in backward: less memory, the same "
         "gradients, about a third more compute). May change on --resume.",
-        check=_checkpointing,
+        check=_one_of(CHECKPOINTING),
         resume=True,
     )
     # intervals, in steps (0: never, except the final checkpoint; log_every 0: about 100 lines per run)

@@ -25,7 +25,7 @@ from .checkpoints import Checkpointer
 from .micro import micro_batch_for, probe_step
 from .outcome import SetupError, TrainResult, classify_failure, out_of_memory_reason, peer_failure_reason
 from .previews import Previews
-from .report import RunLog, peak_memory
+from .report import RunLog, peak_memory, start_fields
 from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
 from .parts import build_model, open_data, wrap_model
@@ -187,9 +187,9 @@ class Trainer:
         if last or (self._due(cfg.checkpoint_every) and self.consecutive_bad == 0):
             self.save()  # not inside a run of skipped steps: older checkpoints must survive it
         if self._due(cfg.eval_every) or (last and cfg.eval_every):
-            self._side_job("evaluation", self._evaluate)
+            _side_job(self, "evaluation", self._evaluate)
         if self._due(cfg.sample_every) or (last and cfg.sample_every):
-            self._side_job("sample grid", self._sample)
+            _side_job(self, "sample grid", self._sample)
         if last:
             return self._finish("finished", f"reached step {total}")
         self.side_time += time.perf_counter() - t0
@@ -239,19 +239,6 @@ class Trainer:
             self.step, means, lr=self.lr, images_per_s=ips, model_cfg=self.model_cfg, epoch=epoch, total_steps=total
         )
 
-    def _side_job(self, what: str, job: Callable[[], None]) -> None:
-        """An evaluation or a sample grid; running out of memory there is a warning, and the run goes on."""
-        try:
-            job()
-        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
-            if classify_failure(e, started=True, distributed=self.d.distributed) != "oom":
-                raise
-            if self.d.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.log.warn(
-                self.step, f"out of memory in the {what} at step {self.step}: skipped, the run goes on", "oom"
-            )
-
     def _evaluate(self) -> None:
         fields = self.previews.evaluate(self.model, self.ema)
         if fields is not None:
@@ -269,37 +256,7 @@ class Trainer:
     def _announce(self) -> None:
         """The `start` event, then the warnings known before the first step."""
         cfg, data = self.cfg, self.data
-        data_fields = {
-            **data.info,
-            "train": data.train.description,
-            "test": data.test.description if data.test else None,
-            "train_images": len(data.train),
-            "skipped": int(getattr(data.train, "skipped", 0)),
-        }
-        self.log.emit(
-            "start",
-            self.step,
-            config=cfg.to_dict(),
-            model=self.model_cfg.to_dict(),
-            parameters=self.model.num_parameters(),
-            data=data_fields,
-            world_size=self.d.world_size,
-            device=str(self.d.device),
-            precision=self.precision,
-            global_batch=cfg.batch_size,
-            steps_per_epoch=self.steps_per_epoch,
-            total_steps=self.schedule.total_steps,
-            warmup_steps=self.schedule.warmup_steps,
-            run_dir=str(self.run_dir),
-            resumed_from=str(self.resumed.checkpoint) if self.resumed else None,
-            tarflow_version=__version__,
-            environment=self.environment,
-            micro_batch=self.micro.size,
-            accumulation=self.micro.steps,
-            checkpointing=cfg.checkpointing,
-            memory_plan_bytes=self.micro.planned_peak,
-            **({"micro_batch_note": self.micro.note} if self.micro.note else {}),
-        )
+        self.log.emit("start", self.step, **start_fields(self, __version__))
         busy = busy_note(self.threads, self.d.device.type)
         if busy:
             self.log.warn(self.step, busy, reason="busy")
@@ -364,6 +321,19 @@ def train(
             if result is None:
                 raise
             return result
+
+
+def _side_job(trainer: Trainer, what: str, job: Callable[[], None]) -> None:
+    """An evaluation or a sample grid; running out of memory there is a warning, and the run goes on."""
+    try:
+        job()
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        if classify_failure(e, started=True, distributed=trainer.d.distributed) != "oom":
+            raise
+        if trainer.d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        step = trainer.step
+        trainer.log.warn(step, f"out of memory in the {what} at step {step}: skipped, the run goes on", "oom")
 
 
 @contextlib.contextmanager

@@ -30,6 +30,41 @@ def peak_memory(device: torch.device) -> tuple[int, int | None]:
     return int(memory_mb(device) * 2**20), None
 
 
+def start_fields(t, version: str) -> dict[str, Any]:
+    """The `start` event's fields for `Trainer` t: the settings, model, data, world, schedule, environment
+    and how each process's batch is split into micro-batches."""
+    cfg, data, micro = t.cfg, t.data, t.micro
+    data_fields = {
+        **data.info,
+        "train": data.train.description,
+        "test": data.test.description if data.test else None,
+        "train_images": len(data.train),
+        "skipped": int(getattr(data.train, "skipped", 0)),
+    }
+    return dict(
+        config=cfg.to_dict(),
+        model=t.model_cfg.to_dict(),
+        parameters=t.model.num_parameters(),
+        data=data_fields,
+        world_size=t.d.world_size,
+        device=str(t.d.device),
+        precision=t.precision,
+        global_batch=cfg.batch_size,
+        steps_per_epoch=t.steps_per_epoch,
+        total_steps=t.schedule.total_steps,
+        warmup_steps=t.schedule.warmup_steps,
+        run_dir=str(t.run_dir),
+        resumed_from=str(t.resumed.checkpoint) if t.resumed else None,
+        tarflow_version=version,
+        environment=t.environment,
+        micro_batch=micro.size,
+        accumulation=micro.steps,
+        checkpointing=cfg.checkpointing,
+        memory_plan_bytes=micro.planned_peak,
+        **({"micro_batch_note": micro.note} if micro.note else {}),
+    )
+
+
 class RunLog:
     """The run's events. Other ranks say nothing; rank 0 writes once `open()`ed."""
 
