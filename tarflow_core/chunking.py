@@ -14,25 +14,24 @@ the user's): without `max_batch` a pass holds the whole batch, as it always did.
 A whole batch that fits runs as one pass whatever the free memory, so the sizes, and the rounding, are
 the same run to run on a GPU of one's own; on a GPU that other processes share, a batch that does not
 fit may be split differently from one run to the next (the same numbers up to rounding), and
-`max_batch` then fixes the split.
+a `max_batch` that fits then fixes the split.
 
-The per-row estimates below are local stand-ins for the memory plan's (memory.py) until it lands.
+The bytes per row are the memory plan's (memory.py), as it counts them on CUDA.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from . import memory
 from .config import ModelConfig
 
-MiB, GiB = 2**20, 2**30
+GiB = memory.GiB
 # Kept free on CUDA beside the estimates: library workspaces (cuBLAS, cuDNN) created on first use
-# and the caching allocator's rounding; the estimates also allow FRAGMENTATION on top of themselves.
+# and the caching allocator's rounding (the plan's estimates add fragmentation on top of themselves)
 CUDA_MARGIN = 1 * GiB
-FRAGMENTATION = 0.10
-FID_FEATURE_MAPS = 12 * MiB  # live feature maps of one 299x299 image in the FID network (float32)
 
 
 def inference_budget(device: torch.device | str) -> int | None:
@@ -66,7 +65,7 @@ def rows_per_pass(
     if budget is not None:
         # one row at least: an estimate above the budget may be pessimistic, and a real shortage
         # then shows as the device's own out-of-memory error
-        size = min(size, max(1, int(budget // max(1, per_row_bytes))))
+        size = min(size, max(1, memory.chunk_size(budget, max(1, per_row_bytes))))
     return size
 
 
@@ -76,32 +75,33 @@ def spans(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-def _with_fragmentation(nbytes: float) -> int:
-    return int(nbytes * (1 + FRAGMENTATION))
+def _per_row(plan: Callable[[int], memory.InferencePlan]) -> int:
+    """What one more row adds to an inference plan's peak on CUDA (the weights and the runtime are
+    resident before a pass is sized, so only this counts against the free memory)."""
+    return plan(2).peak - plan(1).peak
+
+
+def _precision(element: int) -> tuple[str, float]:
+    """The memory plan's precision for values of `element` bytes, and the factor for wider ones."""
+    return ("bf16", 1.0) if element <= 2 else ("fp32", element / 4)
 
 
 def scoring_bytes_per_row(cfg: ModelConfig, element: int = 4) -> int:
-    """A no-grad forward, at its largest inside a layer's MLP: the layer's input and middle residual,
-    the norm's output, the fc1 and GELU outputs (earlier layers' tensors are freed), per image."""
-    W, E = cfg.width, cfg.expansion * cfg.width
-    return _with_fragmentation(cfg.num_patches * (2 * element * W + 4 * W + 2 * element * E + 16 * cfg.token_dim))
+    """A no-grad forward per image (`memory.scoring_memory`), values of `element` bytes."""
+    precision, wider = _precision(element)
+    return int(wider * _per_row(lambda n: memory.scoring_memory(cfg, n, precision=precision)))
 
 
 def denoising_bytes_per_row(cfg: ModelConfig, element: int = 4) -> int:
-    """One autograd pass of log p(x) w.r.t. x: every layer's saved tensors over the whole forward,
-    one layer's backward temporaries, the input and its gradient, per image."""
-    T, W, E, D = cfg.num_patches, cfg.width, cfg.expansion * cfg.width, cfg.token_dim
-    layer = T * (2 * element * W + 16 + element * (6 * W + 2 * E) + 4 * cfg.num_heads)
-    block = T * (element * W + 16 * D)
-    backward = T * (2 * element * E + 8 * W)
-    saved = cfg.num_blocks * (cfg.layers_per_block * layer + block)
-    return _with_fragmentation(saved + backward + 3 * 4 * cfg.data_dim)
+    """One autograd pass of log p(x) w.r.t. x per image (`memory.denoising_memory`): a whole forward
+    kept for backward."""
+    precision, wider = _precision(element)
+    return int(wider * _per_row(lambda n: memory.denoising_memory(cfg, n, precision=precision)))
 
 
 def fid_bytes_per_row(size: int = 299) -> int:
-    """The FID network's live feature maps and its resized, normalised input, per image (float32)."""
-    return _with_fragmentation(FID_FEATURE_MAPS * (size / 299) ** 2 + 2 * 3 * size * size * 4)
+    """The FID network per image (`memory.fid_memory`, at 299x299; its maps scale with the area)."""
+    return int(_per_row(lambda n: memory.fid_memory(n)) * (size / 299) ** 2)
 
 
-def format_bytes(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+format_bytes = memory.format_size
