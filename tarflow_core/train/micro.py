@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .. import memory
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..dist import DistInfo, any_flag
 from ..model import TarFlow
@@ -27,7 +28,7 @@ class MicroBatch:
     size: int  # images per forward and backward
     steps: int  # micro-batches per optimisation step (the accumulation)
     planned_peak: int | None  # the plan's peak bytes per process at this size (None: no plan for the device)
-    note: str = ""  # how `auto` chose, told as a warning at the start ("" when nothing to tell)
+    note: str = ""  # how `auto` chose, told in the start event ("" when nothing to tell)
 
 
 def micro_batch_for(
@@ -69,8 +70,7 @@ def planned_peak(
 ) -> int | None:
     """The memory plan's peak bytes per process for this run at micro-batch `size` (None: no plan for
     this device or precision)."""
-    memory = _memory_plan()
-    if memory is None or d.device.type not in ("cuda", "cpu") or precision not in ("fp32", "bf16"):
+    if d.device.type not in ("cuda", "cpu") or precision not in memory.PRECISIONS:
         return None
     return memory.training_memory(
         model_cfg,
@@ -84,20 +84,9 @@ def planned_peak(
     ).peak
 
 
-def _memory_plan():
-    try:
-        from .. import memory
-    except ImportError:  # a build without the memory plan
-        return None
-    return memory if hasattr(memory, "training_memory") and hasattr(memory, "largest_micro_batch") else None
-
-
 def _auto(cfg, model_cfg, d: DistInfo, precision: str, share: int, probe) -> tuple[int, str]:
     """`--micro-batch auto` on CUDA: the largest divisor of the share that the plan fits in the
     device's memory, confirmed (or stepped down) by probe steps. (size, what to tell)."""
-    memory = _memory_plan()
-    if memory is None:
-        return share, "--micro-batch auto: no memory plan in this version; the whole batch is one micro-batch"
     total = torch.cuda.get_device_properties(d.device).total_memory
     settings = dict(precision=precision, checkpointing=cfg.checkpointing, ema=bool(cfg.ema_decay))
     fits = memory.largest_micro_batch(total, model_cfg, world=d.world_size, accumulating=True, **settings)

@@ -218,10 +218,10 @@ def _saved_training(ckpt: Path) -> dict:
 
 
 def _changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    """The resume-changeable optimisation settings that differ from the checkpoint's, as `--lr A -> B`."""
+    """The resume-changeable settings that change the numbers and differ from the checkpoint's, as `--lr A -> B`."""
     return [
         f"--{k.replace('_', '-')} {saved[k]} -> {getattr(cfg, k)}"
-        for k in ("lr", "min_lr", "grad_clip")
+        for k in ("lr", "min_lr", "grad_clip", "micro_batch")  # another micro-batch reorders the gradient sums
         if k in saved and saved[k] != getattr(cfg, k)
     ]
 

@@ -136,8 +136,11 @@ def test_auto_off_cuda_is_the_whole_share_and_may_change_on_resume(tmp_path):
     train(tiny_cfg(tmp_path / "a", **kw))
     resumed = dataclasses.replace(load_run_config(tmp_path / "a"), max_steps=6, micro_batch=4, checkpointing="layers")
     assert train(resumed, resume=True).status == "finished"
-    start = [e for e in read_events(tmp_path / "a" / "events.jsonl") if e["kind"] == "start"][-1]
+    events = list(read_events(tmp_path / "a" / "events.jsonl"))
+    start = [e for e in events if e["kind"] == "start"][-1]
     assert (start["micro_batch"], start["accumulation"], start["checkpointing"]) == (4, 4, "layers")
+    told = [e["message"] for e in events if e["kind"] == "warning" and e.get("reason") == "settings"]
+    assert len(told) == 1 and "--micro-batch None -> 4" in told[0]  # the sums are ordered otherwise from here
 
 
 def test_only_the_last_micro_step_synchronises_gradients():
