@@ -30,8 +30,14 @@ def nll(
     model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, *, max_batch: int | None = None
 ) -> torch.Tensor:
     """-log p(x) / D in nats per dimension, D = C * H * W; scored in passes of at most `max_batch`
-    images (and on CUDA of what the free memory holds; see `chunking`)."""
+    images (and on CUDA of what the free memory holds; see `chunking`). A plain tensor: scoring keeps
+    no autograd graph (differentiate `log_prob` for gradients)."""
     x = inputs.images(model, x)
+    with torch.no_grad():
+        return _nll(model, x, y, max_batch)
+
+
+def _nll(model: TarFlow, x: torch.Tensor, y, max_batch: int | None) -> torch.Tensor:
     size = pass_rows(model, x.shape[0], max_batch, scoring_bytes_per_row)
     if size >= x.shape[0]:
         return -log_prob(model, x, y) / model.config.data_dim
@@ -81,7 +87,8 @@ def class_log_likelihoods(
     for start, stop in spans(K * B, size):
         # only this pass's pairs are built: K x B copies of the images would not fit at 1,000 classes
         pair = torch.arange(start, stop, device=x.device)
-        parts.append(log_prob(model, x[pair % B], pair // B))
+        with torch.no_grad():  # a plain tensor, as every scoring result
+            parts.append(log_prob(model, x[pair % B], pair // B))
     return torch.cat(parts).view(K, B).t()
 
 

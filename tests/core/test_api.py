@@ -210,3 +210,21 @@ def test_load_model_places_the_model_on_auto_and_names_a_device_that_is_not_here
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device cuda: CUDA is not available"):
             load_model(tmp_path / "ck", device="cuda")
+
+
+def test_inference_results_are_plain_tensors_without_an_autograd_graph():
+    model = tiny_model(num_classes=3)
+    x = _x(model)
+    x8 = torch.randint(0, 256, x.shape, dtype=torch.uint8)
+    from tarflow_core.likelihood import class_log_likelihoods, classify
+
+    results = {
+        "nll": nll(model, x, [0, 1]),
+        "nll in passes": nll(model, x, [0, 1], max_batch=1),
+        "bpd": bpd(model, x8, [0, 1]),
+        "class_log_likelihoods": class_log_likelihoods(model, x),
+        "classify": classify(model, x),
+        "denoise": denoise(model, x, [0, 1], sigma=0.1),
+    }
+    for name, out in results.items():
+        assert out.grad_fn is None and not out.requires_grad, name
