@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import _fsync_dir, default_mode
-from .checkpoint_info import FORMAT, CheckpointError, CheckpointInfo, data_from_config, read_tensors
+from .checkpoint_info import FORMAT, CheckpointError, CheckpointInfo, data_from_config, read_shapes, read_tensors
 from .config import ModelConfig
 from .model import TarFlow, state_shapes
 from .reference_checkpoint import check_finite, read_reference_state, reference_info
@@ -182,13 +182,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **kw
 
 
 def read_info(path: str | os.PathLike, *, patch_size: int | None = None) -> CheckpointInfo:
-    """Describe a checkpoint without building the model."""
+    """Describe a checkpoint without building the model; its weight files' headers and tensor shapes
+    are checked against the architecture described (what loading would refuse, refused here too)."""
     resolved = resolve_checkpoint(path)
     if resolved.is_dir():
-        return _native_info(resolved, patch_size)
+        info = _native_info(resolved, patch_size)
+        expected = state_shapes(info.config)
+        for name in (MODEL_FILE, EMA_FILE) if info.has_ema and (resolved / EMA_FILE).exists() else (MODEL_FILE,):
+            _check_state(expected, read_shapes(resolved / name), resolved / name)
+        return info
     state = read_reference_state(resolved)
     info = reference_info(state, resolved, patch_size=patch_size)
-    _check_state(state_shapes(info.config), state, resolved)
+    _check_state(state_shapes(info.config), {k: tuple(v.shape) for k, v in state.items()}, resolved)
     return info
 
 
@@ -233,18 +238,18 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) -> Ta
     """The model of `cfg` holding the weights of `state` (as float32). Built on the meta device and
     given the loaded tensors, so there is no random initialisation to throw away (seconds for a
     published-size model) and no second copy of the weights in memory."""
-    _check_state(state_shapes(cfg), state, source)
+    _check_state(state_shapes(cfg), {k: tuple(v.shape) for k, v in state.items()}, source)
     with torch.device("meta"):
         model = TarFlow(cfg)
     model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, assign=True)
     return model
 
 
-def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: Path) -> None:
-    """Refuse weights whose names or shapes (`expected`: name -> shape) differ from the architecture's."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+def _check_state(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Refuse weights whose names or shapes (name -> shape) differ from the architecture's (`expected`)."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if tuple(shapes[k]) != tuple(expected[k]))
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):

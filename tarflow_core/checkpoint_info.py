@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from . import __version__
@@ -64,5 +64,15 @@ def data_from_config(cfg: ModelConfig) -> dict[str, Any]:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' names and shapes in a safetensors file, from its header (which must cover the file)
+    without reading the data: what `tarflow info` checks before describing a checkpoint."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None

@@ -263,6 +263,20 @@ def test_corrupt_checkpoint(tmp_path):
     assert_user_error(run("info", "--ckpt", tmp_path / "bad.pth"), "bad.pth")
 
 
+def test_info_checks_the_weights_it_describes_and_fails_as_sample_does(tmp_path):
+    """A garbage or mismatched model.safetensors: info exits 2 naming it, with sample's message."""
+    path = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32))
+    other = save_checkpoint(tmp_path / "other", tiny_model(dtype=torch.float32, num_classes=3))
+    for weights, says in ((b"garbage", "not a readable safetensors file"), (other, "do not match the architecture")):
+        (path / "model.safetensors").write_bytes(
+            weights if isinstance(weights, bytes) else (weights / "model.safetensors").read_bytes()
+        )
+        shown = run("info", "--ckpt", path)
+        assert_user_error(shown, "model.safetensors", says)
+        assert_user_error(run("sample", "--ckpt", path, "-n", 1, "--out", tmp_path / "x.npy"), says)
+        assert shown.stdout == ""
+
+
 def test_pickled_object_checkpoint_is_refused_without_running(tmp_path):
     from tests.core.test_checkpoint import _Marker
 
