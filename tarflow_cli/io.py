@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,6 +42,7 @@ class Inputs:
     is_uint8: bool
     sources: list[str]
     labels: np.ndarray | None
+    skipped: list[str] = field(default_factory=list)  # unreadable image files in the folders given
 
 
 @dataclass
@@ -55,14 +56,25 @@ class _Chunk:
 # --------------------------------------------------------------------------- reading
 
 
-def read_inputs(paths: list[str], stdin: BinaryIO | None = None) -> Inputs:
-    """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order."""
+def read_inputs(
+    paths: list[str], stdin: BinaryIO | None = None, *, channels: int | None = None, strict: bool = False
+) -> Inputs:
+    """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order.
+
+    An unreadable image file in a folder is skipped and listed in `Inputs.skipped` (as training
+    skips and counts them); `strict` refuses it instead, naming every one. `channels` (the model's)
+    makes any NCHW array of that many channels an input as it is, beyond the 1 and 3 of images."""
     dashes = sum(str(p) == "-" for p in paths)
     if dashes > 1:
         raise InputError(f"- (stdin) is given {dashes} times; stdin can be read only once")
     chunks: list[_Chunk] = []
+    skipped: list[tuple[str, str]] = []  # (file, why)
     for p in paths:
-        chunks.extend(_read_one(str(p), stdin))
+        chunks.extend(_read_one(str(p), stdin, channels, skipped))
+    if skipped and (strict or not any(len(c.images) for c in chunks)):
+        first, why = skipped[0]
+        more = f" ({count(len(skipped) - 1, 'more unreadable file')}: {_names(skipped[1:])})" if skipped[1:] else ""
+        raise InputError(f"could not read image {first}: {why}{more}")
     if not chunks or sum(len(c.images) for c in chunks) == 0:
         given = ", ".join(map(str, paths)) or "no inputs were given"
         raise InputError(f"no images to read: {given} (expected image files, folders, .npz, .npy or -)")
@@ -83,6 +95,28 @@ def read_inputs(paths: list[str], stdin: BinaryIO | None = None) -> Inputs:
         is_uint8=first.images.dtype == np.uint8,
         sources=[s for c in chunks for s in c.sources],
         labels=labels,
+        skipped=[name for name, _ in skipped],
+    )
+
+
+def count(n: int, noun: str) -> str:
+    """`1 image`, `2 images`: a number and its noun in agreement."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _names(skipped: list[tuple[str, str]], shown: int = 5) -> str:
+    names = ", ".join(name for name, _ in skipped[:shown])
+    return names + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
+def skipped_warning(data: Inputs, where: str) -> str | None:
+    """The one warning naming the unreadable files `read_inputs` skipped (`where` says how the
+    results name the files that were read), or None."""
+    if not data.skipped:
+        return None
+    return (
+        f"warning: {count(len(data.skipped), 'unreadable image file')} skipped "
+        f"({_names([(n, '') for n in data.skipped])}); {where}; --strict refuses them"
     )
 
 
@@ -110,7 +144,7 @@ def read_labels(path: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
+def _read_one(path: str, stdin: BinaryIO | None, channels: int | None, skipped: list) -> list[_Chunk]:
     if path == "-":
         if stdin is None:
             if sys.stdin is None:  # `<&-`
@@ -124,7 +158,7 @@ def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
         data = stdin.read()
         if not data:
             raise InputError("stdin (-) is empty; expected .npy bytes, e.g. from `tarflow sample --out -`")
-        return [_load_array_bytes(data, "-")]
+        return [_load_array_bytes(data, "-", channels)]
     p = Path(path)
     if not p.exists():
         raise InputError(f"input {path} does not exist; expected an image file, a folder, a .npz, a .npy or -")
@@ -139,13 +173,13 @@ def _read_one(path: str, stdin: BinaryIO | None) -> list[_Chunk]:
         if not files:
             looked = ", ".join("*" + e for e in IMAGE_EXTS)
             raise InputError(f"folder {path} holds no image files (looked for {looked})")
-        return [_read_image(f) for f in files]
+        return [chunk for chunk in (_read_folder_image(f, skipped) for f in files) if chunk is not None]
     if p.suffix.lower() in (".npy", ".npz"):
         try:
             data = p.read_bytes()
         except OSError as e:
             raise InputError(f"could not read {path}: {e}") from None
-        return [_load_array_bytes(data, path)]
+        return [_load_array_bytes(data, path, channels)]
     return [_read_image(p)]
 
 
@@ -159,12 +193,21 @@ def _read_image(p: Path) -> _Chunk:
     return _Chunk(str(p), arr.transpose(2, 0, 1)[None], [str(p)], None)
 
 
+def _read_folder_image(p: Path, skipped: list) -> _Chunk | None:
+    """A folder's image, or None with (file, why) added to `skipped` when it cannot be read."""
+    try:
+        return _read_image(p)
+    except InputError as e:
+        skipped.append((str(p), str(e).removeprefix(f"could not read image {p}: ")))
+        return None
+
+
 def _image_to_hwc(img: Image.Image) -> np.ndarray:
     arr = np.asarray(eight_bit(img))
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _load_array_bytes(data: bytes, name: str) -> _Chunk:
+def _load_array_bytes(data: bytes, name: str, channels: int | None = None) -> _Chunk:
     problem = not_numpy(data[:6])
     if problem:
         raise InputError(f"could not load {name} as a .npy/.npz array: {problem}")
@@ -194,7 +237,7 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
     except (OSError, ValueError, EOFError) as e:
         raise InputError(f"could not load {name} as a .npy/.npz array: {describe(e)}") from None
 
-    images = _to_nchw(arr, name)
+    images = _to_nchw(arr, name, channels)
     if labels is not None:
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
             raise InputError(
@@ -207,14 +250,18 @@ def _load_array_bytes(data: bytes, name: str) -> _Chunk:
     return _Chunk(name, images, [f"{name}[{i}]" for i in range(len(images))], labels)
 
 
-def _to_nchw(arr: np.ndarray, name: str) -> np.ndarray:
-    """Arrange a uint8 (NHWC, NCHW, NHW, flat rows) or float (NCHW, NHW) array as NCHW."""
+def _to_nchw(arr: np.ndarray, name: str, channels: int | None = None) -> np.ndarray:
+    """Arrange a uint8 (NHWC, NCHW, NHW, flat rows) or float (NCHW, NHW) array as NCHW; an NCHW
+    array of `channels` channels (the model's) is taken as it is."""
     is_float = arr.dtype in FLOAT_DTYPES
     bad = f"{name}: unsupported {arr.dtype} array of shape {arr.shape}; expected "
+    model_shaped = channels is not None and arr.ndim == 4 and arr.shape[1] == channels
+    if model_shaped and arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
     if is_float:
         if arr.ndim == 3:
             arr = arr[:, None]
-        if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        if arr.ndim != 4 or (arr.shape[1] not in (1, 3) and not model_shaped):
             raise InputError(bad + "float model-space images as NCHW (C = 1 or 3) or NHW")
         if not np.isfinite(arr).all():
             bad_images = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())

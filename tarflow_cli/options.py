@@ -87,6 +87,12 @@ LabelsOpt = Annotated[
 ]
 
 
+# a folder's unreadable image files are skipped and named in one warning, as `train` skips them
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Refuse unreadable image files in a folder instead of skipping them.")
+]
+
+
 def inputs_argument(help: str) -> Any:
     """The images `score` and `denoise` read."""
     return Annotated[list[str], typer.Argument(metavar="INPUT", help=help, show_default=False)]

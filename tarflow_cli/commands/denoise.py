@@ -11,9 +11,9 @@ from tarflow_core import flow
 from tarflow_core.likelihood import denoise as denoise_step
 from tarflow_core.runtime import tf32_in_use
 
-from ..console import user_errors
-from ..io import check_output, read_inputs, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, ThreadsOpt
+from ..console import info, user_errors
+from ..io import check_output, read_inputs, skipped_warning, write_output
+from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, StrictOpt, ThreadsOpt
 from ..options import inputs_argument, out_option, seed_option
 from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels
 from .numbers import FINITE
@@ -47,6 +47,7 @@ def denoise(
     threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
     seed: UnusedSeedOpt = 0,
+    strict: StrictOpt = False,
 ) -> None:
     """Denoise images with one step along the model's score.
 
@@ -64,8 +65,11 @@ def denoise(
         dev = resolve_device(device, threads)
         model, ck = load(ckpt, dev, patch_size)
         sigma = resolve_denoise_sigma(ck, True, sigma, flag="--sigma", option="--sigma")
-        data = read_inputs(inputs)
+        data = read_inputs(inputs, channels=model.config.in_channels, strict=strict)
         check_model_inputs(data, model.config, inputs, verb="denoised")
+        skipped = skipped_warning(data, "the output's metadata lists the sources of its images, in order")
+        if skipped:
+            info(skipped)
         n = len(data.images)
         y = resolve_labels(
             ck, n, class_=class_, labels_path=labels, from_inputs=data.labels, inputs_name=", ".join(inputs)
@@ -88,6 +92,7 @@ def denoise(
                 "threads": torch.get_num_threads(),
                 "max_batch": max_batch,
                 "tf32": tf32_in_use(dev),
+                **({"sources": data.sources, "skipped": data.skipped} if data.skipped else {}),
             },
         )
         plural = "s" if n != 1 else ""

@@ -16,9 +16,9 @@ from tarflow_core.likelihood import classify as bayes_classify
 from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
-from ..io import Inputs, read_inputs, strict_json
+from ..io import Inputs, count, read_inputs, skipped_warning, strict_json
 from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import inputs_argument
+from ..options import StrictOpt, inputs_argument
 from .common import batches, check_model_inputs, load, resolve_device, resolve_labels
 from .progress import progress_bar
 
@@ -65,6 +65,7 @@ def score(
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     patch_size: PatchOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
     """Score images under a checkpoint: one record per image, in input order.
 
@@ -89,8 +90,11 @@ def score(
             raise UsageError(
                 f"--classify: checkpoint {ck.path} is unconditional; classification needs a class-conditional model"
             )
-        data = read_inputs(inputs)
+        data = read_inputs(inputs, channels=model.config.in_channels, strict=strict)
         check_model_inputs(data, model.config, inputs)
+        skipped = skipped_warning(data, "each record's source names its file")
+        if skipped:
+            info(skipped)
         dequantize = _check_dequantization(data, inputs, dequantize, dequant_samples)
         y = resolve_labels(
             ck,
@@ -193,7 +197,7 @@ def _summarize(records: list[dict], y, fmt: str, classify: bool, dequantize: str
         extra = f", accuracy {acc:.3f} against the given labels"
     draws = f" x{dequant_samples}" if dequantize == "uniform" else ""
     info(
-        f"scored {n} images: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
+        f"scored {count(n, 'image')}: mean nll {sum(r['nll'] for r in records) / n:.4f} nats/dim, "
         f"mean bpd {mean_bpd:.4f} (dequantize {dequantize}{draws}){extra}"
     )
 

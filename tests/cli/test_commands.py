@@ -569,3 +569,64 @@ def test_a_seed_torch_cannot_take_is_a_usage_error(cond_ckpt, command):
         "--seed",
         str(2**70),
     )
+
+
+# ------------------------------------------------------ unreadable folder images, model-shaped arrays
+
+
+def _folder_with_a_corrupt_image(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, name in enumerate(("a.png", "c.png")):
+        Image.fromarray(np.full((4, 4), 60 * i, np.uint8)).save(folder / name)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+def test_score_and_denoise_skip_unreadable_folder_images_as_train_does(tmp_path):
+    """One warning names the bad file; the good ones are scored with their index and source;
+    --strict refuses."""
+    ckpt = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32), noise={"type": "gaussian", "std": 0.1})
+    folder = _folder_with_a_corrupt_image(tmp_path)
+    scored = run("score", "-c", ckpt, folder, "-f", "jsonl")
+    assert scored.exit_code == 0, scored.stderr
+    recs = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [(r["index"], r["source"]) for r in recs] == [(0, str(folder / "a.png")), (1, str(folder / "c.png"))]
+    warnings = [line for line in scored.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "1 unreadable image file skipped" in warnings[0] and "b.png" in warnings[0]
+    assert "scored 2 images" in scored.stderr
+    den = run("denoise", "-c", ckpt, folder, "--out", tmp_path / "d.npz")
+    assert den.exit_code == 0, den.stderr
+    assert "1 unreadable image file skipped" in den.stderr and "b.png" in den.stderr
+    meta = json.loads(str(np.load(tmp_path / "d.npz")["tarflow_meta"]))
+    assert meta["sources"] == [str(folder / "a.png"), str(folder / "c.png")] and meta["skipped"] == [
+        str(folder / "b.png")
+    ]
+    for command in (["score", "-f", "jsonl"], ["denoise", "--out", tmp_path / "s.npz"]):
+        assert_user_error(run(command[0], "-c", ckpt, folder, "--strict", *command[1:]), "b.png")
+
+
+def test_scoring_one_image_says_image(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "ck", tiny_model(dtype=torch.float32))
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 4, 4), np.float32))
+    r = run("score", "-c", ckpt, tmp_path / "x.npy", "-f", "jsonl")
+    assert r.exit_code == 0 and "scored 1 image:" in r.stderr, r.stderr
+
+
+def test_an_array_of_the_models_shape_is_its_input_whatever_its_channel_count(tmp_path):
+    """A 2-channel model takes (N, 2, H, W) arrays, float and uint8, in score and denoise."""
+    model = tiny_model(dtype=torch.float32, in_channels=2, img_size=4, patch_size=2)
+    ckpt = save_checkpoint(tmp_path / "ck", model, noise={"type": "gaussian", "std": 0.1})
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 2, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "u.npy", np.zeros((3, 2, 4, 4), np.uint8))
+    r = run("score", "-c", ckpt, tmp_path / "x.npy", "-f", "jsonl")
+    assert r.exit_code == 0, r.stderr
+    got = [json.loads(line)["nll"] for line in r.stdout.splitlines()]
+    assert np.allclose(got, nll(model, torch.from_numpy(x)).numpy(), atol=1e-5)
+    assert run("score", "-c", ckpt, tmp_path / "u.npy", "-f", "jsonl").exit_code == 0
+    d = run("denoise", "-c", ckpt, tmp_path / "x.npy", "--out", tmp_path / "d.npy")
+    assert d.exit_code == 0, d.stderr
+    assert np.load(tmp_path / "d.npy").shape == (6, 2, 4, 4)
+    np.save(tmp_path / "five.npy", np.zeros((2, 5, 4, 4), np.float32))  # neither an image nor the model's
+    assert_user_error(run("score", "-c", ckpt, tmp_path / "five.npy"), "five.npy")

@@ -426,3 +426,17 @@ def test_stdout_takes_every_byte_or_the_write_fails():
     assert np.array_equal(np.load(io.BytesIO(whole.getvalue())), x)
     with pytest.raises(WriteError, match="No space left on device"):
         write_output(x, "-", stdout=_ShortWrites(room=150))
+
+
+def test_a_folders_unreadable_images_are_skipped_and_listed_or_refused_when_strict(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    for name in ("b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    got = read_inputs([str(tmp_path)])
+    assert got.sources == [str(tmp_path / "a.png")] and got.skipped == [str(tmp_path / n) for n in ("b.png", "c.png")]
+    with pytest.raises(InputError, match=r"b\.png.*1 more unreadable file: .*c\.png"):
+        read_inputs([str(tmp_path)], strict=True)
+    np.save(tmp_path / "two.npy", np.zeros((2, 2, 4, 4), np.float32))
+    with pytest.raises(InputError, match="two.npy"):
+        read_inputs([str(tmp_path / "two.npy")])
+    assert read_inputs([str(tmp_path / "two.npy")], channels=2).images.shape == (2, 2, 4, 4)
