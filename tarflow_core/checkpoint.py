@@ -119,7 +119,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Any `--ckpt` form -> a native checkpoint directory or a `.pth` file."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
+        newest = newest_run_named_like(p)
+        hint = f"; the newest run whose name starts with {p.name} is {newest}" if newest else ""
+        raise CheckpointError(f"checkpoint {p} does not exist{hint}")
     if p.is_file():
         native_file = p.name in (MODEL_FILE, EMA_FILE, CONFIG_FILE)
         if native_file or (p.name == RESUME_STATE_FILE and (p.parent / MODEL_FILE).exists()):
@@ -144,6 +146,30 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         f"{p} is not a checkpoint: expected a run directory (with {CHECKPOINTS_DIR}/), a checkpoint "
         f"directory ({MODEL_FILE} + {CONFIG_FILE}) or a reference .pth file{hint}"
     )
+
+
+def newest_run_named_like(path: Path) -> Path | None:
+    """The most recently written run directory beside `path` whose name starts with its name
+    (`runs/tiny` -> `runs/tiny-20261128-232751`: `train` names runs `<preset>-<time>`), or None."""
+    try:
+        found = [d for d in path.parent.iterdir() if d.name.startswith(path.name) and _is_run(d)]
+    except OSError:
+        return None
+    return max(found, key=_last_written) if found and path.name else None
+
+
+def _is_run(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / "events.jsonl").is_file() or (folder / CHECKPOINTS_DIR).is_dir())
+
+
+def _last_written(run: Path) -> tuple[float, str]:
+    """When a run last wrote its events (or its folder changed), the name breaking ties."""
+    for f in (run / "events.jsonl", run):
+        try:
+            return f.stat().st_mtime, run.name
+        except OSError:
+            continue
+    return 0.0, run.name
 
 
 # --------------------------------------------------------------------------------------- loading

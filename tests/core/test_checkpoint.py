@@ -507,3 +507,24 @@ def test_weights_holding_nan_are_refused_by_name(tmp_path):
     torch.save(state, tmp_path / "vp.pth")
     with pytest.raises(CheckpointError, match="'var' holds values <= 0"):
         load_checkpoint(tmp_path / "vp.pth", patch_size=4)
+
+
+def test_a_missing_run_directory_names_the_newest_run_whose_name_starts_with_it(tmp_path):
+    """`--ckpt runs/tiny` after `train` made `runs/tiny-<time>`: the error names the newest one."""
+    import os
+
+    model = tiny_model(dtype=torch.float32)
+    for i, name in enumerate(("tiny-20260101-000000", "tiny-20260102-000000", "tinyx")):
+        save_checkpoint(tmp_path / name / "checkpoints" / "step-00000001", model, step=1)
+        (tmp_path / name / "events.jsonl").write_text("{}\n")
+        os.utime(tmp_path / name / "events.jsonl", (1000 + i, 1000 + i))
+    os.utime(tmp_path / "tinyx" / "events.jsonl", (10, 10))  # the oldest
+    (tmp_path / "tiny-notes").mkdir()  # not a run
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "tiny")
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'tiny'} does not exist; the newest run whose name starts with tiny is "
+        f"{tmp_path / 'tiny-20260102-000000'}"
+    )
+    with pytest.raises(CheckpointError, match=r"nope does not exist$"):
+        load_checkpoint(tmp_path / "nope")
