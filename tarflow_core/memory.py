@@ -43,8 +43,8 @@ CHECKPOINTING = ("off", "blocks", "layers")
 # allocator typically reserves 5-10% more than it hands out under changing sizes.
 DEVICE_OVERHEAD = {"cuda": (1 * GiB, 0.10), "cpu": (0, 0.0)}
 # Sustained TFLOP/s of one H100 SXM when none is stated: ~40% of its dense bf16 peak (989); float32 runs
-# without TF32 (the trainer does not enable it) get ~75% of the 67 TFLOP/s of its CUDA cores.
-DEFAULT_TFLOPS = {"bf16": 400.0, "fp32": 50.0}
+# use TF32 on CUDA (the trainer enables it), ~40% of its dense TF32 peak (494).
+DEFAULT_TFLOPS = {"bf16": 400.0, "fp32": 200.0}
 INCEPTION_PARAMS = 23_885_486  # FIDInceptionV3 parameters and buffers (23,850,960 + 34,526)
 FID_BYTES_PER_IMAGE = 12 * MiB  # live feature maps of one 299x299 image (14.2 MiB measured with its input)
 
