@@ -137,3 +137,15 @@ def announce_output(summary: str, written: str | None, out: str) -> None:
     if out != "-":
         with to_stdout():
             typer.echo(out)
+
+
+def key_values(settings: dict) -> str:
+    """Settings as `key=value` pairs (lists comma-joined), the form `sample -v` prints them in."""
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in settings.items())
+
+
+def per_image(seconds: float) -> str:
+    """A time per image that stays readable when tiny: `0.004 s`, `0.25 ms`, not `0.000 s`."""
+    if seconds >= 0.001:
+        return f"{seconds:.3f} s"
+    return f"{seconds * 1e3:.2g} ms" if seconds >= 1e-6 else f"{seconds * 1e6:.2g} µs"

@@ -16,10 +16,10 @@ from tarflow_core.runtime import tf32_in_use
 from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
-from ..io import InputError, check_output, write_output
+from ..io import InputError, check_output, count, write_output
 from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import SamplingOptions, out_option, with_option_groups
-from .common import announce_output, load, resolve_device, resolve_labels
+from .common import announce_output, key_values, load, per_image, resolve_device, resolve_labels
 from .progress import progress_bar
 from .sampling_setup import check_precision_options, check_sampling_options, parse_segments, sampling_denoise_sigma
 
@@ -86,7 +86,7 @@ def sample(
                 f"checkpoint {ck.path}: {cfg.short_name()} {'NVP' if cfg.nvp else 'VP'}, "
                 f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, {cfg.num_classes} classes; device {dev}, "
                 f"{torch.get_num_threads()} threads, tf32 {'on' if tf32_in_use(dev) else 'off'}; seed {seed}; "
-                f"{sampling.guidance_settings()}; denoise sigma {sigma}"
+                f"{key_values(sampling.guidance_settings())}; denoise sigma {sigma}"
                 + (f", max batch {max_batch}" if max_batch is not None else "")
             )
         start = time.perf_counter()
@@ -112,11 +112,12 @@ def sample(
             )
         seconds = time.perf_counter() - start
         if verbose:
-            info(f"sampler: {result.settings}")
+            info(f"sampler: {key_values(result.settings)}")
         meta = _metadata(ck, seed, n, sampling, result, sigma, noise, max_batch=max_batch, tf32=tf32_in_use(dev))
         written = write_output(result.images, out, labels=result.labels, metadata=meta)
         redrawn = f", {result.redrawn} redrawn after non-finite values" if result.redrawn else ""
-        announce_output(f"sampled {n} images in {seconds:.2f} s ({seconds / n:.3f} s/image{redrawn})", written, out)
+        took = f"{seconds:.2f} s ({per_image(seconds / n)}/image{redrawn})"
+        announce_output(f"sampled {count(n, 'image')} in {took}", written, out)
 
 
 def _count_and_labels(

@@ -379,7 +379,7 @@ def test_sampler_settings_are_checked_and_recorded(cond_ckpt, tmp_path):
 
     recorded = read_png_metadata(auto)["sampling"]
     assert recorded["sampler"] == "sequential" and recorded["requested"] == "auto"  # what auto chose on a CPU
-    assert "'sampler': 'sequential'" in r.stderr
+    assert "sampler=sequential" in r.stderr and "{" not in r.stderr  # key=value, not a Python dict
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--cuda-graphs", "--device", "cpu"), "--cuda-graphs")
     assert_user_error(run("sample", "-c", cond_ckpt, "-n", 1, "--precision", "fp16"), "--precision fp16")
 
@@ -630,3 +630,19 @@ def test_an_array_of_the_models_shape_is_its_input_whatever_its_channel_count(tm
     assert np.load(tmp_path / "d.npy").shape == (6, 2, 4, 4)
     np.save(tmp_path / "five.npy", np.zeros((2, 5, 4, 4), np.float32))  # neither an image nor the model's
     assert_user_error(run("score", "-c", ckpt, tmp_path / "five.npy"), "five.npy")
+
+
+def test_tiny_times_per_image_stay_readable():
+    from tarflow_cli.commands.common import key_values, per_image
+
+    assert per_image(0.0041) == "0.004 s" and per_image(0.00025) == "0.25 ms" and per_image(4e-7) == "0.4 µs"
+    assert (
+        key_values({"sampler": "gs-jacobi", "segments": [4, 2], "tol": None})
+        == "sampler=gs-jacobi segments=4,2 tol=None"
+    )
+
+
+def test_sampling_one_image_says_image(cond_ckpt, tmp_path):
+    r = run("sample", "-c", cond_ckpt, "-n", 1, "--out", tmp_path / "one.npy", "-v")
+    assert r.exit_code == 0, r.stderr
+    assert "sampled 1 image in" in r.stderr and "guidance=0.0 guide_what=ab" in r.stderr
