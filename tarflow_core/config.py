@@ -309,6 +309,14 @@ class TrainConfig:
         check=positive_int,
         resume=True,
     )
+    # one more reader of the events, fed by rank 0 as they are emitted (tarflow_core/tensorboard.py)
+    tensorboard: bool = option(
+        False,
+        "Also write the scalars and sample grids as TensorBoard files into RUN_DIR/tensorboard/ as the run "
+        "goes (needs pip install 'tarflow[tensorboard]'; for a finished run: tarflow export-tb).",
+        "--tensorboard/--no-tensorboard",
+        resume=True,
+    )
     seed: int = option(0, "Random seed (model init, data order, noise).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resume=True)
     run_dir: str | None = option(None, "Run directory (default: runs/<preset>-<time>).", path=True)

@@ -16,11 +16,12 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import DataError, make_loader
 from ..dist import DistInfo, any_flag, distributed
 from ..events import EVENTS_FILE, stopped
 from ..runtime import busy_note, environment, threads_for, use_tf32
+from ..tensorboard import TENSORBOARD_DIR, TensorBoardMissing, require_tensorboard
 from .checkpoints import Checkpointer
 from .micro import micro_batch_for, probe_step
 from .outcome import SetupError, TrainResult, classify_failure, out_of_memory_reason, peer_failure_reason
@@ -302,6 +303,8 @@ def train(
     with contextlib.ExitStack() as stack:
         try:
             cfg.validate()
+            if cfg.tensorboard:
+                _require_tensorboard()
             d = stack.enter_context(distributed(cfg.device))
             stack.enter_context(threads_for(_threads(cfg, d, resume)))
             stack.enter_context(_tf32_restored())
@@ -309,7 +312,8 @@ def train(
             stack.callback(trainer.close)  # runs before the process group is left
             trainer.setup()
             if d.is_main:
-                trainer.log.open(trainer.run_dir / EVENTS_FILE)
+                tensorboard = trainer.run_dir / TENSORBOARD_DIR if cfg.tensorboard else None
+                trainer.log.open(trainer.run_dir / EVENTS_FILE, tensorboard=tensorboard)
         except BaseException as e:
             if classify_failure(e, started=False, distributed=False) == "setup":
                 raise SetupError(str(e)) from None
@@ -344,6 +348,14 @@ def _tf32_restored():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _require_tensorboard() -> None:
+    """--tensorboard without the package: a bad setting, told before anything starts."""
+    try:
+        require_tensorboard()
+    except TensorBoardMissing as e:
+        raise ConfigError(f"--tensorboard: {e}") from None
 
 
 def _threads(cfg: TrainConfig, d: DistInfo, resume: bool) -> int | None:

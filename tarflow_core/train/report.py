@@ -3,18 +3,22 @@ rank 0 and handed to the caller's `emit`. The wording of the run's messages live
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .. import flow
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..dist import DistInfo
 from ..events import JsonlSink, make_event
 from .outcome import TrainError
 from .step import StepMetrics
+
+if TYPE_CHECKING:
+    from ..tensorboard import TensorBoardExport
 
 
 def memory_mb(device: torch.device) -> float:
@@ -73,9 +77,19 @@ class RunLog:
         self.sink: JsonlSink | None = None
         self.path: Path | None = None
         self.late_skips_reported = 0
+        self.tensorboard: TensorBoardExport | None = None
 
-    def open(self, path: Path) -> None:
+    def open(self, path: Path, tensorboard: Path | None = None) -> None:
+        """Write the events to `path` and, given a folder, as TensorBoard files there too (starting
+        from the events already in the file: a resumed run's folder holds all of it)."""
         self.sink, self.path = JsonlSink(path), path
+        if tensorboard is not None:
+            from ..tensorboard import for_training
+
+            try:
+                self.tensorboard = for_training(path.parent, path, tensorboard)
+            except OSError as e:  # before the first event: a bad setting, like an unwritable --run-dir
+                raise ConfigError(f"--tensorboard: cannot write {tensorboard}: {e.strerror or e}") from None
 
     def emit(self, kind: str, step: int, **fields: Any) -> None:
         if not self.d.is_main:
@@ -87,8 +101,23 @@ class RunLog:
             except OSError as e:  # e.g. a full disk: stop writing events, end the run
                 self.sink = None
                 raise TrainError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if self.tensorboard is not None:
+            self._to_tensorboard(event)
         if self.user_emit is not None:
             self.user_emit(event)
+
+    def _to_tensorboard(self, event: dict) -> None:
+        """TensorBoard is one more reader of the events: its failure (a full disk) ends its files,
+        told in a warning, not the run. Flushed on the rarer events; a timer flushes the rest."""
+        try:
+            self.tensorboard.write(event)
+            if event["kind"] != "train":
+                self.tensorboard.flush()
+        except Exception as e:
+            writer, self.tensorboard = self.tensorboard, None
+            with contextlib.suppress(Exception):
+                writer.close()
+            self.warn(event["step"], f"TensorBoard files no longer written: {e}", reason="tensorboard")
 
     def warn(self, step: int, message: str, reason: str | None = None) -> None:
         self.emit("warning", step, message=message, **({"reason": reason} if reason else {}))
@@ -144,5 +173,9 @@ class RunLog:
         self.emit("end", step, status=status, reason=reason, checkpoint=str(checkpoint) if checkpoint else None)
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            with contextlib.suppress(Exception):  # closing flushes: the files lose their last points at worst
+                self.tensorboard.close()
+            self.tensorboard = None
         if self.sink is not None:
             self.sink.close()

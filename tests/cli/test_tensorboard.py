@@ -210,3 +210,70 @@ def test_export_tb_starts_without_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+# ------------------------------------------------------------------------- train --tensorboard
+SMALL = "--width 32 --head-dim 16 --blocks 2 --batch-size 16 --log-every 2 --num-samples 10 --device cpu --ui plain"
+
+
+def train(run: Path, *more: str):
+    args = ["train", *SMALL.split(), "--eval-every", "4", "--sample-every", "4", "--run-dir", str(run), *more]
+    return CliRunner().invoke(app, args)
+
+
+def everything(folder: Path) -> dict:
+    """Every scalar series and image of a TensorBoard folder, as plain values."""
+    acc = read_back(folder)
+    found = {tag: [(s.step, s.wall_time, s.value) for s in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    found["images"] = [(i.step, i.encoded_image_string) for i in acc.Images("samples")]
+    return found
+
+
+def test_train_writes_tensorboard_files_as_it_goes_and_across_a_resume(tmp_path):
+    """`train --tensorboard`: the same files export-tb writes from the finished run's events, rank 0's
+    writer fed as each event is emitted; a resume adds to them (each step once)."""
+    run = tmp_path / "run"
+    r = train(run, "--max-steps", "4", "--tensorboard")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["train"]["tensorboard"] is True
+    assert [s for s, _ in series(read_back(run / "tensorboard"), "train/bpd")] == [2, 4]
+    r = CliRunner().invoke(app, ["train", "--resume", str(run), "--max-steps", "8", "--ui", "plain"])
+    assert r.exit_code == 0, r.stderr
+    live = everything(run / "tensorboard")
+    assert {"train/loss", "train/bpd", "eval/bpd", "train/lr", "train/grad_norm", "speed/tflops"} <= set(live)
+    assert [s for s, *_ in live["train/bpd"]] == [2, 4, 6, 8]
+    assert [s for s, _ in live["images"]] == [4, 8]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    exported = CliRunner().invoke(app, ["export-tb", str(run), "--out", str(tmp_path / "tb")])
+    assert exported.exit_code == 0, exported.stderr
+    assert everything(tmp_path / "tb") == live
+
+
+def test_train_tensorboard_without_the_package_is_a_usage_error(tmp_path):
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\n"  # as if not installed
+        f"sys.argv = ['tarflow', 'train', *{SMALL.split()!r}, '--max-steps', '2', '--tensorboard', "
+        "'--run-dir', sys.argv[1]]\n"
+        "from tarflow_cli.entry import main\nmain()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--tensorboard" in lines[0] and "pip install 'tarflow[tensorboard]'" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tensorboard_failure_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch):
+    def full_disk(self, event):
+        if event["kind"] == "train":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tb.TensorBoardExport, "write", full_disk)
+    run = tmp_path / "run"
+    r = train(run, "--max-steps", "4", "--tensorboard")
+    assert r.exit_code == 0, r.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    warnings = [e for e in events if e["kind"] == "warning" and e.get("reason") == "tensorboard"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]["message"]
+    assert events[-1]["kind"] == "end" and events[-1]["status"] == "finished"
