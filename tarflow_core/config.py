@@ -313,7 +313,8 @@ class TrainConfig:
     tensorboard: bool = option(
         False,
         "Also write the scalars and sample grids as TensorBoard files into RUN_DIR/tensorboard/ as the run "
-        "goes (needs pip install 'tarflow[tensorboard]'; for a finished run: tarflow export-tb).",
+        "goes (needs the tensorboard package, as the extra of that name installs; for a finished run: tarflow "
+        "export-tb).",
         "--tensorboard/--no-tensorboard",
         resume=True,
     )

@@ -27,7 +27,7 @@ def export_tb(
             "-o",
             metavar="DIR",
             help="Folder for the TensorBoard files (default: RUN_DIR/tensorboard/). "
-            "Files an earlier export wrote there are replaced.",
+            "TensorBoard files an earlier export or train --tensorboard wrote there are replaced.",
             show_default=False,
         ),
     ] = None,
@@ -41,7 +41,7 @@ def export_tb(
     Scalars: train/loss, train/bpd, eval/bpd (held-out), train/lr, train/grad_norm,
     speed/images_per_s, speed/tflops (and nll, logdet, epoch, memory); images: the sample grids.
     The events file stays the run's record: exporting again rewrites the TensorBoard files from it.
-    Prints the output folder on stdout. Needs the tensorboard package: pip install 'tarflow[tensorboard]'.
+    Prints the output folder on stdout. Needs the tensorboard package: pip install 'tarflow\\[tensorboard]'.
 
     Examples:
 

@@ -277,3 +277,11 @@ def test_a_tensorboard_failure_is_a_warning_not_the_end_of_the_run(tmp_path, mon
     warnings = [e for e in events if e["kind"] == "warning" and e.get("reason") == "tensorboard"]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]["message"]
     assert events[-1]["kind"] == "end" and events[-1]["status"] == "finished"
+
+
+def test_help_names_the_extra_and_the_default_folder():
+    r = CliRunner().invoke(app, ["export-tb", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "pip install 'tarflow[tensorboard]'" in text and "RUN_DIR/tensorboard/" in text
+    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--tensorboard" in r.output and "RUN_DIR/tensorboard/" in " ".join(r.output.split())
