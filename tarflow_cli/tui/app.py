@@ -318,6 +318,9 @@ class DashboardApp(App[None]):
         self.push_screen(HelpScreen(str(self.events_path), self.owns_run))
 
     def action_stop_run(self) -> None:
+        if not self.owns_run and self.state.status in FINAL:
+            self.notify(f"The run is not running: it has ended ({self.state.status}).", title="not stopped")
+            return
         if not self.owns_run:
             self.notify(
                 "This viewer does not own the run: stop it where it runs (ctrl+c in its terminal).",

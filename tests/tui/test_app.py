@@ -122,7 +122,8 @@ async def test_keys(tmp_path):
 
         await pilot.press("s")
         await pilot.pause()
-        assert any("does not own the run" in n.message for n in app._notifications)
+        said = [n.message for n in app._notifications]
+        assert said == ["The run is not running: it has ended (finished)."]  # not "stop it where it runs"
 
         await pilot.press("left_square_bracket", "left_square_bracket", "left_square_bracket")
         assert view.position == 0 and "paged" in str(view.border_subtitle)
@@ -466,3 +467,18 @@ async def test_help_on_a_small_terminal_lists_every_key(tmp_path):
         assert "r        reload: read events.jsonl again from the first line" in screen_text(app)
         await pilot.press("x")
         assert not isinstance(app.screen, HelpScreen)
+
+
+@run_async
+async def test_s_in_a_viewer_of_a_live_run_says_where_to_stop_it_and_notes_leave_the_log_uncovered(tmp_path):
+    run = make_run(tmp_path, steps=100, finished=False)
+    app = app_for(run)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await wait_until(pilot, lambda: app.state.step == 100, what="events")
+        await pilot.press("s")
+        await pilot.pause()
+        assert any("does not own the run" in n.message for n in app._notifications)
+        await wait_until(pilot, lambda: bool(list(app.screen.query("Toast"))), what="a notification")
+        toasts = list(app.screen.query("Toast"))
+        log = app.query_one("#log").region
+        assert all(not toast.region.overlaps(log) for toast in toasts), (log, [t.region for t in toasts])
