@@ -330,10 +330,10 @@ def _with_epochs(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
 # ---------------------------------------------------------------------------------- views
 
 
-def _fmt(v: Any, spec: str = ".4g") -> str:
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return format(v, spec)
-    return str(v)
+def _fmt(v: Any, spec: str = ".4g", width: int = 0) -> str:
+    """`v` in `spec`, right-aligned in `width` columns (nan and missing values too)."""
+    text = format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else str(v)
+    return text.rjust(width)
 
 
 def _describe(e: dict) -> str | None:
@@ -364,11 +364,13 @@ def _describe(e: dict) -> str | None:
 
 
 def _train_line(e: dict) -> str:
+    """One log line whose columns keep their width from line to line (fixed decimals, padded)."""
     total = e.get("total_steps")
+    step = f"{e['step']:>{len(str(total))}}/{total}" if total else str(e["step"])
     return (
-        f"step {e['step']}{'/' + str(total) if total else ''}  loss {_fmt(e.get('loss'))}  "
-        f"bpd {_fmt(e.get('bpd'), '.4f')}  lr {_fmt(e.get('lr'), '.2e')}  grad {_fmt(e.get('grad_norm'), '.3g')}  "
-        f"{_fmt(e.get('images_per_s'), '.0f')} img/s"
+        f"step {step}  loss {_fmt(e.get('loss'), '.4f', 7)}  bpd {_fmt(e.get('bpd'), '.4f', 6)}  "
+        f"lr {_fmt(e.get('lr'), '.2e', 8)}  grad {_fmt(e.get('grad_norm'), '.2f', 5)}  "
+        f"{_fmt(e.get('images_per_s'), '.0f', 4)} img/s"
     )
 
 
@@ -423,7 +425,7 @@ class _RichView:
             self.task = self.progress.add_task("train", total=e.get("total_steps"), completed=e["step"], stats="")
         if kind == "train" and self.task is not None:
             speed = _fmt(e.get("images_per_s"), ".0f")
-            stats = f"loss {_fmt(e.get('loss'))} bpd {_fmt(e.get('bpd'), '.3f')} {speed} img/s"
+            stats = f"loss {_fmt(e.get('loss'), '.4f', 7)} bpd {_fmt(e.get('bpd'), '.3f')} {speed} img/s"
             self.progress.update(self.task, completed=e["step"], stats=stats)
             return
         line = _describe(e)

@@ -204,7 +204,7 @@ class ImageDataset(Dataset):
             f"{self.channels}x{self.image_size}x{self.image_size}, {classes}"
         )
         if self.skipped:
-            text += f", {self.skipped} unreadable files skipped"
+            text += f", {self.skipped} unreadable file{'' if self.skipped == 1 else 's'} skipped"
         return text + ")"
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from .report import RunLog, peak_memory, start_fields
 from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
 from .parts import build_model, open_data, wrap_model
-from .signals import StopLike
+from .signals import StopLike, stop_reason
 from .state import Resumed, recorded_threads, resume, resume_warnings
 from .step import BatchHook, MetricSums, Stepper
 
@@ -197,7 +197,7 @@ class Trainer:
         if self._stop_requested():
             if self.step > self.steps_mark:  # the partial interval's numbers, so even a short run has some
                 self._log_train()
-            return self._finish("interrupted", "stopped by the user")
+            return self._finish("interrupted", stop_reason(self.stop))
         return None
 
     def _due(self, every: int) -> bool:
@@ -262,7 +262,8 @@ class Trainer:
         if busy:
             self.log.warn(self.step, busy, reason="busy")
         if data.train.skipped:
-            self.log.warn(self.step, f"{data.train.skipped} unreadable files skipped in {cfg.data}")
+            n = data.train.skipped
+            self.log.warn(self.step, f"{n} unreadable file{'' if n == 1 else 's'} skipped in {cfg.data}")
         if data.test_note:
             self.log.warn(self.step, data.test_note)
         for reason, message in self.notes:

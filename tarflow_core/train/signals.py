@@ -12,10 +12,25 @@ from typing import Callable, Iterator
 StopLike = threading.Event | Callable[[], bool] | None
 
 
+class SignalStop(threading.Event):
+    """The stop request of `stop_on_signals`, knowing which signal made it (None: none yet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal_name: str | None = None
+
+
+def stop_reason(stop: StopLike) -> str:
+    """How the end event words a requested stop: Ctrl-C and the dashboard's stop key are the user's;
+    another signal (a scheduler's or `kill`'s SIGTERM) is named, not put on the user."""
+    name = getattr(stop, "signal_name", None)
+    return f"stopped by {name}" if name and name != "SIGINT" else "stopped by the user"
+
+
 @contextlib.contextmanager
 def stop_on_signals(
     signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), echo_window: float | None = None
-) -> Iterator[threading.Event]:
+) -> Iterator[SignalStop]:
     """An Event set by the first SIGINT/SIGTERM (the run then finishes its step, checkpoints and
     ends); a second one raises KeyboardInterrupt. Outside the main thread it only yields an Event.
 
@@ -23,7 +38,7 @@ def stop_on_signals(
     the terminal and, a moment later, forwarded by the launcher. A repeat of the same signal
     within `echo_window` seconds (default: 1 s in a distributed run, else 0) is taken as that
     echo, not as a second request, so the workers still save their checkpoint."""
-    event = threading.Event()
+    event = SignalStop()
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
@@ -38,6 +53,7 @@ def stop_on_signals(
                 return
             raise KeyboardInterrupt
         first.append((signum, now))
+        event.signal_name = signal.Signals(signum).name
         event.set()
 
     old = {}

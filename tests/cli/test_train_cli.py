@@ -405,3 +405,18 @@ def test_every_training_setting_is_exactly_one_option_of_train():
             declared = sorted(part for flag in spec.flags for part in flag.split("/"))
             assert sorted([*options[name].opts, *options[name].secondary_opts]) == declared, name
             assert options[name].help == spec.help, name
+
+
+def test_plain_log_lines_keep_their_columns():
+    """Each field starts in the same column from line to line (fixed decimals, padded)."""
+    from tarflow_cli.commands.train import _train_line
+
+    def line(step, loss, grad, speed):
+        e = dict(kind="train", step=step, total_steps=100, loss=loss, bpd=8.583, lr=2e-3, grad_norm=grad)
+        return _train_line({**e, "images_per_s": speed})
+
+    lines = [line(25, 0.1783, 3.9, 379), line(100, -0.02654, 3.55, 1017), line(50, float("nan"), 12.25, 45)]
+    for field in ("loss", "bpd", "lr", "grad", "img/s"):
+        assert len({text.index(field) for text in lines}) == 1, (field, lines)
+    assert "loss  0.1783" in lines[0] and "loss -0.0265" in lines[1] and "grad  3.90" in lines[0]
+    assert len({len(text) for text in lines}) == 1

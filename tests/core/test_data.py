@@ -248,7 +248,7 @@ def test_class_folder_with_corrupt_image(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
     ds = open_dataset(str(tmp_path), "all")
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2
-    assert len(ds) == 5 and ds.skipped == 1 and "1 unreadable" in ds.description
+    assert len(ds) == 5 and ds.skipped == 1 and "1 unreadable file skipped" in ds.description
     assert sorted(all_items(ds)[1]) == [0, 0, 0, 1, 1]
     x, _ = ds[0]
     assert x.shape == (3, 10, 10) and x.dtype == torch.uint8

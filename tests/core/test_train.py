@@ -648,6 +648,30 @@ def test_stop_on_signals_sets_event_then_raises():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_stop_by_sigterm_is_not_put_on_the_user(tmp_path):
+    """The end event names SIGTERM (a scheduler, `kill`); Ctrl-C and the dashboard's key are the user's."""
+    import threading
+
+    from tarflow_core.train.signals import SignalStop, stop_on_signals, stop_reason
+
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert stop.signal_name == "SIGTERM" and stop_reason(stop) == "stopped by SIGTERM"
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert stop_reason(stop) == "stopped by the user"
+    assert stop_reason(threading.Event()) == stop_reason(lambda: True) == stop_reason(None) == "stopped by the user"
+    stop = SignalStop()
+    stop.signal_name = "SIGTERM"
+    stop.set()
+    kw = dict(max_steps=4, checkpoint_every=0, sample_every=0, eval_every=0)
+    assert train(tiny_cfg(tmp_path / "run", **kw), stop=stop).status == "interrupted"
+    end = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["kind"] == "end"]
+    assert [e["reason"] for e in end] == ["stopped by SIGTERM"]
+
+
 def test_stop_on_signals_under_torchrun_takes_the_launchers_echo_for_the_same_request(monkeypatch):
     """Ctrl-C on `torchrun` reaches a worker from the terminal and again forwarded by the launcher:
     that echo must not abort the step (no checkpoint would be saved); a later signal still does."""
