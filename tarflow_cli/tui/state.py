@@ -68,6 +68,7 @@ class RunState:
         self.start_time: float | None = None
         self.end_time: float | None = None
         self.last_time: float | None = None
+        self.earlier_sessions = 0.0  # seconds trained before the latest start (a resumed run's earlier sessions)
         self.step: int = 0
         self.max_steps: int | None = None
         self.epoch: float | None = None
@@ -96,8 +97,11 @@ class RunState:
         step = number(e.get("step"))
         changed = {"header"}
         self.events += 1
+        before = self.last_time  # a start's previous session ended at its last event, if it never said it ended
         if t is not None:
             self.last_time = t
+        if kind == "start":
+            self._close_session(before)
         if step is not None and kind != "start":
             self.step = max(self.step, int(step)) if kind != "train" else int(step)
         handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
@@ -163,6 +167,14 @@ class RunState:
         bits = [b for b in (*shown, self.device) if b]
         self._log("event", f"run {what}" + (f": {', '.join(bits)}" if bits else ""), step, t)
         return {"charts", "samples", "log"}
+
+    def _close_session(self, last_seen: float | None) -> None:
+        """A new start: the time of the session before it (to its end event, else its last event)
+        counts towards the run's total."""
+        end = self.end_time if self.status in FINAL and self.end_time else last_seen
+        if self.start_time is not None and end is not None:
+            self.earlier_sessions += max(0.0, end - self.start_time)
+        self.start_time = None
 
     def _restart(self, t: float | None, step: int) -> None:
         """A start event: running from `step`; what came after `step` is gone (a resumed run
@@ -279,6 +291,11 @@ class RunState:
         return _memory(self._memory_raw)
 
     def elapsed(self, now: float | None = None) -> float | None:
+        """The run's training time, over all its sessions (see `session_elapsed` for the latest)."""
+        session = self.session_elapsed(now)
+        return None if session is None else self.earlier_sessions + session
+
+    def session_elapsed(self, now: float | None = None) -> float | None:
         if self.start_time is None:
             return None
         end = self.end_time if self.status in FINAL and self.end_time else (now if now is not None else time.time())

@@ -108,3 +108,28 @@ def test_formatting():
     assert format_duration(59) == "0:59" and format_duration(3725) == "1:02:05"
     assert format_duration(None) == "–"
     assert format_bytes(1536) == "2 KiB" and format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_elapsed_after_a_resume_is_the_runs_total_and_the_session_is_told_apart():
+    """Interrupted after 30 s, resumed an hour later for 20 s: 50 s in all, 20 s this session; a
+    session that ended without an end event counts to its last event."""
+    s = RunState("runs/x")
+    s.apply(START)
+    s.apply({"time": T0 + 30, "kind": "end", "step": 10, "status": "interrupted", "reason": "stopped by the user"})
+    s.apply({**START, "time": T0 + 3600, "step": 10, "resumed_from": "checkpoints/step-00000010"})
+    assert s.elapsed(now=T0 + 3620) == 50 and s.session_elapsed(now=T0 + 3620) == 20
+    s.apply({"time": T0 + 3625, "kind": "train", "step": 20, "loss": 1.0})  # then killed: no end event
+    s.apply({**START, "time": T0 + 7200, "step": 20, "resumed_from": "checkpoints/step-00000020"})
+    assert s.elapsed(now=T0 + 7210) == 30 + 25 + 10 and s.session_elapsed(now=T0 + 7210) == 10
+
+
+def test_the_header_shows_the_total_and_this_sessions_time_after_a_resume():
+    from tarflow_cli.tui.widgets.run_header import _details_line
+
+    s = RunState("runs/x")
+    s.apply(START)
+    s.apply({"time": T0 + 30, "kind": "end", "step": 10, "status": "interrupted", "reason": "stopped by the user"})
+    assert f"elapsed {format_duration(30)}  " in _details_line(s, T0 + 40, 60, 0).plain
+    s.apply({**START, "time": T0 + 3600, "step": 10, "resumed_from": "checkpoints/step-00000010"})
+    line = _details_line(s, T0 + 3620, 60, 0).plain
+    assert f"elapsed {format_duration(50)} ({format_duration(20)} this session)" in line, line

@@ -121,7 +121,10 @@ def _details_line(state: RunState, now: float, quiet_after: float, width: int) -
         two.append(f"{key} ", style="dim")
         two.append(value, style=style)
 
-    part("elapsed", format_duration(state.elapsed(now)))
+    elapsed = format_duration(state.elapsed(now))
+    if state.earlier_sessions:  # resumed: the run's total, then this session's
+        elapsed += f" ({format_duration(state.session_elapsed(now))} this session)"
+    part("elapsed", elapsed)
     if state.warnings:  # before the end reason, which is cut to the width and leaves no room
         part("warnings", str(state.warnings), "yellow")
     if state.status in ("interrupted", "failed") and state.end_reason:
