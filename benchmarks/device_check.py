@@ -115,7 +115,7 @@ def run_all(args: argparse.Namespace) -> int:
     try:
         for name, cap, least in STAGES:
             left = budget - (time.monotonic() - start)
-            entry = plan_stage(name, ctx, report, left, least, only)
+            entry = skip_entry(name, ctx, left, least, only)
             if entry is None:
                 entry = run_stage(name, args, ctx, min(cap if not args.tiny else 60, left))
             report["stages"][name] = entry
@@ -129,11 +129,12 @@ def run_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_stage(name: str, ctx: dict, report: dict, left: float, least: float, only) -> dict | None:
+def skip_entry(name: str, ctx: dict, left: float, least: float, only) -> dict | None:
     """A `skipped` entry when the stage cannot or need not run; None when it should run."""
     if only is not None and name not in only:
         return {"status": "skipped", "reason": "not in --only"}
-    if left < (least if not ctx["tiny"] else min(least, 5)):
+    least = least if not ctx["tiny"] else min(least, 5)
+    if left < least:
         return {"status": "skipped", "reason": f"budget: {left:.0f} s left, the stage needs {least} s at least"}
     if name != "environment" and ctx.get("device_resolved") is None:
         return {"status": "skipped", "reason": "the environment stage did not resolve the device"}
@@ -162,7 +163,8 @@ def run_stage(name: str, args: argparse.Namespace, ctx: dict, limit: float) -> d
         cmd += ["--tiny"] if args.tiny else []
         rc, out_tail, timed_out = run_limited(cmd, limit)
         entry = read_json(partial) or {}
-        partial.unlink(missing_ok=True)
+        for path in (partial, partial.with_name(partial.name + ".tmp")):  # a child killed mid-write leaves .tmp
+            path.unlink(missing_ok=True)
         entry.setdefault("figures", {})
         if timed_out:
             entry.update(status="timeout", reason=f"stopped after its {limit:.0f} s limit (figures so far kept)")
@@ -436,6 +438,8 @@ def stage_train(stage: Stage, ctx: dict, compiled: bool) -> dict | None:
     stage.put(compile=compiled, global_batch=cfg.batch_size, max_steps=cfg.max_steps, data="synthetic .npz",
               note="through the core API (the CLI's train calls the same function)")  # fmt: skip
     figures = train_run(stage, ctx, cfg)
+    if figures.get("status") != "finished":
+        return {"status": "error", "error": f"the run ended {figures.get('status')}: {figures.get('reason')}"}
     steady = [s["images_per_s"] for s in figures.get("steps", [])][2 if compiled else 1 :]
     if not steady:
         return {"status": "error", "error": f"too few steps timed ({figures.get('steps_done')})"}
