@@ -120,13 +120,22 @@ def run_all(args: argparse.Namespace) -> int:
                 entry = run_stage(name, args, ctx, min(cap if not args.tiny else 60, left))
             report["stages"][name] = entry
             after_stage(name, entry, ctx, report)
+            remove_runs(work)
             report["elapsed_s"] = round(time.monotonic() - start, 1)
             write_json(args.out, report)
             print(f"[{report['elapsed_s']:6.1f}s] {name}: {summary(entry)}", flush=True)
     finally:
+        remove_runs(work)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def remove_runs(work: Path) -> None:
+    """The run directories a stage's child left in /dev/shm (a run stopped by its time limit keeps its
+    checkpoint, GBs of RAM there); they are named after this check's scratch folder."""
+    for path in Path("/dev/shm").glob(f"{work.name}-run-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def skip_entry(name: str, ctx: dict, left: float, least: float, only) -> dict | None:
@@ -377,7 +386,8 @@ def run_config(ctx: dict, **changes):
     base = dict(data=str(ctx["work"] / "synthetic64.npz"), img_size=s["img"], batch_size=s["batch"],
                 max_steps=s["steps"], log_every=1, eval_every=0, sample_every=0, checkpoint_every=0,
                 keep_checkpoints=1, workers=0 if ctx["tiny"] else 4, device=ctx["device"], micro_batch="auto",
-                run_dir=str(run_parent(ctx) / f"tarflow-check-run-{time.monotonic_ns()}"), **s["arch"])  # fmt: skip
+                run_dir=str(run_parent(ctx) / f"{ctx['work'].name}-run-{time.monotonic_ns()}"),
+                **s["arch"])  # fmt: skip
     base.update(changes)
     return preset(PRESET).replace(**base)
 
