@@ -630,8 +630,8 @@ def stage_eval_bpd(stage: Stage, ctx: dict) -> None:
     res = dataset_bpd(model, test, batch_size=64, generator=torch.Generator().manual_seed(0))
     sync(ctx["device"])
     seconds = time.perf_counter() - t0
-    bpd = getattr(res, "bpd", None)
-    stage.put(bpd=bpd, seconds=round(seconds, 3), images_per_s=round(len(test) / seconds, 2), api="dataset_bpd")
+    stage.put(bpd=res.bpd, conditioned=res.conditioned, seconds=round(seconds, 3),
+              images_per_s=round(len(test) / seconds, 2), api="tarflow_core.metrics.dataset_bpd")  # fmt: skip
 
 
 def stage_fid(stage: Stage, ctx: dict) -> None:
