@@ -14,20 +14,22 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
-from .commands.numbers import FINITE, finite_float, seed_int
+from .commands.numbers import FINITE, POSITIVE, finite_float, seed_int
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps."
+FLAG = ""  # the metavar of an on/off option: the help shows the flag alone, not a `<bool>` value
 SEED_HELP = "Random seed: same seed and options give the same output."
 
 
-def device_option(help: str = DEVICE_HELP) -> Any:
-    """--device; commands that put nothing on a device take it too, and say so in `help`."""
-    return Annotated[str, typer.Option("--device", help=help)]
+def device_option(help: str = DEVICE_HELP, hidden: bool = False) -> Any:
+    """--device; commands that put nothing on a device still accept it (scripts pass it to every
+    command), `hidden` from their help, which lists only options that do something."""
+    return Annotated[str, typer.Option("--device", help=help, hidden=hidden)]
 
 
-def seed_option(help: str = SEED_HELP, parser: Optional[Callable[[str], int]] = seed_int) -> Any:
-    """--seed; commands that draw nothing random take it too, and say so in `help`."""
-    return Annotated[int, typer.Option("--seed", parser=parser, help=help)]
+def seed_option(help: str = SEED_HELP, parser: Optional[Callable[[str], int]] = seed_int, hidden: bool = False) -> Any:
+    """--seed; commands that draw nothing random still accept it, `hidden` from their help."""
+    return Annotated[int, typer.Option("--seed", parser=parser, help=help, hidden=hidden)]
 
 
 CkptOpt = Annotated[
@@ -46,18 +48,18 @@ PatchOpt = Annotated[
     Optional[int],
     typer.Option(
         "--patch-size",
-        min=1,
+        parser=POSITIVE,
         help="Patch size of a reference .pth whose file name does not give it.",
         show_default=False,
     ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", parser=POSITIVE, help="Images per batch.")]
 # the order of floating-point sums depends on the thread count, so it is chosen, not guessed from the load
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
         "--threads",
-        min=1,
+        parser=POSITIVE,
         help="CPU threads torch computes with; results depend on it \\[default: torch's own count, e.g. "
         "OMP_NUM_THREADS].",
         show_default=False,
@@ -69,7 +71,7 @@ MaxBatchOpt = Annotated[
     Optional[int],
     typer.Option(
         "--max-batch",
-        min=1,
+        parser=POSITIVE,
         help="The most images (image x class pairs when classifying) one denoising, scoring or Inception pass "
         "holds; a larger batch runs in several passes, with the same results up to rounding \\[default: as many "
         "as the free memory holds on CUDA, the whole batch elsewhere].",
@@ -89,7 +91,8 @@ LabelsOpt = Annotated[
 
 # a folder's unreadable image files are skipped and named in one warning, as `train` skips them
 StrictOpt = Annotated[
-    bool, typer.Option("--strict", help="Refuse unreadable image files in a folder instead of skipping them.")
+    bool,
+    typer.Option("--strict", metavar=FLAG, help="Refuse unreadable image files in a folder instead of skipping them."),
 ]
 
 
@@ -128,12 +131,14 @@ class SamplingOptions(OptionGroup):
         typer.Option("--attn-temp", parser=FINITE, help="Attention temperature of the unconditional guidance pass."),
     ] = 1.0
     annealed: Annotated[
-        bool, typer.Option("--annealed/--no-annealed", help="Ramp the guidance weight up along the sequence.")
+        bool,
+        typer.Option("--annealed/--no-annealed", metavar=FLAG, help="Ramp the guidance weight up along the sequence."),
     ] = False
     denoise: Annotated[
         Optional[bool],
         typer.Option(
             "--denoise/--no-denoise",
+            metavar=FLAG,
             help="One score-based denoising step \\[default: on when the checkpoint was trained with Gaussian "
             "noise, or when --denoise-sigma is given].",
             show_default=False,
@@ -184,7 +189,7 @@ class SamplingOptions(OptionGroup):
         Optional[int],
         typer.Option(
             "--check-every",
-            min=1,
+            parser=POSITIVE,
             help="Jacobi samplers: passes between convergence checks (each one waits for the device) "
             "\\[default: 1 on CPUs, 4 on CUDA].",
             show_default=False,
@@ -202,6 +207,7 @@ class SamplingOptions(OptionGroup):
         Optional[bool],
         typer.Option(
             "--cuda-graphs/--no-cuda-graphs",
+            metavar=FLAG,
             help="Replay the fixed-shape sampling steps as CUDA graphs \\[default: on with CUDA].",
             show_default=False,
         ),

@@ -319,7 +319,7 @@ class TrainConfig:
         resume=True,
     )
     seed: int = option(0, "Random seed (model init, data order, noise).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resume=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps.", resume=True)
     run_dir: str | None = option(None, "Run directory (default: runs/<preset>-<time>).", path=True)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ LrScaleOpt = Annotated[
     float, typer.Option("--lr-scale", parser=FINITE, help="Multiplier on the step (1: Tweedie's estimate).")
 ]
 OutOpt = out_option("X.png grid, folder/, X.npz, X.npy, or - (npy on stdout).")
-UnusedSeedOpt = seed_option("Accepted like every command's; the step itself draws nothing random.")
+UnusedSeedOpt = seed_option("Accepted like every command's; the step itself draws nothing random.", hidden=True)
 
 
 def denoise(
@@ -51,13 +51,16 @@ def denoise(
 ) -> None:
     """Denoise images with one step along the model's score.
 
+    x + lr_scale * sigma^2 * grad log p(x): Tweedie's estimate of the clean image at lr_scale 1.
+
     Examples:
 
       tarflow denoise --ckpt runs/tiny noisy.npy --out clean.png
 
       tarflow denoise --ckpt runs/tiny noisy/*.png --out clean/
 
-      tarflow sample --ckpt C --no-denoise --out - | tarflow denoise --ckpt C - --out -
+      tarflow sample --ckpt C --no-denoise --out - \\
+        | tarflow denoise --ckpt C - --out -
     """
     with user_errors():
         torch.manual_seed(seed)

@@ -21,6 +21,7 @@ from ..options import OptionGroup, SamplingOptions, changed_options, with_option
 from .common import load, resolve_device
 from .eval_fid import FidOptions
 from .evaluation import ACCURACY_DEFAULT_MAX_CLASSES, Evaluation
+from .numbers import POSITIVE
 from .sampling_setup import check_precision_options, check_sampling_options
 
 METRICS = ("bpd", "fid", "accuracy")
@@ -48,17 +49,20 @@ class EvalOptions(OptionGroup):
         typer.Option(
             "--metrics",
             "-m",
-            help="Comma-separated: bpd, fid, accuracy (default: bpd, plus accuracy for a class-conditional model "
-            f"of at most {ACCURACY_DEFAULT_MAX_CLASSES} classes on labelled data; accuracy scores every image once "
-            "per class).",
+            help="Comma-separated: bpd, fid, accuracy (accuracy scores every image once per class) \\[default: bpd, "
+            f"plus accuracy for a class-conditional model of at most {ACCURACY_DEFAULT_MAX_CLASSES} classes on "
+            "labelled data].",
             show_default=False,
         ),
     ] = None
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples drawn for FID.")] = NUM_SAMPLES
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", parser=POSITIVE, help="Samples drawn for FID.")] = (
+        NUM_SAMPLES
+    )
     batch_size: BatchOpt = 256
     max_batch: MaxBatchOpt = None
     dequant_samples: Annotated[
-        int, typer.Option("--dequant-samples", min=1, help="bpd: average over K uniform dequantization draws.")
+        int,
+        typer.Option("--dequant-samples", parser=POSITIVE, help="bpd: average over K uniform dequantization draws."),
     ] = DEQUANT_SAMPLES
     sampling: SamplingOptions = SamplingOptions()
     fid: FidOptions = FidOptions()
@@ -82,9 +86,11 @@ def eval_cmd(ckpt: CkptOpt, options: EvalOptions = EvalOptions()) -> None:
 
       tarflow eval --ckpt runs/tiny --metrics bpd,accuracy
 
-      tarflow eval --ckpt runs/tiny --metrics fid --num-samples 10000 --sample-cache runs/tiny/fid-samples
+      tarflow eval --ckpt runs/tiny --metrics fid --num-samples 10000 \\
+        --sample-cache runs/tiny/fid-samples
 
-      tarflow eval --ckpt in64.pth --data imagenet64/ --split test --metrics fid --guidance 1.5 --fid-stats in64-val.npz
+      tarflow eval --ckpt in64.pth --data imagenet64/ --split test \\
+        --metrics fid --guidance 1.5 --fid-stats in64-val.npz
     """
     with user_errors():
         require_stdout("eval")

@@ -12,10 +12,11 @@ import typer
 
 from tarflow_core.metrics import SampleCache, image_stats, sample_shards, save_stats
 from tarflow_core.metrics.common import ordered_batches
-from tarflow_core.metrics.inception import INPUT_SIZE, WEIGHTS_FILENAME
+from tarflow_core.metrics.inception import INPUT_SIZE
 
 from ..console import UsageError, info
 from ..options import OptionGroup, SamplingOptions
+from .numbers import POSITIVE
 from .progress import progress_bar
 
 RANDOM_WEIGHTS_WARNING = (
@@ -34,7 +35,7 @@ class FidOptions(OptionGroup):
         typer.Option(
             "--fid-stats",
             help="Reference statistics .npz (mu, sigma): read if it exists, else computed from --data/--split "
-            "and written there (default: a cache file keyed by data, split and image size).",
+            "and written there \\[default: a cache file keyed by data, split and image size].",
             show_default=False,
         ),
     ] = None
@@ -42,8 +43,8 @@ class FidOptions(OptionGroup):
         Optional[str],
         typer.Option(
             "--inception-weights",
-            help=f"The FID Inception weights ({WEIGHTS_FILENAME}) (default: $TARFLOW_INCEPTION, the cache, or a "
-            "download). 'random' gives a plumbing check only.",
+            help="The FID Inception weight file the FID tools distribute ('random': a plumbing check only) "
+            "\\[default: $TARFLOW_INCEPTION, the cache, or a download].",
             show_default=False,
         ),
     ] = None
@@ -57,7 +58,9 @@ class FidOptions(OptionGroup):
     inception_size: Annotated[
         int, typer.Option("--inception-size", hidden=True, help="Inception input size (299; smaller only for tests).")
     ] = INPUT_SIZE
-    fid_batch_size: Annotated[int, typer.Option("--fid-batch-size", min=1, help="Images per Inception batch.")] = 50
+    fid_batch_size: Annotated[
+        int, typer.Option("--fid-batch-size", parser=POSITIVE, help="Images per Inception batch.")
+    ] = 50
     sample_cache: Annotated[
         Optional[Path],
         typer.Option(

@@ -11,14 +11,14 @@ from rich.table import Table
 from tarflow_core.checkpoint import read_info
 
 from ..console import out, require_stdout, to_stdout, user_errors
-from ..options import CkptOpt, PatchOpt, device_option, seed_option
+from ..options import FLAG, CkptOpt, PatchOpt, device_option, seed_option
 from .common import check_device_spelling
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="One JSON object on stdout.")]
 UnusedDeviceOpt = device_option(
-    "Accepted like every command's (checked for spelling); info reads no tensors onto a device."
+    "Accepted like every command's (checked for spelling); info reads no tensors onto a device.", hidden=True
 )
-UnusedSeedOpt = seed_option("Accepted like every command's; info draws nothing random.", parser=None)
+UnusedSeedOpt = seed_option("Accepted like every command's; info draws nothing random.", parser=None, hidden=True)
 
 
 def info(
@@ -29,6 +29,8 @@ def info(
     seed: UnusedSeedOpt = 0,
 ) -> None:
     """Show a checkpoint's architecture, parameter count, data shape, classes, noise and step.
+
+    The weight files are checked against the architecture shown (a damaged one is an error).
 
     Examples:
 

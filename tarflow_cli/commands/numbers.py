@@ -1,5 +1,6 @@
 """Number options that refuse nan and inf (a float option would take them) and, optionally, values
-outside a range; the parser reports the option by name, as one line, exit 2."""
+outside a range; the parser reports the option by name, as one line, exit 2. A value out of range is
+worded as `train`'s settings word it: "must be >= 1 (got 0)"."""
 
 from __future__ import annotations
 
@@ -20,12 +21,33 @@ def finite_float(minimum: float | None = None, maximum: float | None = None) -> 
         if not math.isfinite(value):
             raise typer.BadParameter(f"expected a finite number, got {text}")
         if minimum is not None and value < minimum:
-            raise typer.BadParameter(f"{text} is below the smallest allowed value, {minimum:g}")
+            raise typer.BadParameter(f"must be >= {minimum:g} (got {text})")
         if maximum is not None and value > maximum:
-            raise typer.BadParameter(f"{text} is above the largest allowed value, {maximum:g}")
+            raise typer.BadParameter(f"must be <= {maximum:g} (got {text})")
         return value
 
     return parse
+
+
+def whole_number(minimum: int = 1) -> Callable[[str], int]:
+    """A typer `parser=` for a whole number >= minimum (instead of `min=`, whose message is worded
+    otherwise and which shows a range type in the help)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise typer.BadParameter(
+                f"must be a positive integer (got {text})" if minimum == 1 else f"must be >= {minimum} (got {text})"
+            )
+        return value
+
+    return parse
+
+
+POSITIVE = whole_number(1)
 
 
 FINITE = finite_float()
@@ -51,5 +73,5 @@ def _seed_in(text: str, lowest: int, highest: int, shown: str) -> int:
     except (TypeError, ValueError):
         raise typer.BadParameter(f"expected a whole number, got {text!r}") from None
     if not lowest <= value <= highest:
-        raise typer.BadParameter(f"{text} is outside the seeds this command takes, {shown}")
+        raise typer.BadParameter(f"must be in {shown} (got {text})")
     return value

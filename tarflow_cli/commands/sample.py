@@ -18,8 +18,9 @@ from tarflow_core.sampling import generate
 from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, count, write_output
 from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import SamplingOptions, out_option, with_option_groups
+from ..options import FLAG, SamplingOptions, out_option, with_option_groups
 from .common import announce_output, key_values, load, per_image, resolve_device, resolve_labels
+from .numbers import POSITIVE
 from .progress import progress_bar
 from .sampling_setup import check_precision_options, check_sampling_options, parse_segments, sampling_denoise_sigma
 
@@ -28,7 +29,7 @@ NumOpt = Annotated[
     typer.Option(
         "--num",
         "-n",
-        min=1,
+        parser=POSITIVE,
         help="Number of images \\[default: 64, or the rows of --noise, or one per --labels entry].",
         show_default=False,
     ),
@@ -40,7 +41,7 @@ NoiseOpt = Annotated[
 OutOpt = out_option(
     "X.png grid, folder/ of PNGs, X.npz (uint8 NHWC arr_0), X.npy (float32 NCHW), or - (npy on stdout)."
 )
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the settings used.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar=FLAG, help="Print the settings used.")]
 
 
 @with_option_groups
@@ -62,11 +63,14 @@ def sample(
 ) -> None:
     """Draw images from a checkpoint.
 
+    --out takes a PNG grid, a folder/ of PNGs, .npz, .npy or - (stdout); -v prints the settings.
+
     Examples:
 
       tarflow sample --ckpt runs/tiny -n 64 --out grid.png
 
-      tarflow sample --ckpt afhq_model_8_768_8_8_0.07.pth --class 1 --guidance 2 --out cats/
+      tarflow sample --ckpt afhq_model_8_768_8_8_0.07.pth --class 1 \\
+        --guidance 2 --out cats/
 
       tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny -
     """

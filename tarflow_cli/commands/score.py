@@ -18,15 +18,16 @@ from tarflow_core.likelihood import nll as model_nll
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import Inputs, count, read_inputs, skipped_warning, strict_json
 from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import StrictOpt, inputs_argument
+from ..options import FLAG, StrictOpt, inputs_argument
 from .common import batches, check_model_inputs, load, resolve_device, resolve_labels
+from .numbers import POSITIVE
 from .progress import progress_bar
 
 FORMATS = ("jsonl", "csv", "table")
 
 InputsArg = inputs_argument("Image files, folders, .npz, .npy, or - for a .npy on stdin.")
 ClassifyOpt = Annotated[
-    bool, typer.Option("--classify", help="Also predict the class by Bayes' rule (conditional models).")
+    bool, typer.Option("--classify", metavar=FLAG, help="Also predict the class by Bayes' rule (conditional models).")
 ]
 DequantizeOpt = Annotated[
     Optional[str],
@@ -37,7 +38,7 @@ DequantizeOpt = Annotated[
     ),
 ]
 DequantSamplesOpt = Annotated[
-    int, typer.Option("--dequant-samples", min=1, help="Average over K dequantization draws.")
+    int, typer.Option("--dequant-samples", parser=POSITIVE, help="Average over K dequantization draws.")
 ]
 FormatOpt = Annotated[
     Optional[str],
@@ -75,7 +76,8 @@ def score(
 
       tarflow score --ckpt runs/tiny digits/*.png
 
-      tarflow sample --ckpt runs/tiny --out - | tarflow score --ckpt runs/tiny - --format csv
+      tarflow sample --ckpt runs/tiny --out - \\
+        | tarflow score --ckpt runs/tiny - --format csv
     """
     with user_errors():
         require_stdout("score")

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ..options import FLAG
 from .numbers import FINITE, train_seed_int
 from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
 from tarflow_core.presets import PRESETS, preset as get_preset
@@ -30,15 +31,17 @@ UI_CHOICES = ("tui", "rich", "plain")
 EXAMPLES = """
 Examples:
 
-  tarflow train                                   # the tiny CPU demo on the embedded digits
+  tarflow train                    # the tiny CPU demo on the embedded digits
 
   tarflow train --preset mnist --data ./mnist --max-steps 20000
 
-  tarflow train --preset imagenet64-cond --data /data/imagenet64 --batch-size 256 --ui plain
+  tarflow train --preset imagenet64-cond --data /data/imagenet64 \\
+    --batch-size 256 --ui plain
 
   tarflow train --resume runs/tiny-20250101-120000 --max-steps 5000
 
-  torchrun --nproc_per_node=8 -m tarflow_cli train --preset imagenet64 --data /data/imagenet64
+  torchrun --nproc_per_node=8 -m tarflow_cli train --preset imagenet64 \\
+    --data /data/imagenet64
 """
 
 # The options of `tarflow train` that are no `TrainConfig` field (run control: resume, the view, the
@@ -51,7 +54,37 @@ FIELDS_WITHOUT_OPTION = ("noise_std",)
 
 
 def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
-    return typer.Option(*names, help=help, show_default=False, **kw)
+    return typer.Option(*names, help=_bracket_default(help), show_default=False, **kw)
+
+
+def _bracket_default(help: str, default: str | None = None) -> str:  # noqa: A002
+    """The help with its default shown as every command shows one, `[default: ...]` at the end: a
+    `(default: ...)` in the text moves there, else `default` (if any) is added."""
+    start = help.find("(default: ")
+    if start >= 0:
+        depth, end = 0, start
+        for end in range(start, len(help)):
+            depth += {"(": 1, ")": -1}.get(help[end], 0)
+            if depth == 0:
+                break
+        default = help[start + len("(default: ") : end]
+        help = (help[:start].rstrip() + help[end + 1 :]).rstrip()  # noqa: A001
+    return f"{help} \\[default: {default}]" if default is not None else help
+
+
+def _preset_default(f: dataclasses.Field, flags: tuple[str, ...]) -> str | None:
+    """What `[default: ...]` says for a field: its value, or where the presets differ "from the
+    preset" and the tiny preset's (the one `train` uses when none is named); None: nothing to show."""
+    values = [getattr(p, f.name) for p in PRESETS.values()]
+    tiny = getattr(PRESETS["tiny"], f.name)
+    if isinstance(tiny, bool):
+        on, _, off = flags[0].partition("/")
+        tiny = on if tiny else off or f"no {on}"
+    elif tiny is None:
+        tiny = "none" if len({repr(v) for v in values}) > 1 else None
+    if len({repr(v) for v in values}) > 1:
+        return f"from the preset; tiny: {tiny}"
+    return None if tiny is None else str(tiny)
 
 
 def micro_batch_int(text: str) -> int | str:
@@ -102,13 +135,14 @@ def _written_options() -> dict[str, tuple[Any, Any]]:
                 "Print the memory plan of these settings (parameters, FLOPs/image, peak per process, largest "
                 "fitting micro-batch, accumulation, time per step) and exit; no training.",
                 "--plan",
+                metavar=FLAG,
             ),
         ),
         "memory": (
             Optional[str],
             _opt("With --plan: memory per process, e.g. 80GiB (default: the CUDA device's).", "--memory"),
         ),
-        "json": (Optional[bool], _opt("With --plan: print the plan as one JSON object.", "--json")),
+        "json": (Optional[bool], _opt("With --plan: print the plan as one JSON object.", "--json", metavar=FLAG)),
     }
 
 
@@ -117,7 +151,9 @@ def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     spec = option_spec(f)
     kind = Path if spec.path else next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
     parser = PARSERS.get(f.name, FINITE if kind is float else None)
-    return Optional[kind], _opt(spec.help, *spec.flags, **({"parser": parser} if parser else {}))
+    help = _bracket_default(spec.help, _preset_default(f, spec.flags))  # noqa: A001
+    extra = {"parser": parser} if parser else {"metavar": FLAG} if kind is bool else {}
+    return Optional[kind], _opt(help, *spec.flags, **extra)
 
 
 def _options() -> list[inspect.Parameter]:

@@ -35,8 +35,8 @@ GraphicsOpt = Annotated[
         help="Sample grids in auto, halfblock, kitty or sixel (kitty/sixel need the textual-image package).",
     ),
 ]
-UnusedDeviceOpt = device_option("Accepted like every command's; watching computes nothing.")
-UnusedSeedOpt = seed_option("Accepted like every command's; watching draws nothing random.", parser=None)
+UnusedDeviceOpt = device_option("Accepted like every command's; watching computes nothing.", hidden=True)
+UnusedSeedOpt = seed_option("Accepted like every command's; watching draws nothing random.", parser=None, hidden=True)
 
 
 def watch(
@@ -48,12 +48,13 @@ def watch(
 ) -> None:
     """Follow a training run, live or finished, in a terminal dashboard.
 
-    Charts of bpd (train and held-out), loss, learning rate and images/s; step, epoch, ETA,
-    device and memory; the newest sample grid; warnings and the end reason. Works for a run
-    in another process or on another machine with a shared disk, and for finished runs.
+    Charts of bpd (train and held-out), loss, learning rate and images/s; step,
+    epoch, ETA, device and memory; the newest sample grid; warnings and the end
+    reason. Works for a run in another process or on another machine with a
+    shared disk, and for finished runs.
 
-    Keys: q quit (the run keeps going), ? help, r reload, [ and ] older/newer sample grids,
-    z sample zoom.
+    Keys: q quit (the run keeps going), ? help, r reload, [ and ] older/newer
+    sample grids, z sample zoom.
 
     Examples:
 

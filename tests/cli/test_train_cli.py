@@ -404,7 +404,9 @@ def test_every_training_setting_is_exactly_one_option_of_train():
         if spec.cli:
             declared = sorted(part for flag in spec.flags for part in flag.split("/"))
             assert sorted([*options[name].opts, *options[name].secondary_opts]) == declared, name
-            assert options[name].help == spec.help, name
+            # the declared help, its default shown as every command shows one: `[default: ...]` at the end
+            assert options[name].help.startswith(spec.help.split(" (default: ")[0].rstrip(".")), name
+            assert "(default:" not in options[name].help, name
 
 
 def test_plain_log_lines_keep_their_columns():
@@ -420,3 +422,15 @@ def test_plain_log_lines_keep_their_columns():
         assert len({text.index(field) for text in lines}) == 1, (field, lines)
     assert "loss  0.1783" in lines[0] and "loss -0.0265" in lines[1] and "grad  3.90" in lines[0]
     assert len({len(text) for text in lines}) == 1
+
+
+def test_train_help_shows_preset_driven_defaults_as_from_the_preset_with_the_tiny_value():
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    helps = {p.name: p.help for p in command.params}
+    assert helps["width"].endswith("\\[default: from the preset; tiny: 64]")
+    assert helps["flip"].endswith("\\[default: from the preset; tiny: --no-flip]")
+    assert helps["beta1"].endswith("\\[default: 0.9]")
+    assert helps["img_size"] == "Image size in pixels. \\[default: read off the data]"
+    assert helps["preset"].endswith("\\[default: tiny]")
