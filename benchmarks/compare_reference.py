@@ -35,14 +35,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-from tarflow_core.config import ModelConfig  # noqa: E402
-from tarflow_core.sampling import InversionStats  # noqa: E402
-from tarflow_core.model import TarFlow  # noqa: E402
-from tarflow_core.sampling import sample  # noqa: E402
-
 from cost_floor import measure_rates, sampling_floor  # noqa: E402  (benchmarks/ is the script's folder)
 from reference_code import import_reference  # noqa: E402
 from trained_weights import trained_model  # noqa: E402
+
+from tarflow_core.config import ModelConfig  # noqa: E402
+from tarflow_core.model import TarFlow  # noqa: E402
+from tarflow_core.sampling import InversionStats, sample  # noqa: E402
 
 FORWARD_TOL = 1e-4  # forward z and per-dim log-determinant
 SAMPLE_TOL = 1e-3  # images after inverting every block

@@ -408,6 +408,7 @@ def train_run(stage: Stage, ctx: dict, cfg) -> dict:
     """Train `cfg` through the core API (`tarflow_core.train.train`, what `tarflow train` calls), timing
     each event; the figures of the run, also put into `stage` as they come."""
     import torch
+
     from tarflow_core.train import train
 
     t0, steps, start = time.perf_counter(), [], {}
@@ -547,6 +548,7 @@ def random_model(ctx: dict, seed: int = 0):
     """The run's architecture (10 classes) with random weights on the device, proj_out randomised (its
     default is zero, which makes every block the identity and Jacobi sampling trivially fast)."""
     import torch
+
     from tarflow_core.model import TarFlow
 
     cfg = model_config(ctx)
@@ -608,6 +610,7 @@ def stage_sampling(stage: Stage, ctx: dict) -> None:
 
 def timed_generate(model, num: int, options: dict, device: str):
     import torch
+
     from tarflow_core.sampling import generate
 
     sync(device)
@@ -620,6 +623,7 @@ def timed_generate(model, num: int, options: dict, device: str):
 def stage_eval_bpd(stage: Stage, ctx: dict) -> None:
     """Bits per dimension of the synthetic test split (`metrics.dataset_bpd`, what `tarflow eval` runs)."""
     import torch
+
     from tarflow_core.data import open_dataset
     from tarflow_core.metrics import dataset_bpd
 
@@ -638,6 +642,7 @@ def stage_fid(stage: Stage, ctx: dict) -> None:
     """FID's code path with a random-weight Inception (the real weights cannot be downloaded here): the
     synthetic test images against the sampling stage's samples (or the test split's two halves)."""
     import torch
+
     from tarflow_core.data import open_dataset
     from tarflow_core.metrics import fid_from_stats, image_stats, load_inception
     from tarflow_core.metrics.common import ordered_batches
@@ -676,6 +681,7 @@ def stage_reference(stage: Stage, ctx: dict) -> None:
     sys.path.insert(0, str(BENCH))
     from compare_reference import random_pair
     from reference_code import import_reference
+
     from tarflow_core.sampling import InversionStats, sample
 
     cuda, s = ctx["device"] == "cuda", ctx["sizes"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator, NoReturn
+from collections.abc import Iterator
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-
 
 # emoji off: a path or value like `cuda:x:` or `a:smile:.png` must print as typed, not as an emoji;
 # markup off on stdout: table cells hold file names, which may contain [brackets]

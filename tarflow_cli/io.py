@@ -19,7 +19,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from tarflow_core.atomic import atomic_path
-from tarflow_core.data.arrays import IMAGE_KEYS as DATA_IMAGE_KEYS, LABEL_KEYS
+from tarflow_core.data.arrays import IMAGE_KEYS as DATA_IMAGE_KEYS
+from tarflow_core.data.arrays import LABEL_KEYS
 from tarflow_core.data.base import eight_bit
 from tarflow_core.data.folder import IMAGE_EXTS as FOLDER_IMAGE_EXTS
 from tarflow_core.load_errors import describe, file_head, not_numpy

@@ -21,7 +21,7 @@ The bytes per row are the memory plan's (memory.py), as it counts them on CUDA.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -15,8 +15,9 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 KINDS = ("start", "train", "eval", "sample", "checkpoint", "warning", "end")
 EVENTS_FILE = "events.jsonl"
@@ -78,7 +79,7 @@ class JsonlSink:
                     pass
                 self._file.close()
 
-    def __enter__(self) -> "JsonlSink":
+    def __enter__(self) -> JsonlSink:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,7 +14,8 @@ state dicts, so reference `.pth` files load as they are (minus the redundant `at
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

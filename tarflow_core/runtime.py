@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

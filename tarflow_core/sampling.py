@@ -9,9 +9,9 @@ so Jacobi loses there; sequential is also exact and gives run-to-run identical i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .events import EVENTS_FILE, read_events
 
@@ -142,7 +143,7 @@ class TensorBoardExport:
         with self._lock:
             self._writer.close()
 
-    def __enter__(self) -> "TensorBoardExport":
+    def __enter__(self) -> TensorBoardExport:
         return self
 
     def __exit__(self, *exc) -> None:

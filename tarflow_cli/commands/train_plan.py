@@ -4,7 +4,7 @@ instead of training (tarflow_core/train/plan.py resolves them as the run would).
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from textual import on, work
 from textual.app import App, ComposeResult

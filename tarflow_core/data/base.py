@@ -11,7 +11,8 @@ epoch and index) and never by a global random generator.
 from __future__ import annotations
 
 import math
-from typing import Sequence, TypedDict
+from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch

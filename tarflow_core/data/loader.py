@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Sized
+from collections.abc import Iterator, Sized
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ call simply runs the step, so the same control flow is exercised on CPUs.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -27,8 +27,9 @@ import dataclasses
 import platform
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -157,7 +158,7 @@ def packed_linear_add(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor,
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "add")
 
 
-_CACHE: "weakref.WeakKeyDictionary[FlowBlock, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[FlowBlock, dict] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()  # training previews sample from a thread of their own
 
 

@@ -4,8 +4,8 @@ argmax_k log p(x | y=k) (uniform prior), every (image, class) pair of a batch sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -4,8 +4,8 @@ pixels, exact density), batched and seeded exactly like ``tarflow score``."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

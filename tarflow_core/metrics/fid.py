@@ -15,8 +15,8 @@ pytorch-fid and the TTUR / ADM evaluators read and write.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class RunningStats:
         self.keep = int(keep)  # also keep the raw features while there are at most this many
         self._rows: list[np.ndarray] | None = [] if keep > 0 else None
 
-    def update(self, features) -> "RunningStats":
+    def update(self, features) -> RunningStats:
         x = _as_f64(features)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features shaped (B, {self.dim}), got {x.shape}")
@@ -64,7 +64,7 @@ class RunningStats:
             self._rows = self._rows + [x.copy()] if self.n <= self.keep else None
         return self
 
-    def merge(self, other: "RunningStats") -> "RunningStats":
+    def merge(self, other: RunningStats) -> RunningStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
         if other.n:
@@ -158,7 +158,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_stats(
-    a: "RunningStats | tuple[np.ndarray, np.ndarray]", b: "RunningStats | tuple[np.ndarray, np.ndarray]"
+    a: RunningStats | tuple[np.ndarray, np.ndarray], b: RunningStats | tuple[np.ndarray, np.ndarray]
 ) -> float:
     """FID between two sets of statistics, each a :class:`RunningStats` or ``(mu, sigma)``.
 

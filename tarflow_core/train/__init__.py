@@ -15,6 +15,7 @@ from ..config import TrainConfig
 from ..events import dumps
 from .loop import Trainer, train
 from .outcome import SetupError, TrainError, TrainResult
+from .parts import NOISE_SEED_OFFSET
 from .previews import EVAL_SEED, SAMPLE_SEED_OFFSET, save_grid
 from .run_dir import (
     CONFIG_FILE,
@@ -27,7 +28,6 @@ from .run_dir import (
     resumable_checkpoints,
 )
 from .schedule import Schedule, lr_at
-from .parts import NOISE_SEED_OFFSET
 from .signals import StopLike, stop_on_signals
 from .state import STATE_FORMAT, TrainState
 from .step import BatchHook, objective

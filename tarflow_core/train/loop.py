@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -25,11 +25,11 @@ from ..tensorboard import TENSORBOARD_DIR, TensorBoardMissing, require_tensorboa
 from .checkpoints import Checkpointer
 from .micro import micro_batch_for, probe_step
 from .outcome import SetupError, TrainResult, classify_failure, out_of_memory_reason, peer_failure_reason
+from .parts import build_model, open_data, wrap_model
 from .previews import Previews
 from .report import RunLog, peak_memory, start_fields
 from .run_dir import RunDir, divergence_advice, resumable_checkpoints
 from .schedule import Schedule
-from .parts import build_model, open_data, wrap_model
 from .signals import StopLike, stop_reason
 from .state import Resumed, recorded_threads, resume, resume_warnings
 from .step import BatchHook, MetricSums, Stepper

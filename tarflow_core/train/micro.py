@@ -8,8 +8,8 @@ the same images, noise and dropped labels however it is split (`step.Stepper`)."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

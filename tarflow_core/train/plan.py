@@ -14,7 +14,7 @@ from ..dist import DistInfo, env_world
 from .parts import open_data
 
 
-def plan_for(cfg: TrainConfig, budget: int | None = None) -> "RunPlan":
+def plan_for(cfg: TrainConfig, budget: int | None = None) -> RunPlan:
     """The plan of run `cfg` (`memory.plan_run` for the data's shape and classes), for the CUDA device of
     `budget` bytes per process (None: the memory of this machine's CUDA device; without one, a
     ConfigError), or for the CPU where `cfg` says --device cpu."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import resource
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 

@@ -77,7 +77,7 @@ class RunDir:
         self.path, self.lock_file = path, lock_file
 
     @classmethod
-    def open(cls, cfg: TrainConfig, d: DistInfo, resume: bool) -> "RunDir":
+    def open(cls, cfg: TrainConfig, d: DistInfo, resume: bool) -> RunDir:
         """Check the directory suits a new run (or, with `resume`, holds one to continue), then lock it."""
         path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
         if not cfg.run_dir:  # the time stamp must be rank 0's

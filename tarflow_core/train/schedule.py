@@ -28,7 +28,7 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> "Schedule":
+    def for_run(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> Schedule:
         """The schedule of `cfg` (or of a run of `total_steps`, say the length a resumed run had).
         The warm-up defaults to one epoch and always leaves the last step to the cosine."""
         if total_steps is None:

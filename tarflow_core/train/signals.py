@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 StopLike = threading.Event | Callable[[], bool] | None
 

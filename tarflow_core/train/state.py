@@ -47,9 +47,7 @@ class TrainState:
     world_size: int | None = None  # None: not recorded (taken as today's)
 
     @classmethod
-    def capture(
-        cls, step: int, optimizer, schedule: Schedule, loader, noise_gen, ema: EMA | None, **kw
-    ) -> "TrainState":
+    def capture(cls, step: int, optimizer, schedule: Schedule, loader, noise_gen, ema: EMA | None, **kw) -> TrainState:
         device = noise_gen.device
         rng = {
             "noise": noise_gen.get_state(),
@@ -68,7 +66,7 @@ class TrainState:
             torch.save(doc, tmp)
 
     @classmethod
-    def load(cls, path: Path) -> "TrainState":
+    def load(cls, path: Path) -> TrainState:
         """Read with `weights_only=True` (no arbitrary unpickling). Raises whatever a damaged file
         raises, or ValueError for a file that is not a training state."""
         with warnings.catch_warnings():  # a foreign pickle's protocol warning says nothing useful here

@@ -14,8 +14,9 @@ Metrics stay on the device (no host sync per step) and are read at log intervals
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tarflow_core import flow
 from tarflow_cli.io import (
     InputError,
     make_grid,
@@ -20,6 +19,7 @@ from tarflow_cli.io import (
     to_uint8,
     write_output,
 )
+from tarflow_core import flow
 
 
 def _model_images(n=5, c=3, h=8, w=8, seed=0):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tarflow_core.fast import weights as bw
-from tarflow_core.fast.runner import BlockRunner
 from tarflow_core.fast.inversion import invert_sequential, invert_sequential_static
-from tarflow_core.sampling import sample
+from tarflow_core.fast.runner import BlockRunner
 from tarflow_core.model import TarFlow
+from tarflow_core.sampling import sample
 from tests.conftest import tiny_config, tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise

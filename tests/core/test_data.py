@@ -14,7 +14,6 @@ from PIL import Image
 
 from tarflow_core.data import DataError, ResumableSampler, detect_kind, make_loader, open_dataset, read_idx
 
-
 # ---------------------------------------------------------------- helpers
 
 

@@ -10,7 +10,6 @@ from tarflow_core.data import DataError, detect_kind, open_dataset
 
 from .test_data import all_items, rand_u8, save_png, write_idx
 
-
 # ---------------------------------------------------------------- MNIST-format IDX
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tarflow_core.config import TrainConfig
 from tarflow_core.dist import DistError, distributed, env_world
 from tarflow_core.events import read_events
-from tarflow_core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

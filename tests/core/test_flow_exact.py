@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tarflow_core import flow
-from tarflow_core.likelihood import log_prob
 from tarflow_core.fast.inversion import invert_block
+from tarflow_core.likelihood import log_prob
 from tarflow_core.sampling import sample
 from tests.conftest import tiny_model
 

@@ -66,7 +66,7 @@ def train_tiny_digits(steps: int = 150, seed: int = 0, num_classes: int = 10) ->
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_checkpoint() -> Path:
     """The trained conditional digits model as a native checkpoint (trained once per test session)."""
     folder = Path(tempfile.mkdtemp(prefix="tarflow-eval-test-"))

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tarflow_core.checkpoint import load_model
-from tarflow_core.sampling import InversionStats
-from tarflow_core.sampling import DEFAULT_TOL, calibrate_segments, generate, sample
+from tarflow_core.sampling import DEFAULT_TOL, InversionStats, calibrate_segments, generate, sample
 from tests.conftest import tiny_model
 from tests.core.test_flow_exact import GUIDED, IDS, MODES
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tarflow_core.checkpoint import load_model
 from tarflow_core.likelihood import denoise

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tarflow_core.fast.runner import BlockRunner
 from tarflow_core.fast.inversion import InversionStats, invert_segments, invert_sequential, invert_sequential_static
+from tarflow_core.fast.runner import BlockRunner
 from tarflow_core.sampling import DEFAULT_TOL, DEFAULT_TOL_HALF, generate, sample
 from tests.conftest import tiny_model
-from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.graph_emulator import emulate_cuda_graphs
+from tests.core.test_flow_exact import GUIDED, IDS, MODES
 from tests.core.test_parallel_sampling import GUIDE_IDS, _noise
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from tarflow_core.checkpoint import load_checkpoint, load_model
+from tarflow_core.config import ConfigError, TrainConfig, parse_noise
 from tarflow_core.events import KINDS, read_events
 from tarflow_core.model import TarFlow
-from tarflow_core.config import ConfigError, TrainConfig, parse_noise
 from tarflow_core.presets import PRESETS, preset
 from tarflow_core.sampling import generate
 from tarflow_core.train import SetupError, TrainError, load_run_config, lr_at, resumable_checkpoints, train

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tarflow_core.events import JsonlSink, make_event
 from tarflow_cli.tui.app import DashboardApp, make_app
 from tarflow_cli.tui.training import TrainingOwner, run_training_dashboard
+from tarflow_core.events import JsonlSink, make_event
 
 from .helpers import header_text, log_text, run_async, wait_until
 

@@ -9,8 +9,8 @@ readable, and values outside the range are drawn at its edge.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 from rich.style import Style

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style

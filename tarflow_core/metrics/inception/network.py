@@ -17,7 +17,7 @@ Every conv has no bias and is followed by batch norm (eps 0.001, running statist
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
