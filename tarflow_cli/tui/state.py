@@ -98,11 +98,10 @@ class RunState:
         step = number(e.get("step"))
         changed = {"header"}
         self.events += 1
-        before = self.last_time  # a start's previous session ended at its last event, if it never said it ended
+        if kind == "start" and self.start_time is not None:  # the session before it counts towards the run's time
+            self.earlier_sessions, self.start_time = self.earlier_sessions + _session_time(self), None
         if t is not None:
             self.last_time = t
-        if kind == "start":
-            self._close_session(before)
         if step is not None and kind != "start":
             self.step = max(self.step, int(step)) if kind != "train" else int(step)
         handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
@@ -169,19 +168,10 @@ class RunState:
         self._log("event", f"run {what}" + (f": {', '.join(bits)}" if bits else ""), step, t)
         return {"charts", "samples", "log"}
 
-    def _close_session(self, last_seen: float | None) -> None:
-        """A new start: the time of the session before it (to its end event, else its last event)
-        counts towards the run's total."""
-        end = self.end_time if self.status in FINAL and self.end_time else last_seen
-        if self.start_time is not None and end is not None:
-            self.earlier_sessions += max(0.0, end - self.start_time)
-        self.start_time = None
-
     def _restart(self, t: float | None, step: int) -> None:
         """A start event: running from `step`; what came after `step` is gone (a resumed run
         repeats those steps from its checkpoint)."""
-        if self.start_time is None or self.status in FINAL:
-            self.start_time = t
+        self.start_time = t  # `apply` has added the session before to `earlier_sessions`
         self.status = "running"
         self.stopping = False
         self.end_reason = None
@@ -291,10 +281,8 @@ class RunState:
         """Memory of the last report, readable (MiB when a bare number is small)."""
         return _memory(self._memory_raw)
 
-    def elapsed(self, now: float | None = None) -> float | None:
-        """The run's training time, over all its sessions (see `session_elapsed` for the latest)."""
-        session = self.session_elapsed(now)
-        return None if session is None else self.earlier_sessions + session
+    def elapsed(self, now: float | None = None) -> float | None:  # over all the run's sessions
+        return None if self.start_time is None else self.earlier_sessions + self.session_elapsed(now)
 
     def session_elapsed(self, now: float | None = None) -> float | None:
         if self.start_time is None:
@@ -317,11 +305,11 @@ class RunState:
             eta -= max(0.0, now - self.last_time)  # time already spent since the last report
         return max(0.0, eta)
 
-    def quiet_for(self, now: float) -> float | None:
-        """Seconds since the last event while the run is said to be running."""
-        if self.status != "running" or self.last_time is None:
-            return None
-        return max(0.0, now - self.last_time)
+
+def _session_time(state: RunState) -> float:
+    """How long the session that a new start ends trained: to its end event, else to its last event."""
+    end = state.end_time if state.status in FINAL and state.end_time else state.last_time
+    return max(0.0, (end or 0.0) - (state.start_time or 0.0))
 
 
 _TRAIN_SERIES = (

@@ -132,7 +132,7 @@ def _details_line(state: RunState, now: float, quiet_after: float, width: int) -
     if state.status == "running":
         eta = state.eta(now)
         part("ETA", format_duration(eta) if eta is not None else "–")
-        quiet = state.quiet_for(now)
+        quiet = _quiet_for(state, now)
         if quiet is not None and quiet > quiet_after:
             part("quiet", format_duration(quiet), "bold yellow")
     if state.device:
@@ -151,3 +151,10 @@ def _details_line(state: RunState, now: float, quiet_after: float, width: int) -
     if state.params:
         part("params", fmt_num(float(state.params)))
     return two
+
+
+def _quiet_for(state: RunState, now: float) -> float | None:
+    """Seconds since the last event while the run is said to be running."""
+    if state.status != "running" or state.last_time is None:
+        return None
+    return max(0.0, now - state.last_time)
