@@ -23,6 +23,7 @@ import typer
 
 from ..options import FLAG
 from .numbers import FINITE, train_seed_int
+from .train_help import bracket_default, preset_default
 from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
 from tarflow_core.presets import PRESETS, preset as get_preset
 
@@ -54,37 +55,7 @@ FIELDS_WITHOUT_OPTION = ("noise_std",)
 
 
 def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
-    return typer.Option(*names, help=_bracket_default(help), show_default=False, **kw)
-
-
-def _bracket_default(help: str, default: str | None = None) -> str:  # noqa: A002
-    """The help with its default shown as every command shows one, `[default: ...]` at the end: a
-    `(default: ...)` in the text moves there, else `default` (if any) is added."""
-    start = help.find("(default: ")
-    if start >= 0:
-        depth, end = 0, start
-        for end in range(start, len(help)):
-            depth += {"(": 1, ")": -1}.get(help[end], 0)
-            if depth == 0:
-                break
-        default = help[start + len("(default: ") : end]
-        help = (help[:start].rstrip() + help[end + 1 :]).rstrip()  # noqa: A001
-    return f"{help} \\[default: {default}]" if default is not None else help
-
-
-def _preset_default(f: dataclasses.Field, flags: tuple[str, ...]) -> str | None:
-    """What `[default: ...]` says for a field: its value, or where the presets differ "from the
-    preset" and the tiny preset's (the one `train` uses when none is named); None: nothing to show."""
-    values = [getattr(p, f.name) for p in PRESETS.values()]
-    tiny = getattr(PRESETS["tiny"], f.name)
-    if isinstance(tiny, bool):
-        on, _, off = flags[0].partition("/")
-        tiny = on if tiny else off or f"no {on}"
-    elif tiny is None:
-        tiny = "none" if len({repr(v) for v in values}) > 1 else None
-    if len({repr(v) for v in values}) > 1:
-        return f"from the preset; tiny: {tiny}"
-    return None if tiny is None else str(tiny)
+    return typer.Option(*names, help=bracket_default(help), show_default=False, **kw)
 
 
 def micro_batch_int(text: str) -> int | str:
@@ -96,7 +67,7 @@ def micro_batch_int(text: str) -> int | str:
     except (TypeError, ValueError):
         raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text!r}") from None
     if value < 1:
-        raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text}")
+        raise typer.BadParameter(f"must be a positive integer or 'auto' (got {text})")
     return value
 
 
@@ -151,7 +122,7 @@ def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     spec = option_spec(f)
     kind = Path if spec.path else next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
     parser = PARSERS.get(f.name, FINITE if kind is float else None)
-    help = _bracket_default(spec.help, _preset_default(f, spec.flags))  # noqa: A001
+    help = bracket_default(spec.help, preset_default(f.name, spec.flags))  # noqa: A001
     extra = {"parser": parser} if parser else {"metavar": FLAG} if kind is bool else {}
     return Optional[kind], _opt(help, *spec.flags, **extra)
 

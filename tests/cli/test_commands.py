@@ -698,3 +698,19 @@ def test_out_of_range_values_are_worded_as_train_words_them():
     assert r.exit_code == 2 and "must be a positive integer (got 0)" in r.stderr
     r = run("train", "--batch-size", 0)
     assert r.exit_code == 2 and "must be a positive integer (got 0)" in r.stderr
+    r = run("train", "--micro-batch", 0)
+    assert r.exit_code == 2 and "must be a positive integer or 'auto' (got 0)" in r.stderr
+
+
+def test_the_quick_tour_uses_the_run_directory_its_train_command_makes():
+    """Pasted in order, the tour's commands find the run: every --ckpt and watch names the --run-dir."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    tour = readme.split("## Quick tour", 1)[1].split("\n## ", 1)[0]
+    commands = [line[2:] for line in tour.splitlines() if line.startswith("$ tarflow")]
+    train = next(c for c in commands if c.startswith("tarflow train"))
+    run_dir = re.search(r"--run-dir (\S+)", train).group(1)
+    used = re.findall(r"--ckpt ([^\s`]+)", tour) + re.findall(r"tarflow watch ([^\s`]+)", tour)
+    assert used and set(used) == {run_dir}, (run_dir, used)
