@@ -60,11 +60,9 @@ class _Chunk:
 def read_inputs(
     paths: list[str], stdin: BinaryIO | None = None, *, channels: int | None = None, strict: bool = False
 ) -> Inputs:
-    """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order.
-
-    An unreadable image file in a folder is skipped and listed in `Inputs.skipped` (as training
-    skips and counts them); `strict` refuses it instead, naming every one. `channels` (the model's)
-    makes any NCHW array of that many channels an input as it is, beyond the 1 and 3 of images."""
+    """Read image files, folders, .npz/.npy arrays and `-` (a .npy on stdin), in order. A folder's
+    unreadable image file is skipped and listed in `Inputs.skipped` (as training skips them); `strict`
+    refuses them, naming each. Any NCHW array of `channels` channels (the model's) is taken as it is."""
     dashes = sum(str(p) == "-" for p in paths)
     if dashes > 1:
         raise InputError(f"- (stdin) is given {dashes} times; stdin can be read only once")
@@ -74,7 +72,8 @@ def read_inputs(
         chunks.extend(_read_one(str(p), stdin, channels, skipped))
     if skipped and (strict or not any(len(c.images) for c in chunks)):
         first, why = skipped[0]
-        more = f" ({count(len(skipped) - 1, 'more unreadable file')}: {_names(skipped[1:])})" if skipped[1:] else ""
+        rest = [name for name, _ in skipped[1:]]
+        more = f" ({len(rest)} more unreadable file{'s' * (len(rest) > 1)}: {', '.join(rest)})" if rest else ""
         raise InputError(f"could not read image {first}: {why}{more}")
     if not chunks or sum(len(c.images) for c in chunks) == 0:
         given = ", ".join(map(str, paths)) or "no inputs were given"
@@ -97,27 +96,6 @@ def read_inputs(
         sources=[s for c in chunks for s in c.sources],
         labels=labels,
         skipped=[name for name, _ in skipped],
-    )
-
-
-def count(n: int, noun: str) -> str:
-    """`1 image`, `2 images`: a number and its noun in agreement."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _names(skipped: list[tuple[str, str]], shown: int = 5) -> str:
-    names = ", ".join(name for name, _ in skipped[:shown])
-    return names + (f" and {len(skipped) - shown} more" if len(skipped) > shown else "")
-
-
-def skipped_warning(data: Inputs, where: str) -> str | None:
-    """The one warning naming the unreadable files `read_inputs` skipped (`where` says how the
-    results name the files that were read), or None."""
-    if not data.skipped:
-        return None
-    return (
-        f"warning: {count(len(data.skipped), 'unreadable image file')} skipped "
-        f"({_names([(n, '') for n in data.skipped])}); {where}; --strict refuses them"
     )
 
 

@@ -15,7 +15,7 @@ from tarflow_core.model import TarFlow
 from tarflow_core.runtime import busy_note, use_tf32, use_threads
 
 from ..console import UsageError, info, to_stdout
-from ..io import read_labels
+from ..io import Inputs, read_labels
 
 
 def resolve_device(spec: str, threads: int | None = None) -> torch.device:
@@ -149,3 +149,24 @@ def per_image(seconds: float) -> str:
     if seconds >= 0.001:
         return f"{seconds:.3f} s"
     return f"{seconds * 1e3:.2g} ms" if seconds >= 1e-6 else f"{seconds * 1e6:.2g} µs"
+
+
+def count(n: int, noun: str) -> str:
+    """`1 image`, `2 images`: a number and its noun in agreement."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def skipped_warning(data: Inputs, where: str) -> str | None:
+    """The one warning naming the unreadable files `read_inputs` skipped (`where` says how the
+    results name the files that were read), or None."""
+    if not data.skipped:
+        return None
+    return (
+        f"warning: {count(len(data.skipped), 'unreadable image file')} skipped ({names_shown(data.skipped)}); "
+        f"{where}; --strict refuses them"
+    )
+
+
+def names_shown(names: list[str], shown: int = 5) -> str:
+    """The first `shown` of `names`, then how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")

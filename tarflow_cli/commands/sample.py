@@ -16,10 +16,10 @@ from tarflow_core.runtime import tf32_in_use
 from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
-from ..io import InputError, check_output, count, write_output
+from ..io import InputError, check_output, write_output
 from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
 from ..options import FLAG, SamplingOptions, out_option, with_option_groups
-from .common import announce_output, key_values, load, per_image, resolve_device, resolve_labels
+from .common import announce_output, count, key_values, load, per_image, resolve_device, resolve_labels
 from .numbers import POSITIVE
 from .progress import progress_bar
 from .sampling_setup import check_precision_options, check_sampling_options, parse_segments, sampling_denoise_sigma
