@@ -43,7 +43,10 @@ class TrainingOwner:
         self._app = None
         self._offset = 0
 
-    def request_stop(self) -> None:
+    def request_stop(self, signal_name: str | None = None) -> None:
+        """Stop the run; `signal_name` (SIGTERM) is what its end event names instead of the user."""
+        if signal_name and not self.stop.is_set():
+            self.stop.signal_name = signal_name  # read by the trainer's `stop_reason`
         self.stop.set()
 
     def attach(self, app) -> None:
@@ -129,7 +132,7 @@ def run_training_dashboard(
         app = app_factory(run_dir, owner=owner, poll=poll)
     old_term = None
     if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, lambda signum, frame: owner.request_stop())
+        old_term = signal.signal(signal.SIGTERM, lambda signum, frame: owner.request_stop("SIGTERM"))
     try:
         try:
             app.run()

@@ -120,3 +120,15 @@ def test_a_run_that_fails_before_starting_closes_the_dashboard(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         run_training_dashboard(tmp_path / "run", bad_setup, poll=0.02, app_factory=factory)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_sigterm_stop_is_named_in_the_stop_the_trainer_reads():
+    """train --ui tui: SIGTERM's stop says so (the end event then says 'stopped by SIGTERM'); `s` is the user's."""
+    from tarflow_core.train.signals import stop_reason
+
+    owner = TrainingOwner(lambda stop: None)
+    owner.request_stop("SIGTERM")
+    assert owner.stop.is_set() and stop_reason(owner.stop) == "stopped by SIGTERM"
+    by_key = TrainingOwner(lambda stop: None)
+    by_key.request_stop()
+    assert stop_reason(by_key.stop) == "stopped by the user"
