@@ -13,8 +13,20 @@ from tarflow_core.runtime import tf32_in_use
 
 from ..console import info, user_errors
 from ..io import check_output, read_inputs, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, StrictOpt, ThreadsOpt
-from ..options import inputs_argument, out_option, seed_option
+from ..options import (
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DeviceOpt,
+    LabelsOpt,
+    MaxBatchOpt,
+    PatchOpt,
+    StrictOpt,
+    ThreadsOpt,
+    inputs_argument,
+    out_option,
+    seed_option,
+)
 from .common import announce_output, batches, check_model_inputs, load, resolve_device, resolve_labels, skipped_warning
 from .numbers import FINITE
 from .sampling_setup import resolve_denoise_sigma

@@ -16,8 +16,19 @@ from tarflow_core.metrics.inception import MIN_INPUT_SIZE, RESIZE_MODES
 
 from ..console import UsageError, info, require_stdout, to_stdout, user_errors
 from ..io import strict_json
-from ..options import BatchOpt, CkptOpt, DeviceOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import OptionGroup, SamplingOptions, changed_options, with_option_groups
+from ..options import (
+    BatchOpt,
+    CkptOpt,
+    DeviceOpt,
+    MaxBatchOpt,
+    OptionGroup,
+    PatchOpt,
+    SamplingOptions,
+    SeedOpt,
+    ThreadsOpt,
+    changed_options,
+    with_option_groups,
+)
 from .common import load, resolve_device
 from .eval_fid import FidOptions
 from .evaluation import ACCURACY_DEFAULT_MAX_CLASSES, Evaluation

@@ -5,7 +5,7 @@ worded as `train`'s settings word it: "must be >= 1 (got 0)"."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

@@ -17,8 +17,21 @@ from tarflow_core.sampling import generate
 
 from ..console import UsageError, info, user_errors
 from ..io import InputError, check_output, write_output
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import FLAG, SamplingOptions, out_option, with_option_groups
+from ..options import (
+    FLAG,
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DeviceOpt,
+    LabelsOpt,
+    MaxBatchOpt,
+    PatchOpt,
+    SamplingOptions,
+    SeedOpt,
+    ThreadsOpt,
+    out_option,
+    with_option_groups,
+)
 from .common import announce_output, count, key_values, load, per_image, resolve_device, resolve_labels
 from .numbers import POSITIVE
 from .progress import progress_bar

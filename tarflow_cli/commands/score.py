@@ -17,8 +17,20 @@ from tarflow_core.likelihood import nll as model_nll
 
 from ..console import UsageError, info, out, require_stdout, stdout_is_terminal, to_stdout, user_errors
 from ..io import Inputs, read_inputs, strict_json
-from ..options import BatchOpt, CkptOpt, ClassOpt, DeviceOpt, LabelsOpt, MaxBatchOpt, PatchOpt, SeedOpt, ThreadsOpt
-from ..options import FLAG, StrictOpt, inputs_argument
+from ..options import (
+    FLAG,
+    BatchOpt,
+    CkptOpt,
+    ClassOpt,
+    DeviceOpt,
+    LabelsOpt,
+    MaxBatchOpt,
+    PatchOpt,
+    SeedOpt,
+    StrictOpt,
+    ThreadsOpt,
+    inputs_argument,
+)
 from .common import batches, check_model_inputs, count, load, resolve_device, resolve_labels, skipped_warning
 from .numbers import POSITIVE
 from .progress import progress_bar

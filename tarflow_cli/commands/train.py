@@ -21,11 +21,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
+from tarflow_core.presets import PRESETS
+from tarflow_core.presets import preset as get_preset
+
 from ..options import FLAG
 from .numbers import FINITE, train_seed_int
 from .train_help import bracket_default, preset_default
-from tarflow_core.config import RESUME_CHANGEABLE, ConfigError, TrainConfig, flag, option_spec, parse_noise
-from tarflow_core.presets import PRESETS, preset as get_preset
 
 UI_CHOICES = ("tui", "rich", "plain")
 

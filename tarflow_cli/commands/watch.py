@@ -12,7 +12,6 @@ from ..console import fail, info
 from ..options import device_option, seed_option
 from .numbers import finite_float
 
-
 RunDirArg = Annotated[
     Path,
     typer.Argument(
