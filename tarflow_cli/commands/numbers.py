@@ -75,3 +75,16 @@ def _seed_in(text: str, lowest: int, highest: int, shown: str) -> int:
     if not lowest <= value <= highest:
         raise typer.BadParameter(f"must be in {shown} (got {text})")
     return value
+
+
+def micro_batch_int(text: str) -> int | str:
+    """`parser=` for --micro-batch: a positive whole number, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text!r}") from None
+    if value < 1:
+        raise typer.BadParameter(f"must be a positive integer or 'auto' (got {text})")
+    return value

@@ -26,7 +26,7 @@ from tarflow_core.presets import PRESETS
 from tarflow_core.presets import preset as get_preset
 
 from ..options import FLAG
-from .numbers import FINITE, train_seed_int
+from .numbers import FINITE, micro_batch_int, train_seed_int
 from .train_help import bracket_default, preset_default
 
 UI_CHOICES = ("tui", "rich", "plain")
@@ -58,19 +58,6 @@ FIELDS_WITHOUT_OPTION = ("noise_std",)
 
 def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
     return typer.Option(*names, help=bracket_default(help), show_default=False, **kw)
-
-
-def micro_batch_int(text: str) -> int | str:
-    """`parser=` for --micro-batch: a positive whole number, or `auto`."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise typer.BadParameter(f"expected a positive whole number or 'auto', got {text!r}") from None
-    if value < 1:
-        raise typer.BadParameter(f"must be a positive integer or 'auto' (got {text})")
-    return value
 
 
 # Parsers beyond the field's type: a float option takes finite numbers only (see `_field_option`);
