@@ -267,9 +267,10 @@ def main() -> int:
     print(
         f"preset {cfg.preset}: {mc.num_blocks} blocks x {mc.layers_per_block} layers, width {mc.width}, "
         f"patch {mc.patch_size}, {'conditional' if mc.num_classes else 'unconditional'}; batch {cfg.batch_size}, "
-        f"lr {cfg.lr:g}, warm-up {state['start']['warmup_steps']}, noise {cfg.noise_label}, label drop {cfg.label_drop}, "
-        f"{cfg.max_steps} steps, seed {cfg.seed}, {torch.get_num_threads()} threads; held-out: {sum(len(b[0]) for b in batches)} "
-        f"test images; reference head dim {args.ref_head_dim or cfg.head_dim}, same initial weights: "
+        f"lr {cfg.lr:g}, warm-up {state['start']['warmup_steps']}, noise {cfg.noise_label}, "
+        f"label drop {cfg.label_drop}, {cfg.max_steps} steps, seed {cfg.seed}, {torch.get_num_threads()} threads; "
+        f"held-out: {sum(len(b[0]) for b in batches)} test images; "
+        f"reference head dim {args.ref_head_dim or cfg.head_dim}, same initial weights: "
         f"{'yes' if ref.same_init else 'NO'}"
     )
     print(f"{'step':>6} | {'ours bpd':>9} | {'reference bpd':>13}")
