@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return dataclass_from_dict(cls, d, ValueError, "model config keys")
 
     def num_parameters(self) -> int:
@@ -387,7 +388,7 @@ class TrainConfig:
             return self.precision
         return "bf16" if device_type == "cuda" and self.noise == "gaussian" else "fp32"
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes` applied (`None` values are ignored: "not given")."""
         changes = {k: v for k, v in changes.items() if v is not None}
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -399,7 +400,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """From `to_dict()`'s output, also as written before the architecture fields took
         `ModelConfig`'s names (run directories of older versions still resume)."""
         d = {OLD_NAMES.get(k, k): v for k, v in d.items()}
