@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from reference_code import import_reference  # noqa: E402  (benchmarks/ is the script's folder)
+
 from tarflow_core import flow
 from tarflow_core.checkpoint import load_checkpoint
 from tarflow_core.config import ModelConfig
@@ -45,8 +47,6 @@ from tarflow_core.likelihood import nll as our_nll
 from tarflow_core.model import TarFlow
 from tarflow_core.presets import preset
 from tarflow_core.train import EVAL_SEED, train
-
-from reference_code import import_reference  # noqa: E402  (benchmarks/ is the script's folder)
 
 CHECK_TOL = 1e-4  # bpd: re-scoring must reproduce the logged figures
 
