@@ -443,16 +443,3 @@ def dataclass_from_dict(cls, d: dict[str, Any], error: type[Exception], what: st
     if unknown:
         raise error(f"unknown {what}: {', '.join(unknown)}")
     return cls(**d)
-
-
-def guess_channels_and_patch(token_dim: int) -> tuple[int, int] | None:
-    """Split D = C * p * p when the patch size is unknown: C=3 if D/3 is a square, else C=1 if D is."""
-    if token_dim % 3 == 0 and _is_square(token_dim // 3):
-        return 3, math.isqrt(token_dim // 3)
-    if _is_square(token_dim):
-        return 1, math.isqrt(token_dim)
-    return None
-
-
-def _is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n

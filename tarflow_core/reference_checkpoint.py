@@ -7,6 +7,7 @@ with `torch.load(..., weights_only=True)`: a file naming any Python object is re
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .checkpoint_info import CheckpointError, CheckpointInfo, data_from_config, read_tensors
-from .config import ModelConfig, guess_channels_and_patch
+from .config import ModelConfig
 from .load_errors import describe, file_head, not_torch
 
 # the published trainer's `{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise}.pth`, also as the
@@ -245,3 +246,16 @@ def _reference_config(path: Path, shapes: TensorShapes, channels: int, patch_siz
         )
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def guess_channels_and_patch(token_dim: int) -> tuple[int, int] | None:
+    """Split D = C * p * p when the patch size is unknown: C=3 if D/3 is a square, else C=1 if D is."""
+    if token_dim % 3 == 0 and _is_square(token_dim // 3):
+        return 3, math.isqrt(token_dim // 3)
+    if _is_square(token_dim):
+        return 1, math.isqrt(token_dim)
+    return None
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
