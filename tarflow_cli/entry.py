@@ -90,11 +90,11 @@ def _light_command_app(name: str):
     """A group holding only the named command: same group, same command, same errors."""
     import importlib
 
-    from .group import COMMANDS, new_app
+    from .group import COMMANDS, FlagHelpCommand, new_app
 
     module, function = next((m, f) for n, m, f in COMMANDS if n == name)
     app = new_app()  # it has a callback: with one command, the command stays a sub-command
-    app.command(name)(getattr(importlib.import_module(f"tarflow_cli.commands.{module}"), function))
+    app.command(name, cls=FlagHelpCommand)(getattr(importlib.import_module(f"tarflow_cli.commands.{module}"), function))
     return app
 
 

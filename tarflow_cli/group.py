@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .console import EXIT_FAILURE, EXIT_USAGE, error
 
@@ -35,10 +35,27 @@ COMPLETION_OPTIONS = ("--install-completion", "--show-completion")
 DETECT = "auto"
 
 
+def _flag_help(option):
+    """The help option shown as a flag (`-h, --help`), as our on/off options are, not with a `<bool>` value."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class FlagHelpCommand(TyperCommand):
+    """A command whose --help reads as a flag in the option table."""
+
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors the parser finds (unknown option, bad or missing value, unknown command)
     reported like every other user error: one line on stderr naming the option, exit code 2,
     instead of a usage block and a boxed panel."""
+
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
 
     def parse_args(self, ctx, args):
         # the shell is an optional value, which the parser has no form for: a bare option means "detect"
@@ -142,7 +159,9 @@ def installed_version() -> str:
 def _group(
     version: Annotated[
         Optional[bool],
-        typer.Option("--version", "-V", is_eager=True, callback=_version, help="Show the version and exit."),
+        typer.Option(
+            "--version", "-V", is_eager=True, callback=_version, metavar="", help="Show the version and exit."
+        ),
     ] = None,
     install_completion: Annotated[
         Optional[str],
@@ -197,7 +216,7 @@ def listing_app() -> typer.Typer:
     help, --version and completion scripts: a command named on the line gets the full group."""
     app = new_app()
     for name, module, function in available_commands():
-        app.command(name, help=_docstring(module, function))(_listed)
+        app.command(name, help=_docstring(module, function), cls=FlagHelpCommand)(_listed)
     return app
 
 

@@ -26,14 +26,16 @@ def export_tb(
             "--out",
             "-o",
             metavar="DIR",
-            help="Folder for the TensorBoard files (default: RUN_DIR/tensorboard/). "
-            "TensorBoard files an earlier export or train --tensorboard wrote there are replaced.",
+            help="Folder for the TensorBoard files; those an earlier export or train --tensorboard wrote "
+            "there are replaced \\[default: RUN_DIR/tensorboard/].",
             show_default=False,
         ),
     ] = None,
     follow: Annotated[
         bool,
-        typer.Option("--follow", "-f", help="Keep following a live run until it ends (Ctrl-C stops earlier)."),
+        typer.Option(
+            "--follow", "-f", metavar="", help="Keep following a live run until it ends (Ctrl-C stops earlier)."
+        ),
     ] = False,
 ) -> None:
     """Write a run's metrics and sample grids as TensorBoard files, from its events.jsonl.

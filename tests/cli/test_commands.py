@@ -658,7 +658,12 @@ def test_sampling_one_image_says_image(cond_ckpt, tmp_path):
 # ------------------------------------------------------------------------------ help at 80 columns
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "score", "denoise", "info", "watch"])
+def test_the_groups_own_help_shows_flags_as_flags():
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert r.exit_code == 0 and "--version" in r.output and "<bool>" not in r.output, r.output
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "score", "denoise", "info", "watch", "export-tb"])
 def test_help_reads_well_at_80_columns(command):
     """Nothing cut with '…', examples indented alike and never wrapped mid-command (a long one goes on
     a `\\` continuation line), defaults shown one way, flags without a `<bool>` value, mps wherever
@@ -669,7 +674,7 @@ def test_help_reads_well_at_80_columns(command):
     lines = text.splitlines()
     assert "…" not in text and max(map(len, lines)) <= 80
     assert "(default:" not in text
-    assert [line for line in lines if "<bool>" in line and "--help" not in line] == []  # --help: the group's
+    assert [line for line in lines if "<bool>" in line] == []  # --help too
     assert "range" not in text and "[x>=" not in text  # range types: checked by the parsers, worded as train's
     examples = lines[lines.index(next(line for line in lines if line.strip() == "Examples:")) + 1 :]
     examples = [line.rstrip() for line in examples[: next(i for i, x in enumerate(examples) if "╭" in x)]]
