@@ -11,28 +11,10 @@ from tarflow_cli.main import app
 from tarflow_core.events import read_events
 
 runner = CliRunner()
-SMALL = [
-    "--width",
-    "32",
-    "--head-dim",
-    "16",
-    "--blocks",
-    "2",
-    "--layers-per-block",
-    "1",
-    "--batch-size",
-    "16",
-    "--log-every",
-    "2",
-    "--eval-every",
-    "0",
-    "--sample-every",
-    "0",
-    "--num-samples",
-    "10",
-    "--device",
-    "cpu",
-]
+SMALL = (
+    "--width 32 --head-dim 16 --blocks 2 --layers-per-block 1 --batch-size 16 --log-every 2 "
+    "--eval-every 0 --sample-every 0 --num-samples 10 --device cpu"
+).split()
 
 
 def run(*args):

@@ -419,32 +419,10 @@ def _wait_for_step(events: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError("run did not reach the step in time")
 
 
-ARGS = [
-    "--width",
-    "32",
-    "--head-dim",
-    "16",
-    "--blocks",
-    "2",
-    "--layers-per-block",
-    "1",
-    "--batch-size",
-    "16",
-    "--log-every",
-    "2",
-    "--eval-every",
-    "0",
-    "--sample-every",
-    "0",
-    "--checkpoint-every",
-    "0",
-    "--device",
-    "cpu",
-    "--ui",
-    "plain",
-    "--ema",
-    "0.9",
-]
+ARGS = (
+    "--width 32 --head-dim 16 --blocks 2 --layers-per-block 1 --batch-size 16 --log-every 2 "
+    "--eval-every 0 --sample-every 0 --checkpoint-every 0 --device cpu --ui plain --ema 0.9"
+).split()
 
 
 def test_sigint_then_resume_matches_straight_run(tmp_path):

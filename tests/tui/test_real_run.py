@@ -25,32 +25,10 @@ HAS_TRAIN = (
 needs_train = pytest.mark.skipif(not HAS_TRAIN, reason="tarflow train is not there yet")
 
 # a very small run: seconds on a CPU
-SMALL = [
-    "--preset",
-    "tiny",
-    "--width",
-    "16",
-    "--blocks",
-    "2",
-    "--layers-per-block",
-    "1",
-    "--head-dim",
-    "8",
-    "--batch-size",
-    "16",
-    "--log-every",
-    "2",
-    "--eval-every",
-    "4",
-    "--sample-every",
-    "4",
-    "--eval-images",
-    "16",
-    "--num-samples",
-    "4",
-    "--device",
-    "cpu",
-]
+SMALL = (
+    "--preset tiny --width 16 --blocks 2 --layers-per-block 1 --head-dim 8 --batch-size 16 "
+    "--log-every 2 --eval-every 4 --sample-every 4 --eval-images 16 --num-samples 4 --device cpu"
+).split()
 
 
 @needs_train
