@@ -89,10 +89,8 @@ def _auto(cfg, model_cfg, d: DistInfo, precision: str, share: int, probe) -> tup
     device's memory, confirmed (or stepped down) by probe steps. (size, what to tell)."""
     total = torch.cuda.get_device_properties(d.device).total_memory
     settings = dict(precision=precision, checkpointing=cfg.checkpointing, ema=bool(cfg.ema_decay))
-    fits = memory.largest_micro_batch(total, model_cfg, world=d.world_size, accumulating=True, **settings)
-    if fits >= share:
-        fits = share
-    sizes = sorted({largest_divisor(share, fits)} | {k for k in range(1, fits + 1) if share % k == 0}, reverse=True)
+    fits = min(share, memory.largest_micro_batch(total, model_cfg, world=d.world_size, accumulating=True, **settings))
+    sizes = [k for k in range(max(fits, 1), 0, -1) if share % k == 0]  # divisors of the share, largest first
     gib = total / 2**30
     for size in sizes[:PROBE_TRIES]:
         if not any_flag(not probe(size), d):  # every process must fit it

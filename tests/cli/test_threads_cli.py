@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tarflow_core.events import read_events
 from tarflow_core.train import load_run_config, train
 
+from ..core.test_train import _wait_for_step
 from .test_train_cli import SMALL, assert_user_error, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,19 +108,6 @@ sys.argv = ["tarflow", *sys.argv[2:]]
 from tarflow_cli import entry
 entry.main()
 """
-
-
-def _wait_for_step(events: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()}")
-        if events.exists() and any(e["kind"] == "train" and e["step"] >= step for e in read_events(events)):
-            return
-        time.sleep(0.05)
-    raise AssertionError("run did not reach the step in time")
 
 
 def test_sigint_then_resume_under_another_load_matches_straight_run(tmp_path):
