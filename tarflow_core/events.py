@@ -183,3 +183,14 @@ def last_event(path: str | os.PathLike, kind: str | None = None) -> dict | None:
         if kind is None or e.get("kind") == kind:
             found = e
     return found
+
+
+def grid_candidates(run_dir: Path, path: str) -> list[Path]:
+    """Where a `sample` event's grid may be, the run directory first: relative to it, in its samples/,
+    then as given. Every reader of a run uses this rule (the dashboard, the TensorBoard export): a
+    copied or moved run's events still name the original run's files, which may be gone or differ."""
+    p = Path(path)
+    inside = run_dir / "samples" / p.name
+    if p.is_absolute():
+        return [inside, p]
+    return [run_dir / p, inside, p]

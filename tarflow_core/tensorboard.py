@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import EVENTS_FILE, read_events
+from .events import EVENTS_FILE, grid_candidates, read_events
 
 TENSORBOARD_DIR = "tensorboard"  # default output folder, inside the run directory
 INSTALL_HINT = "pip install 'tarflow[tensorboard]'"
@@ -68,17 +68,6 @@ class ExportCounts:
     images: int = 0
     missing_grids: list[str] = field(default_factory=list)
     ended: dict | None = None  # the run's `end` event, when one was read
-
-
-def grid_candidates(run_dir: Path, path: str) -> list[Path]:
-    """Where a sample event's grid may be, the run directory first (the dashboard's rule): relative
-    to it, in its samples/, then as given. A copied or moved run's events still name the original
-    run's files, which may be gone or differ from the copy's own."""
-    p = Path(path)
-    inside = run_dir / "samples" / p.name
-    if p.is_absolute():
-        return [inside, p]
-    return [run_dir / p, inside, p]
 
 
 def number(value: Any) -> float | None:

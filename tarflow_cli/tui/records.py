@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tarflow_core.events import grid_candidates
+
 
 class Series:
     """(step, value) points in step order; `arrays()` gives numpy views, converted incrementally."""
@@ -64,13 +66,8 @@ class SampleGrid:
     num: int | None = None  # images in the grid (the rest of its last row is empty)
 
     def candidates(self, run_dir: Path) -> list[Path]:
-        """Where the file may be, the run directory first: relative to it, in its samples/, then
-        as given (a copied or moved run's events still name the original's files, which may
-        exist and differ, or be gone)."""
-        inside = run_dir / "samples" / self.path.name
-        if self.path.is_absolute():
-            return [inside, self.path]
-        return [run_dir / self.path, inside, self.path]
+        """Where the file may be (`events.grid_candidates`: the run directory first)."""
+        return grid_candidates(run_dir, str(self.path))
 
 
 class StepRate:
