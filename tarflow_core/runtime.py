@@ -142,3 +142,16 @@ def tf32_in_use(device: torch.device) -> bool:
     """Whether float32 matrix products on `device` run on TF32 now (as `use_tf32` sets; recorded with
     the results, which it changes: TF32 rounds the products' inputs to 10 mantissa bits)."""
     return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def tf32_restored(allow: bool | None = None) -> Iterator[None]:
+    """The caller's TF32 settings (matrix products and cuDNN convolutions) back afterwards; `allow`
+    True or False sets both for the block (None leaves them to what runs inside, e.g. `use_tf32`)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if allow is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -20,7 +20,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import DataError, make_loader
 from ..dist import DistInfo, any_flag, distributed
 from ..events import EVENTS_FILE, stopped
-from ..runtime import busy_note, environment, threads_for, use_tf32
+from ..runtime import busy_note, environment, tf32_restored, threads_for, use_tf32
 from ..tensorboard import TENSORBOARD_DIR, TensorBoardMissing, require_tensorboard
 from .checkpoints import Checkpointer
 from .micro import micro_batch_for, probe_step
@@ -308,7 +308,7 @@ def train(
                 _require_tensorboard()
             d = stack.enter_context(distributed(cfg.device))
             stack.enter_context(threads_for(_threads(cfg, d, resume)))
-            stack.enter_context(_tf32_restored())
+            stack.enter_context(tf32_restored())
             trainer = Trainer(cfg, d, emit, stop, resume, batch_hook)
             stack.callback(trainer.close)  # runs before the process group is left
             trainer.setup()
@@ -339,16 +339,6 @@ def _side_job(trainer: Trainer, what: str, job: Callable[[], None]) -> None:
             torch.cuda.empty_cache()
         step = trainer.step
         trainer.log.warn(step, f"out of memory in the {what} at step {step}: skipped, the run goes on", "oom")
-
-
-@contextlib.contextmanager
-def _tf32_restored():
-    """The caller's TF32 settings back after the run (`use_tf32` turns them on for training on CUDA)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _require_tensorboard() -> None:

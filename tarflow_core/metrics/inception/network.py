@@ -16,13 +16,11 @@ Every conv has no bias and is followed by batch norm (eps 0.001, running statist
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...runtime import tf32_restored
 from .preprocessing import INPUT_SIZE, RESIZE_MODES, preprocess
 
 FEATURE_DIM = 2048
@@ -224,18 +222,5 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), _exact_matmuls():
+        with torch.inference_mode(), tf32_restored(allow=False):  # the standard features: float32
             return self.features(self.preprocess(images)).float()
-
-
-@contextlib.contextmanager
-def _exact_matmuls() -> Iterator[None]:
-    """Keep TF32 off inside the network (the standard features are float32 convolutions)."""
-    cudnn = torch.backends.cudnn
-    old = (cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
