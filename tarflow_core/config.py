@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+DEQUANT_TYPES = ("uniform", "variational")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -30,8 +32,18 @@ class ModelConfig:
     expansion: int = 4
     nvp: bool = True
     num_classes: int = 0
+    # layers of each block in model order (blocks[0] sees the data, the last is nearest the noise);
+    # None: `layers_per_block` each. Deep-shallow (STARFlow) puts most layers in the last block.
+    block_layers: tuple[int, ...] | None = None
+    # how discrete pixels become continuous: "uniform" (x + U[0,1)) or "variational" (x + u, u ~ q(u|x),
+    # a small conditional flow trained with the model, Flow++); dequant_* size q
+    dequant: str = "uniform"
+    dequant_width: int = 32
+    dequant_layers: int = 4
 
     def __post_init__(self) -> None:
+        if self.block_layers is not None and not isinstance(self.block_layers, tuple):  # from JSON: a list
+            object.__setattr__(self, "block_layers", tuple(int(n) for n in self.block_layers))
         problems = []
         for name in (
             "in_channels",
@@ -42,17 +54,32 @@ class ModelConfig:
             "layers_per_block",
             "head_dim",
             "expansion",
+            "dequant_width",
+            "dequant_layers",
         ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be a positive integer (got {getattr(self, name)})")
         if self.num_classes < 0:
             problems.append(f"num_classes must be >= 0 (got {self.num_classes})")
+        if self.block_layers is not None and (
+            len(self.block_layers) != self.num_blocks or min(self.block_layers, default=0) < 1
+        ):
+            problems.append(
+                f"block_layers must give a positive layer count for each of the {self.num_blocks} blocks "
+                f"(got {list(self.block_layers)})"
+            )
+        if self.dequant not in DEQUANT_TYPES:
+            problems.append(f"dequant must be one of {', '.join(DEQUANT_TYPES)} (got {self.dequant!r})")
         if not problems and self.img_size % self.patch_size:
             problems.append(f"image size {self.img_size} is not a multiple of patch size {self.patch_size}")
         if not problems and self.width % self.head_dim:
             problems.append(f"width {self.width} is not a multiple of head dim {self.head_dim}")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+
+    def layers(self, block: int) -> int:
+        """Transformer layers of block `block` (model order)."""
+        return self.layers_per_block if self.block_layers is None else self.block_layers[block]
 
     @property
     def num_patches(self) -> int:
@@ -111,8 +138,9 @@ class ConfigError(ValueError):
     """A training setting that cannot work; the message names the option and what was expected."""
 
 
-NOISE_TYPES = ("gaussian", "uniform")
+NOISE_TYPES = ("gaussian", "uniform", "variational")
 PRECISIONS = ("auto", "fp32", "bf16")
+DECAY_PARAMS = ("all", "matrices")
 CHECKPOINTING = ("off", "blocks", "layers")
 Check = Callable[[str, Any], "str | None"]  # (flag, value) -> the problem, or None when fine
 
@@ -171,7 +199,7 @@ def _channels(flag: str, v: Any) -> str | None:
 
 
 def _noise(flag: str, v: Any) -> str | None:
-    return None if v in NOISE_TYPES else f"{flag} must be 'uniform' or 'gaussian:STD' (got {v!r})"
+    return None if v in NOISE_TYPES else f"{flag} must be 'uniform', 'variational' or 'gaussian:STD' (got {v!r})"
 
 
 def _one_of(choices: tuple[str, ...]) -> Check:
@@ -189,6 +217,16 @@ def _lr(flag: str, v: Any) -> str | None:
 
 def _ema(flag: str, v: Any) -> str | None:
     return f"{flag} must be a decay in [0, 1), e.g. 0.9999 (got {v})" if v is not None and not 0 <= v < 1 else None
+
+
+def _positive(flag: str, v: Any) -> str | None:
+    return None if v > 0 and math.isfinite(v) else f"{flag} must be positive (got {v})"
+
+
+def _block_layers(flag: str, v: Any) -> str | None:
+    if v is None or (isinstance(v, tuple) and v and all(isinstance(n, int) and n >= 1 for n in v)):
+        return None
+    return f"{flag} must be positive layer counts, one per block, e.g. 1,1,1,5 (got {v!r})"
 
 
 def _epochs(flag: str, v: Any) -> str | None:
@@ -222,6 +260,12 @@ class TrainConfig:
     width: int = option(64, "Transformer width.", check=positive_int)
     num_blocks: int = option(4, "Number of flow blocks.", "--blocks", check=positive_int)
     layers_per_block: int = option(1, "Transformer layers per flow block.", check=positive_int)
+    block_layers: tuple[int, ...] | None = option(
+        None,
+        "Layers of each flow block, comma-separated, from the data side to the noise side, e.g. 1,1,1,5 "
+        "(deep-shallow: most layers in the block nearest the noise); overrides --layers-per-block.",
+        check=_block_layers,
+    )
     head_dim: int = option(32, "Attention head size.", check=positive_int)
     expansion: int = option(4, "MLP hidden size as a multiple of the width.", check=positive_int)
     nvp: bool = option(True, "Affine (--nvp) or shift-only volume-preserving (--vp) flow.", "--nvp/--vp")
@@ -232,12 +276,19 @@ class TrainConfig:
     # noise augmentation: one `--noise uniform|gaussian:STD` option sets both fields
     noise: str = option(
         "gaussian",
-        "'uniform' (dequantization, likelihood runs) or 'gaussian:STD'.",
+        "'uniform' (dequantization, likelihood runs), 'variational' (dequantization by a learned q(u|x)) "
+        "or 'gaussian:STD'.",
         "--noise",
         check=_noise,
         cli=False,
     )
     noise_std: float = option(0.1, "The Gaussian noise std (the STD of --noise gaussian:STD).", "--noise", cli=False)
+    dequant_width: int = option(
+        32, "Channels of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int
+    )
+    dequant_layers: int = option(
+        4, "Coupling layers of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int
+    )
     # optimisation
     batch_size: int = option(  # global: per-process batch x world size
         64, "Global batch size (per process x processes).", "--batch-size", "-b", check=positive_int
@@ -248,12 +299,31 @@ class TrainConfig:
     )
     warmup_steps: int | None = option(None, "Linear warm-up steps (default: one epoch).", check=at_least_zero)
     weight_decay: float = option(1e-4, "AdamW weight decay.", check=at_least_zero)
+    decay_params: str = option(
+        "all",
+        "Which parameters weight decay applies to: all (the published recipe) or matrices (not norms, "
+        "biases, embeddings).",
+        "--weight-decay-on",
+        check=_one_of(DECAY_PARAMS),
+    )
+    adam_eps: float = option(1e-8, "AdamW epsilon.", check=_positive)
     beta1: float = option(0.9, "AdamW beta1.", check=in_unit_interval)
     beta2: float = option(0.95, "AdamW beta2.", check=in_unit_interval)
     grad_clip: float | None = option(  # max global grad norm; None/0: off
         None, "Clip the global gradient norm (0: off).", check=at_least_zero, resume=True
     )
     ema: float | None = option(None, "EMA decay of the weights, e.g. 0.9999 (0: off).", check=_ema)  # None/0: off
+    ema_warmup: int | None = option(  # None: the (1 + n) / (10 + n) ramp of earlier versions
+        None,
+        "Steps over which the EMA's averaging window grows to its full length 1 / (1 - decay) "
+        "(default: the decay ramps as (1 + n) / (10 + n)).",
+        check=positive_int,
+    )
+    zero_init_residual: bool = option(
+        False,
+        "Start every attention and MLP branch at zero (their output projections zero-initialised).",
+        "--zero-init/--no-zero-init",
+    )
     # length: max_steps wins when both are given
     max_steps: int | None = option(1500, "Run length in steps.", check=positive_int, resume=True)
     epochs: float | None = option(
@@ -324,6 +394,8 @@ class TrainConfig:
     run_dir: str | None = option(None, "Run directory (default: runs/<preset>-<time>).", path=True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.block_layers, list):  # as read back from config.json
+            object.__setattr__(self, "block_layers", tuple(self.block_layers))
         self.validate()
 
     # ------------------------------------------------------------------------------ checks
@@ -342,6 +414,8 @@ class TrainConfig:
             problems.append("give the run a length: --max-steps or --epochs")
         if self.width % self.head_dim if self.width and self.head_dim else False:
             problems.append(f"--width {self.width} must be a multiple of --head-dim {self.head_dim}")
+        if self.block_layers is not None and len(self.block_layers) != self.num_blocks:
+            problems.append(f"--block-layers gives {len(self.block_layers)} blocks but --blocks is {self.num_blocks}")
         if self.img_size is not None and self.patch_size and self.img_size % self.patch_size:
             problems.append(f"--image-size {self.img_size} must be a multiple of --patch-size {self.patch_size}")
         if problems:
@@ -351,13 +425,13 @@ class TrainConfig:
     @property
     def noise_spec(self) -> dict[str, Any]:
         """The checkpoint's `noise` entry: {"type", "std"}."""
-        if self.noise == "uniform":
-            return {"type": "uniform", "std": None}
+        if self.noise in ("uniform", "variational"):
+            return {"type": self.noise, "std": None}
         return {"type": "gaussian", "std": self.noise_std}
 
     @property
     def noise_label(self) -> str:
-        return "uniform" if self.noise == "uniform" else f"gaussian:{self.noise_std:g}"
+        return self.noise if self.noise in ("uniform", "variational") else f"gaussian:{self.noise_std:g}"
 
     @property
     def grad_clip_value(self) -> float | None:
@@ -378,6 +452,7 @@ class TrainConfig:
         # the architecture fields have ModelConfig's names; the shape and classes come from the data
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(self, f.name)}
         shared.update(in_channels=in_channels, img_size=img_size, num_classes=num_classes if conditional else 0)
+        shared["dequant"] = "variational" if self.noise == "variational" else "uniform"
         try:
             return ModelConfig(**shared)
         except ValueError as e:
@@ -422,8 +497,8 @@ def flag(name: str) -> str:
 def parse_noise(text: str) -> tuple[str, float | None]:
     """`uniform` or `gaussian:STD` (also `gaussian=STD`, or a bare number) -> (type, std)."""
     t = text.strip().lower()
-    if t == "uniform":
-        return "uniform", None
+    if t in ("uniform", "variational"):
+        return t, None
     for sep in (":", "="):
         if t.startswith("gaussian" + sep):
             t = t[len("gaussian") + 1 :]
@@ -431,7 +506,9 @@ def parse_noise(text: str) -> tuple[str, float | None]:
     try:
         std = float(t)
     except ValueError:
-        raise ConfigError(f"--noise {text!r}: expected 'uniform' or 'gaussian:STD', e.g. gaussian:0.05") from None
+        raise ConfigError(
+            f"--noise {text!r}: expected 'uniform', 'variational' or 'gaussian:STD', e.g. gaussian:0.05"
+        ) from None
     if not (std > 0 and math.isfinite(std)):
         raise ConfigError(f"--noise {text!r}: the Gaussian noise std must be positive")
     return "gaussian", std
