@@ -38,7 +38,7 @@ class ModelConfig:
     # how discrete pixels become continuous: "uniform" (x + U[0,1)) or "variational" (x + u, u ~ q(u|x),
     # a small conditional flow trained with the model, Flow++); dequant_* size q
     dequant: str = "uniform"
-    dequant_width: int = 32
+    dequant_width: int = 16
     dequant_layers: int = 4
 
     def __post_init__(self) -> None:
@@ -284,7 +284,7 @@ class TrainConfig:
     )
     noise_std: float = option(0.1, "The Gaussian noise std (the STD of --noise gaussian:STD).", "--noise", cli=False)
     dequant_width: int = option(
-        32, "Channels of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int
+        16, "Channels of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int
     )
     dequant_layers: int = option(
         4, "Coupling layers of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int

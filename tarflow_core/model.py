@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import flow, inputs
 from .config import ModelConfig
+from .dequant import VariationalDequantizer
 
 
 def at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +285,10 @@ class TarFlow(nn.Module):
         self.config = cfg
         self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
         self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
+        # q(u | x) of variational dequantization: trained and scored with the flow, unused by sampling
+        self.dequantizer = None
+        if cfg.dequant == "variational":
+            self.dequantizer = VariationalDequantizer(cfg.in_channels, cfg.dequant_width, cfg.dequant_layers)
 
     def set_checkpointing(self, mode: str) -> None:
         """Keep only each block's (or layer's) input for backward and recompute the rest there: less
