@@ -90,10 +90,11 @@ def measure_rates(device: torch.device, dtype: torch.dtype, repeats: int = 5) ->
 
 def sampling_floor(cfg: ModelConfig, rows: int, dtype: torch.dtype, rates: DeviceRates) -> dict:
     """Seconds of the floor for sampling `rows` sequences (batch x 2 with guidance) in `dtype`."""
-    T, W, L, N = cfg.num_patches, cfg.width, cfg.layers_per_block, cfg.num_blocks
+    T, W, N = cfg.num_patches, cfg.width, cfg.num_blocks
+    layers = sum(cfg.layers(i) for i in range(N))  # in all blocks (deep-shallow ones differ)
     item = dtype.itemsize
     flops = cfg.flops_per_image() * rows
-    kv_bytes = N * L * 2 * rows * W * item * (T * (T - 1) // 2)  # sum over t = 1..T-1 of t
+    kv_bytes = layers * 2 * rows * W * item * (T * (T - 1) // 2)  # sum over t = 1..T-1 of t
     per_token_params = cfg.num_parameters() - N * (T + cfg.num_classes) * W  # no position/class tables
     weight_bytes = T * per_token_params * item
     compute_s, kv_s = flops / rates.peak_flops, kv_bytes / rates.bandwidth

@@ -105,8 +105,11 @@ class ModelConfig:
         return self.num_classes > 0
 
     def short_name(self) -> str:
-        """The reference's architecture tag: patch-width-blocks-layers."""
-        return f"{self.patch_size}-{self.width}-{self.num_blocks}-{self.layers_per_block}"
+        """The reference's architecture tag: patch-width-blocks-layers; blocks of unequal depth give their
+        layers in model order, `2-128-4-1+1+1+5`."""
+        counts = [self.layers(i) for i in range(self.num_blocks)]
+        layers = str(counts[0]) if len(set(counts)) == 1 else "+".join(map(str, counts))
+        return f"{self.patch_size}-{self.width}-{self.num_blocks}-{layers}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,15 +123,15 @@ class ModelConfig:
         T, D, W, E, K = self.num_patches, self.token_dim, self.width, self.expansion, self.num_classes
         layer = 2 * W + 3 * W * W + 3 * W + W * W + W + 2 * W + E * W * W + E * W + E * W * W + W
         out = 2 * D if self.nvp else D
-        block = D * W + W + T * W + K * W + self.layers_per_block * layer + W * out + out
-        return self.num_blocks * block
+        block = D * W + W + T * W + K * W + W * out + out  # all but the layers
+        return self.num_blocks * block + sum(self.layers(i) for i in range(self.num_blocks)) * layer
 
     def flops_per_image(self) -> float:
         """Approximate forward FLOPs per image (matmuls only, 2 FLOPs per multiply-add)."""
         T, D, W, E = self.num_patches, self.token_dim, self.width, self.expansion
         per_layer = T * (2 * W * 3 * W + 2 * W * W + 2 * 2 * W * E * W) + 2 * 2 * T * T * W / 2
-        per_block = T * 2 * D * W + self.layers_per_block * per_layer + T * 2 * W * D * (2 if self.nvp else 1)
-        return float(self.num_blocks * per_block)
+        per_block = T * 2 * D * W + T * 2 * W * D * (2 if self.nvp else 1)  # proj_in and proj_out
+        return float(self.num_blocks * per_block + sum(self.layers(i) for i in range(self.num_blocks)) * per_layer)
 
 
 # ------------------------------------------------------------------------------ training options

@@ -92,17 +92,23 @@ def backward_temp_bytes(cfg: ModelConfig, compute: int) -> int:
     return cfg.num_patches * (2 * compute * cfg.expansion * cfg.width + 8 * cfg.width)
 
 
+def block_depths(cfg: ModelConfig) -> list[int]:
+    """Layers of each block, in model order (unequal in a deep-shallow model)."""
+    return [cfg.layers(i) for i in range(cfg.num_blocks)]
+
+
 def training_activation_bytes(cfg: ModelConfig, compute: int, checkpointing: str = "off", residual: int = 4) -> int:
     """Bytes saved per image over the whole forward; with checkpointing, what is kept plus the one block
-    (or layer) whose activations backward recomputes at a time."""
-    N, L, T = cfg.num_blocks, cfg.layers_per_block, cfg.num_patches
+    (or layer) whose activations backward recomputes at a time (the deepest block: the largest)."""
+    depths, T = block_depths(cfg), cfg.num_patches
+    N, L = len(depths), sum(depths)  # blocks, layers in all
     layer, extra = layer_activation_bytes(cfg, compute, residual), block_extra_bytes(cfg, compute)
     if checkpointing == "off":
-        return N * (L * layer + extra)
+        return L * layer + N * extra
     if checkpointing == "blocks":  # each block's input tokens (float32), then one block recomputed
-        return N * T * cfg.token_dim * 4 + L * layer + extra
+        return N * T * cfg.token_dim * 4 + max(depths) * layer + extra
     # layers: each layer's input (the residual stream), the blocks' own tensors, one layer recomputed
-    return N * (L * T * residual * cfg.width + extra) + layer
+    return L * T * residual * cfg.width + N * extra + layer
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -153,9 +159,11 @@ def training_memory(
     if checkpointing == "off":  # the old gradients live until zero_grad, after the forward; then temporaries
         dynamic = activations + casts + (grads + temps if accumulating else max(grads, temps))
     else:  # backward fills the gradients while every recomputed segment is as large: count them all; the
-        # graph holds only the segment's bf16 weights, the forward's end all of them (autocast's cache)
-        segments = cfg.num_blocks * (cfg.layers_per_block if checkpointing == "layers" else 1)
-        dynamic = activations + grads + max(casts, temps + casts // segments)
+        # graph holds only the segment's bf16 weights, the forward's end all of them (autocast's cache):
+        # the deepest block's share of them, or one layer's
+        depths = block_depths(cfg)
+        segment_casts = casts * (max(depths) if checkpointing == "blocks" else 1) // sum(depths)
+        dynamic = activations + grads + max(casts, temps + segment_casts)
     extra = int(frag * dynamic) + runtime
     peak = params + optimizer + ema_bytes + buckets + dynamic + extra
     workspace = temps + casts + buckets + extra
@@ -332,8 +340,10 @@ def sampling_memory(
     (bf16), on the CPU the per-block copies it caches (one more float32 set)."""
     s, T, W, P = _model_bytes(precision), cfg.num_patches, cfg.width, cfg.num_parameters()
     rows = batch * (2 if guidance else 1)  # guidance: the unconditional pass as B more rows
-    prepared = 4 * P if device == "cpu" else (s * P // cfg.num_blocks if s != 4 else 0)
-    cache = cfg.layers_per_block * 2 * rows * T * W * s + rows * T * W * s  # keys/values + conditioning
+    deepest, layers = max(block_depths(cfg)), sum(block_depths(cfg))
+    # one block's cast: the deepest block's share of the layers (the blocks' own tables counted as generously)
+    prepared = 4 * P if device == "cpu" else (s * P * deepest // layers if s != 4 else 0)
+    cache = deepest * 2 * rows * T * W * s + rows * T * W * s  # keys/values + conditioning
     activations = cache + (rows * scoring_bytes_per_image(cfg, precision) if sampler != "sequential" else 0)
     workspace = 3 * rows * T * cfg.token_dim * 4 + batch * cfg.data_dim * 4  # tokens, noise, images
     return _inference("sampling", rows, 4 * P + prepared, activations, workspace, device)

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import flow, inputs
 from .config import ModelConfig
-from .dequant import VariationalDequantizer
+from .dequant import VariationalDequantizer, dequantizer_shapes
 
 
 def at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -163,11 +163,11 @@ def _small_normal(t: torch.Tensor) -> torch.Tensor:
 class FlowBlock(nn.Module):
     """One autoregressive affine flow over the token sequence, in natural or reversed order.
 
-    h = proj_in(x) + pos_embed + class_embed[y], the causal layers, then proj_out(h_t) -> (a, b)_{t+1}."""
+    h = proj_in(x) + pos_embed + class_embed[y], the `layers` causal layers, then proj_out(h_t) -> (a, b)_{t+1}."""
 
     checkpoint_layers = False  # training memory: each layer's activations recomputed in backward
 
-    def __init__(self, cfg: ModelConfig, reverse_order: bool):
+    def __init__(self, cfg: ModelConfig, reverse_order: bool, layers: int):
         super().__init__()
         D, W, T = cfg.token_dim, cfg.width, cfg.num_patches
         self.reverse_order = reverse_order
@@ -176,7 +176,7 @@ class FlowBlock(nn.Module):
         self.proj_in = nn.Linear(D, W)
         self.pos_embed = nn.Parameter(_small_normal(torch.empty(T, W)))
         self.class_embed = nn.Parameter(_small_normal(torch.empty(cfg.num_classes, 1, W))) if cfg.num_classes else None
-        self.attn_blocks = nn.ModuleList(Layer(W, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block))
+        self.attn_blocks = nn.ModuleList(Layer(W, cfg.head_dim, cfg.expansion) for _ in range(layers))
         self.proj_out = nn.Linear(W, 2 * D if cfg.nvp else D)
         nn.init.zeros_(self.proj_out.weight)
 
@@ -283,7 +283,11 @@ class TarFlow(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.blocks = nn.ModuleList(FlowBlock(cfg, reverse_order=bool(i % 2)) for i in range(cfg.num_blocks))
+        # block i has cfg.layers(i) layers: the same in every block, or deep-shallow (most of them in the
+        # last block, the one nearest the noise, which models the prior's dependencies; STARFlow)
+        self.blocks = nn.ModuleList(
+            FlowBlock(cfg, reverse_order=bool(i % 2), layers=cfg.layers(i)) for i in range(cfg.num_blocks)
+        )
         self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
         # q(u | x) of variational dequantization: trained and scored with the flow, unused by sampling
         self.dequantizer = None
@@ -412,8 +416,10 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({b + "proj_in.weight": (W, D), b + "proj_in.bias": (W,), b + "pos_embed": (T, W)})
         if K:
             shapes[b + "class_embed"] = (K, 1, W)
-        for j in range(cfg.layers_per_block):
+        for j in range(cfg.layers(i)):
             shapes.update({f"{b}attn_blocks.{j}.{name}": shape for name, shape in layer.items()})
         shapes.update({b + "proj_out.weight": (out, W), b + "proj_out.bias": (out,)})
     shapes["var"] = (T, D)
+    if cfg.dequant == "variational":
+        shapes.update(dequantizer_shapes(cfg.in_channels, cfg.dequant_width, cfg.dequant_layers))
     return shapes

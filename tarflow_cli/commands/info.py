@@ -49,6 +49,7 @@ def info(
             "kind": ck.kind,
             "architecture": cfg.short_name(),
             "mode": "NVP (affine)" if cfg.nvp else "VP (shift only)",
+            "block_layers": [cfg.layers(i) for i in range(cfg.num_blocks)],  # model order: data side first
             "model": cfg.to_dict(),
             "parameters": cfg.num_parameters(),
             "data_shape": [cfg.in_channels, cfg.img_size, cfg.img_size],
@@ -81,12 +82,11 @@ def _table(ck, summary: dict) -> Table:
         noise.get("type"), "unknown"
     )
     heads = f"{cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}"
+    # deep-shallow: the tag gives each block's layers, from the data side to the noise side
+    tag = "patch-width-blocks-layers" + (", data side first" if len(set(summary["block_layers"])) > 1 else "")
     rows = [
         ("checkpoint", f"{ck.path} ({ck.kind})"),
-        (
-            "architecture",
-            f"{cfg.short_name()} (patch-width-blocks-layers), {heads}, MLP x{cfg.expansion}, {summary['mode']}",
-        ),
+        ("architecture", f"{cfg.short_name()} ({tag}), {heads}, MLP x{cfg.expansion}, {summary['mode']}"),
         ("parameters", f"{summary['parameters']:,}"),
         (
             "data shape",

@@ -5,6 +5,7 @@ worded as `train`'s settings word it: "must be >= 1 (got 0)"."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import typer
@@ -88,3 +89,15 @@ def micro_batch_int(text: str) -> int | str:
     if value < 1:
         raise typer.BadParameter(f"must be a positive integer or 'auto' (got {text})")
     return value
+
+
+_COUNTS = re.compile(r"\s*\d+\s*(?:,\s*\d+\s*)*", re.ASCII)
+
+
+def layer_counts(text: str) -> tuple[int, ...]:
+    """`parser=` for --block-layers: positive whole numbers separated by commas (spaces allowed), one per
+    block, e.g. `1,1,1,5`; whether there is one per block is the settings' check (it knows --blocks)."""
+    counts = tuple(int(n) for n in text.split(",")) if _COUNTS.fullmatch(text) else ()
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter(f"must be positive layer counts separated by commas, e.g. 1,1,1,5 (got {text!r})")
+    return counts

@@ -26,7 +26,7 @@ from tarflow_core.presets import PRESETS
 from tarflow_core.presets import preset as get_preset
 
 from ..options import FLAG
-from .numbers import FINITE, micro_batch_int, train_seed_int
+from .numbers import FINITE, layer_counts, micro_batch_int, train_seed_int
 from .train_help import bracket_default, preset_default
 
 UI_CHOICES = ("tui", "rich", "plain")
@@ -62,8 +62,8 @@ def _opt(help: str, *names: str, **kw) -> Any:  # noqa: A002
 
 # Parsers beyond the field's type: a float option takes finite numbers only (see `_field_option`);
 # training derives per-rank and per-stream seeds by adding small offsets, so its seed keeps well inside
-# torch's range; --micro-batch also takes `auto`.
-PARSERS = {"seed": train_seed_int, "micro_batch": micro_batch_int}
+# torch's range; --micro-batch also takes `auto`; a tuple field is one comma-separated value (--block-layers).
+PARSERS = {"seed": train_seed_int, "micro_batch": micro_batch_int, "block_layers": layer_counts}
 
 
 def _written_options() -> dict[str, tuple[Any, Any]]:
@@ -113,6 +113,8 @@ def _field_option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     parser = PARSERS.get(f.name, FINITE if kind is float else None)
     help = bracket_default(spec.help, preset_default(f.name, spec.flags))  # noqa: A001
     extra = {"parser": parser} if parser else {"metavar": FLAG} if kind is bool else {}
+    if typing.get_origin(kind) is tuple:  # one text its parser splits, not typer's several values per option
+        kind, extra["metavar"] = str, f"<{typing.get_args(kind)[0].__name__},...>"
     return Optional[kind], _opt(help, *spec.flags, **extra)
 
 

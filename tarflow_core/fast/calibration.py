@@ -1,7 +1,8 @@
 """Choosing each block's Jacobi segment length by measurement (1 = sequential).
 
-The cost of one pass over a window of S tokens is timed at the real batch size; the number of
-passes each segment length needs is counted on a few samples. The cheapest choice wins per block.
+The cost of one pass over a window of S tokens is timed at the real batch size, once for each block
+depth (blocks of a deep-shallow model differ); the number of passes each segment length needs is counted
+on a few samples. The cheapest choice wins per block.
 """
 
 from __future__ import annotations
@@ -42,18 +43,25 @@ def _calibrate(
 ) -> list[int]:
     B, T, D = x.shape
     blocks = list(reversed(model.blocks))
-    candidates = sorted(
-        {s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True
-    )
-    cost = {s: _time_pass(blocks[0], x, y, s, dtype, guide, graphed) for s in [1, *candidates]}
+    lengths = sorted({s for s in (T - 1, (T - 1 + 1) // 2, (T - 1 + 3) // 4, (T - 1 + 7) // 8) if s >= 2}, reverse=True)
+    # a pass costs in proportion to the block's layers: timed once per depth (deep-shallow models have several)
+    by_depth: dict[int, dict[int, float]] = {}
+    for block in blocks:
+        if len(block.attn_blocks) not in by_depth:
+            times = {s: _time_pass(block, x, y, s, dtype, guide, graphed) for s in [1, *lengths]}
+            by_depth[len(block.attn_blocks)] = times
     # a segment needs at least two passes to see convergence: drop lengths that cannot beat sequential
-    candidates = [s for s in candidates if 2 * -(-(T - 1) // s) * cost[s] < (T - 1) * cost[1]]
-    if not candidates:
+    worth = {
+        depth: [s for s in lengths if 2 * -(-(T - 1) // s) * cost[s] < (T - 1) * cost[1]]
+        for depth, cost in by_depth.items()
+    }
+    if not any(worth.values()):
         return [1] * len(blocks)
     xp = x[:probe].clone()
     yp = y[:probe] if y is not None else None
     chosen = []
     for block in blocks:
+        cost, candidates = by_depth[len(block.attn_blocks)], worth[len(block.attn_blocks)]
         best_s, best_cost, best_out = 1, (T - 1) * cost[1], None
         for s in candidates:
             runner = BlockRunner(block, len(xp), yp, device=x.device, dtype=dtype, **guide)
