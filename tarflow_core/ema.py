@@ -9,15 +9,21 @@ from torch import nn
 class EMA:
     """Shadow copy of a model's state dict (float parameters averaged, buffers copied).
 
-    The decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates, so early
-    weights do not dominate. `state_dict()` has the model's keys, so it loads into the model
+    The decay warms up over the first updates, so the random initial weights do not dominate the
+    average: by default as min(decay, (1 + n) / (10 + n)) at update n (earlier versions' ramp, which
+    reaches 0.999 only after ~9,000 updates); with `warmup` N, the averaging window 1 / (1 - d) grows
+    linearly from 1 at update 0 to its full length W = 1 / (1 - decay) at update N, so the decay
+    reaches its value when asked. `state_dict()` has the model's keys, so it loads into the model
     (and is saved as `ema.safetensors`).
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: int | None = None):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if warmup is not None and warmup < 1:
+            raise ValueError(f"EMA warm-up must be a positive number of updates, got {warmup}")
         self.decay = float(decay)
+        self.warmup = warmup
         self.updates = 0
         self._names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
         params = dict(model.named_parameters())
@@ -34,8 +40,14 @@ class EMA:
         self._buffer_pairs = [(self.buffers[n], b) for n, b in model.named_buffers()]
 
     def current_decay(self) -> float:
+        """The decay of the next update (update `self.updates`, counted from 0)."""
         n = self.updates
-        return min(self.decay, (1 + n) / (10 + n))
+        if self.warmup is None:
+            return min(self.decay, (1 + n) / (10 + n))
+        if n >= self.warmup:  # exactly the decay from update N on, whatever the rounding below
+            return self.decay
+        window = 1 + n * (1 / (1 - self.decay) - 1) / self.warmup
+        return min(self.decay, 1 - 1 / window)
 
     @torch.no_grad()
     def update(self, model: nn.Module, gate: torch.Tensor | None = None) -> None:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig, TrainConfig
 from ..data import DataError, open_dataset
 from ..dist import DistInfo
 from ..ema import EMA
-from ..model import TarFlow
+from ..model import MLP, Attention, TarFlow
 from .micro import check_micro_batch
 from .outcome import SetupError
 
@@ -77,19 +78,56 @@ class Model:
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, d: DistInfo) -> Model:
     torch.manual_seed(cfg.seed)
     model = TarFlow(model_cfg).to(d.device)
+    if cfg.zero_init_residual:
+        zero_init_residual(model)
     model.set_checkpointing(cfg.checkpointing)
     torch.manual_seed(cfg.seed + d.rank)  # anything else random differs per rank
     fused = d.device.type == "cuda" or bool(os.environ.get("TARFLOW_FUSED_ADAMW"))  # env: test hook for the CPU
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, cfg),
         lr=cfg.min_lr,
         betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
         fused=fused or None,
     )
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = make_ema(model, cfg)
     noise_gen = torch.Generator(device=d.device).manual_seed(cfg.seed + NOISE_SEED_OFFSET)
     return Model(model, optimizer, ema, noise_gen, fused)
+
+
+def zero_init_residual(model: TarFlow) -> None:
+    """Zero the output projection (weight and bias) of every attention and MLP branch, so each layer
+    starts as the identity and the residual stream carries only the block's input at first. Uses no
+    random numbers: the weights stay a function of the seed."""
+    outs = [m.proj for m in model.modules() if isinstance(m, Attention)]
+    outs += [m.main[-1] for m in model.modules() if isinstance(m, MLP)]
+    with torch.no_grad():
+        for out in outs:
+            out.weight.zero_()
+            if out.bias is not None:
+                out.bias.zero_()
+
+
+def param_groups(model: TarFlow, cfg: TrainConfig) -> list[Any]:
+    """AdamW's parameters. `--weight-decay-on all`: one group, as the published recipe (and the same
+    optimizer state as earlier versions). `matrices`: decay only the weights of linear and convolution
+    layers; norms, biases and the positional and class embeddings are gains and offsets, which shrinking
+    towards 0 pulls away from what the data need rather than regularising."""
+    if cfg.decay_params == "all":
+        return list(model.parameters())
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_ema(model: TarFlow, cfg: TrainConfig) -> EMA | None:
+    """The run's EMA of the weights (None: off), with its warm-up."""
+    return EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay else None
 
 
 class Wrapped(NamedTuple):

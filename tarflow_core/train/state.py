@@ -145,7 +145,7 @@ def resume(
             except (RuntimeError, KeyError, ValueError, TypeError) as e:
                 raise damaged(EMA_FILE, e) from None
         else:
-            ema = EMA(model, cfg.ema_decay)
+            ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     return Resumed(state, ckpt, ema)
 
 
