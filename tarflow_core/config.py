@@ -124,7 +124,18 @@ class ModelConfig:
         layer = 2 * W + 3 * W * W + 3 * W + W * W + W + 2 * W + E * W * W + E * W + E * W * W + W
         out = 2 * D if self.nvp else D
         block = D * W + W + T * W + K * W + W * out + out  # all but the layers
-        return self.num_blocks * block + sum(self.layers(i) for i in range(self.num_blocks)) * layer
+        flow_params = self.num_blocks * block + sum(self.layers(i) for i in range(self.num_blocks)) * layer
+        return flow_params + self.dequantizer_parameters()
+
+    def dequantizer_parameters(self) -> int:
+        """Parameters of q(u | x) (0 with uniform dequantization): two 3x3 context convolutions, and per
+        coupling a 3x3 convolution of (x's half, context) and one to a scale and shift per channel."""
+        if self.dequant != "variational":
+            return 0
+        C, W = self.in_channels, self.dequant_width
+        context = 9 * C * W + W + 9 * W * W + W
+        coupling = 9 * (C + W) * W + W + 9 * W * 2 * C + 2 * C
+        return context + self.dequant_layers * coupling
 
     def flops_per_image(self) -> float:
         """Approximate forward FLOPs per image (matmuls only, 2 FLOPs per multiply-add)."""

@@ -120,3 +120,49 @@ def dequantize(dequantizer: VariationalDequantizer | None, x_uint8: torch.Tensor
     else:
         u, log_q = dequantizer(x_uint8, uniform)
     return Dequantized((x_uint8.to(u.dtype) + u) / 256 * 2 - 1, log_q)
+
+
+def dequantize_unautocast(
+    dequantizer: VariationalDequantizer, x_uint8: torch.Tensor, uniform: torch.Tensor
+) -> Dequantized:
+    """`dequantize` by q in the precision of its weights (float32 in training), outside any autocast:
+    log q sums D log-densities and log-scales, which bf16 would round by several nats per image."""
+    dtype = next(dequantizer.parameters()).dtype
+    with torch.autocast(uniform.device.type, enabled=False):
+        return dequantize(dequantizer, x_uint8, uniform.to(dtype))
+
+
+class DequantizingFlow(nn.Module):
+    """The training forward of a variationally dequantized model, as one module: (8-bit images, their
+    U[0, 1) draws, labels) -> (z, logdet, log q(u | x)). DDP wraps this, so q's parameters are used in
+    the forward it watches and their gradients are all-reduced with the flow's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # a TarFlow with a dequantizer
+
+    def forward(
+        self, x_uint8: torch.Tensor, uniform: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, log_q = dequantize_unautocast(self.model.dequantizer, x_uint8, uniform)
+        z, logdet = self.model(x, y)
+        return z, logdet, log_q
+
+
+def dequantizer_shapes(
+    channels: int, width: int, layers: int, prefix: str = "dequantizer."
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every entry of `VariationalDequantizer(channels, width, layers).state_dict()`,
+    under `prefix` (its name in TarFlow), without building it."""
+    C, W = channels, width
+    shapes = {
+        f"{prefix}context.0.weight": (W, C, 3, 3),
+        f"{prefix}context.0.bias": (W,),
+        f"{prefix}context.2.weight": (W, W, 3, 3),
+        f"{prefix}context.2.bias": (W,),
+    }
+    for i in range(layers):
+        net = f"{prefix}couplings.{i}.net."
+        shapes.update({net + "0.weight": (W, C + W, 3, 3), net + "0.bias": (W,)})
+        shapes.update({net + "2.weight": (2 * C, W, 3, 3), net + "2.bias": (2 * C,)})
+    return shapes
