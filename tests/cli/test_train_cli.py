@@ -416,3 +416,30 @@ def test_train_help_shows_preset_driven_defaults_as_from_the_preset_with_the_tin
     assert helps["beta1"].endswith("\\[default: 0.9]")
     assert helps["img_size"] == "Image size in pixels. \\[default: read off the data]"
     assert helps["preset"].endswith("\\[default: tiny]")
+
+
+@pytest.mark.parametrize("text", ["1,x", "0,1", "", "1,,2", "2.5", "1;2"])
+def test_block_layers_that_are_no_layer_counts(tmp_path, text):
+    assert_user_error(run("--block-layers", text, "--run-dir", tmp_path / "r"), "--block-layers", repr(text))
+
+
+def test_block_layers_from_the_command_line_to_the_checkpoint_and_resume(tmp_path):
+    """`--block-layers 1,2` (spaces allowed): one count per --blocks, recorded in the run and its
+    checkpoints, shown by info and the plan, and the architecture a resume keeps."""
+    assert_user_error(run(*SMALL, "--block-layers", "1,1,3", "--run-dir", tmp_path / "r"), "--block-layers gives 3")
+    plan = run(*SMALL[: SMALL.index("--device")], "--block-layers", " 1, 3 ", "--plan", "--json", "--memory", "1GiB")
+    assert plan.exit_code == 0, plan.stderr
+    assert json.loads(plan.stdout)["model"] == "2-32-2-1+3"
+    r = run(*SMALL, "--block-layers", "1, 2", "--max-steps", "2", "--run-dir", tmp_path / "run", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert doc["train"]["block_layers"] == doc["model"]["block_layers"] == [1, 2]
+    info = runner.invoke(app, ["info", "--ckpt", str(tmp_path / "run"), "--json"])
+    assert info.exit_code == 0, info.stderr
+    shown = json.loads(info.stdout)
+    assert (shown["architecture"], shown["block_layers"]) == ("2-32-2-1+2", [1, 2])
+    table = runner.invoke(app, ["info", "--ckpt", str(tmp_path / "run")], env={"COLUMNS": "200"}).stdout
+    assert "2-32-2-1+2 (patch-width-blocks-layers, data side first)" in table
+    assert_user_error(run("--resume", tmp_path / "run", "--block-layers", "2,1"), "--block-layers", "cannot change")
+    r = run("--resume", tmp_path / "run", "--block-layers", "1,2", "--max-steps", "3", "--ui", "plain")
+    assert r.exit_code == 0, r.stderr
