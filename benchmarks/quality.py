@@ -139,8 +139,6 @@ def train_one(args: argparse.Namespace, arm: str, steps: int, seed: int) -> dict
         "params": count_parameters(run_dir),
         "run_dir": str(run_dir),
     }
-    if args.proxy:
-        result["proxy_accuracy"] = sample_proxy(run_dir, args.data, gaussian_std(arm_flags(arm.split("@")[0], args)))
     return result
 
 
@@ -257,6 +255,8 @@ def main() -> int:
         run_all(args, todo, results, path)
         if args.equal_wallclock:
             run_equal_wallclock(args, results, path)
+    if args.proxy:
+        add_proxy(args, arms, results, path)
     print(header(args))
     if args.proxy:
         print(f"judge accuracy on the real test images: {judge_on_real(args.data):.3f}")
@@ -266,6 +266,23 @@ def main() -> int:
     return 0
 
 
+def add_proxy(args: argparse.Namespace, arms: list[str], results: dict, path: Path) -> None:
+    """The sample-quality proxy of every finished run of `arms` that lacks it (from its run directory)."""
+    for arm in arms:
+        for seed in args.seeds:
+            r = results.get(run_key(args, arm, args.steps, seed))
+            if r is not None and "proxy_accuracy" not in r:
+                std = gaussian_std(arm_flags(arm, args))
+                r["proxy_accuracy"] = sample_proxy(Path(r["run_dir"]), args.data, std)
+                save_results(results, path)
+
+
+def save_results(results: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
 def run_all(args: argparse.Namespace, todo: list[tuple[str, int, int]], results: dict, path: Path) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_one, args, a, n, s): (a, n, s) for a, n, s in todo}
@@ -273,9 +290,7 @@ def run_all(args: argparse.Namespace, todo: list[tuple[str, int, int]], results:
             a, n, s = futures[fut]
             results[run_key(args, a, n, s)] = r = fut.result()
             print(f"  {a} seed {s} ({n} steps): {r['bpd']:.4f} bpd, {r['seconds']:.0f} s", flush=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-            tmp.replace(path)
+            save_results(results, path)
 
 
 def wallclock_steps(args: argparse.Namespace, results: dict) -> int:
