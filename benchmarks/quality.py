@@ -29,6 +29,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,8 @@ def train_one(args: argparse.Namespace, arm: str, steps: int, seed: int) -> dict
     """One `tarflow train` run; its final held-out figures, wall seconds and parameter count."""
     run_dir = args.work / run_key(args, arm, steps, seed).replace("|", "_")
     flags = base_flags(args, steps, seed) + arm_flags(arm.split("@")[0], args) + ["--run-dir", str(run_dir)]
+    if run_dir.exists():  # a run of this benchmark that never finished (its result is not recorded)
+        shutil.rmtree(run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
@@ -288,7 +291,11 @@ def run_all(args: argparse.Namespace, todo: list[tuple[str, int, int]], results:
         futures = {pool.submit(train_one, args, a, n, s): (a, n, s) for a, n, s in todo}
         for fut in concurrent.futures.as_completed(futures):
             a, n, s = futures[fut]
-            results[run_key(args, a, n, s)] = r = fut.result()
+            try:
+                results[run_key(args, a, n, s)] = r = fut.result()
+            except RuntimeError as e:  # the other runs go on; the table shows this one as missing
+                print(f"  {e}", flush=True)
+                continue
             print(f"  {a} seed {s} ({n} steps): {r['bpd']:.4f} bpd, {r['seconds']:.0f} s", flush=True)
             save_results(results, path)
 
