@@ -109,7 +109,10 @@ class VariationalDequantizer(nn.Module):
             log_q = log_q - logdet
         # u = sigmoid(v): log|du/dv| is the logistic log-density at v
         log_q = log_q - logistic_log_density(v).flatten(1).sum(-1)
-        return DequantSample(torch.sigmoid(v), log_q)
+        # where sigmoid rounds to 0 or 1 (|v| past ~17 in float32), u is kept inside the open interval: the
+        # bin is [x, x + 1), and a u of exactly 1 would score the next pixel value's edge
+        tiny, eps = torch.finfo(v.dtype).tiny, torch.finfo(v.dtype).eps
+        return DequantSample(torch.sigmoid(v).clamp(tiny, 1 - eps / 2), log_q)
 
 
 def dequantize(dequantizer: VariationalDequantizer | None, x_uint8: torch.Tensor, uniform: torch.Tensor) -> Dequantized:

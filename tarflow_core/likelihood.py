@@ -1,4 +1,5 @@
-"""Exact densities: log p(x), nats and bits per dimension, Bayes classification, denoising."""
+"""Exact densities: log p(x), nats and bits per dimension (the variational bound for models with a
+learned dequantization q(u | x)), Bayes classification, denoising."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 from . import flow, inputs
 from .chunking import denoising_bytes_per_row, rows_per_pass, scoring_bytes_per_row, spans
 from .config import ModelConfig
+from .dequant import dequantize, dequantize_unautocast
 from .model import TarFlow
+
+DEQUANTIZATIONS = ("uniform", "variational")
 
 # (image, class) pairs per classification pass unless memory or `max_batch` asks for fewer
 CLASSIFY_ROWS = 4096
@@ -46,6 +50,39 @@ def _nll(model: TarFlow, x: torch.Tensor, y, max_batch: int | None) -> torch.Ten
     return -torch.cat(parts) / model.config.data_dim
 
 
+def dequantization(model: TarFlow, asked: str | None = None) -> str:
+    """How 8-bit images are scored: `asked` ("uniform" or "variational"), else the model's own:
+    "variational" when it has a learned q(u | x) (trained with --noise variational), else "uniform"."""
+    if asked is None:
+        return "uniform" if model.dequantizer is None else "variational"
+    if asked not in DEQUANTIZATIONS:
+        raise ValueError(f"dequantization must be one of {', '.join(DEQUANTIZATIONS)} (got {asked!r})")
+    if asked == "variational" and model.dequantizer is None:
+        raise ValueError("variational dequantization needs a model with a learned q(u|x) (--noise variational)")
+    return asked
+
+
+def dequantized_nll(
+    model: TarFlow,
+    x_uint8: torch.Tensor,
+    uniform: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    dequant: str = "uniform",
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Nats per dimension of 8-bit images dequantized from the U[0, 1) draws `uniform` (x's shape):
+    "uniform": -log p(x + u) / D with u the draws; "variational": the bound's (-log p(x + u) +
+    log q(u | x)) / D with u what the model's q makes of the draws. Scored as `nll` does."""
+    if dequant == "uniform":  # on the draws' device, as `flow.dequantize_uniform`: today's numbers
+        return nll(model, dequantize(None, x_uint8, uniform).x, y, max_batch=max_batch)
+    device = model.var.device
+    with torch.no_grad():
+        x, log_q = dequantize_unautocast(model.dequantizer, x_uint8.to(device), uniform.to(device))
+    scored = nll(model, x, y, max_batch=max_batch)
+    return scored + log_q.to(scored.dtype) / model.config.data_dim
+
+
 def bpd(
     model: TarFlow,
     x_uint8: torch.Tensor,
@@ -54,17 +91,40 @@ def bpd(
     generator: torch.Generator | None = None,
     samples: int = 1,
     max_batch: int | None = None,
+    dequant: str | None = None,
 ) -> torch.Tensor:
-    """Bits per dimension of 8-bit images with uniform dequantization (mean over `samples` draws),
-    scored in passes of at most `max_batch` images (see `nll`)."""
+    """Bits per dimension of 8-bit images (mean over `samples` draws), scored in passes of at most
+    `max_batch` images (see `nll`): with uniform dequantization, or for a model with a learned q(u | x)
+    the variational bound E_q[-log p(x + u) + log q(u | x)]. `dequant="uniform"` asks any model for
+    the uniform figure."""
+    return bpd_figures(
+        model, x_uint8, y, generator=generator, samples=samples, max_batch=max_batch,
+        dequants=(dequantization(model, dequant),),
+    )[0]  # fmt: skip
+
+
+def bpd_figures(
+    model: TarFlow,
+    x_uint8: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    dequants: tuple[str, ...],
+    generator: torch.Generator | None = None,
+    samples: int = 1,
+    max_batch: int | None = None,
+) -> list[torch.Tensor]:
+    """`bpd` per image under each dequantization of `dequants`, all from the same U[0, 1) draws (so the
+    variational bound and the uniform figure of one model compare draw for draw)."""
     inputs.uint8_images(x_uint8)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a whole number >= 1 (got {samples!r})")
-    total = torch.zeros(x_uint8.shape[0], device=x_uint8.device)
+    totals = [torch.zeros(x_uint8.shape[0], device=x_uint8.device) for _ in dequants]
     for _ in range(samples):
-        x = flow.dequantize_uniform(x_uint8, generator=generator).to(model.var.dtype)
-        total += flow.nats_to_bpd(nll(model, x, y, max_batch=max_batch)).to(total)  # scored on the model's device
-    return total / samples
+        uniform = torch.rand(x_uint8.shape, generator=generator, device=x_uint8.device, dtype=torch.float32)
+        for total, dequant in zip(totals, dequants):
+            scored = dequantized_nll(model, x_uint8, uniform, y, dequant=dequant, max_batch=max_batch)
+            total += flow.nats_to_bpd(scored).to(total)  # scored on the model's device
+    return [total / samples for total in totals]
 
 
 def classification_rows(model: TarFlow, batch: int, max_batch: int | None = None, chunk: int = CLASSIFY_ROWS) -> int:

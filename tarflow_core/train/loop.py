@@ -18,6 +18,7 @@ import torch
 from .. import __version__
 from ..config import ConfigError, TrainConfig
 from ..data import DataError, make_loader
+from ..dequant import DequantizingFlow
 from ..dist import DistInfo, any_flag, distributed
 from ..events import EVENTS_FILE, stopped
 from ..runtime import busy_note, environment, tf32_restored, threads_for, use_tf32
@@ -92,7 +93,9 @@ class Trainer:
                 self.resumed, cfg, d, self.steps_per_epoch, self.schedule.total_steps, self.environment
             )
         optimizer, noise_gen = built.optimizer, built.noise_gen
-        wrapped = wrap_model(self.model, cfg, d)
+        # variational dequantization: q runs inside the wrapped forward, so DDP sees its parameters used
+        trained = self.model if self.model.dequantizer is None else DequantizingFlow(self.model)
+        wrapped = wrap_model(trained, cfg, d)
         self.stepper = Stepper(
             cfg=cfg,
             model_cfg=self.model_cfg,

@@ -67,18 +67,20 @@ class Previews:
 
     @torch.no_grad()
     def evaluate(self, model: TarFlow, ema: EMA | None) -> dict | None:
-        """Held-out bpd: uniform dequantization from a fixed seed, over a fixed subset, all ranks.
-        The `eval` event's fields, or None without a held-out split."""
+        """Held-out bpd from a fixed seed, over a fixed subset, all ranks: uniform dequantization, or
+        for a model with a learned q(u | x) the variational bound and, beside it from the same draws,
+        the uniform figure (`bpd_uniform`). The `eval` event's fields, or None without a held-out split."""
         if self.test_ds is None:
             return None
-        from ..likelihood import bpd as bpd_fn
+        from ..likelihood import bpd_figures
 
         model, which = self.weights(model, ema)
         ds, d, device = self.test_ds, self.d, self.d.device
         n = len(ds) if self.cfg.eval_images is None else min(len(ds), self.cfg.eval_images)
         idx = list(range(d.rank, n, d.world_size))
         gen = torch.Generator(device=device).manual_seed(EVAL_SEED + d.rank)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        dequants = ("uniform",) if model.dequantizer is None else ("variational", "uniform")
+        total = torch.zeros(len(dequants) + 1, dtype=torch.float64, device=device)  # the bpd sums, the count
         bs, failed = self.eval_batch, None
         was_training = model.training
         model.eval()
@@ -87,9 +89,9 @@ class Previews:
                 items = [ds[i] for i in idx[s : s + bs]]
                 x = torch.stack([it[0] for it in items]).to(device)
                 y = torch.tensor([it[1] for it in items], device=device) if self.model_cfg.conditional else None
-                b = bpd_fn(model, x, y, generator=gen).double()
-                b = torch.nan_to_num(b, nan=float("inf"))
-                total += torch.stack([b.sum(), torch.tensor(float(len(items)), dtype=torch.float64, device=device)])
+                figures = bpd_figures(model, x, y, dequants=dequants, generator=gen)
+                sums = [torch.nan_to_num(b.double(), nan=float("inf")).sum() for b in figures]
+                total += torch.stack([*sums, torch.tensor(float(len(items)), dtype=torch.float64, device=device)])
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
             if classify_failure(e, started=True, distributed=d.distributed) != "oom":
                 raise
@@ -99,8 +101,12 @@ class Previews:
         if any_flag(failed is not None, d):
             raise failed or torch.OutOfMemoryError("out of memory in another process's evaluation")
         all_reduce_sum(total, d)
-        s, count = total.tolist()
-        return {"bpd": s / count if count else float("nan"), "images": int(count), "split": "test", "weights": which}
+        *sums, count = total.tolist()
+        means = [s / count if count else float("nan") for s in sums]
+        fields = {"bpd": means[0], "images": int(count), "split": "test", "weights": which}
+        if len(means) > 1:  # the bound first; old runs' events have neither of these
+            fields.update(bpd_uniform=means[1], dequant="variational")
+        return fields
 
     @torch.no_grad()
     def sample(self, model: TarFlow, ema: EMA | None, run_dir: Path, step: int, autocast: torch.dtype | None) -> dict:

@@ -5,6 +5,12 @@ likelihood runs), loss 0.5 * mean(z^2) - mean(logdet) / D, AdamW, label drop (-1
 conditional runs, the VP prior update after each step, bf16 autocast when asked. A step whose
 loss or gradient is not finite changes nothing (weights, optimizer, EMA, prior).
 
+Variational dequantization (`--noise variational`) draws the same U[0, 1) numbers as uniform
+dequantization and lets the model's q(u | x) turn them into u (reparameterised, so q trains with
+the flow); the loss adds mean(log q) / D, making it the bound E_q[-log p(x + u) + log q(u | x)] / D
+up to the prior's constant (a VP model's z^2 weighed by its learned variance, as the bound does), and
+the metrics' nll is that bound.
+
 With `--micro-batch` the step's batch goes through forward and backward in equal micro-batches, each
 loss scaled by its share, so the gradients add up to the whole batch's; the random draws, the VP prior
 and the metrics are those of the whole batch, so the step computes the same function (micro.py).
@@ -27,12 +33,45 @@ from ..ema import EMA
 from ..model import TarFlow
 from .schedule import Schedule
 
+# (step, x, labels) -> (x, labels): x is the flow's input, or with --noise variational the U[0, 1) draws
 BatchHook = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def objective(z: torch.Tensor, logdet: torch.Tensor, data_dim: int) -> torch.Tensor:
-    """The reference's loss: 0.5 * mean(z^2) - mean(logdet) / D (nats per dimension, up to constants)."""
-    return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
+def objective(
+    z: torch.Tensor,
+    logdet: torch.Tensor,
+    data_dim: int,
+    log_q: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference's loss: 0.5 * mean(z^2) - mean(logdet) / D (nats per dimension, up to constants);
+    with variational dequantization plus mean(log q(u | x)) / D, and for VP models z^2 / var (`var`)."""
+    if log_q is None:
+        return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
+    prior = z.float().pow(2) if var is None else z.float().pow(2) / var
+    return 0.5 * prior.mean() - (logdet.float() / data_dim).mean() + (log_q.float() / data_dim).mean()
+
+
+class Augmented(NamedTuple):
+    """A batch ready for the forward: `x` the flow's input, or (variational) the U[0, 1) draws that q
+    turns into u for the 8-bit `pixels`; the (dropped) labels."""
+
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    pixels: torch.Tensor | None  # variational dequantization only
+
+    def split(self, size: int) -> list[Augmented]:
+        """Micro-batches of `size` images."""
+        xs = self.x.split(size)
+        ys = self.labels.split(size) if self.labels is not None else [None] * len(xs)
+        ps = self.pixels.split(size) if self.pixels is not None else [None] * len(xs)
+        return [Augmented(*parts) for parts in zip(xs, ys, ps)]
+
+
+class Forward(NamedTuple):
+    z: torch.Tensor
+    logdet: torch.Tensor
+    log_q: torch.Tensor | None  # nats per image; None: no learned dequantization
 
 
 class StepMetrics(NamedTuple):
@@ -77,7 +116,7 @@ class Stepper:
     model_cfg: ModelConfig
     d: DistInfo
     model: TarFlow
-    forward: Callable  # the model, maybe wrapped in DDP and/or torch.compile
+    forward: Callable  # the model (variational: in a DequantizingFlow), maybe wrapped in DDP and/or torch.compile
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     noise_gen: torch.Generator
@@ -88,16 +127,20 @@ class Stepper:
     micro_batch: int | None = None  # images per forward/backward; None: the whole per-process batch
     no_sync: Callable[[], Any] | None = None  # DDP's no_sync: no gradient all-reduce in that backward
 
-    def augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 batch -> noisy model-space input and (dropped) labels. The random draws are for
-        the global batch, from a generator every rank holds identically; each rank keeps its share."""
+    def augment(self, x_u8: torch.Tensor, y: torch.Tensor) -> Augmented:
+        """uint8 batch -> noisy model-space input (variational: the U[0, 1) draws and the pixels) and
+        (dropped) labels. The random draws are for the global batch, from a generator every rank holds
+        identically; each rank keeps its share."""
         cfg, device, gen = self.cfg, self.d.device, self.noise_gen
         x = x_u8.to(device, non_blocking=True)
         shape = (cfg.batch_size, *x.shape[1:])
         r, w = self.d.rank, self.d.world_size
+        pixels = None
         if cfg.noise == "uniform":
             u = torch.rand(shape, generator=gen, device=device)[r::w]
             xf = (x.float() + u) / 256 * 2 - 1
+        elif cfg.noise == "variational":  # the uniform run's draws; q makes u of them in the forward
+            xf, pixels = torch.rand(shape, generator=gen, device=device)[r::w], x
         else:
             eps = torch.randn(shape, generator=gen, device=device)[r::w]
             xf = flow.uint8_to_model(x) + cfg.noise_std * eps
@@ -107,54 +150,64 @@ class Stepper:
             if cfg.label_drop > 0:
                 drop = torch.rand(cfg.batch_size, generator=gen, device=device)[r::w] < cfg.label_drop
                 labels = torch.where(drop, torch.full_like(labels, -1), labels)
-        return xf, labels
+        return Augmented(xf, labels, pixels)
 
     def __call__(self, step: int, x_u8: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, StepMetrics, float]:
         """Step with 0-based index `step`: (the on-device `ok` flag, the metrics, the learning rate)."""
-        x, labels = self.augment(x_u8, y)
+        batch = self.augment(x_u8, y)
         if self.batch_hook is not None:
-            x, labels = self.batch_hook(step, x, labels)
+            x, labels = self.batch_hook(step, batch.x, batch.labels)
+            batch = batch._replace(x=x, labels=labels)
         lr = self.schedule.at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.micro_batch is None or self.micro_batch >= x.shape[0]:
-            z, logdet = self._forward(x, labels)
-            loss = objective(z, logdet, self.model_cfg.data_dim)
+        if self.micro_batch is None or self.micro_batch >= batch.x.shape[0]:
+            out = self._forward(batch)
+            loss = self._objective(out)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         else:
-            z, logdet, loss = self._accumulate(x, labels)
+            out, loss = self._accumulate(batch)
         grad_norm = self._grad_norm()
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        self._update(z, ok)
-        return ok, self._metrics(z, logdet, loss, grad_norm), lr
+        self._update(out.z, ok)
+        return ok, self._metrics(out, loss, grad_norm), lr
 
-    def _forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _objective(self, out: Forward) -> torch.Tensor:
+        # a VP model's prior N(0, var) learns its variance apart from the loss: the reference's loss drops
+        # it, but the bound that trains q must weigh z^2 by it, or q would see the flow's density scaled by var
+        var = self.model.var if out.log_q is not None and not self.model_cfg.nvp else None
+        return objective(out.z, out.logdet, self.model_cfg.data_dim, out.log_q, var)
+
+    def _forward(self, batch: Augmented) -> Forward:
         dtype = self.autocast_dtype
         with torch.autocast(self.d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            z, logdet = self.forward(x, labels)
-        return z.float(), logdet
+            if batch.pixels is None:
+                z, logdet = self.forward(batch.x, batch.labels)
+                log_q = None
+            else:  # q runs without autocast inside (dequant.DequantizingFlow)
+                z, logdet, log_q = self.forward(batch.pixels, batch.x, batch.labels)
+        return Forward(z.float(), logdet, log_q)
 
-    def _accumulate(self, x: torch.Tensor, labels: torch.Tensor | None):
+    def _accumulate(self, batch: Augmented) -> tuple[Forward, torch.Tensor]:
         """Gradient accumulation: the batch in micro-batches of `micro_batch` images (equal sizes), each
         micro-batch's loss scaled by its share, so the summed gradient is the whole batch's. DDP
-        all-reduces only in the last backward. (z, logdet) of the whole batch (detached) and its loss."""
-        xs = x.split(self.micro_batch)
-        ys = labels.split(self.micro_batch) if labels is not None else [None] * len(xs)
-        zs, logdets = [], []
-        for i, (xc, yc) in enumerate(zip(xs, ys)):
-            last = i == len(xs) - 1
+        all-reduces only in the last backward. The whole batch's forward (detached) and its loss."""
+        parts = batch.split(self.micro_batch)
+        outs = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
             with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
-                z, logdet = self._forward(xc, yc)
-                loss = objective(z, logdet, self.model_cfg.data_dim) * (xc.shape[0] / x.shape[0])
+                out = self._forward(part)
+                loss = self._objective(out) * (part.x.shape[0] / batch.x.shape[0])
                 if i == 0:  # as in the unsplit step: the last step's gradients are freed after the forward
                     self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            zs.append(z.detach())
-            logdets.append(logdet.detach())
-        z, logdet = torch.cat(zs), torch.cat(logdets)
+            outs.append(Forward(*(t.detach() if t is not None else None for t in out)))
+        log_q = torch.cat([o.log_q for o in outs]) if outs[0].log_q is not None else None
+        out = Forward(torch.cat([o.z for o in outs]), torch.cat([o.logdet for o in outs]), log_q)
         with torch.no_grad():  # the whole batch's loss, as the metrics and the finiteness check see it
-            return z, logdet, objective(z, logdet, self.model_cfg.data_dim)
+            return out, self._objective(out)
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, after clipping the gradients to `--grad-clip` when set."""
@@ -182,11 +235,16 @@ class Stepper:
                 self.ema.update(self.model)
 
     @torch.no_grad()
-    def _metrics(self, z, logdet, loss, grad_norm) -> StepMetrics:
+    def _metrics(self, out: Forward, loss, grad_norm) -> StepMetrics:
+        """nll: -log p(x) / D of the noisy input, or with variational dequantization the bound's
+        (-log p(x + u) + log q(u | x)) / D; the loss holds log q already (and a VP model's z^2 / var)."""
+        z, logdet = out.z, out.logdet
         logdet_pd = (logdet.float() / self.model_cfg.data_dim).mean()
         if self.model_cfg.nvp:
             nll = loss + 0.5 * flow.LOG_2PI
         else:
             var = self.model.var
             nll = 0.5 * (z.detach().pow(2) / var).mean() + 0.5 * torch.log(var).mean() + 0.5 * flow.LOG_2PI - logdet_pd
+            if out.log_q is not None:
+                nll = nll + (out.log_q.float() / self.model_cfg.data_dim).mean()
         return StepMetrics(loss.detach(), nll.detach(), logdet_pd, grad_norm.detach().float())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tarflow_core.config import ConfigError, TrainConfig
+from tarflow_core.dequant import DequantizingFlow
 from tarflow_core.dist import DistInfo
 from tarflow_core.events import read_events
 from tarflow_core.model import TarFlow
@@ -31,7 +32,7 @@ def _stepper(cfg: TrainConfig, micro: int | None, dtype=torch.float64) -> Steppe
         model_cfg=model_cfg,
         d=DistInfo(),
         model=model,
-        forward=model,
+        forward=model if model.dequantizer is None else DequantizingFlow(model),  # as the trainer wraps it
         optimizer=optimizer,
         ema=None,
         noise_gen=torch.Generator().manual_seed(cfg.seed + 1),
@@ -59,6 +60,8 @@ def _batches(n: int, size: int):
         dict(),  # affine (NVP) blocks, Gaussian noise, label drop
         dict(nvp=False, noise="uniform", grad_clip=0.05),  # VP prior update, uniform dequantization, clipping
         dict(conditional=False, checkpointing="blocks"),
+        dict(noise="variational"),  # q's draws, log q and its gradients split too
+        dict(nvp=False, noise="variational", conditional=False),
     ],
 )
 def test_accumulated_micro_batches_are_one_step_on_the_whole_batch(kw):

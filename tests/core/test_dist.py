@@ -121,14 +121,16 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert b1 == pytest.approx(b2, abs=0.05)  # different dequantization draws per rank
 
 
-def test_two_gloo_processes_accumulating_match_one_without(tmp_path):
+@pytest.mark.parametrize("noise", ["gaussian", "variational"])
+def test_two_gloo_processes_accumulating_match_one_without(tmp_path, noise):
     """Each rank's 8 images in two micro-batches of 4 (DDP all-reduces in the last backward only) ==
-    one process stepping on all 16 at once."""
+    one process stepping on all 16 at once. Variational: q runs inside the forward DDP wraps, its
+    gradients all-reduced with the flow's."""
     torch.set_num_threads(1)
     from tarflow_core.train import train
 
-    single = train(cfg_for(tmp_path / "one", max_steps=4, sample_every=0, eval_every=0))
-    cfg = cfg_for(tmp_path / "two", max_steps=4, sample_every=0, eval_every=0, micro_batch=4)
+    single = train(cfg_for(tmp_path / "one", max_steps=4, sample_every=0, eval_every=0, noise=noise))
+    cfg = cfg_for(tmp_path / "two", max_steps=4, sample_every=0, eval_every=0, micro_batch=4, noise=noise)
     mp.start_processes(
         _worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
@@ -136,6 +138,7 @@ def test_two_gloo_processes_accumulating_match_one_without(tmp_path):
         assert torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["status"] == "finished"
     a = load_file(str(single.checkpoint / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("dequantizer.") for k in a) == (noise == "variational")
     for k in a:  # VP prior from the whole global batch's z^2, the same noise and label-drop shares
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     start = next(iter(read_events(tmp_path / "two" / "events.jsonl")))
