@@ -2,7 +2,8 @@
 
 Every event is a flat JSON object with `time` (Unix seconds), `kind` and `step`. Kinds:
 `start` (config, parameter count, data summary), `train` (loss, nll, bpd, logdet, lr,
-grad_norm, images_per_s, memory), `eval` (held-out bpd), `sample` (image path), `checkpoint`
+grad_norm, images_per_s, memory), `eval` (held-out bpd; a variational run's bound, with `bpd_uniform`
+and `dequant`), `sample` (image path), `checkpoint`
 (path), `warning` (message) and `end` (status finished / interrupted / failed, reason).
 `events.jsonl` is appended one line per event and flushed, so a viewer can follow a live run;
 `read_events` tolerates a half-written last line.

@@ -42,7 +42,8 @@ SCALARS = (
     ("train", "tflops", "speed/tflops"),
     ("train", "memory_mb", "system/memory_mb"),
     ("train", "epoch", "train/epoch"),
-    ("eval", "bpd", "eval/bpd"),
+    ("eval", "bpd", "eval/bpd"),  # a variational run's bound
+    ("eval", "bpd_uniform", "eval/bpd_uniform"),  # a variational run's, with uniform dequantization
 )
 
 

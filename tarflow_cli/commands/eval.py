@@ -73,7 +73,7 @@ class EvalOptions(OptionGroup):
     max_batch: MaxBatchOpt = None
     dequant_samples: Annotated[
         int,
-        typer.Option("--dequant-samples", parser=POSITIVE, help="bpd: average over K uniform dequantization draws."),
+        typer.Option("--dequant-samples", parser=POSITIVE, help="bpd: average over K dequantization draws."),
     ] = DEQUANT_SAMPLES
     sampling: SamplingOptions = SamplingOptions()
     fid: FidOptions = FidOptions()
@@ -88,7 +88,8 @@ def eval_cmd(ckpt: CkptOpt, options: EvalOptions = EvalOptions()) -> None:
     """Evaluate a checkpoint: prints one JSON object with every metric, the settings and counts.
 
     bpd: mean bits per dimension over the data split with uniform dequantization (the
-    reference protocol; equal to `tarflow score` averaged over the same images and seed).
+    reference protocol; equal to `tarflow score` averaged over the same images and seed). A model
+    trained with --noise variational reports its variational bound, and bpd_uniform beside it.
     fid: Fréchet Inception Distance of --num-samples samples (drawn as `tarflow sample` draws
     them) against reference statistics of the data split, with the standard FID Inception-v3.
     accuracy: Bayes-rule classification accuracy of a class-conditional model.

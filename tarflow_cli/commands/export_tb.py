@@ -40,8 +40,9 @@ def export_tb(
 ) -> None:
     """Write a run's metrics and sample grids as TensorBoard files, from its events.jsonl.
 
-    Scalars: train/loss, train/bpd, eval/bpd (held-out), train/lr, train/grad_norm,
-    speed/images_per_s, speed/tflops (and nll, logdet, epoch, memory); images: the sample grids.
+    Scalars: train/loss, train/bpd, eval/bpd (held-out; a variational run's bound, with
+    eval/bpd_uniform beside it), train/lr, train/grad_norm, speed/images_per_s, speed/tflops (and
+    nll, logdet, epoch, memory); images: the sample grids.
     The events file stays the run's record: exporting again rewrites the TensorBoard files from it.
     Prints the output folder on stdout. Needs the tensorboard package: pip install 'tarflow\\[tensorboard]'.
 

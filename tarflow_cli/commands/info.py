@@ -78,9 +78,11 @@ def _table(ck, summary: dict) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    noise_text = {"gaussian": f"gaussian, std {noise.get('std')}", "uniform": "uniform dequantization"}.get(
-        noise.get("type"), "unknown"
-    )
+    noise_text = {
+        "gaussian": f"gaussian, std {noise.get('std')}",
+        "uniform": "uniform dequantization",
+        "variational": "variational dequantization (a learned q(u|x); likelihoods are its bound)",
+    }.get(noise.get("type"), "unknown")
     heads = f"{cfg.num_heads} head{'s' if cfg.num_heads != 1 else ''} of {cfg.head_dim}"
     # deep-shallow: the tag gives each block's layers, from the data side to the noise side
     tag = "patch-width-blocks-layers" + (", data side first" if len(set(summary["block_layers"])) > 1 else "")
@@ -96,6 +98,9 @@ def _table(ck, summary: dict) -> Table:
         ("noise", noise_text),
         ("step", str(ck.step) if ck.step is not None else "unknown"),
     ]
+    if cfg.dequant == "variational":  # uniform models show no such row, as before
+        q = f"{cfg.dequant_layers} couplings of width {cfg.dequant_width}, {cfg.dequantizer_parameters():,} parameters"
+        rows.append(("dequantization", f"variational: q(u|x) of {q} (unused by sampling)"))
     if ck.has_ema:
         rows.append(("ema", "yes (sampling uses the EMA weights)"))
     if ck.data.get("source"):

@@ -349,7 +349,10 @@ def _describe(e: dict) -> str | None:
             f"{e.get('global_batch')}{split}, {e.get('total_steps')} steps{resumed}) -> {e.get('run_dir')}{note}"
         )
     if k == "eval":
-        return f"step {step}: held-out {_fmt(e.get('bpd'), '.4f')} bits/dim ({e.get('images')} images)"
+        bound = ""
+        if e.get("dequant") == "variational":  # which bound `bpd` is; runs without q have no such field
+            bound = f" (variational bound; uniform dequantization {_fmt(e.get('bpd_uniform'), '.4f')})"
+        return f"step {step}: held-out {_fmt(e.get('bpd'), '.4f')} bits/dim{bound} ({e.get('images')} images)"
     if k == "sample":
         return f"step {step}: samples {e.get('path')}"
     if k == "checkpoint":

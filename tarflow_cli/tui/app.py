@@ -45,7 +45,16 @@ class Chart(NamedTuple):
 
 
 CHARTS = (
-    Chart("chart-bpd", "bpd", (Line("bpd", "train", "cyan"), Line("eval_bpd", "held-out", "magenta")), True),
+    Chart(
+        "chart-bpd",
+        "bpd",
+        (
+            Line("bpd", "train", "cyan"),
+            Line("eval_bpd", "held-out", "magenta"),  # a variational run's bound
+            Line("eval_bpd_uniform", "uniform", "blue", optional=True),  # beside it, with uniform dequantization
+        ),
+        True,
+    ),
     Chart("chart-loss", "loss", (Line("loss", "", "cyan"),), True),
     Chart("chart-lr", "lr", (Line("lr", "", "yellow"),), False),
     Chart("chart-speed", "img/s", (Line("images_per_s", "", "green"),), False),

@@ -21,7 +21,8 @@ from .records import LogLine, SampleGrid, Series, StepRate
 FINAL = ("finished", "interrupted", "failed")
 
 # chart series, by name
-SERIES = ("loss", "bpd", "eval_bpd", "lr", "images_per_s")
+# eval_bpd_uniform: a variational run's held-out bpd with uniform dequantization (eval_bpd is its bound)
+SERIES = ("loss", "bpd", "eval_bpd", "eval_bpd_uniform", "lr", "images_per_s")
 
 
 _FINITE_MAX = 1.7976931348623157e308
@@ -222,6 +223,10 @@ class RunState:
             return set()
         self.series["eval_bpd"].add(step, v)
         self.latest["eval_bpd"] = v
+        uniform = number(e.get("bpd_uniform"))
+        if uniform is not None:
+            self.series["eval_bpd_uniform"].add(step, uniform)
+            self.latest["eval_bpd_uniform"] = uniform
         return {"charts"}
 
     def _on_sample(self, e: dict, t: float | None, step: int | None) -> set[str]:

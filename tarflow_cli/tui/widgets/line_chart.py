@@ -25,6 +25,7 @@ class Line:
     key: str  # series name in the data mapping
     label: str  # legend text ("" to show the value alone)
     color: str
+    optional: bool = False  # in the legend only once it has data (a series only some runs have)
 
 
 def fmt_num(v: float | None, digits: int = 3) -> str:
@@ -115,6 +116,8 @@ class LineChart(Widget):
         parts, bare = [], []
         for ln in self.lines:
             _, values = self._series(ln.key)
+            if ln.optional and not len(values):
+                continue
             value = fmt_num(values[-1]) if len(values) else "–"
             label = f"{ln.label} " if ln.label else ""
             parts.append(f"[{ln.color}]━[/] {label}{value}")
