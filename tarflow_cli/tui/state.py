@@ -221,12 +221,8 @@ class RunState:
         v = number(_first(e, "bpd", "eval_bpd", "test_bpd", "val_bpd", "heldout_bpd"))
         if v is None or step is None:
             return set()
-        self.series["eval_bpd"].add(step, v)
-        self.latest["eval_bpd"] = v
-        uniform = number(e.get("bpd_uniform"))
-        if uniform is not None:
-            self.series["eval_bpd_uniform"].add(step, uniform)
-            self.latest["eval_bpd_uniform"] = uniform
+        _add_point(self, "eval_bpd", step, v)
+        _add_point(self, "eval_bpd_uniform", step, number(e.get("bpd_uniform")))  # a variational run's, beside
         return {"charts"}
 
     def _on_sample(self, e: dict, t: float | None, step: int | None) -> set[str]:
@@ -309,6 +305,13 @@ class RunState:
         if now is not None and self.last_time is not None:
             eta -= max(0.0, now - self.last_time)  # time already spent since the last report
         return max(0.0, eta)
+
+
+def _add_point(state: RunState, key: str, step: int, value: float | None) -> None:
+    """A point of chart series `key` and its latest value (nothing for a missing value)."""
+    if value is not None:
+        state.series[key].add(step, value)
+        state.latest[key] = value
 
 
 def _session_time(state: RunState) -> float:
