@@ -235,7 +235,7 @@ def table(args: argparse.Namespace, results: dict, arms: list[str], steps: int) 
             row += f"{'':>9}{'':>7}{'':>8}"
             verdict = "baseline" if arm == "recipe" else ""
         row += f"{statistics.fmean(r['seconds'] for r in runs):>9.0f}  {verdict}"
-        if "proxy_accuracy" in runs[0]:
+        if all("proxy_accuracy" in r for r in runs):
             row += f"  judge accuracy {statistics.fmean(r['proxy_accuracy'] for r in runs):.3f}"
         if any(r["bpd_uniform"] != r["bpd"] for r in runs):
             row += f"  (uniform {statistics.fmean(r['bpd_uniform'] for r in runs):.4f})"
