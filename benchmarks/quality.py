@@ -52,6 +52,7 @@ ARMS: dict[str, list[str]] = {
     "zero-init": ["--zero-init"],
     "ema": ["--ema", "0.999", "--ema-warmup", "{ema_warmup}"],
     "ema-legacy": ["--ema", "0.999"],
+    "ema-0.99": ["--ema", "0.99", "--ema-warmup", "{ema_warmup}"],
     "clip": ["--grad-clip", "1.0"],
     "warmup-x3": ["--warmup-steps", "{warmup_x3}"],
     "adam-eps": ["--adam-eps", "1e-6"],
