@@ -48,6 +48,7 @@ ARMS: dict[str, list[str]] = {
     "recipe": [],
     "variational": ["--noise", "variational"],
     "deep-shallow": ["--block-layers", "{deep}"],
+    "more-blocks": ["--blocks", "{twice_blocks}", "--layers-per-block", "{half_layers}"],
     "decay-matrices": ["--weight-decay-on", "matrices"],
     "zero-init": ["--zero-init"],
     "ema": ["--ema", "0.999", "--ema-warmup", "{ema_warmup}"],
@@ -98,6 +99,9 @@ def arm_flags(arm: str, args: argparse.Namespace) -> list[str]:
         "deep": deep_shallow(args.blocks, args.layers_per_block),
         "ema_warmup": str(max(1, args.steps // 5)),
         "warmup_x3": str(3 * args.warmup),
+        # the same layers in twice the blocks (equal parameters but for each block's small in/out maps)
+        "twice_blocks": str(2 * args.blocks),
+        "half_layers": str(max(1, args.layers_per_block // 2)),
     }
     return [f.format(**fill) for f in ARMS[arm]]
 
