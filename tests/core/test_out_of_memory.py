@@ -43,7 +43,7 @@ def test_out_of_memory_in_previews_is_a_warning_and_the_checkpoint_is_already_sa
         fake_oom()
 
     monkeypatch.setattr(Previews, "sample", sample)
-    monkeypatch.setattr(tarflow_core.likelihood, "bpd", fake_oom)  # inside the evaluation's loop
+    monkeypatch.setattr(tarflow_core.likelihood, "bpd_figures", fake_oom)  # inside the evaluation's loop
     result = train(tiny_cfg(tmp_path / "b", **KW))
     assert result.status == "finished" and result.step == 6
     assert seen == [(4, ["step-00000004"]), (6, ["step-00000004", "step-00000006"])]  # saved before the preview
