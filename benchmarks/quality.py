@@ -57,6 +57,7 @@ ARMS: dict[str, list[str]] = {
     "clip": ["--grad-clip", "1.0"],
     "warmup-x3": ["--warmup-steps", "{warmup_x3}"],
     "adam-eps": ["--adam-eps", "1e-6"],
+    "beta2-0.99": ["--beta2", "0.99"],
     "gaussian-0.05": ["--noise", "gaussian:0.05"],
     "gaussian-0.1": ["--noise", "gaussian:0.1"],
     "gaussian-0.2": ["--noise", "gaussian:0.2"],
