@@ -47,6 +47,7 @@ WIN = 0.05  # bits/dim: the improvement the issue asks for
 ARMS: dict[str, list[str]] = {
     "recipe": [],
     "variational": ["--noise", "variational"],
+    "marginal": ["--marginal-bins", "256"],
     "deep-shallow": ["--block-layers", "{deep}"],
     "more-blocks": ["--blocks", "{twice_blocks}", "--layers-per-block", "{half_layers}"],
     "decay-matrices": ["--weight-decay-on", "matrices"],
@@ -287,7 +288,10 @@ def add_proxy(args: argparse.Namespace, arms: list[str], results: dict, path: Pa
 
 
 def save_results(results: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+    """Merged with what is on disk: several invocations may share one results file."""
+    if path.exists():
+        results.update({k: v for k, v in json.loads(path.read_text()).items() if k not in results})
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
     tmp.replace(path)
 
