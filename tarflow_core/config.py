@@ -172,6 +172,12 @@ class TrainConfig:
         cli=False,
     )
     noise_std: float = option(0.1, "The Gaussian noise std (the STD of --noise gaussian:STD).", "--noise", cli=False)
+    marginal_bins: int = option(
+        0,
+        "Learn a monotone piecewise-linear map of each pixel value (per channel, this many equal bins over "
+        "[-1, 1], 256 = the 8-bit levels) before the transformer blocks (0: none).",
+        check=at_least_zero,
+    )
     dequant_width: int = option(
         16, "Channels of the variational dequantizer q(u|x) (with --noise variational).", check=positive_int
     )

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from . import flow, inputs
 from .config import ModelConfig
 from .dequant import VariationalDequantizer, dequantizer_shapes
+from .marginal import MarginalMap
 
 
 def at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,8 @@ class TarFlow(nn.Module):
             FlowBlock(cfg, reverse_order=bool(i % 2), layers=cfg.layers(i)) for i in range(cfg.num_blocks)
         )
         self.register_buffer("var", torch.ones(cfg.num_patches, cfg.token_dim))
+        # f, a learned monotone map of each pixel value before the blocks (the identity when absent)
+        self.marginal = MarginalMap(cfg.in_channels, cfg.marginal_bins) if cfg.marginal_bins else None
         # q(u | x) of variational dequantization: trained and scored with the flow, unused by sampling
         self.dequantizer = None
         if cfg.dequant == "variational":
@@ -307,6 +310,18 @@ class TarFlow(nn.Module):
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.config
         return flow.unpatchify(tokens, c.in_channels, c.img_size, c.patch_size)
+
+    def to_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> the blocks' input tokens: patchify(f(x)), and log|det df/dx| (None without f)."""
+        if self.marginal is None:
+            return self.patchify(x), None
+        x, logdet = self.marginal(x)
+        return self.patchify(x), logdet
+
+    def to_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The blocks' output tokens -> images: f^-1(unpatchify(tokens)), the inverse of `to_tokens`."""
+        x = self.unpatchify(tokens)
+        return x if self.marginal is None else self.marginal.inverse(x)
 
     @property
     def proj_dtype(self) -> torch.dtype:
@@ -331,13 +346,16 @@ class TarFlow(nn.Module):
         their range is checked in eval mode only (a host read the training step does without)."""
         x = inputs.images(self, x)
         y = inputs.labels(self, y, x.shape[0], check=not self.training)
-        z, logdet, _ = self.forward_tokens(self.patchify(x), y)
-        return FlowOutput(z, logdet)
+        tokens, map_logdet = self.to_tokens(x)
+        z, logdet, _ = self.forward_tokens(tokens, y)
+        return FlowOutput(z, logdet if map_logdet is None else logdet + map_logdet)
 
     def log_prob(self, x, y=None) -> torch.Tensor:
         """log p(x) = log N(z; 0, var) + log|det dz/dx| in nats per sample (labels range-checked in every mode)."""
         x = inputs.images(self, x)
-        z, logdet, _ = self.forward_tokens(self.patchify(x), inputs.labels(self, y, x.shape[0]))
+        tokens, map_logdet = self.to_tokens(x)
+        z, logdet, _ = self.forward_tokens(tokens, inputs.labels(self, y, x.shape[0]))
+        logdet = logdet if map_logdet is None else logdet + map_logdet
         return flow.gaussian_log_prob(at_least_f32(z), self.var) + logdet
 
     @torch.no_grad()
@@ -354,7 +372,7 @@ class TarFlow(nn.Module):
         x = noise.to(self.var.device, self.var.dtype) * self.var.sqrt()
         for block in reversed(self.blocks):
             x = block.reverse(x, y, **options.guide)
-        return self.unpatchify(x)
+        return self.to_images(x)
 
     def sample(self, noise: torch.Tensor, y=None, **options) -> torch.Tensor:
         """Prior noise (B, T, D) -> images (B, C, H, W) by the fast backends (`tarflow_core.sampling.sample`)."""
@@ -420,6 +438,8 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({f"{b}attn_blocks.{j}.{name}": shape for name, shape in layer.items()})
         shapes.update({b + "proj_out.weight": (out, W), b + "proj_out.bias": (out,)})
     shapes["var"] = (T, D)
+    if cfg.marginal_bins:
+        shapes["marginal.theta"] = (cfg.in_channels, cfg.marginal_bins)
     if cfg.dequant == "variational":
         shapes.update(dequantizer_shapes(cfg.in_channels, cfg.dequant_width, cfg.dequant_layers))
     return shapes

@@ -34,6 +34,8 @@ class ModelConfig:
     dequant: str = "uniform"
     dequant_width: int = 16
     dequant_layers: int = 4
+    # bins of the learned monotone map of pixel values before the blocks (marginal.py); 0: none
+    marginal_bins: int = 0
 
     def __post_init__(self) -> None:
         if self.block_layers is not None and not isinstance(self.block_layers, tuple):  # from JSON: a list
@@ -62,6 +64,8 @@ class ModelConfig:
                 f"block_layers must give a positive layer count for each of the {self.num_blocks} blocks "
                 f"(got {list(self.block_layers)})"
             )
+        if self.marginal_bins < 0:
+            problems.append(f"marginal_bins must be >= 0 (got {self.marginal_bins})")
         if self.dequant not in DEQUANT_TYPES:
             problems.append(f"dequant must be one of {', '.join(DEQUANT_TYPES)} (got {self.dequant!r})")
         if not problems and self.img_size % self.patch_size:
@@ -119,7 +123,7 @@ class ModelConfig:
         out = 2 * D if self.nvp else D
         block = D * W + W + T * W + K * W + W * out + out  # all but the layers
         flow_params = self.num_blocks * block + sum(self.layers(i) for i in range(self.num_blocks)) * layer
-        return flow_params + self.dequantizer_parameters()
+        return flow_params + self.in_channels * self.marginal_bins + self.dequantizer_parameters()
 
     def dequantizer_parameters(self) -> int:
         """Parameters of q(u | x) (0 with uniform dequantization): two 3x3 context convolutions, and per

@@ -114,14 +114,14 @@ def sample(
     with torch.inference_mode(), torch.autocast(device.type, enabled=False):
         x = noise.to(device, model.var.dtype) * model.var.sqrt()
         if x.shape[0] == 0:
-            return model.unpatchify(x).clone()
+            return model.to_images(x).clone()
         per_block = _segments_per_block(model, x, y, options, settings)
         pool = graph_pool(settings.graphed)
         for i, block in enumerate(reversed(model.blocks)):
             x = invert_block(
                 block, x, y, segment=per_block[i], settings=settings, stats=stats, pool=pool, **options.guide
             )
-        images = model.unpatchify(x)
+        images = model.to_images(x)
     # a plain tensor, not an inference tensor: callers may go on to use the images under autograd
     return images if torch.is_inference_mode_enabled() else images.clone()
 
