@@ -114,7 +114,8 @@ def base_flags(args: argparse.Namespace, steps: int, seed: int) -> list[str]:
     return [
         "--data", args.data, "--patch-size", str(args.patch_size), "--width", str(args.width),
         "--blocks", str(args.blocks), "--layers-per-block", str(args.layers_per_block),
-        "--head-dim", str(args.head_dim), "--noise", "uniform", "--batch-size", str(args.batch_size),
+        "--head-dim", str(args.head_dim), "--noise", "uniform", "--marginal-bins", "0",
+        "--batch-size", str(args.batch_size),
         "--lr", str(args.lr), "--min-lr", "1e-6", "--warmup-steps", str(args.warmup), "--weight-decay", "1e-4",
         "--max-steps", str(steps), "--seed", str(seed), "--eval-every", str(steps), "--eval-images",
         str(args.eval_images), "--sample-every", "0", "--checkpoint-every", "0", "--log-every", "100",
