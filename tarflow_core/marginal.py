@@ -40,7 +40,8 @@ class MarginalMap(nn.Module):
         slopes, left = self._knots(x.dtype)
         C, N = slopes.shape
         inside = (x >= -1) & (x < 1)
-        k = ((x.clamp(-1, 1) + 1) * (N / 2)).floor().clamp(0, N - 1).long()
+        # a non-finite value keeps any valid bin index and passes through unchanged (the step is skipped)
+        k = ((x.nan_to_num(0.0).clamp(-1, 1) + 1) * (N / 2)).floor().clamp(0, N - 1).long()
         flat = k.transpose(0, 1).reshape(C, -1)  # bins per channel
         s = slopes.gather(1, flat).reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)
         y0 = left.gather(1, flat).reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)

@@ -50,6 +50,16 @@ def test_inverse_is_exact_and_increasing():
                           torch.tensor([-1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2).expand(1, 2, 1, 2))  # fmt: skip
 
 
+def test_non_finite_values_pass_through():
+    m = _random_map()
+    x = _values()
+    x[1, 0, 1, 1], x[1, 1, 2, 2], x[2, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
+    y, logdet = m(x)
+    assert y[1, 0, 1, 1].isnan() and y[1, 1, 2, 2] == float("inf") and y[2, 0, 0, 0] == -float("inf")
+    assert torch.isfinite(logdet).all() and torch.isfinite(y[0]).all()
+    assert m.inverse(y)[1, 0, 1, 1].isnan()
+
+
 def test_log_det_is_the_autograd_jacobian():
     m = _random_map()
     x = _values()[:1]
