@@ -172,10 +172,11 @@ class TrainConfig:
         cli=False,
     )
     noise_std: float = option(0.1, "The Gaussian noise std (the STD of --noise gaussian:STD).", "--noise", cli=False)
-    marginal_bins: int = option(
-        0,
+    marginal_bins: int | None = option(  # None: by the noise, as measured (docs/quality.md)
+        None,
         "Learn a monotone piecewise-linear map of each pixel value (per channel, this many equal bins over "
-        "[-1, 1], 256 = the 8-bit levels) before the transformer blocks (0: none).",
+        "[-1, 1], 256 = the 8-bit levels) before the transformer blocks; 0: none (default: 256 for likelihood "
+        "runs, --noise uniform or variational; 0 with Gaussian noise).",
         check=at_least_zero,
     )
     dequant_width: int = option(
@@ -329,6 +330,14 @@ class TrainConfig:
         return self.noise if self.noise in ("uniform", "variational") else f"gaussian:{self.noise_std:g}"
 
     @property
+    def resolved_marginal_bins(self) -> int:
+        """The learned marginal map's bins: as given, else 256 for likelihood runs (where it was measured to
+        win) and none for Gaussian-noise runs (not measured there)."""
+        if self.marginal_bins is not None:
+            return self.marginal_bins
+        return 0 if self.noise == "gaussian" else 256
+
+    @property
     def grad_clip_value(self) -> float | None:
         return self.grad_clip if self.grad_clip else None
 
@@ -348,6 +357,7 @@ class TrainConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(self, f.name)}
         shared.update(in_channels=in_channels, img_size=img_size, num_classes=num_classes if conditional else 0)
         shared["dequant"] = "variational" if self.noise == "variational" else "uniform"
+        shared["marginal_bins"] = self.resolved_marginal_bins
         try:
             return ModelConfig(**shared)
         except ValueError as e:

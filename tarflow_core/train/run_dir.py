@@ -63,7 +63,8 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
         raise SetupError(f"{path} is not a tarflow run config (it has no 'train' settings)")
     try:
-        return TrainConfig.from_dict(raw["train"])
+        # runs of versions without the learned marginal map had none (today's default depends on the noise)
+        return TrainConfig.from_dict({"marginal_bins": 0, **raw["train"]})
     except (ValueError, TypeError) as e:
         why = str(e) if isinstance(e, ValueError) else f"a setting has the wrong type: {e}"
         raise SetupError(f"{path} is not a valid tarflow run config ({why})") from None

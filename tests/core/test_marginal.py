@@ -4,6 +4,8 @@ and checkpoints, parameter counts and training resume keep it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,8 +48,8 @@ def test_inverse_is_exact_and_increasing():
     assert (m.inverse(y) - x).abs().max() < 1e-12
     line = torch.linspace(-1.5, 1.5, 2001, dtype=torch.float64).view(1, 1, 1, -1).expand(1, 2, 1, -1)
     assert (m(line)[0].diff(dim=-1) > 0).all()  # strictly increasing, continuous at the edges
-    assert torch.allclose(m(torch.tensor([-1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2).expand(1, 2, 1, 2))[0],
-                          torch.tensor([-1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2).expand(1, 2, 1, 2))  # fmt: skip
+    ends = torch.tensor([-1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2).expand(1, 2, 1, 2)
+    assert torch.allclose(m(ends)[0], ends)  # f(-1) = -1 and f(1) = 1
 
 
 def test_non_finite_values_pass_through():
@@ -108,3 +110,25 @@ def test_training_with_the_map_learns_it_and_resumes_exactly(tmp_path):
     straight, _, _ = assert_resume_is_exact(tmp_path, 5, **kw)
     theta = load_checkpoint(straight.checkpoint)[0].marginal.theta
     assert theta.abs().max() > 0  # it trained
+
+
+def test_the_default_follows_the_noise_and_older_runs_keep_no_map(tmp_path):
+    """Likelihood runs get the map by default (where it was measured to win), Gaussian-noise runs do not;
+    a run directory of a version without the map (no `marginal_bins` in config.json) resumes without one."""
+    from tarflow_core.config import TrainConfig
+    from tarflow_core.train import load_run_config, train
+    from tests.core.test_train import tiny_cfg
+
+    assert [TrainConfig(noise=n).model_config(1, 8, 0).marginal_bins for n in ("uniform", "variational")] == [256] * 2
+    assert TrainConfig(noise="gaussian").model_config(1, 8, 0).marginal_bins == 0
+    assert TrainConfig(noise="uniform", marginal_bins=0).model_config(1, 8, 0).marginal_bins == 0
+    kw = dict(max_steps=4, noise="uniform", marginal_bins=0, checkpoint_every=0, sample_every=0, eval_every=0)
+    run = tmp_path / "old"
+    train(tiny_cfg(run, **kw))
+    doc = json.loads((run / "config.json").read_text())
+    del doc["train"]["marginal_bins"]
+    (run / "config.json").write_text(json.dumps(doc))
+    cfg = load_run_config(run)
+    assert cfg.resolved_marginal_bins == 0
+    result = train(cfg.replace(max_steps=6), resume=True)
+    assert result.status == "finished" and load_checkpoint(result.checkpoint)[0].marginal is None
