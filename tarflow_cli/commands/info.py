@@ -98,6 +98,8 @@ def _table(ck, summary: dict) -> Table:
         ("noise", noise_text),
         ("step", str(ck.step) if ck.step is not None else "unknown"),
     ]
+    if cfg.marginal_bins:  # models without the learned marginal map show no such row, as before
+        rows.append(("marginal map", f"learned, {cfg.marginal_bins} bins per channel (before the blocks)"))
     if cfg.dequant == "variational":  # uniform models show no such row, as before
         q = f"{cfg.dequant_layers} couplings of width {cfg.dequant_width}, {cfg.dequantizer_parameters():,} parameters"
         rows.append(("dequantization", f"variational: q(u|x) of {q} (unused by sampling)"))
