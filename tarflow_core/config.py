@@ -302,18 +302,7 @@ class TrainConfig:
             spec = option_spec(f)
             if spec.check is not None and (problem := spec.check(spec.flag, getattr(self, f.name))):
                 problems.append(problem)
-        if self.noise == "gaussian" and not (self.noise_std > 0 and math.isfinite(self.noise_std)):
-            problems.append(f"--noise gaussian:STD needs a positive STD (got {self.noise_std})")
-        if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
-            problems.append(f"--min-lr must be between 0 and --lr (got {self.min_lr})")
-        if self.max_steps is None and self.epochs is None:
-            problems.append("give the run a length: --max-steps or --epochs")
-        if self.width % self.head_dim if self.width and self.head_dim else False:
-            problems.append(f"--width {self.width} must be a multiple of --head-dim {self.head_dim}")
-        if self.block_layers is not None and len(self.block_layers) != self.num_blocks:
-            problems.append(f"--block-layers gives {len(self.block_layers)} blocks but --blocks is {self.num_blocks}")
-        if self.img_size is not None and self.patch_size and self.img_size % self.patch_size:
-            problems.append(f"--image-size {self.img_size} must be a multiple of --patch-size {self.patch_size}")
+        problems += problems_between_options(self)
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -331,8 +320,7 @@ class TrainConfig:
 
     @property
     def resolved_marginal_bins(self) -> int:
-        """The learned marginal map's bins: as given, else 256 for likelihood runs (where it was measured to
-        win) and none for Gaussian-noise runs (not measured there)."""
+        """As given, else 256 for likelihood runs (measured to win there) and 0 with Gaussian noise."""
         if self.marginal_bins is not None:
             return self.marginal_bins
         return 0 if self.noise == "gaussian" else 256
@@ -385,6 +373,24 @@ class TrainConfig:
         `ModelConfig`'s names (run directories of older versions still resume)."""
         d = {OLD_NAMES.get(k, k): v for k, v in d.items()}
         return dataclass_from_dict(cls, d, ConfigError, "training settings")
+
+
+def problems_between_options(c: TrainConfig) -> list[str]:
+    """What is wrong with how two options go together (each option's own check is declared with it)."""
+    problems = []
+    if c.noise == "gaussian" and not (c.noise_std > 0 and math.isfinite(c.noise_std)):
+        problems.append(f"--noise gaussian:STD needs a positive STD (got {c.noise_std})")
+    if c.lr > 0 and not 0 <= c.min_lr <= c.lr:
+        problems.append(f"--min-lr must be between 0 and --lr (got {c.min_lr})")
+    if c.max_steps is None and c.epochs is None:
+        problems.append("give the run a length: --max-steps or --epochs")
+    if c.width % c.head_dim if c.width and c.head_dim else False:
+        problems.append(f"--width {c.width} must be a multiple of --head-dim {c.head_dim}")
+    if c.block_layers is not None and len(c.block_layers) != c.num_blocks:
+        problems.append(f"--block-layers gives {len(c.block_layers)} blocks but --blocks is {c.num_blocks}")
+    if c.img_size is not None and c.patch_size and c.img_size % c.patch_size:
+        problems.append(f"--image-size {c.img_size} must be a multiple of --patch-size {c.patch_size}")
+    return problems
 
 
 # `TrainConfig` keys of run directories written before the rename -> today's names
