@@ -8,6 +8,10 @@ where f is a causal transformer and (a_0, b_0) = 0. The last block's z is distri
 inverts block N-1..0 token by token, x_{t+1} = z_{t+1} * exp(a_{t+1}) + b_{t+1}, with a key/value cache
 (`FlowBlock.reverse`); `tarflow_core.sampling` runs the same maths through faster backends (`tarflow_core.fast`).
 
+tarflow's two additions, both absent from published checkpoints: an optional learned map f of each pixel
+value before the blocks (`marginal.py`, its log-slope joins the log-det), and the dequantizer q(u | x) that
+training and scoring use (`dequant.py`; sampling never does).
+
 Numerics: layer norms and exp always run in at least float32. Parameter names match the published code's
 state dicts, so reference `.pth` files load as they are (minus the redundant `attn_mask` buffers).
 """
