@@ -8,7 +8,9 @@ from .config import ConfigError, TrainConfig
 
 # The published configurations: AdamW (0.9, 0.95), weight decay 1e-4, one epoch of linear warm-up
 # then cosine to 1e-6, label drop 0.1 for conditional runs, bf16 for Gaussian-noise runs and fp32
-# for the likelihood run; 8 blocks of 8 layers, heads of 64.
+# for the likelihood run; 8 blocks of 8 layers, heads of 64. The likelihood run (imagenet64, uniform
+# dequantization) also gets tarflow's learned marginal map, the default for likelihood runs since it won
+# on both benchmark data sets (docs/quality.md); `--marginal-bins 0` trains the published model.
 _PUBLISHED = dict(
     data=None, num_blocks=8, layers_per_block=8, head_dim=64, expansion=4, lr=1e-4, min_lr=1e-6,
     warmup_steps=None, weight_decay=1e-4, max_steps=None, precision="auto", log_every=100, eval_every=5000,
