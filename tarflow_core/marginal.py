@@ -42,9 +42,8 @@ class MarginalMap(nn.Module):
         inside = (x >= -1) & (x < 1)
         # a non-finite value keeps any valid bin index and passes through unchanged (the step is skipped)
         k = ((x.nan_to_num(0.0).clamp(-1, 1) + 1) * (N / 2)).floor().clamp(0, N - 1).long()
-        flat = k.transpose(0, 1).reshape(C, -1)  # bins per channel
-        s = slopes.gather(1, flat).reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)
-        y0 = left.gather(1, flat).reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        channel = torch.arange(C, device=x.device).view(1, C, 1, 1)
+        s, y0 = slopes[channel, k], left[channel, k]  # each value's bin of its own channel
         x0 = k.to(x.dtype) * (2 / N) - 1
         y = torch.where(inside, y0 + (x - x0) * s, x)  # f(-1) = -1 and f(1) = 1: identity outside
         log_slope = torch.where(inside, torch.log(s), torch.zeros_like(s))

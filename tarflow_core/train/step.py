@@ -46,10 +46,9 @@ def objective(
 ) -> torch.Tensor:
     """The reference's loss: 0.5 * mean(z^2) - mean(logdet) / D (nats per dimension, up to constants);
     with variational dequantization plus mean(log q(u | x)) / D, and for VP models z^2 / var (`var`)."""
-    if log_q is None:
-        return 0.5 * z.float().pow(2).mean() - (logdet.float() / data_dim).mean()
     prior = z.float().pow(2) if var is None else z.float().pow(2) / var
-    return 0.5 * prior.mean() - (logdet.float() / data_dim).mean() + (log_q.float() / data_dim).mean()
+    loss = 0.5 * prior.mean() - (logdet.float() / data_dim).mean()
+    return loss if log_q is None else loss + (log_q.float() / data_dim).mean()
 
 
 class Augmented(NamedTuple):

@@ -17,7 +17,7 @@ from tarflow_core.train import Schedule, SetupError, load_run_config, train
 from tarflow_core.train.micro import largest_divisor, micro_batch_for
 from tarflow_core.train.step import Stepper
 
-from .test_train import assert_same_weights, tiny_cfg, weights
+from .test_train import assert_resume_is_exact, assert_same_weights, tiny_cfg, weights
 
 
 def _stepper(cfg: TrainConfig, micro: int | None, dtype=torch.float64) -> Stepper:
@@ -103,18 +103,7 @@ def test_micro_batch_equal_to_the_share_is_todays_run_bit_for_bit(tmp_path):
 
 def test_resume_with_micro_batches_is_exact(tmp_path):
     kw = dict(max_steps=8, micro_batch=8, nvp=False, noise="uniform", checkpoint_every=0, sample_every=0, eval_every=0)
-    straight = train(tiny_cfg(tmp_path / "a", **kw))
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
-    part = train(tiny_cfg(tmp_path / "b", **kw), stop=stop)
-    assert part.status == "interrupted" and part.step == 3
-    rest = train(load_run_config(tmp_path / "b"), resume=True)
-    assert rest.status == "finished"
-    assert_same_weights(weights(straight.checkpoint), weights(rest.checkpoint))
+    assert_resume_is_exact(tmp_path, 3, **kw)
 
 
 def test_micro_batch_must_divide_each_process_share(tmp_path):

@@ -18,14 +18,14 @@ from tarflow_core.fast.runner import BlockRunner
 from tarflow_core.fast.weights import can_pack
 from tarflow_core.model import TarFlow, state_shapes
 from tarflow_core.sampling import DEFAULT_TOL, InversionStats, sample
-from tarflow_core.train import load_run_config, train
+from tarflow_core.train import load_run_config
 from tarflow_core.train.step import objective
 from tests.conftest import tiny_config, tiny_model
 from tests.core.graph_emulator import emulate_cuda_graphs
 from tests.core.test_flow_exact import IDS, MODES
 from tests.core.test_memory import saved_bytes
 from tests.core.test_readable_reverse import _agrees_with_every_sampler
-from tests.core.test_train import assert_same_weights, tiny_cfg, weights
+from tests.core.test_train import assert_resume_is_exact, assert_same_weights
 
 DEPTHS = [(1, 1, 3), (3, 1, 1)]  # deep at the noise end (STARFlow's allocation), and at the data end
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -207,19 +207,8 @@ def test_a_checkpoint_written_before_block_layers_loads_as_before(tmp_path):
 
 def test_training_with_block_layers_resumes_exactly(tmp_path):
     kw = dict(max_steps=8, num_blocks=2, block_layers=(1, 2), checkpoint_every=0, sample_every=0, eval_every=0)
-    straight = train(tiny_cfg(tmp_path / "a", **kw))
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
-    part = train(tiny_cfg(tmp_path / "b", **kw), stop=stop)
-    assert part.status == "interrupted" and part.step == 3
-    assert load_run_config(tmp_path / "b").block_layers == (1, 2)
-    rest = train(load_run_config(tmp_path / "b"), resume=True)
-    assert rest.status == "finished" and rest.step == 8
-    assert_same_weights(weights(straight.checkpoint), weights(rest.checkpoint))
+    _, _, rest = assert_resume_is_exact(tmp_path, 3, **kw)
+    assert load_run_config(tmp_path / "b").block_layers == (1, 2) and rest.step == 8
     model, _ = load_checkpoint(rest.checkpoint)
     assert [len(b.attn_blocks) for b in model.blocks] == [1, 2]
 
